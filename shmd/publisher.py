@@ -1,0 +1,592 @@
+"""The writer side of the bus: owns the segment, publishes, wakes readers.
+
+Publishing a batch of n records is::
+
+    [block policy: wait until the slowest reader leaves n free slots]
+    reserve_seq = write_seq + n          (readers: these slots are in flux)
+    write n slots (header + payload)     (plain stores into the ring)
+    write_seq = reserve_seq              (commit: readers may read them)
+    fence; if any reader sleeps: lock, pick the sleepers that subscribed to
+    a topic in the batch, clear their asleep flags, unlock, write their
+    eventfds
+
+so a reader that is awake costs the writer no syscall and no lock, and the
+shared mutex is taken only when somebody sleeps.  The sleep handshake is
+Dekker's: the reader stores ``asleep`` then loads ``write_seq``, the writer
+stores ``write_seq`` then loads ``sleepers``, each with a full fence in
+between, so at least one of them sees the other (see Subscriber.prepare_sleep).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import structlog
+
+from shmd._sys import libc
+from shmd._sys.fd import OwnedFd
+from shmd.errors import (
+    ReaderTableFull,
+    SegmentClosed,
+    SegmentExists,
+    SegmentLayoutError,
+    SegmentNotFound,
+)
+from shmd.layout import (
+    ALL_TOPICS,
+    R_ASLEEP,
+    R_ATTACHED_NS,
+    R_CURSOR,
+    R_DELIVERED,
+    R_LAST_ACTIVE_NS,
+    R_LOST,
+    R_NAME,
+    R_PID,
+    R_STATE,
+    R_TOKEN,
+    R_TOPICS,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    Geometry,
+    Policy,
+    ReaderEntry,
+    ReaderState,
+    encode_name,
+    entry_offset,
+)
+from shmd.ring import check_record, free_slots
+from shmd.segment import Segment
+
+log = structlog.get_logger("shmd.publisher")
+
+_ONE = (1).to_bytes(8, "little")
+
+
+@dataclass(slots=True)
+class ReaderHandle:
+    """The writer's side of one attached reader."""
+
+    index: int
+    name: str
+    pid: int
+    topics: int
+    token: int
+    #: The reader's eventfd; the writer keeps it to wake the reader and
+    #: passes a copy to the reader over the control socket.
+    eventfd: OwnedFd
+    #: Word indices of this reader's entry (precomputed for the hot path).
+    q0: int = field(repr=False, default=0)
+    u0: int = field(repr=False, default=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    """A reader the writer evicted because it held the bus up (block policy)."""
+
+    index: int
+    name: str
+    pid: int
+    cursor: int
+    write_seq: int
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, belongs to someone else
+        return True
+    return True
+
+
+class Publisher:
+    """Creates and owns a segment and publishes records into it.
+
+    Use :meth:`create`; the publisher unlinks what it created only when
+    :meth:`unlink` is called (the daemon decides, from its configuration).
+    """
+
+    def __init__(
+        self, segment: Segment, policy: Policy, *, block_timeout: float, mutex_timeout: float,
+    ) -> None:
+        self.segment = segment
+        self.geometry = segment.geometry
+        self.policy = policy
+        self.block_timeout = block_timeout
+        self.mutex_timeout = mutex_timeout
+        self.readers: dict[int, ReaderHandle] = {}
+        #: Readers evicted since the owner last looked (it closes their connections).
+        self.evictions: list[Eviction] = []
+        self._seq = segment.write_seq
+        self._mask = self.geometry.capacity - 1
+        self._slot = self.geometry.slot_size
+        self._max_payload = self.geometry.max_payload
+        self._pack = RECORD_HEADER.pack_into
+        self._closed = False
+        self._unlinked = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, name: str, *, capacity: int = 1024, slot_size: int = 4096, max_readers: int = 64,
+        policy: Policy | str = Policy.DROP_OLDEST, block_timeout: float = 1.0,
+        mutex_timeout: float = 0.5, mode: int = 0o600, replace_stale: bool = True,
+    ) -> Publisher:
+        """Create segment ``name``.
+
+        If the name exists and ``replace_stale`` is set, the old segment is
+        replaced when its writer is dead or its header unreadable (left over
+        by a kill -9); a segment whose writer still runs is never touched
+        (:class:`~shmd.errors.SegmentExists`).
+        """
+        if isinstance(policy, str):
+            policy = Policy.parse(policy)
+        geometry = Geometry(capacity, slot_size, max_readers)
+        try:
+            seg = Segment.create(name, geometry, policy, mode=mode)
+        except SegmentExists:
+            if not replace_stale:
+                raise
+            cls._remove_stale(name)
+            seg = Segment.create(name, geometry, policy, mode=mode)
+        pub = cls(seg, policy, block_timeout=block_timeout, mutex_timeout=mutex_timeout)
+        log.info("segment_created", segment=name, generation=seg.generation,
+                 capacity=capacity, slot_size=slot_size, max_readers=max_readers,
+                 policy=policy.label, size=geometry.segment_size)
+        return pub
+
+    @staticmethod
+    def _remove_stale(name: str) -> None:
+        try:
+            old = Segment.open(name=name, control_writable=False)
+        except SegmentNotFound:
+            return  # gone in between
+        except SegmentLayoutError as exc:
+            log.warning("segment_stale", segment=name, reason=str(exc))
+            Segment.unlink_name(name)
+            return
+        try:
+            pid, active = old.writer_pid, old.active
+        finally:
+            old.close()
+        if active and _pid_alive(pid) and pid != os.getpid():
+            raise SegmentExists(
+                f"Failed to create segment {name!r} since writer pid {pid} is running and owns it"
+            )
+        log.warning("segment_stale", segment=name, writer_pid=pid,
+                    reason="its writer is gone; replacing it")
+        Segment.unlink_name(name)
+
+    @property
+    def name(self) -> str:
+        """The segment's name."""
+        assert self.segment.name is not None
+        return self.segment.name
+
+    @property
+    def generation(self) -> int:
+        """The segment's generation."""
+        return self.segment.generation
+
+    @property
+    def write_seq(self) -> int:
+        """The seq the next record gets."""
+        return self._seq
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SegmentClosed("Failed to publish since the publisher was closed")
+
+    def deactivate(self) -> None:
+        """Clear the active flag and wake every reader: they drain and return."""
+        seg = self.segment
+        seg.u[Segment.ACTIVE] = 0
+        libc.fence()
+        log.info("active_cleared", segment=self.name, generation=self.generation,
+                 seq=self._seq, readers=len(self.readers))
+        self._wake(list(self.readers.values()), clear_flags=True)
+
+    def close(self) -> None:
+        """Close every reader eventfd and unmap the segment (does not unlink); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self.readers.values():
+            handle.eventfd.close()
+        self.readers.clear()
+        self.segment.close()
+
+    def unlink(self) -> None:
+        """Remove the segment's name; mappings (ours and readers') stay valid."""
+        if not self._unlinked:
+            self._unlinked = True
+            Segment.unlink_name(self.name)
+            log.info("segment_unlinked", segment=self.name)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+        self.unlink()
+
+    # -- the shared mutex ----------------------------------------------------------
+
+    def _lock(self, timeout: float | None) -> bool:
+        """Lock; on a dead owner repair the table; False if ``timeout`` passed."""
+        result = self.segment.lock(timeout)
+        if result is libc.LockResult.TIMEOUT:
+            log.warning("mutex_stalled", segment=self.name, holder_tid=self.segment.mutex_owner(),
+                        timeout=timeout)
+            return False
+        if result is libc.LockResult.OWNER_DIED:
+            self._repair()
+        return True
+
+    def _repair(self) -> None:
+        """Make the table consistent after a lock holder died (we hold the lock).
+
+        Recount ``sleepers`` (see Segment.recount_sleepers) and free the
+        entries of dead processes this writer does not know (left by a
+        previous writer's readers).
+        """
+        seg = self.segment
+        freed = []
+        for i in range(self.geometry.max_readers):
+            _, u0 = Segment.entry_words(i)
+            if (seg.u[u0 + R_STATE // 4] != ReaderState.FREE and i not in self.readers
+                    and not _pid_alive(seg.u[u0 + R_PID // 4])):
+                seg.u[u0 + R_STATE // 4] = ReaderState.FREE
+                freed.append(i)
+        sleepers = seg.recount_sleepers()
+        log.warning("mutex_owner_died", role="writer", segment=self.name, sleepers=sleepers,
+                    freed_entries=freed)
+
+    # -- readers ---------------------------------------------------------------------------
+
+    def add_reader(
+        self, name: str, pid: int, *, topics: int = ALL_TOPICS, start: str | int = "latest",
+    ) -> ReaderHandle:
+        """Take a free table entry for a reader and make its eventfd.
+
+        ``start`` is ``"latest"`` (only records published from now on),
+        ``"oldest"`` (everything still in the ring) or an explicit cursor
+        (resume after a writer restart; clamped into what the ring holds).
+        """
+        self._check_open()
+        raw_name = encode_name(name)
+        seg = self.segment
+        if start == "latest":
+            cursor = self._seq
+        elif start == "oldest":
+            cursor = max(0, self._seq - self.geometry.capacity)
+        elif isinstance(start, int):
+            cursor = min(max(start, 0, self._seq - self.geometry.capacity), self._seq)
+        else:
+            raise ValueError(f"Failed to add reader {name!r} since start {start!r} is not "
+                             "latest, oldest or a cursor")
+        efd = OwnedFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        locked = self._lock(self.mutex_timeout)
+        try:
+            index = next((i for i in range(self.geometry.max_readers)
+                          if seg.u[Segment.entry_words(i)[1] + R_STATE // 4] == ReaderState.FREE),
+                         None)
+            if index is None:
+                efd.close()
+                raise ReaderTableFull(
+                    f"Failed to attach reader {name!r} since all {self.geometry.max_readers} "
+                    "reader-table entries are taken (raise segment.max_readers)"
+                )
+            q0, u0 = Segment.entry_words(index)
+            off = entry_offset(index)
+            token = seg.q[q0 + R_TOKEN // 8] + 1
+            now = time.monotonic_ns()
+            seg.q[q0 + R_CURSOR // 8] = cursor
+            seg.q[q0 + R_DELIVERED // 8] = 0
+            seg.q[q0 + R_LOST // 8] = 0
+            seg.q[q0 + R_LAST_ACTIVE_NS // 8] = now
+            seg.q[q0 + R_ATTACHED_NS // 8] = now
+            seg.q[q0 + R_TOPICS // 8] = topics
+            seg.q[q0 + R_TOKEN // 8] = token
+            seg.u[u0 + R_ASLEEP // 4] = 0
+            seg.u[u0 + R_PID // 4] = pid
+            seg.control[off + R_NAME : off + R_NAME + 32] = raw_name
+            seg.u[u0 + R_STATE // 4] = ReaderState.ATTACHED
+        finally:
+            if locked:
+                self.segment.unlock()
+        handle = ReaderHandle(index, name, pid, topics, token, efd, q0, u0)
+        self.readers[index] = handle
+        return handle
+
+    def remove_reader(self, index: int) -> ReaderEntry | None:
+        """Free a reader's table entry and close the writer's copy of its eventfd.
+
+        Returns the entry as it was (for the detach log line), None if unknown.
+        """
+        handle = self.readers.pop(index, None)
+        if handle is None:
+            return None
+        seg = self.segment
+        entry = seg.entry(index)
+        locked = self._lock(self.mutex_timeout)
+        try:
+            if seg.u[handle.u0 + R_ASLEEP // 4]:
+                seg.u[handle.u0 + R_ASLEEP // 4] = 0
+                seg.u[Segment.SLEEPERS] = max(0, seg.u[Segment.SLEEPERS] - 1)
+            seg.u[handle.u0 + R_STATE // 4] = ReaderState.FREE
+        finally:
+            if locked:
+                seg.unlock()
+        handle.eventfd.close()
+        return entry
+
+    def reader_entries(self) -> list[ReaderEntry]:
+        """Snapshots of the attached readers' entries."""
+        return [self.segment.entry(i) for i in self.readers]
+
+    # -- publishing ---------------------------------------------------------------------
+
+    def publish(self, payload: bytes | bytearray | memoryview, topic: int = 0) -> int:
+        """Publish one record; returns its seq."""
+        return self.publish_batch((payload,), topic)
+
+    def publish_batch(
+        self, payloads: Sequence[bytes | bytearray | memoryview], topic: int = 0,
+    ) -> int:
+        """Publish records in order with one commit; returns the last one's seq."""
+        self._check_open()
+        n = len(payloads)
+        if n == 0:
+            return self._seq - 1
+        check_record(max(map(len, payloads)), topic, self._max_payload)
+        cap = self.geometry.capacity
+        if n <= cap:
+            self._publish_chunk(payloads, topic)
+        else:  # more than the ring holds: one commit per ring-full
+            for i in range(0, n, cap):
+                self._publish_chunk(payloads[i : i + cap], topic)
+        return self._seq - 1
+
+    def _publish_chunk(
+        self, payloads: Sequence[bytes | bytearray | memoryview], topic: int
+    ) -> None:
+        n = len(payloads)
+        seg = self.segment
+        if self.policy is Policy.BLOCK:
+            self._wait_for_space(n)
+        seq = self._seq
+        seg.q[Segment.RESERVE_SEQ] = seq + n
+        libc.store_fence()  # the reserve must be visible before any slot changes
+        ring = seg.ring
+        mask, slot, pack = self._mask, self._slot, self._pack
+        ts = time.monotonic_ns()
+        nbytes = 0
+        for p in payloads:
+            off = (seq & mask) * slot
+            length = len(p)
+            pack(ring, off, seq, ts, length, topic, 0, 0)
+            start = off + RECORD_HEADER_SIZE
+            ring[start : start + length] = p
+            nbytes += length
+            seq += 1
+        self._commit(seq, nbytes, 1 << topic)
+
+    def reserve(self, size: int, topic: int = 0) -> Reservation:
+        """A slot's payload buffer to fill in place; commit it with ``Reservation.commit``.
+
+        The zero-copy path: nothing is copied after the caller's own writes.
+        """
+        self._check_open()
+        check_record(size, topic, self._max_payload)
+        if self.policy is Policy.BLOCK:
+            self._wait_for_space(1)
+        seq = self._seq
+        self.segment.q[Segment.RESERVE_SEQ] = seq + 1
+        libc.store_fence()
+        off = (seq & self._mask) * self._slot + RECORD_HEADER_SIZE
+        return Reservation(self, seq, topic, self.segment.ring[off : off + size])
+
+    def _commit_reservation(self, res: Reservation, length: int) -> None:
+        off = (res.seq & self._mask) * self._slot
+        self._pack(self.segment.ring, off, res.seq, time.monotonic_ns(), length, res.topic, 0, 0)
+        self._commit(res.seq + 1, length, 1 << res.topic)
+
+    def _commit(self, new_seq: int, nbytes: int, topics: int) -> None:
+        seg = self.segment
+        q = seg.q
+        libc.store_fence()  # the slots must be visible before the commit
+        q[Segment.WRITE_SEQ] = new_seq
+        q[Segment.BYTES_PUBLISHED] += nbytes
+        self._seq = new_seq
+        # StoreLoad: our write_seq store must be visible before we read
+        # `sleepers`, or a reader going to sleep right now and we could miss
+        # each other (it sees the old write_seq, we see no sleeper).
+        libc.fence()
+        if seg.u[Segment.SLEEPERS] == 0:
+            return  # every reader is awake and will see the new records itself
+        wake = []
+        if self._lock(self.mutex_timeout):
+            try:
+                u = seg.u
+                for h in self.readers.values():
+                    a = h.u0 + R_ASLEEP // 4
+                    if u[a] and h.topics & topics:
+                        u[a] = 0
+                        u[Segment.SLEEPERS] -= 1
+                        wake.append(h)
+            finally:
+                seg.unlock()
+        else:
+            # Somebody holds the mutex too long (a stopped or hostile
+            # reader).  We must not wait for it: wake every subscriber
+            # whose flag looks set.  A spurious wake-up only costs that
+            # reader one empty drain; its flag is cleared by itself.
+            wake = [h for h in self.readers.values()
+                    if seg.u[h.u0 + R_ASLEEP // 4] and h.topics & topics]
+        self._wake(wake, clear_flags=False)
+
+    def _wake(self, handles: Iterable[ReaderHandle], *, clear_flags: bool) -> None:
+        if clear_flags:
+            seg = self.segment
+            locked = self._lock(self.mutex_timeout)
+            try:
+                for h in handles:
+                    if seg.u[h.u0 + R_ASLEEP // 4]:
+                        seg.u[h.u0 + R_ASLEEP // 4] = 0
+                        seg.u[Segment.SLEEPERS] = max(0, seg.u[Segment.SLEEPERS] - 1)
+            finally:
+                if locked:
+                    seg.unlock()
+        for h in handles:
+            try:
+                os.write(h.eventfd.fileno(), _ONE)
+            except BlockingIOError:
+                # The counter is at its maximum: the reader has not read its
+                # eventfd for 2**64-2 wake-ups.  It is readable already, so
+                # the reader will wake; dropping this write loses nothing.
+                pass
+
+    # -- block policy ----------------------------------------------------------------
+
+    def _slowest(self) -> tuple[int, ReaderHandle | None]:
+        q = self.segment.q
+        slowest, who = self._seq, None
+        for h in self.readers.values():
+            c = q[h.q0 + R_CURSOR // 8]
+            if c < slowest:
+                slowest, who = c, h
+        return slowest, who
+
+    def _wait_for_space(self, n: int) -> None:
+        """Block policy: wait until the slowest reader leaves ``n`` free slots.
+
+        Sleeps on the segment's semaphore (the writer needs no epoll for
+        this); readers post it after advancing their cursor when they see
+        ``writer_waiting``.  A reader that holds the bus up longer than
+        ``block_timeout`` is evicted, never waited on forever.
+        """
+        cap = self.geometry.capacity
+        seg = self.segment
+        deadline = time.monotonic() + self.block_timeout
+        while True:
+            slowest, who = self._slowest()
+            if who is None or free_slots(self._seq, slowest, cap) >= n:
+                return
+            seg.u[Segment.WRITER_WAITING] = 1
+            libc.fence()  # StoreLoad: pairs with the reader's fence after its cursor store
+            slowest, who = self._slowest()
+            if who is None or free_slots(self._seq, slowest, cap) >= n:
+                seg.u[Segment.WRITER_WAITING] = 0
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not seg.sem_wait(remaining):
+                seg.u[Segment.WRITER_WAITING] = 0
+                self._evict_laggards(n)
+                deadline = time.monotonic() + self.block_timeout
+                continue
+            seg.u[Segment.WRITER_WAITING] = 0
+
+    def _evict_laggards(self, n: int) -> None:
+        cap = self.geometry.capacity
+        seg = self.segment
+        laggards = [h for h in self.readers.values()
+                    if free_slots(self._seq, seg.q[h.q0 + R_CURSOR // 8], cap) < n]
+        for h in laggards:
+            cursor = seg.q[h.q0 + R_CURSOR // 8]
+            seg.u[h.u0 + R_STATE // 4] = ReaderState.EVICTED
+            self.readers.pop(h.index, None)
+            ev = Eviction(h.index, h.name, h.pid, cursor, self._seq)
+            self.evictions.append(ev)
+            log.warning("reader_evicted", segment=self.name, reader=h.name, pid=h.pid,
+                        cursor=cursor, seq=self._seq, timeout=self.block_timeout)
+            self._wake([h], clear_flags=True)
+            h.eventfd.close()
+
+    def free_evicted(self, index: int) -> None:
+        """Return an evicted reader's entry to the free list (after its connection closed)."""
+        seg = self.segment
+        _, u0 = Segment.entry_words(index)
+        if seg.u[u0 + R_STATE // 4] == ReaderState.EVICTED:
+            seg.u[u0 + R_STATE // 4] = ReaderState.FREE
+
+    def heartbeat(self) -> None:
+        """Record that the writer is alive (shown by status tools)."""
+        self.segment.q[Segment.HEARTBEAT_NS] = time.monotonic_ns()
+
+
+class Reservation:
+    """A slot reserved by :meth:`Publisher.reserve`; fill ``buffer``, then commit.
+
+    Usable as a context manager: commits the whole buffer on a clean exit;
+    on an exception nothing is committed (the slot is reused next time).
+    """
+
+    __slots__ = ("_done", "_pub", "buffer", "seq", "topic")
+
+    def __init__(self, pub: Publisher, seq: int, topic: int, buffer: memoryview) -> None:
+        self._pub = pub
+        self.seq = seq
+        self.topic = topic
+        self.buffer = buffer
+        self._done = False
+
+    def commit(self, length: int | None = None) -> int:
+        """Publish the record with the first ``length`` bytes (default: all); returns its seq."""
+        if self._done:
+            raise ValueError("Failed to commit the reservation since it was already committed")
+        size = len(self.buffer)
+        length = size if length is None else length
+        if not 0 <= length <= size:
+            raise ValueError(f"Failed to commit {length} bytes since {size} were reserved")
+        self._done = True
+        self.buffer.release()
+        self._pub._commit_reservation(self, length)
+        return self.seq
+
+    def abandon(self) -> None:
+        """Give the slot back without publishing."""
+        if not self._done:
+            self._done = True
+            self.buffer.release()
+            self._pub.segment.q[Segment.RESERVE_SEQ] = self._pub.write_seq
+
+    def __enter__(self) -> memoryview:
+        return self.buffer
+
+    def __exit__(self, et: type[BaseException] | None, *_: object) -> None:
+        if et is None:
+            if not self._done:
+                self.commit()
+        else:
+            self.abandon()

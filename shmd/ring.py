@@ -1,0 +1,103 @@
+"""Ring arithmetic and record encoding: pure functions, no syscalls.
+
+Sequence numbers are unbounded (u64; at a billion records a second they
+last 584 years).  Record ``seq`` lives in slot ``seq % capacity``.  The
+writer publishes in two steps:
+
+1. *reserve*: store ``reserve_seq = write_seq + n``, then write the n slots;
+2. *commit*: store ``write_seq = reserve_seq``.
+
+So records below ``write_seq`` are complete, and the slots the writer may be
+overwriting right now hold seqs in ``[reserve_seq - capacity, write_seq -
+capacity + n)``.  A reader that copied record ``s`` keeps it only if ``s >=
+reserve_seq - capacity`` when it re-reads ``reserve_seq`` *after* the copy
+(:func:`still_valid`); a writer killed between the two steps leaves
+``reserve_seq > write_seq`` and its half-written records are never read.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from shmd.errors import PayloadTooLarge, TopicError
+from shmd.layout import RECORD_HEADER, RECORD_HEADER_SIZE, TOPIC_MAX
+
+
+def slot_of(seq: int, capacity: int) -> int:
+    """The slot index holding record ``seq`` (capacity is a power of two)."""
+    return seq & (capacity - 1)
+
+
+def oldest_present(reserve_seq: int, capacity: int) -> int:
+    """The oldest seq no writer can be overwriting right now."""
+    return max(0, reserve_seq - capacity)
+
+
+class ReadPlan(NamedTuple):
+    """Which records a reader at ``cursor`` reads next."""
+
+    start: int  #: first seq to read
+    end: int  #: one past the last seq to read
+    lost: int  #: records the writer overwrote before the reader got to them
+
+
+def plan_read(cursor: int, write_seq: int, reserve_seq: int, capacity: int, limit: int) -> ReadPlan:
+    """Records ``[start, end)`` to read from ``cursor``, at most ``limit`` of them."""
+    start = max(cursor, oldest_present(reserve_seq, capacity))
+    end = min(write_seq, start + limit) if write_seq > start else start
+    return ReadPlan(start, end, start - cursor)
+
+
+def still_valid(seq: int, reserve_seq: int, capacity: int) -> bool:
+    """Whether record ``seq``, copied before ``reserve_seq`` was re-read, is intact."""
+    return seq >= reserve_seq - capacity
+
+
+def free_slots(write_seq: int, slowest_cursor: int, capacity: int) -> int:
+    """Slots the writer may fill without overwriting what the slowest reader has not read."""
+    return max(0, capacity - (write_seq - slowest_cursor))
+
+
+def runs(start: int, end: int, capacity: int) -> Iterator[tuple[int, int]]:
+    """Split ``[start, end)`` into (first seq, count) runs that do not wrap the ring."""
+    seq = start
+    while seq < end:
+        first_slot = slot_of(seq, capacity)
+        count = min(end - seq, capacity - first_slot)
+        yield seq, count
+        seq += count
+
+
+def check_record(length: int, topic: int, max_payload: int) -> None:
+    """Raise the error a user would want for a record that cannot be published."""
+    if length > max_payload:
+        raise PayloadTooLarge(
+            f"Failed to publish a {length}-byte record since a slot holds at most "
+            f"{max_payload} bytes of payload (slot size {max_payload + RECORD_HEADER_SIZE} "
+            f"minus the {RECORD_HEADER_SIZE}-byte record header); raise segment.slot_size"
+        )
+    if not 0 <= topic <= TOPIC_MAX:
+        raise TopicError(f"Failed to publish since topic {topic} is not between 0 and {TOPIC_MAX}")
+
+
+def encode_record_header(seq: int, timestamp_ns: int, length: int, topic: int) -> bytes:
+    """The 32 bytes at the start of a slot."""
+    return RECORD_HEADER.pack(seq, timestamp_ns, length, topic, 0, 0)
+
+
+def decode_record_header(buf: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, int]:
+    """(seq, timestamp_ns, length, topic) of the record at ``offset``."""
+    seq, ts, length, topic, _flags, _reserved = RECORD_HEADER.unpack_from(buf, offset)
+    return seq, ts, length, topic
+
+
+def slot_stride(slot_size: int) -> struct.Struct:
+    """A struct spanning one whole slot whose first fields are the record header.
+
+    ``stride.iter_unpack(ring[a:b])`` decodes the headers of every slot in a
+    contiguous run in one C-level loop: the reader's batch path uses it so
+    that a batch costs one Python call for headers, not one per record.
+    """
+    return struct.Struct(f"<QQII{slot_size - 24}x")

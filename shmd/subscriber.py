@@ -1,0 +1,305 @@
+"""The reader side of the bus: read every record from a cursor, sleep when idle.
+
+A reader writes only into the control part (the mutex, ``sleepers`` and its
+own table entry); the ring is mapped read-only.  Reading a batch::
+
+    W = write_seq; R = reserve_seq          (what is committed, what is in flux)
+    decode the headers of [cursor, W) in one struct.iter_unpack per run
+    copy payloads (or slice zero-copy views)
+    R' = reserve_seq                         (re-read after copying)
+    records below R' - capacity were being overwritten while we copied:
+    they are dropped and counted as lost, never delivered half-written
+
+A reader that the writer lapped learns exactly how many records it lost and
+resumes at the oldest record still present.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from typing import NamedTuple
+
+import structlog
+
+from shmd._sys import libc
+from shmd._sys.fd import OwnedFd
+from shmd.errors import ReaderEvicted, SegmentClosed, SegmentLayoutError
+from shmd.layout import (
+    R_ASLEEP,
+    R_CURSOR,
+    R_DELIVERED,
+    R_LAST_ACTIVE_NS,
+    R_LOST,
+    R_STATE,
+    R_TOKEN,
+    R_TOPICS,
+    RECORD_HEADER_SIZE,
+    Policy,
+    ReaderState,
+)
+from shmd.ring import plan_read, runs, slot_stride, still_valid
+from shmd.segment import Segment
+
+log = structlog.get_logger("shmd.subscriber")
+
+
+class Record(NamedTuple):
+    """One record as a reader receives it."""
+
+    seq: int
+    timestamp_ns: int
+    topic: int
+    #: bytes (copying reads) or a read-only memoryview into the ring
+    #: (zero-copy reads: check :meth:`Subscriber.still_valid` after use).
+    payload: bytes | memoryview
+
+
+#: How long a reader sleeps when it cannot take the mutex to announce its sleep
+#: (someone holds it far too long): it re-checks rather than risk a lost wake-up.
+DEGRADED_SLEEP = 0.05
+
+
+class Subscriber:
+    """One reader attached to a segment through its reader-table entry."""
+
+    def __init__(
+        self, segment: Segment, index: int, eventfd: OwnedFd | None = None, *,
+        token: int | None = None, mutex_timeout: float = 0.5,
+    ) -> None:
+        if not 0 <= index < segment.geometry.max_readers:
+            raise SegmentLayoutError(
+                f"Failed to attach since reader index {index} is outside the table "
+                f"(0..{segment.geometry.max_readers - 1})"
+            )
+        self.segment = segment
+        self.index = index
+        self.eventfd = eventfd
+        self.mutex_timeout = mutex_timeout
+        g = segment.geometry
+        self._cap = g.capacity
+        self._mask = g.capacity - 1
+        self._slot = g.slot_size
+        self._max_payload = g.max_payload
+        self._stride = slot_stride(g.slot_size)
+        self._q0, self._u0 = Segment.entry_words(index)
+        q = segment.q
+        self._token = q[self._q0 + R_TOKEN // 8] if token is None else token
+        self._cursor: int = q[self._q0 + R_CURSOR // 8]
+        self._topics: int = q[self._q0 + R_TOPICS // 8]
+        self._block = segment.header().policy == Policy.BLOCK
+        self._ring_map = segment._ring_map
+        self.delivered = 0
+        self.lost = 0
+        self._check_entry()
+
+    @classmethod
+    def attach(
+        cls, *, index: int, fd: int | OwnedFd | None = None, name: str | None = None,
+        eventfd: OwnedFd | None = None, token: int | None = None, mutex_timeout: float = 0.5,
+    ) -> Subscriber:
+        """Map a segment (by received fd or by name) and take over table entry ``index``."""
+        seg = Segment.open(name=name, fd=fd, control_writable=True, ring_writable=False)
+        try:
+            return cls(seg, index, eventfd, token=token, mutex_timeout=mutex_timeout)
+        except BaseException:
+            seg.close()
+            raise
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def cursor(self) -> int:
+        """The seq this reader reads next."""
+        return self._cursor
+
+    @property
+    def active(self) -> bool:
+        """The writer's shared *active* flag."""
+        return bool(self.segment.u[Segment.ACTIVE])
+
+    def available(self) -> int:
+        """Committed records past the cursor (some may be for other topics)."""
+        return max(0, self.segment.q[Segment.WRITE_SEQ] - self._cursor)
+
+    def still_valid(self, seq: int) -> bool:
+        """Whether a zero-copy record ``seq`` was intact until now (call after using it)."""
+        libc.load_fence()
+        return still_valid(seq, self.segment.q[Segment.RESERVE_SEQ], self._cap)
+
+    def _check_entry(self) -> None:
+        seg = self.segment
+        if seg.closed:
+            raise SegmentClosed("Failed to read since the subscriber was closed")
+        state = seg.u[self._u0 + R_STATE // 4]
+        if state != ReaderState.ATTACHED or seg.q[self._q0 + R_TOKEN // 8] != self._token:
+            raise ReaderEvicted(
+                f"Failed to read since the writer evicted reader entry {self.index} "
+                f"(state {ReaderState(state).name if state in (0, 1, 2) else state})"
+            )
+
+    # -- reading -------------------------------------------------------------------
+
+    def read(self, limit: int = 4096, *, copy: bool = True) -> list[Record]:
+        """Up to ``limit`` records from the cursor, in order, for this reader's topics.
+
+        An empty list means nothing new (or only records of other topics,
+        or only lost ones: see :attr:`lost`).  ``copy=False`` returns
+        zero-copy views whose validity :meth:`still_valid` tells.
+        """
+        seg = self.segment
+        q = seg.q
+        write_seq = q[Segment.WRITE_SEQ]
+        cursor = self._cursor
+        if write_seq <= cursor:
+            return []
+        self._check_entry()
+        libc.load_fence()  # write_seq before reserve_seq and the slots
+        plan = plan_read(cursor, write_seq, q[Segment.RESERVE_SEQ], self._cap, limit)
+        out: list[Record] = []
+        ring = seg.ring
+        mm = self._ring_map
+        assert mm is not None
+        slot, mask, tmask, hdr = self._slot, self._mask, self._topics, RECORD_HEADER_SIZE
+        max_payload = self._max_payload
+        bad = -1
+        for first, count in runs(plan.start, plan.end, self._cap):
+            base = (first & mask) * slot
+            off = base + hdr
+            expected = first
+            headers = self._stride.iter_unpack(ring[base : base + count * slot])
+            for seq, ts, length, topic in headers:
+                if seq != expected or length > max_payload:
+                    # Overwritten under us (checked below), or a corrupt slot.
+                    if bad < 0:
+                        bad = expected
+                elif (tmask >> topic) & 1:
+                    out.append(Record(seq, ts, topic,
+                                      mm[off : off + length] if copy else ring[off : off + length]))
+                off += slot
+                expected += 1
+        libc.load_fence()  # the copies before the re-read
+        oldest_ok = q[Segment.RESERVE_SEQ] - self._cap
+        lost = plan.lost
+        if plan.start < oldest_ok:
+            # The writer lapped us while we copied: everything below
+            # oldest_ok may be torn.  Drop it and count it.
+            cut = min(oldest_ok, plan.end)
+            lost += cut - plan.start
+            out = [r for r in out if r.seq >= cut]
+        elif bad >= 0:
+            raise SegmentLayoutError(
+                f"Failed to read record {bad} since its slot holds a different or oversized "
+                "record although the writer had not lapped us (corrupt segment)"
+            )
+        self._advance(plan.end, len(out), lost)
+        return out
+
+    def _advance(self, cursor: int, delivered: int, lost: int) -> None:
+        seg = self.segment
+        q, q0 = seg.q, self._q0
+        self._cursor = cursor
+        self.delivered += delivered
+        self.lost += lost
+        q[q0 + R_CURSOR // 8] = cursor
+        q[q0 + R_DELIVERED // 8] = self.delivered
+        if lost:
+            q[q0 + R_LOST // 8] = self.lost
+        q[q0 + R_LAST_ACTIVE_NS // 8] = time.monotonic_ns()
+        if self._block:
+            # StoreLoad, pairing with the writer's fence after it sets
+            # writer_waiting: one of us sees the other's store.
+            libc.fence()
+            if seg.u[Segment.WRITER_WAITING]:
+                seg.sem_post()
+
+    # -- sleeping -------------------------------------------------------------------
+
+    def _lock(self) -> bool:
+        result = self.segment.lock(self.mutex_timeout)
+        if result is libc.LockResult.TIMEOUT:
+            return False
+        if result is libc.LockResult.OWNER_DIED:
+            sleepers = self.segment.recount_sleepers()
+            log.warning("mutex_owner_died", role="reader", segment=self.segment.name,
+                        sleepers=sleepers)
+        return True
+
+    def prepare_sleep(self) -> float | None:
+        """Announce that this reader is going to sleep.
+
+        Returns how long to sleep: 0.0 = do not (records arrived or the
+        writer went inactive in between), None = until the eventfd fires,
+        or a short timeout when the mutex could not be taken in time.
+        """
+        seg = self.segment
+        u, q = seg.u, seg.q
+        if q[Segment.WRITE_SEQ] > self._cursor or not u[Segment.ACTIVE]:
+            return 0.0
+        if not self._lock():
+            return DEGRADED_SLEEP
+        try:
+            asleep = self._u0 + R_ASLEEP // 4
+            if not u[asleep]:
+                u[asleep] = 1
+                u[Segment.SLEEPERS] += 1
+            # StoreLoad: our flag must be visible before we re-read
+            # write_seq (the writer stores write_seq, fences, reads sleepers).
+            libc.fence()
+            if q[Segment.WRITE_SEQ] > self._cursor or not u[Segment.ACTIVE]:
+                u[asleep] = 0
+                u[Segment.SLEEPERS] -= 1
+                return 0.0
+            return None
+        finally:
+            seg.unlock()
+
+    def woke(self) -> None:
+        """After a sleep: consume the eventfd, and withdraw the asleep flag if still set."""
+        if self.eventfd is not None:
+            try:
+                os.read(self.eventfd.fileno(), 8)
+            except BlockingIOError:
+                pass
+        seg = self.segment
+        asleep = self._u0 + R_ASLEEP // 4
+        if seg.u[asleep] and self._lock():
+            try:
+                if seg.u[asleep]:
+                    seg.u[asleep] = 0
+                    seg.u[Segment.SLEEPERS] -= 1
+            finally:
+                seg.unlock()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep on the eventfd until records may be there; False on timeout.
+
+        The simple one-fd wait; daemons use :class:`shmd.reactor.ReaderLoop`,
+        which watches further fds in the same epoll.
+        """
+        if self.eventfd is None:
+            raise ValueError("Failed to wait since this subscriber has no eventfd")
+        sleep = self.prepare_sleep()
+        if sleep == 0.0:
+            return True
+        if sleep is not None and (timeout is None or sleep < timeout):
+            timeout = sleep
+        with select.epoll(1) as ep:
+            ep.register(self.eventfd.fileno(), select.EPOLLIN)
+            ready = ep.poll(-1 if timeout is None else timeout)
+        self.woke()
+        return bool(ready) or self.available() > 0
+
+    def close(self) -> None:
+        """Unmap the segment and close the eventfd (never unlinks); idempotent."""
+        if self.eventfd is not None:
+            self.eventfd.close()
+        self._ring_map = None
+        self.segment.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
