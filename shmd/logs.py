@@ -1,0 +1,399 @@
+"""Structured logging for shmd: structlog, rendered for journald, a console or JSON lines.
+
+Every daemon calls :func:`configure_logging` once its configuration is loaded
+and logs named events (the :data:`EVENTS` contract, documented with their
+fields in docs/JOURNAL.md) with key/value context::
+
+    log = get_logger()
+    log.info(READER_ATTACHED, reader="1", pid=123, generation=7)
+
+Targets:
+
+* ``journal``: each event becomes one journal entry whose fields are the event
+  dict's keys upper-cased with a ``SHMD_`` prefix (``generation`` ->
+  ``SHMD_GENERATION``, the event name -> ``SHMD_EVENT``), plus ``SHMD_ROLE``,
+  ``PRIORITY``, ``SYSLOG_IDENTIFIER``, ``CODE_FILE``/``CODE_LINE``/``CODE_FUNC``
+  and a readable ``MESSAGE`` ("reader_attached reader=1 pid=123 generation=7").
+  :func:`journal_fields` computes the fields; a *sender* callable delivers them
+  (:func:`send_to_journal` by default, any callable in tests).
+* ``console``: structlog's ConsoleRenderer on stderr, coloured on a tty only.
+* ``json``: one JSON object per line on stderr.
+* ``auto``: journal when stderr is the stream journald gave us
+  (``JOURNAL_STREAM`` matches stderr's ``st_dev:st_ino``), else console on a
+  tty, else json.
+
+Only structlog APIs present in 22.3 (Debian 12) are used.  The level is
+enforced by a processor, not by structlog's filtering wrapper class, so
+:func:`set_level` changes it for every logger at once, including loggers
+already bound (a reload applies ``logging.level`` live).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+import structlog
+import systemd.journal
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
+
+__all__ = [
+    "EVENTS",
+    "LEVELS",
+    "READER_EVENTS",
+    "ROLES",
+    "WRITER_EVENTS",
+    "JournalLogger",
+    "JournalSender",
+    "configure_logging",
+    "get_logger",
+    "is_configured",
+    "journal_field_name",
+    "journal_fields",
+    "render_message",
+    "reset_logging",
+    "resolve_target",
+    "send_to_journal",
+    "set_level",
+]
+
+# --------------------------------------------------------------------------
+# The event contract (docs/JOURNAL.md describes each one and its fields)
+# --------------------------------------------------------------------------
+
+# writer
+CONFIG_LOADED = "config_loaded"
+CONFIG_WARNING = "config_warning"
+CONFIG_ERROR = "config_error"
+SEGMENT_CREATED = "segment_created"
+SEGMENT_ADOPTED = "segment_adopted"
+SEGMENT_UNLINKED = "segment_unlinked"
+LISTENER_READY = "listener_ready"
+READER_CONNECTED = "reader_connected"
+READER_REFUSED = "reader_refused"
+READER_ATTACHED = "reader_attached"
+READER_DETACHED = "reader_detached"
+READER_LOST = "reader_lost"
+OVERRUN = "overrun"
+RELOAD = "reload"
+ACTIVE_CLEARED = "active_cleared"
+SHUTDOWN_COMPLETE = "shutdown_complete"
+# reader
+ATTACHED = "attached"
+STATS = "stats"
+WRITER_INACTIVE = "writer_inactive"
+DRAINED = "drained"
+WRITER_LOST = "writer_lost"
+EXITING = "exiting"
+# either
+MUTEX_OWNER_DIED = "mutex_owner_died"
+SD_NOTIFY_FAILED = "sd_notify_failed"
+
+WRITER_EVENTS = frozenset({
+    CONFIG_LOADED, CONFIG_WARNING, CONFIG_ERROR, SEGMENT_CREATED, SEGMENT_ADOPTED,
+    SEGMENT_UNLINKED, LISTENER_READY, READER_CONNECTED, READER_REFUSED, READER_ATTACHED,
+    READER_DETACHED, READER_LOST, OVERRUN, RELOAD, ACTIVE_CLEARED, SHUTDOWN_COMPLETE,
+})
+READER_EVENTS = frozenset({
+    CONFIG_LOADED, CONFIG_WARNING, CONFIG_ERROR, ATTACHED, STATS, WRITER_INACTIVE, DRAINED,
+    WRITER_LOST, EXITING,
+})
+COMMON_EVENTS = frozenset({MUTEX_OWNER_DIED, SD_NOTIFY_FAILED})
+EVENTS = WRITER_EVENTS | READER_EVENTS | COMMON_EVENTS
+
+# role -> SYSLOG_IDENTIFIER (the program name a user greps for)
+ROLES: Mapping[str, str] = {"writer": "shm-writer", "reader": "shm-reader", "ctl": "shmctl"}
+LEVELS: Mapping[str, int] = {"debug": logging.DEBUG, "info": logging.INFO,
+                             "warning": logging.WARNING, "error": logging.ERROR,
+                             "critical": logging.CRITICAL}
+TARGETS = ("auto", "journal", "console", "json")
+# syslog(3) priorities for PRIORITY=
+_PRIORITY: Mapping[str, int] = {"debug": 7, "info": 6, "warning": 4, "error": 3,
+                                "critical": 2}
+# Log method name -> level name; anything unlisted (msg, log...) counts as info.
+_METHOD_LEVEL: Mapping[str, str] = {"debug": "debug", "info": "info", "warning": "warning",
+                                    "warn": "warning", "error": "error", "err": "error",
+                                    "exception": "error", "critical": "critical",
+                                    "fatal": "critical", "failure": "error"}
+
+# Keys that journal_fields maps to journald's own fields rather than SHMD_*.
+_META_KEYS = frozenset({"event", "level", "role", "timestamp", "exception", "code_file",
+                        "code_line", "code_func"})
+# journald: field names of A-Z, 0-9 and _, at most 64 characters.
+_FIELD_BAD = re.compile(r"[^A-Z0-9_]")
+_FIELD_MAX = 64
+_PREFIX = "SHMD_"
+
+JournalSender = Callable[[dict[str, str]], None]
+
+
+class _State:
+    configured = False
+    min_level = logging.INFO
+
+
+_state = _State()
+
+
+# --------------------------------------------------------------------------
+# Journal rendering
+# --------------------------------------------------------------------------
+
+
+def journal_field_name(key: str) -> str:
+    """``generation`` -> ``SHMD_GENERATION``; anything outside A-Z 0-9 _ becomes ``_``."""
+    name = _PREFIX + _FIELD_BAD.sub("_", key.upper())
+    return name[:_FIELD_MAX]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+
+
+def render_message(event_dict: Mapping[str, Any]) -> str:
+    """The human line: ``event key=value ...`` (values with spaces are quoted)."""
+    parts = [str(event_dict.get("event", ""))]
+    for key, value in event_dict.items():
+        if key in _META_KEYS:
+            continue
+        text = _text(value)
+        if not text or _NEEDS_QUOTES.search(text):
+            text = json.dumps(text, ensure_ascii=False)
+        parts.append(f"{key}={text}")
+    message = " ".join(parts)
+    exception = event_dict.get("exception")
+    if exception:
+        message += "\n" + str(exception)
+    return message
+
+
+def journal_fields(event_dict: Mapping[str, Any]) -> dict[str, str]:
+    """The journal entry for one event: every field name valid for journald, every value str."""
+    level = str(event_dict.get("level", "info"))
+    role = str(event_dict.get("role", ""))
+    fields: dict[str, str] = {
+        "MESSAGE": render_message(event_dict),
+        "PRIORITY": str(_PRIORITY.get(level, _PRIORITY["info"])),
+        "SYSLOG_IDENTIFIER": ROLES.get(role, "shmd"),
+        "SHMD_EVENT": str(event_dict.get("event", "")),
+        "SHMD_ROLE": role,
+    }
+    for key, journal_key in (("code_file", "CODE_FILE"), ("code_line", "CODE_LINE"),
+                             ("code_func", "CODE_FUNC")):
+        if key in event_dict:
+            fields[journal_key] = _text(event_dict[key])
+    if event_dict.get("exception"):
+        fields["SHMD_EXCEPTION"] = str(event_dict["exception"])
+    for key, value in event_dict.items():
+        if key in _META_KEYS:
+            continue
+        name = journal_field_name(key)
+        # Two keys that sanitise alike ("a-b", "a_b") keep both values.
+        suffix = 2
+        base = name
+        while name in fields:
+            tail = f"_{suffix}"
+            name = base[: _FIELD_MAX - len(tail)] + tail
+            suffix += 1
+        fields[name] = _text(value)
+    return fields
+
+
+def send_to_journal(fields: dict[str, str]) -> None:
+    """Deliver one entry to journald through its native socket (libsystemd)."""
+    try:
+        systemd.journal.sendv(*(f"{k}={v}" for k, v in fields.items()))
+    except OSError as exc:
+        # No journald (a container without it, a chroot): the entry is not
+        # lost silently, it goes to stderr as one line.
+        print(f"Failed to send a log entry to the journal since {exc.strerror or exc}: "
+              f"{fields.get('MESSAGE', '')}", file=sys.stderr, flush=True)
+
+
+class JournalLogger:
+    """structlog's wrapped logger for the journal target: hands fields to a sender."""
+
+    def __init__(self, sender: JournalSender) -> None:
+        self.sender = sender
+
+    def msg(self, **fields: str) -> None:
+        self.sender(fields)
+
+    debug = info = warning = warn = error = err = critical = fatal = exception = failure = \
+        log = msg
+
+
+# --------------------------------------------------------------------------
+# Processors
+# --------------------------------------------------------------------------
+
+
+def _filter_level(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    if LEVELS[_METHOD_LEVEL.get(method_name, "info")] < _state.min_level:
+        raise structlog.DropEvent
+    return event_dict
+
+
+def _add_level(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    event_dict["level"] = _METHOD_LEVEL.get(method_name, "info")
+    return event_dict
+
+
+def _static(role: str, instance: str | None) -> Processor:
+    def add(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        event_dict.setdefault("role", role)
+        if instance is not None:
+            event_dict.setdefault("instance", instance)
+        return event_dict
+
+    return add
+
+
+_SKIP_MODULES = ("structlog", __name__)
+
+
+def _add_code_location(logger: WrappedLogger, method_name: str,
+                       event_dict: EventDict) -> EventDict:
+    # The caller is the first frame outside structlog and this module; a
+    # cheap walk (no source lines read, unlike inspect.stack()).
+    frame = sys._getframe(1)
+    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).startswith(
+            _SKIP_MODULES):
+        frame = frame.f_back
+    event_dict["code_file"] = frame.f_code.co_filename
+    event_dict["code_line"] = frame.f_lineno
+    event_dict["code_func"] = frame.f_code.co_name
+    return event_dict
+
+
+def _render_journal(logger: WrappedLogger, method_name: str,
+                    event_dict: EventDict) -> dict[str, str]:
+    # A dict returned by the last processor becomes the logger method's
+    # keyword arguments: JournalLogger.msg(**fields).
+    return journal_fields(event_dict)
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+
+def resolve_target(target: str, *, stream: TextIO | None = None,
+                   env: Mapping[str, str] | None = None) -> str:
+    """Turn ``auto`` into journal, console or json for ``stream`` (default stderr)."""
+    if target not in TARGETS:
+        raise ValueError(f"Failed to choose a log target since {target!r} is not one of "
+                         f"{', '.join(TARGETS)}")
+    if target != "auto":
+        return target
+    out = sys.stderr if stream is None else stream
+    environ = os.environ if env is None else env
+    journal_stream = environ.get("JOURNAL_STREAM", "")
+    try:
+        fd = out.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        fd = -1
+    if journal_stream and fd >= 0:
+        dev, _, ino = journal_stream.partition(":")
+        try:
+            st = os.fstat(fd)
+            # systemd.exec(5): JOURNAL_STREAM is "device:inode" of the stream
+            # journald handed us; if stderr was redirected since, it no longer
+            # matches and we must not log to the journal twice.
+            if (st.st_dev, st.st_ino) == (int(dev), int(ino)):
+                return "journal"
+        except (OSError, ValueError):
+            pass
+    return "console" if out.isatty() else "json"
+
+
+def configure_logging(role: str, *, level: str, target: str, instance: str | None = None,
+                      stream: TextIO | None = None, sender: JournalSender | None = None,
+                      env: Mapping[str, str] | None = None) -> str:
+    """Configure structlog for this process and return the target actually used.
+
+    ``role`` is writer, reader or ctl; ``instance`` the reader's instance name
+    (bound to every event as ``instance``).  ``stream`` (console/json, default
+    stderr), ``sender`` (journal, default :func:`send_to_journal`) and ``env``
+    (for ``auto``) exist so tests can watch the output.
+    """
+    if role not in ROLES:
+        raise ValueError(f"Failed to configure logging since role {role!r} is not one of "
+                         f"{', '.join(ROLES)}")
+    chosen = resolve_target(target, stream=stream, env=env)
+    set_level(level)
+    out = sys.stderr if stream is None else stream
+    head: list[Processor] = [
+        _filter_level,
+        structlog.contextvars.merge_contextvars,
+        _static(role, instance),
+        _add_level,
+    ]
+    factory: Callable[..., WrappedLogger]
+    processors: list[Processor]
+    if chosen == "journal":
+        journal_logger = JournalLogger(sender or send_to_journal)
+        processors = [*head, _add_code_location, structlog.processors.format_exc_info,
+                      _render_journal]
+
+        def factory(*args: Any) -> WrappedLogger:
+            return journal_logger
+
+    elif chosen == "console":
+        processors = [*head, structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S"),
+                      structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        factory = structlog.PrintLoggerFactory(file=out)
+    else:
+        processors = [*head, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                      structlog.processors.format_exc_info,
+                      structlog.processors.JSONRenderer()]
+        factory = structlog.PrintLoggerFactory(file=out)
+    structlog.configure(
+        processors=processors,
+        # Level filtering happens in _filter_level so set_level() reaches
+        # loggers that are already bound; this wrapper lets everything pass.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        context_class=dict,
+        logger_factory=factory,
+        cache_logger_on_first_use=False,
+    )
+    _state.configured = True
+    return chosen
+
+
+def set_level(level: str) -> None:
+    """Change the minimum level of every logger at once (live reload)."""
+    if level not in LEVELS:
+        raise ValueError(f"Failed to set the log level since {level!r} is not one of "
+                         f"{', '.join(LEVELS)}")
+    _state.min_level = LEVELS[level]
+
+
+def is_configured() -> bool:
+    """Whether :func:`configure_logging` ran in this process."""
+    return _state.configured
+
+
+def get_logger(**bind: Any) -> FilteringBoundLogger:
+    """A structlog logger with ``bind`` as its context."""
+    logger: FilteringBoundLogger = structlog.get_logger().bind(**bind)
+    return logger
+
+
+def reset_logging() -> None:
+    """Forget the configuration: structlog back to its own defaults (for tests)."""
+    structlog.reset_defaults()
+    _state.configured = False
+    _state.min_level = logging.INFO
