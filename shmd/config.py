@@ -775,8 +775,8 @@ def _merge_settings(b: _Builder, defaults: _Node | None, override: _Node) -> _No
     """Deep-merge one instance's overrides over reader.defaults.
 
     Every key replaces the default's value, except ``sink``: a sink of the same
-    type is merged key by key, a sink of another type replaces the default's
-    whole (its keys would not fit the other type).
+    type (or without ``type``) is merged key by key, a sink of another type
+    replaces the default's whole (its keys would not fit the other type).
     """
     base = _Map(b, defaults, "reader.defaults", _SETTINGS_KEYS).items
     over = _Map(b, override, override.key, _SETTINGS_KEYS).items
@@ -785,7 +785,8 @@ def _merge_settings(b: _Builder, defaults: _Node | None, override: _Node) -> _No
         old = base.get(name)
         if (name == "sink" and old is not None and isinstance(old.value, dict)
                 and isinstance(n.value, dict)
-                and _sink_type(b, old, old.key) == _sink_type(b, n, n.key)):
+                and ("type" not in n.value
+                     or _sink_type(b, old, old.key) == _sink_type(b, n, n.key))):
             merged[name] = _Node({**old.value, **n.value}, n.key, n.line)
         else:
             merged[name] = n
