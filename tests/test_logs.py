@@ -1,0 +1,360 @@
+"""Tests of shmd.logs: journal fields, targets, live level changes, the event contract."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from shmd import logs
+
+REPO = Path(__file__).resolve().parent.parent
+JOURNAL_DOC = REPO / "docs" / "JOURNAL.md"
+FIELD_RE = re.compile(r"[A-Z0-9][A-Z0-9_]{0,63}")
+
+
+@pytest.fixture(autouse=True)
+def clean_logging() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        logs.reset_logging()
+
+
+@pytest.fixture
+def sent() -> list[dict[str, str]]:
+    """Journal entries captured in place of journald, configured for the writer role."""
+    entries: list[dict[str, str]] = []
+    assert logs.configure_logging("writer", level="info", target="journal",
+                                  sender=entries.append) == "journal"
+    return entries
+
+
+# ---------------------------------------------------------------------------
+# journal_fields
+# ---------------------------------------------------------------------------
+
+
+def test_journal_fields_of_an_event() -> None:
+    """An event dict becomes SHMD_* fields, PRIORITY, SYSLOG_IDENTIFIER and a readable MESSAGE."""
+    fields = logs.journal_fields({"event": "reader_attached", "reader": "1", "pid": 123,
+                                  "generation": 7, "level": "info", "role": "writer"})
+    assert fields == {
+        "MESSAGE": "reader_attached reader=1 pid=123 generation=7",
+        "PRIORITY": "6",
+        "SYSLOG_IDENTIFIER": "shm-writer",
+        "SHMD_EVENT": "reader_attached",
+        "SHMD_ROLE": "writer",
+        "SHMD_READER": "1",
+        "SHMD_PID": "123",
+        "SHMD_GENERATION": "7",
+    }
+
+
+@pytest.mark.parametrize(("level", "priority"), [("debug", "7"), ("info", "6"),
+                                                 ("warning", "4"), ("error", "3"),
+                                                 ("critical", "2")])
+def test_priority_follows_the_level(level: str, priority: str) -> None:
+    """PRIORITY is the syslog priority of the event's level."""
+    assert logs.journal_fields({"event": "x", "level": level})["PRIORITY"] == priority
+
+
+def test_field_names_are_sanitised() -> None:
+    """Keys become upper-case SHMD_ names of A-Z, 0-9 and _ only, at most 64 characters."""
+    assert logs.journal_field_name("seq") == "SHMD_SEQ"
+    assert logs.journal_field_name("lost") == "SHMD_LOST"
+    assert logs.journal_field_name("a-b.c d") == "SHMD_A_B_C_D"
+    assert logs.journal_field_name("_private") == "SHMD__PRIVATE"
+    assert logs.journal_field_name("grüße") == "SHMD_GR_SSE"
+    assert len(logs.journal_field_name("k" * 100)) == 64
+
+
+def test_colliding_keys_keep_both_values() -> None:
+    """Two keys that sanitise to the same field name both reach the journal."""
+    fields = logs.journal_fields({"event": "e", "a-b": "one", "a_b": "two"})
+    assert fields["SHMD_A_B"] == "one" and fields["SHMD_A_B_2"] == "two"
+
+
+def test_values_are_rendered_as_text() -> None:
+    """bytes become hex, booleans true/false, everything else str(); MESSAGE quotes spaces."""
+    fields = logs.journal_fields({"event": "e", "raw": b"\x00\xff", "ok": True, "ratio": 0.5,
+                                  "why": "peer hung up", "empty": ""})
+    assert fields["SHMD_RAW"] == "00ff" and fields["SHMD_OK"] == "true"
+    assert fields["SHMD_RATIO"] == "0.5" and fields["SHMD_WHY"] == "peer hung up"
+    assert fields["MESSAGE"] == 'e raw=00ff ok=true ratio=0.5 why="peer hung up" empty=""'
+
+
+META = {"event", "level", "role", "timestamp", "exception", "code_file", "code_line",
+        "code_func"}
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=80).filter(lambda k: k not in META),
+                       st.integers() | st.text(), max_size=8))
+def test_every_field_name_is_valid_for_journald(extra: dict[str, object]) -> None:
+    """Whatever the keys, every field name matches journald's rules and no key is lost."""
+    event = {"event": "e", "level": "info", "role": "reader", **extra}
+    fields = logs.journal_fields(event)
+    for name in fields:
+        assert FIELD_RE.fullmatch(name), name
+    assert len(fields) == 5 + len(extra)
+    assert sorted(fields[n] for n in fields if n.startswith("SHMD_")
+                  and n not in ("SHMD_EVENT", "SHMD_ROLE")) == sorted(map(str, extra.values()))
+
+
+# ---------------------------------------------------------------------------
+# The journal target end to end (sender swapped)
+# ---------------------------------------------------------------------------
+
+
+def test_journal_target_sends_fields_with_the_call_site(sent: list[dict[str, str]]) -> None:
+    """Logging under the journal target hands the sender the fields and the caller's location."""
+    log = logs.get_logger(reader="2")
+    log.warning(logs.READER_LOST, pid=77, reason="hang-up"); line = sys._getframe().f_lineno  # noqa: E702
+    assert len(sent) == 1
+    fields = sent[0]
+    assert fields["SHMD_EVENT"] == "reader_lost" and fields["PRIORITY"] == "4"
+    assert fields["SYSLOG_IDENTIFIER"] == "shm-writer" and fields["SHMD_ROLE"] == "writer"
+    assert fields["SHMD_READER"] == "2" and fields["SHMD_PID"] == "77"
+    assert fields["MESSAGE"] == "reader_lost reader=2 pid=77 reason=hang-up"
+    assert fields["CODE_FILE"] == __file__
+    assert fields["CODE_LINE"] == str(line)
+    assert fields["CODE_FUNC"] == "test_journal_target_sends_fields_with_the_call_site"
+
+
+def test_reader_role_binds_its_instance() -> None:
+    """A reader's events carry SHMD_INSTANCE and the shm-reader identifier."""
+    entries: list[dict[str, str]] = []
+    logs.configure_logging("reader", level="info", target="journal", instance="3",
+                           sender=entries.append)
+    logs.get_logger().info(logs.STATS, records=10, lost=0)
+    (fields,) = entries
+    assert fields["SYSLOG_IDENTIFIER"] == "shm-reader" and fields["SHMD_ROLE"] == "reader"
+    assert fields["SHMD_INSTANCE"] == "3" and fields["SHMD_RECORDS"] == "10"
+    assert fields["SHMD_LOST"] == "0"
+
+
+def test_level_filters_and_set_level_reaches_bound_loggers(sent: list[dict[str, str]]) -> None:
+    """Events below the level are dropped, and set_level changes loggers bound earlier."""
+    log = logs.get_logger(reader="1")
+    log.debug("quiet")
+    log.info("loud")
+    logs.set_level("debug")
+    log.debug("now-visible")
+    logs.set_level("error")
+    log.warning("dropped")
+    log.error("kept")
+    assert [e["SHMD_EVENT"] for e in sent] == ["loud", "now-visible", "kept"]
+
+
+def test_exceptions_travel_as_a_field(sent: list[dict[str, str]]) -> None:
+    """log.exception() sends the traceback in SHMD_EXCEPTION at error priority."""
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logs.get_logger().exception("unexpected")
+    (fields,) = sent
+    assert fields["PRIORITY"] == "3"
+    assert "RuntimeError: boom" in fields["SHMD_EXCEPTION"]
+    assert fields["MESSAGE"].startswith("unexpected\nTraceback")
+
+
+def test_capture_logs_sees_events_with_their_context(sent: list[dict[str, str]]) -> None:
+    """structlog's capture_logs records our events and bound keys instead of sending them."""
+    with capture_logs() as captured:
+        logs.get_logger(reader="5").info(logs.DRAINED, records=3)
+    assert captured == [{"event": "drained", "reader": "5", "records": 3,
+                         "log_level": "info"}]
+    assert sent == []
+
+
+def test_bad_arguments_are_refused() -> None:
+    """Unknown roles, levels and targets raise ValueError with a 'Failed to' message."""
+    with pytest.raises(ValueError, match="Failed to configure logging since role"):
+        logs.configure_logging("daemon", level="info", target="json")
+    with pytest.raises(ValueError, match="Failed to set the log level since"):
+        logs.set_level("verbose")
+    with pytest.raises(ValueError, match="Failed to choose a log target since"):
+        logs.configure_logging("writer", level="info", target="syslog")
+    assert not logs.is_configured()
+
+
+# ---------------------------------------------------------------------------
+# Console and JSON targets, and auto
+# ---------------------------------------------------------------------------
+
+
+def test_json_target_writes_one_object_per_line() -> None:
+    """The json target writes one parseable JSON object per event with role and timestamp."""
+    out = io.StringIO()
+    assert logs.configure_logging("ctl", level="debug", target="json", stream=out) == "json"
+    logs.get_logger(segment="/shmd-test-x").debug("first", n=1)
+    logs.get_logger().error("second")
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["event"] == "first" and first["n"] == 1 and first["level"] == "debug"
+    assert first["role"] == "ctl" and first["segment"] == "/shmd-test-x"
+    assert first["timestamp"].endswith("Z")
+    assert second["level"] == "error"
+
+
+def test_console_target_has_no_colour_off_a_tty() -> None:
+    """The console target writes a readable line without ANSI colours to a non-tty."""
+    out = io.StringIO()
+    logs.configure_logging("writer", level="info", target="console", stream=out)
+    logs.get_logger().info(logs.LISTENER_READY, socket="/run/shmd/control.sock")
+    text = out.getvalue()
+    assert "listener_ready" in text and "socket=/run/shmd/control.sock" in text
+    assert "\x1b[" not in text
+
+
+def _read_pty(master: int, needle: bytes, deadline: float) -> bytes:
+    data = b""
+    while needle not in data:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {needle!r} on the pty; got {data!r}"
+        ready, _, _ = select.select([master], [], [], left)
+        if ready:
+            data += os.read(master, 4096)
+    return data
+
+
+def test_console_target_is_coloured_on_a_tty_and_auto_picks_it() -> None:
+    """On a real pty, auto chooses console and the console renderer uses colours."""
+    master, slave = os.openpty()
+    stream = os.fdopen(slave, "w", buffering=1)
+    try:
+        assert logs.resolve_target("auto", stream=stream, env={}) == "console"
+        logs.configure_logging("writer", level="info", target="auto", stream=stream, env={})
+        logs.get_logger().info(logs.RELOAD, live="logging.level")
+        data = _read_pty(master, b"logging.level", time.monotonic() + 10)
+        assert b"reload" in data and b"\x1b[" in data
+    finally:
+        stream.close()
+        os.close(master)
+
+
+def test_auto_picks_journal_only_when_journal_stream_matches() -> None:
+    """auto means journal when JOURNAL_STREAM is stderr's dev:inode, else json off a tty."""
+    with tempfile.TemporaryFile("w+") as stream:
+        st_ = os.fstat(stream.fileno())
+        matching = {"JOURNAL_STREAM": f"{st_.st_dev}:{st_.st_ino}"}
+        assert logs.resolve_target("auto", stream=stream, env=matching) == "journal"
+        other = {"JOURNAL_STREAM": f"{st_.st_dev}:{st_.st_ino + 1}"}
+        assert logs.resolve_target("auto", stream=stream, env=other) == "json"
+        assert logs.resolve_target("auto", stream=stream, env={"JOURNAL_STREAM": "x"}) == "json"
+        assert logs.resolve_target("auto", stream=stream, env={}) == "json"
+        assert logs.resolve_target("console", stream=stream, env=matching) == "console"
+    assert logs.resolve_target("auto", stream=io.StringIO(), env={}) == "json"
+
+
+# ---------------------------------------------------------------------------
+# The real journald socket protocol (default sender), in a private mount namespace
+# ---------------------------------------------------------------------------
+
+_NAMESPACED = r"""
+import json, os, socket, struct, sys
+from shmd import logs
+
+def parse(datagram):
+    fields, data = {}, datagram
+    while data:
+        nl = data.index(b"\n")
+        head = data[:nl]
+        if b"=" in head:
+            key, _, value = head.partition(b"=")
+            data = data[nl + 1:]
+        else:  # binary-safe form: KEY\n <le64 size> value \n
+            key = head
+            (size,) = struct.unpack("<Q", data[nl + 1:nl + 9])
+            value = data[nl + 9:nl + 9 + size]
+            data = data[nl + 9 + size + 1:]
+        fields[key.decode()] = value.decode()
+    return fields
+
+logs.configure_logging("writer", level="info", target="journal")
+os.makedirs("/run/systemd/journal", exist_ok=True)
+# 1: something that is not journald at its path (a stream socket: sendmsg
+# fails with EPROTOTYPE) -> one line on stderr, the process carries on.
+wrong = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+wrong.bind("/run/systemd/journal/socket")
+logs.get_logger().info("before_socket", n=1)
+wrong.close()
+os.unlink("/run/systemd/journal/socket")
+# 2: a datagram socket where libsystemd sends native journal entries.
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.bind("/run/systemd/journal/socket")
+sock.settimeout(30)
+logs.get_logger(reader="9").error("reader_lost", reason="two\nlines")
+print(json.dumps(parse(sock.recv(1 << 20))))
+"""
+
+
+def test_default_sender_speaks_journald_native_protocol() -> None:
+    """Through libsystemd, an event arrives at journald's socket as the expected fields."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to mount a private /run")
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                           capture_output=True, check=False, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"mount namespaces are not permitted here: {probe.stderr.decode().strip()}")
+    # A tmpfs over /run, private to this one process tree: journald's socket
+    # path can be bound without touching the host's /run.
+    child = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs shmd-test /run && exec "$0" -c "$1"', sys.executable, _NAMESPACED],
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+        cwd=str(REPO))
+    assert child.returncode == 0, child.stderr
+    assert child.stderr.startswith("Failed to send a log entry to the journal since "), \
+        child.stderr
+    assert child.stderr.rstrip().endswith("before_socket n=1")
+    fields = json.loads(child.stdout)
+    assert fields["MESSAGE"] == 'reader_lost reader=9 reason="two\\nlines"'
+    assert fields["SHMD_REASON"] == "two\nlines"
+    assert fields["SHMD_EVENT"] == "reader_lost" and fields["SHMD_READER"] == "9"
+    assert fields["PRIORITY"] == "3" and fields["SYSLOG_IDENTIFIER"] == "shm-writer"
+    assert fields["CODE_FUNC"] == "<module>" and fields["CODE_FILE"] == "<string>"
+
+
+# ---------------------------------------------------------------------------
+# The event contract
+# ---------------------------------------------------------------------------
+
+BRIEFED = {
+    "writer": ["config_loaded", "config_error", "segment_created", "segment_adopted",
+               "segment_unlinked", "listener_ready", "reader_connected", "reader_refused",
+               "reader_attached", "reader_detached", "reader_lost", "overrun", "reload",
+               "active_cleared", "shutdown_complete"],
+    "reader": ["attached", "stats", "writer_inactive", "drained", "writer_lost", "exiting"],
+    "either": ["mutex_owner_died"],
+}
+
+
+def test_event_contract_contains_the_agreed_names() -> None:
+    """EVENTS holds every agreed event name, each sorted into its role's set."""
+    assert set(BRIEFED["writer"]) <= logs.WRITER_EVENTS
+    assert set(BRIEFED["reader"]) <= logs.READER_EVENTS
+    assert set(BRIEFED["either"]) <= logs.COMMON_EVENTS
+    assert logs.EVENTS == logs.WRITER_EVENTS | logs.READER_EVENTS | logs.COMMON_EVENTS
+    for name in logs.EVENTS:
+        assert getattr(logs, name.upper()) == name
+
+
+def test_journal_doc_describes_every_event() -> None:
+    """docs/JOURNAL.md has a section for every name in EVENTS and none that do not exist."""
+    text = JOURNAL_DOC.read_text()
+    documented = set(re.findall(r"^### `([a-z_]+)`", text, flags=re.MULTILINE))
+    assert documented == set(logs.EVENTS)
