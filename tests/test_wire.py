@@ -1,0 +1,882 @@
+"""Tests for shmd.wire: framing and fd passing on real AF_UNIX sockets."""
+
+from __future__ import annotations
+
+import array
+import itertools
+import os
+import select
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shmd import wire
+from shmd.wire import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    Connection,
+    Frame,
+    OwnedFd,
+    PeerClosed,
+    PeerStalled,
+    WireError,
+    WireTimeout,
+)
+
+TYPES = [socket.SOCK_SEQPACKET, socket.SOCK_STREAM]
+TYPE_IDS = ["seqpacket", "stream"]
+DEADLINE = 10.0  # seconds: the longest any wait in these tests may take
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def open_fds() -> set[int]:
+    """The fds open in this process right now (the listing's own fd excluded)."""
+    fds = {int(name) for name in os.listdir("/proc/self/fd")}
+    return {fd for fd in fds if _is_open(fd)}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def raw_header(
+    length: int, n_fds: int, *, magic: int = MAGIC, flags: int = 0, reserved: int = 0
+) -> bytes:
+    return HEADER.pack(magic, flags, length, n_fds, reserved)
+
+
+def raw_send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """One sendmsg on a raw socket, fds attached as one SCM_RIGHTS message."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sent = sock.sendmsg([data], anc)
+    assert sent == len(data)
+
+
+def wait_frames(conn: Connection, count: int, writer: Connection | None = None) -> list[Frame]:
+    """Collect ``count`` frames from a non-blocking connection, polling with a deadline.
+
+    With ``writer``, also flush that connection's queued output whenever its
+    socket becomes writable.
+    """
+    frames: list[Frame] = []
+    deadline = time.monotonic() + DEADLINE
+    while len(frames) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"only {len(frames)} of {count} frames arrived in time")
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        if writer is not None and writer.wants_write:
+            poller.register(writer.fileno(), select.POLLOUT)
+        for fd, _events in poller.poll(left * 1000):
+            if fd == conn.fileno():
+                frames.extend(conn.on_readable())
+            elif writer is not None:
+                writer.on_writable()
+    return frames
+
+
+@pytest.fixture(params=TYPES, ids=TYPE_IDS)
+def sock_type(request: pytest.FixtureRequest) -> int:
+    value: int = request.param
+    return value
+
+
+@pytest.fixture
+def pair(sock_type: int) -> Iterator[tuple[Connection, Connection]]:
+    """Two connected Connections of the parametrised type."""
+    a, b = socket.socketpair(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
+    conns: list[Connection] = []
+    try:
+        conns.append(Connection(a))
+        conns.append(Connection(b))
+        yield conns[0], conns[1]
+    finally:
+        for conn in conns:
+            conn.close()
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def raw_pair(sock_type: int) -> Iterator[tuple[socket.socket, Connection]]:
+    """A raw socket (a misbehaving peer) connected to a Connection."""
+    a, b = socket.socketpair(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
+    conn: Connection | None = None
+    try:
+        conn = Connection(b, max_message=1024, max_fds=4)
+        yield a, conn
+    finally:
+        if conn is not None:
+            conn.close()
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A short private directory for socket files (sun_path is 108 bytes)."""
+    path = tempfile.mkdtemp(prefix="shmd-test-wire-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    owners = [OwnedFd(r), OwnedFd(w)]
+    try:
+        yield r, w
+    finally:
+        for owner in owners:
+            try:
+                owner.close()
+            except OSError:
+                pass
+
+
+def read_exactly(fd: int, size: int) -> bytes:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    assert poller.poll(DEADLINE * 1000), "nothing to read in time"
+    return os.read(fd, size)
+
+
+# -- OwnedFd and Frame ----------------------------------------------------------
+
+
+def test_owned_fd_close_sets_minus_one_and_is_idempotent() -> None:
+    """close() marks the owner closed, closes the fd once, and a second close is harmless."""
+    r, w = os.pipe()
+    os.close(w)
+    owner = OwnedFd(r)
+    assert owner.fileno() == r
+    owner.close()
+    assert owner.closed
+    assert not _is_open(r)
+    owner.close()
+    with pytest.raises(ValueError, match="already closed"):
+        owner.fileno()
+
+
+def test_owned_fd_detach_hands_over_ownership() -> None:
+    """detach() returns the fd without closing it and leaves the owner closed."""
+    r, w = os.pipe()
+    os.close(w)
+    owner = OwnedFd(r)
+    fd = owner.detach()
+    try:
+        assert fd == r
+        assert owner.closed
+        owner.close()
+        assert _is_open(r)
+    finally:
+        os.close(fd)
+
+
+def test_owned_fd_context_manager_and_frame_close() -> None:
+    """Leaving an OwnedFd's with-block, or closing a Frame, closes the fds."""
+    r, w = os.pipe()
+    with OwnedFd(r):
+        pass
+    assert not _is_open(r)
+    frame = Frame(b"x", (OwnedFd(w),))
+    with frame:
+        assert _is_open(w)
+    assert not _is_open(w)
+    assert all(fd.closed for fd in frame.fds)
+
+
+# -- round trips ----------------------------------------------------------------
+
+
+def test_bodies_round_trip(pair: tuple[Connection, Connection]) -> None:
+    """Empty, small and max_message-sized bodies arrive intact and as separate frames."""
+    a, b = pair
+    bodies = [b"", b"x", bytes(range(256)) * 3, os.urandom(a.max_message)]
+    for body in bodies:
+        a.send(body, timeout=DEADLINE)
+    got = [b.recv(timeout=DEADLINE) for _ in bodies]
+    assert [f.body for f in got] == bodies
+    assert all(f.fds == () for f in got)
+    assert b.on_readable() == []
+
+
+def test_pipe_fd_arrives_and_is_usable(
+    pair: tuple[Connection, Connection], pipe: tuple[int, int]
+) -> None:
+    """A pipe's write end sent through the socket can be written to by the receiver."""
+    a, b = pair
+    r, w = pipe
+    a.send(b"take this", [w], timeout=DEADLINE)
+    with b.recv(timeout=DEADLINE) as frame:
+        assert frame.body == b"take this"
+        assert len(frame.fds) == 1
+        received = frame.fds[0].fileno()
+        assert received != w
+        assert not os.get_inheritable(received), "received fds must be close-on-exec"
+        os.write(received, b"through the socket")
+    assert read_exactly(r, 100) == b"through the socket"
+
+
+def test_eventfd_arrives_and_signals_the_sender(pair: tuple[Connection, Connection]) -> None:
+    """An eventfd sent with a frame wakes the sender's copy when the receiver writes it."""
+    a, b = pair
+    with OwnedFd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)) as efd:
+        r, w = os.pipe()
+        with OwnedFd(r) as ro, OwnedFd(w) as wo:
+            a.send(b"two", [efd.fileno(), wo.fileno()], timeout=DEADLINE)
+            with b.recv(timeout=DEADLINE) as frame:
+                assert len(frame.fds) == 2
+                os.eventfd_write(frame.fds[0].fileno(), 5)
+                os.write(frame.fds[1].fileno(), b"!")
+            assert os.eventfd_read(efd.fileno()) == 5
+            assert read_exactly(ro.fileno(), 1) == b"!"
+
+
+def test_connection_sockets_are_cloexec(sockdir: str, sock_type: int) -> None:
+    """Listener, client and accepted sockets are all close-on-exec."""
+    path = os.path.join(sockdir, "c.sock")
+    listener = wire.bind_listener(path, sock_type)
+    try:
+        client = wire.connect(path, sock_type, timeout=DEADLINE)
+        server = wire.accept(listener)
+        try:
+            assert server is not None
+            for fd in (listener.fileno(), client.fileno(), server.fileno()):
+                assert not os.get_inheritable(fd)
+        finally:
+            client.close()
+            if server is not None:
+                server.close()
+    finally:
+        listener.close()
+
+
+# -- a misbehaving peer: errors close every fd ------------------------------------
+
+
+@pytest.mark.parametrize(("declared", "attached"), [(1, 2), (2, 0), (0, 1), (2, 1)], ids=str)
+def test_wrong_fd_count_is_detected_and_nothing_leaks(
+    raw_pair: tuple[socket.socket, Connection], declared: int, attached: int
+) -> None:
+    """A frame whose fd count differs from n_fds raises WireError and closes every fd received."""
+    raw, conn = raw_pair
+    before = open_fds()
+    pipes = [os.pipe() for _ in range(attached)]
+    raw_send(raw, raw_header(3, declared) + b"abc", [w for _, w in pipes])
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+    with pytest.raises(WireError, match=r"^Failed to receive a frame since .*(declare|fds)"):
+        conn.recv(timeout=DEADLINE)
+    assert open_fds() == before
+    with pytest.raises(WireError, match="already failed"):
+        conn.on_readable()
+
+
+def test_more_fds_than_the_receiver_takes_is_an_error_without_leaks(
+    raw_pair: tuple[socket.socket, Connection],
+) -> None:
+    """Fds beyond max_fds (MSG_CTRUNC) raise WireError and the fds that did arrive are closed."""
+    raw, conn = raw_pair  # conn takes at most 4 fds
+    before = open_fds()
+    r, w = os.pipe()
+    try:
+        raw_send(raw, raw_header(0, 6), [w] * 6)
+    finally:
+        os.close(r)
+        os.close(w)
+    with pytest.raises(WireError, match="more than 4 fds"):
+        conn.recv(timeout=DEADLINE)
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (raw_header(0, 1, magic=0x4453), "magic is 0x4453"),
+        (raw_header(0, 1, flags=1), "flags are 0x0001"),
+        (raw_header(0, 1, reserved=7), "reserved field is 0x0007"),
+        (raw_header(1025, 1), "1025 bytes, more than max_message 1024"),
+        (raw_header(0, 17), "declares 17 fds, the limit is 16"),
+    ],
+    ids=["magic", "flags", "reserved", "too-long", "too-many-fds"],
+)
+def test_bad_header_is_rejected_and_fds_closed(
+    raw_pair: tuple[socket.socket, Connection], header: bytes, message: str
+) -> None:
+    """A wrong magic, flags, reserved, length or fd count raises WireError, leaking no fd."""
+    raw, conn = raw_pair
+    before = open_fds()
+    r, w = os.pipe()
+    try:
+        # Only the header: an over-long body must be refused before it arrives.
+        raw_send(raw, header, [w])
+    finally:
+        os.close(r)
+        os.close(w)
+    with pytest.raises(WireError, match=message):
+        conn.recv(timeout=DEADLINE)
+    assert open_fds() == before
+
+
+def test_truncated_datagram_header_is_rejected() -> None:
+    """A SOCK_SEQPACKET datagram shorter than the header raises WireError and closes its fds."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, Connection(b) as conn:
+        before = open_fds()
+        r, w = os.pipe()
+        try:
+            raw_send(a, b"SD\0\0\1", [w])
+        finally:
+            os.close(r)
+            os.close(w)
+        with pytest.raises(WireError, match=r"header is truncated \(5 of 12 bytes\)"):
+            conn.recv(timeout=DEADLINE)
+        assert open_fds() == before
+
+
+@pytest.mark.parametrize(
+    ("length", "body_size", "message"),
+    [
+        (10, 5, "header says 10 body bytes but the datagram carries 5"),
+        (10, 200, "header says 10 body bytes but the datagram carries more"),
+    ],
+    ids=["short", "truncated-by-kernel"],
+)
+def test_datagram_length_must_match_header(length: int, body_size: int, message: str) -> None:
+    """On SOCK_SEQPACKET the datagram must carry exactly the header's length (MSG_TRUNC caught)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, Connection(b, max_message=100) as conn:
+        before = open_fds()
+        r, w = os.pipe()
+        try:
+            raw_send(a, raw_header(length, 1) + bytes(body_size), [w])
+        finally:
+            os.close(r)
+            os.close(w)
+        with pytest.raises(WireError, match=message):
+            conn.recv(timeout=DEADLINE)
+        assert open_fds() == before
+
+
+def test_send_refuses_bodies_over_max_message(pair: tuple[Connection, Connection]) -> None:
+    """send() refuses a body longer than max_message and nothing reaches the peer."""
+    a, b = pair
+    with pytest.raises(WireError, match=r"more than max_message 65536"):
+        a.send(bytes(a.max_message + 1))
+    assert b.on_readable() == []
+    assert not a.wants_write
+
+
+def test_stream_fds_nobody_declared_are_closed() -> None:
+    """On SOCK_STREAM, fds arriving with a frame declaring none are an error, and are closed."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, Connection(b) as conn:
+        before = open_fds()
+        r, w = os.pipe()
+        try:
+            raw_send(a, raw_header(2, 0) + b"ok", [w])
+        finally:
+            os.close(r)
+            os.close(w)
+        with pytest.raises(WireError, match="no frame declared"):
+            conn.recv(timeout=DEADLINE)
+        assert open_fds() == before
+
+
+# -- stream reassembly ----------------------------------------------------------
+
+
+def test_stream_reassembles_frames_sent_one_byte_at_a_time(pipe: tuple[int, int]) -> None:
+    """Frames dribbled one byte per sendmsg from another thread arrive whole, fds included."""
+    r, w = pipe
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    bodies = [b"first", b"", b"third frame carries an fd", bytes(range(200))]
+    stream = b""
+    fd_at = -1
+    for i, body in enumerate(bodies):
+        if i == 2:
+            fd_at = len(stream)
+        stream += raw_header(len(body), 1 if i == 2 else 0) + body
+    failure: list[BaseException] = []
+
+    def dribble() -> None:
+        try:
+            for pos in range(len(stream)):
+                raw_send(a, stream[pos : pos + 1], [w] if pos == fd_at else [])
+        except BaseException as exc:  # handed to the main thread
+            failure.append(exc)
+
+    sender = threading.Thread(target=dribble)
+    with a, Connection(b) as conn:
+        sender.start()
+        try:
+            frames = wait_frames(conn, len(bodies))
+        finally:
+            sender.join(DEADLINE)
+        assert not sender.is_alive()
+        assert not failure, failure
+        try:
+            assert [f.body for f in frames] == bodies
+            assert [len(f.fds) for f in frames] == [0, 0, 1, 0]
+            os.write(frames[2].fds[0].fileno(), b"dribbled")
+            assert read_exactly(r, 100) == b"dribbled"
+        finally:
+            for frame in frames:
+                frame.close()
+
+
+@st.composite
+def chunked_stream(draw: st.DrawFn) -> tuple[list[tuple[bytes, int]], list[int]]:
+    """Frames (body, n_fds) and the cut points at which the stream is sent."""
+    frames = draw(
+        st.lists(st.tuples(st.binary(max_size=300), st.integers(0, 3)), min_size=1, max_size=8)
+    )
+    total = sum(HEADER_SIZE + len(body) for body, _ in frames)
+    cuts = draw(st.lists(st.integers(1, max(total - 1, 1)), max_size=20))
+    return frames, cuts
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunked_stream())
+def test_stream_reassembly_with_random_chunking(
+    case: tuple[list[tuple[bytes, int]], list[int]],
+) -> None:
+    """Any chunking of a frame stream (fds sent with a frame's first byte) reassembles exactly."""
+    frames, cuts = case
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pipes: list[tuple[int, int]] = []
+    got: list[Frame] = []
+    try:
+        stream = b""
+        fds_at: dict[int, list[int]] = {}
+        for body, n_fds in frames:
+            if n_fds:
+                mine = [os.pipe() for _ in range(n_fds)]
+                pipes.extend(mine)
+                fds_at[len(stream)] = [w for _, w in mine]
+            stream += raw_header(len(body), n_fds) + body
+        # A frame's fds must go with the sendmsg that starts at its first byte.
+        points = sorted({0, len(stream), *fds_at, *(c for c in cuts if c < len(stream))})
+        with Connection(b) as conn:
+            for start, end in itertools.pairwise(points):
+                raw_send(a, stream[start:end], fds_at.get(start, []))
+                got.extend(conn.on_readable())
+            assert [(f.body, len(f.fds)) for f in got] == frames
+            # Each received fd is the write end of the right pipe, in order.
+            received = [fd for f in got for fd in f.fds]
+            assert len(received) == len(pipes)
+            for i, (fd, (r, _w)) in enumerate(zip(received, pipes, strict=True)):
+                os.write(fd.fileno(), bytes([i]))
+                assert os.read(r, 10) == bytes([i])
+    finally:
+        for frame in got:
+            frame.close()
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+        a.close()
+        b.close()
+
+
+# -- hang-ups -------------------------------------------------------------------
+
+
+def test_peer_closed_on_hang_up(pair: tuple[Connection, Connection]) -> None:
+    """recv() raises PeerClosed (not WireError) when the peer hangs up."""
+    a, b = pair
+    a.close()
+    with pytest.raises(PeerClosed):
+        b.recv(timeout=DEADLINE)
+    with pytest.raises(PeerClosed):
+        b.on_readable()
+
+
+def test_frames_sent_before_hang_up_arrive_first(pair: tuple[Connection, Connection]) -> None:
+    """Frames that arrived before the hang-up are returned before PeerClosed is raised."""
+    a, b = pair
+    a.send(b"one", timeout=DEADLINE)
+    a.send(b"two", timeout=DEADLINE)
+    a.close()
+    poller = select.poll()
+    poller.register(b.fileno(), select.POLLIN)
+    assert poller.poll(DEADLINE * 1000)
+    frames = b.on_readable()
+    assert [f.body for f in frames] == [b"one", b"two"]
+    with pytest.raises(PeerClosed):
+        b.on_readable()
+
+
+def test_hang_up_mid_frame_is_peer_closed_and_closes_fds() -> None:
+    """A stream peer hanging up halfway through a frame gives PeerClosed; its fds are closed."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with Connection(b) as conn:
+        peer = a.fileno()
+        before = open_fds()
+        r, w = os.pipe()
+        try:
+            raw_send(a, raw_header(100, 1) + b"only part", [w])
+        finally:
+            os.close(r)
+            os.close(w)
+            a.close()
+        with pytest.raises(PeerClosed, match="middle of a frame"):
+            conn.recv(timeout=DEADLINE)
+        assert open_fds() == before - {peer}
+
+
+def test_peer_closing_with_unread_data_is_peer_closed(pair: tuple[Connection, Connection]) -> None:
+    """ECONNRESET (the peer closed without reading what we sent) reads as PeerClosed."""
+    a, b = pair
+    a.send(b"never read", timeout=DEADLINE)
+    b.close()
+    with pytest.raises(PeerClosed):
+        a.recv(timeout=DEADLINE)
+
+
+@pytest.mark.parametrize("type_name", TYPE_IDS)
+def test_send_to_closed_peer_raises_peer_closed_without_sigpipe(type_name: str) -> None:
+    """Sending to a hung-up peer raises PeerClosed even with SIGPIPE at its default action."""
+    # Only SOCK_STREAM would raise SIGPIPE without MSG_NOSIGNAL: Linux fails a
+    # SOCK_SEQPACKET send to a closed peer with EPIPE but sends no signal.
+    # The seqpacket case still checks that EPIPE reads as PeerClosed.
+    script = textwrap.dedent(
+        f"""
+        import signal, socket, sys
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        from shmd.wire import SOCKET_TYPES, Connection, PeerClosed
+        a, b = socket.socketpair(socket.AF_UNIX, SOCKET_TYPES[{type_name!r}])
+        b.close()
+        try:
+            Connection(a).send(b"x", timeout=5)
+        except PeerClosed:
+            print("peer-closed")
+            sys.exit(0)
+        sys.exit(3)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert proc.stdout.strip() == "peer-closed"
+
+
+def test_recv_times_out_with_nothing_sent(pair: tuple[Connection, Connection]) -> None:
+    """recv() with a timeout raises WireTimeout when no frame arrives before the deadline."""
+    _a, b = pair
+    start = time.monotonic()
+    with pytest.raises(WireTimeout, match=r"^Failed to receive a frame since .* within 0.05 s"):
+        b.recv(timeout=0.05)
+    assert time.monotonic() - start >= 0.05
+
+
+# -- non-blocking output ----------------------------------------------------------
+
+
+def test_queue_is_bounded_and_drains_in_order_with_fds(
+    sock_type: int, pipe: tuple[int, int]
+) -> None:
+    """Output to a non-reading peer queues up to a bound (then PeerStalled) and drains in order."""
+    r, w = pipe
+    a, b = socket.socketpair(socket.AF_UNIX, sock_type)
+    frame_size = HEADER_SIZE + 1000
+    writer = Connection(a, max_message=1000, max_outgoing=frame_size * 8)
+    reader = Connection(b, max_message=1000)
+    got: list[Frame] = []
+    try:
+        before = open_fds()
+        sent = 0
+        with_fd = -1
+        while not writer.wants_write:
+            writer.queue(sent.to_bytes(4, "little") + bytes(996))
+            sent += 1
+            assert sent < 100_000, "the kernel never pushed back"
+        # Queued from now on: a frame with an fd the caller closes right away.
+        dup = os.dup(w)
+        writer.queue(sent.to_bytes(4, "little") + bytes(996), [dup])
+        os.close(dup)
+        with_fd = sent
+        sent += 1
+        with pytest.raises(PeerStalled, match=r"the peer is not reading"):
+            while True:
+                writer.queue(sent.to_bytes(4, "little") + bytes(996))
+                sent += 1
+        assert writer.queued_bytes <= frame_size * 8
+        got = wait_frames(reader, sent, writer)
+        assert [int.from_bytes(f.body[:4], "little") for f in got] == list(range(sent))
+        assert [len(f.fds) for f in got] == [1 if i == with_fd else 0 for i in range(sent)]
+        os.write(got[with_fd].fds[0].fileno(), b"kept alive")
+        assert read_exactly(r, 100) == b"kept alive"
+        assert not writer.wants_write
+        assert writer.queued_bytes == 0
+        for frame in got:
+            frame.close()
+        got = []
+        assert open_fds() == before
+    finally:
+        for frame in got:
+            frame.close()
+        writer.close()
+        reader.close()
+
+
+def test_on_writable_reports_peer_closed(sock_type: int) -> None:
+    """Queued output for a peer that then hangs up raises PeerClosed from on_writable."""
+    a, b = socket.socketpair(socket.AF_UNIX, sock_type)
+    with Connection(a, max_message=1000) as writer:
+        try:
+            while not writer.wants_write:
+                writer.queue(bytes(1000))
+        finally:
+            b.close()
+        with pytest.raises(PeerClosed):
+            writer.on_writable()
+
+
+def test_close_releases_queued_fds(sock_type: int) -> None:
+    """Closing a connection closes the duplicated fds still waiting in its output queue."""
+    a, b = socket.socketpair(socket.AF_UNIX, sock_type)
+    with b:
+        writer = Connection(a, max_message=1000)
+        own_socket = writer.fileno()
+        before = open_fds()
+        r, w = os.pipe()
+        try:
+            while not writer.wants_write:
+                writer.queue(bytes(1000))
+            writer.queue(b"x", [w])
+        finally:
+            os.close(r)
+            os.close(w)
+        assert len(open_fds() - before) == 1, "the queued frame holds one duplicated fd"
+        writer.close()
+        writer.close()
+        assert open_fds() == before - {own_socket}
+
+
+# -- credentials and listeners ----------------------------------------------------
+
+
+def test_peer_credentials_are_the_child_process(sockdir: str, sock_type: int) -> None:
+    """peer_credentials() of an accepted connection is the connecting child's pid, uid, gid."""
+    path = os.path.join(sockdir, "c.sock")
+    listener = wire.bind_listener(path, sock_type)
+    listener.setblocking(False)
+    script = textwrap.dedent(
+        f"""
+        import socket, sys
+        s = socket.socket(socket.AF_UNIX, {sock_type})
+        s.connect({path!r})
+        print("connected", flush=True)
+        sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    conn: Connection | None = None
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "connected"
+        poller = select.poll()
+        poller.register(listener.fileno(), select.POLLIN)
+        assert poller.poll(DEADLINE * 1000)
+        conn = wire.accept(listener)
+        assert conn is not None
+        assert conn.peer_credentials() == (proc.pid, os.getuid(), os.getgid())
+    finally:
+        if conn is not None:
+            conn.close()
+        listener.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=DEADLINE)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def test_accept_returns_none_when_nothing_is_pending(sockdir: str) -> None:
+    """accept() on a non-blocking listener with no pending connection returns None."""
+    listener = wire.bind_listener(os.path.join(sockdir, "c.sock"))
+    with listener:
+        listener.setblocking(False)
+        assert wire.accept(listener) is None
+
+
+def _stale_socket(path: str, sock_type: int) -> None:
+    s = socket.socket(socket.AF_UNIX, sock_type)
+    s.bind(path)
+    s.listen(1)
+    s.close()  # the file stays behind, with nobody listening
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def test_bind_listener_replaces_a_stale_socket_file(sockdir: str, sock_type: int) -> None:
+    """bind_listener removes a socket file nobody listens on and then accepts connections."""
+    path = os.path.join(sockdir, "c.sock")
+    _stale_socket(path, sock_type)
+    with pytest.raises(WireError, match="nothing is listening"):
+        wire.connect(path, sock_type)
+    listener = wire.bind_listener(path, sock_type)
+    try:
+        with wire.connect(path, sock_type, timeout=DEADLINE) as client:
+            server = wire.accept(listener)
+            assert server is not None
+            with server:
+                client.send(b"hi", timeout=DEADLINE)
+                assert server.recv(timeout=DEADLINE).body == b"hi"
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("kind", ["file", "directory", "symlink"])
+def test_bind_listener_never_removes_something_else(sockdir: str, kind: str) -> None:
+    """bind_listener refuses a path holding a file, directory or symlink, and leaves it alone."""
+    path = os.path.join(sockdir, "c.sock")
+    if kind == "file":
+        with open(path, "w") as f:
+            f.write("keep me")
+    elif kind == "directory":
+        os.mkdir(path)
+    else:
+        other = os.path.join(sockdir, "elsewhere.sock")
+        _stale_socket(other, socket.SOCK_SEQPACKET)
+        os.symlink(other, path)
+    with pytest.raises(WireError, match=r"^Failed to bind .* since something that is not a socket"):
+        wire.bind_listener(path)
+    if kind == "file":
+        with open(path) as f:
+            assert f.read() == "keep me"
+    elif kind == "directory":
+        assert os.path.isdir(path)
+    else:
+        assert os.path.islink(path)
+
+
+@pytest.mark.parametrize("other_type", TYPES, ids=TYPE_IDS)
+def test_bind_listener_does_not_steal_a_live_listener(
+    sockdir: str, sock_type: int, other_type: int
+) -> None:
+    """bind_listener refuses a path someone listens on (either type); that one keeps working."""
+    path = os.path.join(sockdir, "c.sock")
+    live = wire.bind_listener(path, other_type)
+    accepted: list[Connection] = []
+    try:
+        with pytest.raises(WireError, match="another process is listening on it"):
+            wire.bind_listener(path, sock_type)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        with wire.connect(path, other_type, timeout=DEADLINE) as client:
+            client.send(b"alive", timeout=DEADLINE)
+            live.setblocking(False)
+            # The probe's own connection may be pending too: find the client's.
+            while (conn := wire.accept(live)) is not None:
+                accepted.append(conn)
+            bodies = []
+            for conn in accepted:
+                try:
+                    bodies.append(conn.recv(timeout=DEADLINE).body)
+                except PeerClosed:
+                    bodies.append(None)
+            assert bodies.count(b"alive") == 1
+    finally:
+        for conn in accepted:
+            conn.close()
+        live.close()
+
+
+def test_bind_listener_sets_the_mode_despite_the_umask(sockdir: str) -> None:
+    """The socket file gets exactly the requested mode, whatever the umask."""
+    old = os.umask(0o077)
+    try:
+        with wire.bind_listener(os.path.join(sockdir, "a.sock"), mode=0o660):
+            pass
+        with wire.bind_listener(os.path.join(sockdir, "b.sock"), mode=0o600):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(os.path.join(sockdir, "a.sock")).st_mode) == 0o660
+    assert stat.S_IMODE(os.stat(os.path.join(sockdir, "b.sock")).st_mode) == 0o600
+
+
+def test_connect_errors_say_what_is_wrong(sockdir: str) -> None:
+    """connect() explains a missing socket, one of the other type, and a full backlog (timeout)."""
+    path = os.path.join(sockdir, "c.sock")
+    with pytest.raises(WireError, match=r"^Failed to connect .* since it does not exist"):
+        wire.connect(path)
+    listener = wire.bind_listener(path, socket.SOCK_SEQPACKET, backlog=0)
+    try:
+        with pytest.raises(WireError, match="it is not a stream socket"):
+            wire.connect(path, socket.SOCK_STREAM)
+        with wire.connect(path, timeout=DEADLINE):
+            # Backlog 0 holds one pending connection; the next one waits.
+            start = time.monotonic()
+            with pytest.raises(WireTimeout, match=r"did not accept within 0\.2 s"):
+                wire.connect(path, timeout=0.2)
+            assert time.monotonic() - start >= 0.19
+    finally:
+        listener.close()
+
+
+def test_check_inherited_listener_accepts_the_configured_socket(
+    sockdir: str, sock_type: int
+) -> None:
+    """An inherited listener bound to the configured path with the configured type passes."""
+    path = os.path.join(sockdir, "c.sock")
+    with wire.bind_listener(path, sock_type) as listener:
+        inherited = socket.socket(fileno=os.dup(listener.fileno()))
+        with inherited:
+            wire.check_inherited_listener(inherited, path, sock_type)
+
+
+def test_check_inherited_listener_mismatch_names_both(sockdir: str) -> None:
+    """A mismatch in path or type raises WireError naming the actual and the configured socket."""
+    path = os.path.join(sockdir, "c.sock")
+    other = os.path.join(sockdir, "other.sock")
+    with wire.bind_listener(path, socket.SOCK_STREAM) as listener:
+        inherited = socket.socket(fileno=os.dup(listener.fileno()))
+        with inherited:
+            with pytest.raises(WireError) as exc:
+                wire.check_inherited_listener(inherited, other, socket.SOCK_STREAM)
+            assert f"{path!r} (stream)" in str(exc.value)
+            assert f"{other!r} (stream)" in str(exc.value)
+            with pytest.raises(WireError) as exc:
+                wire.check_inherited_listener(inherited, path, socket.SOCK_SEQPACKET)
+            assert f"it is {path!r} (stream)" in str(exc.value)
+            assert f"configuration says {path!r} (seqpacket)" in str(exc.value)
+
+
+def test_check_inherited_listener_rejects_a_socket_not_listening(sockdir: str) -> None:
+    """A bound socket that is not listening is refused."""
+    path = os.path.join(sockdir, "c.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.bind(path)
+        with pytest.raises(WireError, match="not listening"):
+            wire.check_inherited_listener(sock, path, socket.SOCK_SEQPACKET)
