@@ -210,8 +210,6 @@ class Publisher:
         seg = self.segment
         seg.u[Segment.ACTIVE] = 0
         libc.fence()
-        log.info("active_cleared", segment=self.name, generation=self.generation,
-                 seq=self._seq, readers=len(self.readers))
         self._wake(list(self.readers.values()), clear_flags=True)
 
     def close(self) -> None:

@@ -1,0 +1,107 @@
+"""What both daemons share at start-up: arguments, configuration, logging, exits.
+
+Exit statuses follow systemd.exec(5), so that unit states and restart
+policies mean something: 0 clean, 1 failure (``Restart=on-failure`` brings
+the daemon back), 77 not permitted, 78 configuration error (not restarted
+by ``on-failure``... it is, so the units set ``RestartPreventExitStatus=78``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn, TextIO
+
+from structlog.typing import FilteringBoundLogger
+
+from shmd import logs
+from shmd.config import (
+    DEFAULT_PATH,
+    ENV_VAR,
+    EXIT_CONFIG,
+    Config,
+    ConfigError,
+    config_to_dict,
+    exit_on_config_error,
+    load_config,
+)
+from shmd.errors import ShmdError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOPERMISSION = 77
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_NOPERMISSION", "EXIT_OK", "EXIT_USAGE"]
+
+
+def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options every daemon has."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument(
+        "--config", metavar="FILE",
+        help=f"configuration file (default: ${ENV_VAR}, else {DEFAULT_PATH}; "
+             "built-in defaults when the default file is missing)",
+    )
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration, print the effective settings, exit")
+    p.add_argument("--log-target", choices=logs.TARGETS, default=None,
+                   help="override logging.target (auto: journal under systemd, "
+                        "console on a terminal, else JSON lines)")
+    return p
+
+
+def load_or_exit(args: argparse.Namespace, role: str, instance: str | None = None) -> Config:
+    """Load the configuration; on error log one ``config_error`` line and exit 78."""
+    try:
+        return load_config(args.config)
+    except ConfigError as err:
+        exit_on_config_error(err, role=role, instance=instance)
+
+
+def check_config(cfg: Config, out: TextIO | None = None) -> int:
+    """``--check-config``: print the effective settings as YAML."""
+    import yaml  # noqa: PLC0415 - only this path prints YAML
+
+    stream = sys.stdout if out is None else out
+    where = cfg.source_path or "built-in defaults"
+    print(f"# configuration OK: {where}", file=stream)
+    for w in cfg.warnings:
+        print(f"# warning: {w}", file=stream)
+    yaml.safe_dump(config_to_dict(cfg), stream, sort_keys=False)
+    return EXIT_OK
+
+
+def setup_logging(cfg: Config, args: argparse.Namespace, role: str,
+                  instance: str | None = None) -> FilteringBoundLogger:
+    """Configure logging from the configuration (and ``--log-target``)."""
+    target = args.log_target or cfg.logging.target
+    logs.configure_logging(role, level=cfg.logging.level, target=target, instance=instance)
+    log = logs.get_logger()
+    log.info(logs.CONFIG_LOADED, path=cfg.source_path or "built-in defaults")
+    for w in cfg.warnings:
+        log.warning(logs.CONFIG_WARNING, warning=w)
+    return log
+
+
+def fail(log: FilteringBoundLogger, event: str, err: BaseException,
+         status: int = EXIT_FAILURE, **fields: object) -> NoReturn:
+    """Log a fatal error as one event (no traceback for a known error) and exit."""
+    if isinstance(err, ShmdError | OSError):
+        log.error(event, error=str(err), **fields)
+    else:  # a bug: keep the traceback for the journal
+        log.exception(event, error=str(err), **fields)
+    raise SystemExit(status)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (EPERM: exists, someone else's)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,331 @@
+"""``shm-reader --instance NAME``: one reader daemon (the template ``shm-reader@NAME``).
+
+Connects to the writer's control socket (connecting may be what starts the
+writer, through socket activation), says Hello, receives its eventfd and the
+segment fd in the Welcome, maps the segment (control part read-write, since
+the process-shared mutex lives there and locking writes to it; the ring
+read-only), and runs :class:`~shmd.reactor.ReaderLoop` with the control
+socket and a signal pipe in the same epoll.
+
+Exit statuses: 0 after draining once the writer cleared the active flag (or
+after SIGTERM), 1 when the writer vanished without clearing it, the sink
+failed or the writer evicted us (``Restart=on-failure`` brings the reader
+back), 77 when the writer refused our credentials, 78 for a bad config.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import sys
+import time
+
+from structlog.typing import FilteringBoundLogger
+
+from shmd import logs, protocol, sdnotify, wire
+from shmd._sys.fd import OwnedFd
+from shmd.config import Config, ReaderSettings
+from shmd.daemon import (
+    EXIT_FAILURE,
+    EXIT_NOPERMISSION,
+    EXIT_OK,
+    base_parser,
+    check_config,
+    load_or_exit,
+    setup_logging,
+)
+from shmd.errors import ReaderEvicted, ShmdError
+from shmd.reactor import LoopExit, Reactor, ReaderLoop, SignalWakeup
+from shmd.sinks import RecordSink, SinkError, make_sink
+from shmd.subscriber import Record, Subscriber
+
+SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
+_RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
+
+
+class ReaderExit(Exception):
+    """Leave the daemon with this status after logging ``event``."""
+
+    def __init__(self, status: int, event: str, message: str, **fields: object) -> None:
+        super().__init__(message)
+        self.status = status
+        self.event = event
+        self.fields = fields
+
+
+class ReaderDaemon:
+    """One reader's connection, subscription, sink and loop."""
+
+    def __init__(self, cfg: Config, settings: ReaderSettings, instance: str,
+                 log: FilteringBoundLogger) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.instance = instance
+        self.log = log
+        self.conn: wire.Connection | None = None
+        self.sub: Subscriber | None = None
+        self.sink: RecordSink | None = None
+        self.reactor = Reactor()
+        self.loop: ReaderLoop | None = None
+        self._wakeup: SignalWakeup | None = None
+        self.welcome: protocol.Welcome | None = None
+        self.writer_gone = False
+        self.stop_reason: str | None = None
+        self._next_stats = 0.0
+        self._stats_mark = (time.monotonic(), 0)
+        self._reported_lost = 0
+        self._watchdog = sdnotify.watchdog_interval()
+        self._next_watchdog = 0.0
+
+    # -- attaching ---------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect (retrying while the socket is missing or refusing), Hello, Welcome."""
+        ctl = self.cfg.control
+        deadline = time.monotonic() + self.settings.reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                self.conn = wire.connect(ctl.socket, SOCK_TYPES[ctl.type],
+                                         timeout=ctl.handshake_timeout,
+                                         max_message=ctl.max_message)
+                break
+            except wire.WireError as exc:
+                cause = exc.__cause__ or exc.__context__
+                retry = isinstance(cause, OSError) and cause.errno in _RETRY_ERRNOS
+                if not retry and "No such file" not in str(exc) and "refused" not in str(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise ReaderExit(EXIT_FAILURE, logs.WRITER_LOST,
+                                     f"Failed to connect to {ctl.socket} since {exc}") from None
+                # Not a synchronisation stand-in: a bounded back-off between
+                # attempts while no writer is listening yet.
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        start = protocol.Start.OLDEST if self.settings.start == "oldest" else protocol.Start.LATEST
+        hello = protocol.Hello(instance=self.instance, pid=os.getpid(),
+                               topics=self.settings.topic_mask, start=start)
+        try:
+            self.conn.send(hello.encode(), timeout=ctl.handshake_timeout)
+            frame = self.conn.recv(timeout=ctl.handshake_timeout)
+        except wire.PeerClosed:
+            raise ReaderExit(EXIT_FAILURE, logs.WRITER_LOST,
+                             "Failed to attach since the writer closed the connection during "
+                             "the handshake") from None
+        fds = [f.detach() for f in frame.fds]
+        try:
+            msg = protocol.decode(frame.body, len(fds))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if isinstance(msg, protocol.Refuse):
+            status = EXIT_NOPERMISSION if msg.code == protocol.RefuseCode.NOT_ALLOWED else (
+                EXIT_FAILURE)
+            raise ReaderExit(status, "refused", f"Failed to attach since the writer refused: "
+                             f"{msg.reason}", code=msg.code.name.lower())
+        if not isinstance(msg, protocol.Welcome):
+            for fd in fds:
+                os.close(fd)
+            raise ReaderExit(EXIT_FAILURE, "refused", f"Failed to attach since the writer "
+                             f"answered with a {type(msg).__name__}")
+        eventfd, segfd = OwnedFd(fds[0]), OwnedFd(fds[1])
+        try:
+            self.sub = Subscriber.attach(index=msg.reader_index, fd=segfd, eventfd=eventfd,
+                                         mutex_timeout=self.cfg.segment.mutex_timeout)
+        except BaseException:
+            eventfd.close()
+            segfd.close()
+            raise
+        if self.sub.segment.generation != msg.generation:
+            raise ReaderExit(EXIT_FAILURE, "refused", "Failed to attach since the segment fd "
+                             "is of another generation than the Welcome says")
+        self.welcome = msg
+        self.log.info(logs.ATTACHED, generation=msg.generation, index=msg.reader_index,
+                      seq=msg.start_cursor, capacity=msg.capacity, slot_size=msg.slot_size,
+                      policy=msg.policy.name.lower().replace("_", "-"),
+                      writer_pid=self.sub.segment.writer_pid)
+
+    # -- running -------------------------------------------------------------------
+
+    def _on_records(self, records: list[Record]) -> None:
+        assert self.sink is not None
+        self.sink.write(records)
+
+    def _on_control(self, events: int) -> None:
+        assert self.conn is not None and self.loop is not None and self.sub is not None
+        try:
+            for frame in self.conn.on_readable():
+                with frame:
+                    msg = protocol.decode(frame.body, len(frame.fds))
+                if isinstance(msg, protocol.Detach):
+                    self.log.info("writer_detach", code=msg.code.name.lower(), reason=msg.reason)
+                    if msg.code == protocol.DetachCode.EVICTED:
+                        self.stop_reason = "evicted"
+                        self.loop.stop()
+        except (wire.PeerClosed, wire.ChannelError, protocol.ProtocolError) as exc:
+            self.reactor.remove(self.conn.fileno())
+            self.conn.close()
+            self.writer_gone = True
+            if self.sub.active:
+                # The writer died (or broke the protocol) without clearing
+                # the flag: what is committed is still valid and gets
+                # drained, then we exit non-zero.
+                self.stop_reason = "writer_lost"
+                self.log.error(logs.WRITER_LOST, generation=self.sub.segment.generation,
+                               writer_pid=self.sub.segment.writer_pid, seq=self.sub.cursor,
+                               error=str(exc))
+                self.loop.stop()
+
+    def _on_signal(self, signum: signal.Signals) -> None:
+        handler = getattr(self, f"handle_{signum.name.lower()}", None)
+        if handler is not None:
+            handler()
+
+    def handle_sigterm(self) -> None:
+        """systemctl stop: drain what is there, detach, exit 0."""
+        self.stop_reason = "SIGTERM"
+        assert self.loop is not None
+        self.loop.stop()
+
+    def handle_sigint(self) -> None:
+        """Ctrl-C: as SIGTERM."""
+        self.stop_reason = "SIGINT"
+        assert self.loop is not None
+        self.loop.stop()
+
+    def handle_sighup(self) -> None:
+        """Nothing to reload in a reader (restart it to apply new settings)."""
+        self.log.info("reload_ignored", reason="restart the reader to apply new settings")
+
+    def _tick(self) -> float | None:
+        """Periodic stats and watchdog; returns seconds until the next one."""
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._stats(now)
+            self._next_stats = now + self.settings.stats_interval
+        nxt = self._next_stats
+        if self._watchdog:
+            if now >= self._next_watchdog:
+                sdnotify.watchdog()
+                self._next_watchdog = now + self._watchdog / 2
+            nxt = min(nxt, self._next_watchdog)
+        return max(0.0, nxt - time.monotonic())
+
+    def _stats(self, now: float) -> None:
+        sub = self.sub
+        assert sub is not None
+        t0, d0 = self._stats_mark
+        rate = (sub.delivered - d0) / (now - t0) if now > t0 else 0.0
+        self._stats_mark = (now, sub.delivered)
+        lag = sub.available()
+        level = self.log.warning if sub.lost > self._reported_lost else self.log.info
+        level(logs.STATS, delivered=sub.delivered, lost=sub.lost, seq=sub.cursor, lag=lag,
+              rate=round(rate, 1), generation=sub.segment.generation)
+        self._reported_lost = sub.lost
+        sdnotify.status(f"{sub.delivered} records delivered, {sub.lost} lost, lag {lag}, "
+                        f"{rate:.1f}/s")
+
+    def run(self) -> int:
+        """Attach, read until the writer goes inactive (or we are stopped), detach."""
+        self.sink = make_sink(self.settings.sink)
+        self.connect()
+        assert self.sub is not None and self.conn is not None
+        self.loop = ReaderLoop(self.sub, self._on_records, reactor=self.reactor, tick=self._tick)
+        self.reactor.add(self.conn.fileno(), self._on_control)
+        self._wakeup = SignalWakeup(self.reactor, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                                    self._on_signal)
+        sdnotify.ready()
+        result = self.loop.run()
+        sub = self.sub
+        if result is LoopExit.DRAINED:
+            self.log.info(logs.WRITER_INACTIVE, generation=sub.segment.generation, seq=sub.cursor)
+            self.log.info(logs.DRAINED, delivered=sub.delivered, lost=sub.lost, seq=sub.cursor,
+                          generation=sub.segment.generation)
+            self._detach(protocol.DetachCode.NORMAL, "drained")
+            return EXIT_OK
+        # Stopped: deliver what is committed anyway; nothing is dropped on the floor.
+        self.loop.drain()
+        if self.stop_reason == "writer_lost":
+            raise ReaderExit(EXIT_FAILURE, logs.EXITING, "the writer vanished without "
+                             "clearing the active flag", delivered=sub.delivered, lost=sub.lost,
+                             seq=sub.cursor)
+        if self.stop_reason == "evicted":
+            raise ReaderExit(EXIT_FAILURE, logs.EXITING, "the writer evicted this reader",
+                             delivered=sub.delivered, lost=sub.lost, seq=sub.cursor)
+        self.log.info(logs.DRAINED, delivered=sub.delivered, lost=sub.lost, seq=sub.cursor,
+                      generation=sub.segment.generation, reason=self.stop_reason)
+        self._detach(protocol.DetachCode.NORMAL, self.stop_reason or "stopped")
+        return EXIT_OK
+
+    def _detach(self, code: protocol.DetachCode, reason: str) -> None:
+        if self.conn is None or self.conn.closed:
+            return
+        try:
+            self.conn.send(protocol.Detach(code, reason).encode(), timeout=1.0)
+        except wire.ChannelError:
+            pass  # the writer is gone already: nothing to tell
+
+    def close(self) -> None:
+        """Release everything (never unlinks anything: the writer owns the segment)."""
+        if self._wakeup is not None:
+            self._wakeup.close()
+        if self.loop is not None:
+            self.loop.close()
+        if self.conn is not None:
+            self.conn.close()
+        if self.sub is not None:
+            self.sub.close()
+        if self.sink is not None:
+            try:
+                self.sink.close()
+            except (OSError, ShmdError) as exc:
+                self.log.warning("sink_failed", error=str(exc))
+        self.reactor.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``shm-reader``."""
+    parser = base_parser("shm-reader", "An shmd reader daemon (the unit shm-reader@INSTANCE).")
+    parser.add_argument("--instance", default=os.environ.get("SHMD_INSTANCE"),
+                        help="this reader's name: its identity in the segment, the logs and "
+                             "shmctl (the unit passes %%i; default $SHMD_INSTANCE)")
+    args = parser.parse_args(argv)
+    if not args.instance:
+        parser.error("--instance is required (or set SHMD_INSTANCE)")
+    try:
+        protocol.Hello(instance=args.instance, pid=os.getpid())
+    except protocol.ProtocolError as exc:
+        parser.error(f"--instance {args.instance!r}: {exc.reason}")
+    cfg = load_or_exit(args, "reader", args.instance)
+    settings = cfg.reader_settings(args.instance)
+    if args.check_config:
+        return check_config(cfg)
+    log = setup_logging(cfg, args, "reader", args.instance)
+    daemon = ReaderDaemon(cfg, settings, args.instance, log)
+    status = EXIT_FAILURE
+    try:
+        status = daemon.run()
+        log.info(logs.EXITING, status=status, reason=daemon.stop_reason or "drained")
+    except ReaderExit as exc:
+        status = exc.status
+        (log.info if status == EXIT_OK else log.error)(
+            exc.event, error=str(exc), status=status, **exc.fields)
+        if exc.event != logs.EXITING:
+            log.error(logs.EXITING, status=status, reason=exc.event)
+    except ReaderEvicted as exc:
+        log.error(logs.EXITING, status=EXIT_FAILURE, reason="evicted", error=str(exc))
+    except SinkError as exc:
+        log.error("sink_failed", error=str(exc))
+        log.error(logs.EXITING, status=EXIT_FAILURE, reason="sink_failed")
+    except (ShmdError, OSError) as exc:
+        log.error(logs.EXITING, status=EXIT_FAILURE, reason="error", error=str(exc))
+    finally:
+        daemon.close()
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

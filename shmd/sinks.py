@@ -1,0 +1,190 @@
+"""Where a reader's records go: journal, file, stdout, a child's stdin, or Python.
+
+A sink gets whole batches (``write(records)``) so that per-record work stays
+in C-level loops where it can (``b"".join``).  A sink that can no longer
+take records raises :class:`SinkError`; the reader then exits non-zero and
+systemd's ``Restart=on-failure`` brings it back.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, BinaryIO, Protocol
+
+import structlog
+
+from shmd.config import ExecSink, FileSink, JournalSink, PythonSink, Sink, StdoutSink
+from shmd.errors import ShmdError
+from shmd.sources import SourceError, load_callable
+from shmd.subscriber import Record
+
+log = structlog.get_logger("shmd.sinks")
+
+
+class SinkError(ShmdError):
+    """The sink cannot take records any more."""
+
+
+class RecordSink(Protocol):
+    """What the reader loop writes into."""
+
+    def write(self, records: list[Record]) -> None:
+        """Take a batch (in order)."""
+
+    def close(self) -> None:
+        """Flush and release."""
+
+
+def _preview(payload: bytes | memoryview, limit: int = 64) -> str:
+    data = bytes(payload[:limit])
+    text = data.decode("utf-8", "replace")
+    if all(c.isprintable() for c in text):
+        return text + ("…" if len(payload) > limit else "")
+    return data.hex() + ("…" if len(payload) > limit else "")
+
+
+class JournalRecords:
+    """``journal``: one ``records`` summary line at most ``summary_rate`` times a second."""
+
+    def __init__(self, cfg: JournalSink) -> None:
+        self.period = 1.0 / cfg.summary_rate if cfg.summary_rate > 0 else float("inf")
+        self._last = 0.0
+        self._count = 0
+        self._first_seq: int | None = None
+
+    def write(self, records: list[Record]) -> None:
+        if self._first_seq is None:
+            self._first_seq = records[0].seq
+        self._count += len(records)
+        now = time.monotonic()
+        if now - self._last >= self.period:
+            last = records[-1]
+            log.info("records", count=self._count, first_seq=self._first_seq, seq=last.seq,
+                     topic=last.topic, payload=_preview(last.payload))
+            self._last, self._count, self._first_seq = now, 0, None
+
+    def close(self) -> None:
+        pass
+
+
+def _frame(records: list[Record], framing: str) -> bytes:
+    if framing == "length":
+        return b"".join(len(r.payload).to_bytes(4, "little") + bytes(r.payload) for r in records)
+    return b"".join(bytes(r.payload) + b"\n" for r in records)
+
+
+class StreamRecords:
+    """``file`` and ``stdout``: payloads as lines or length-prefixed frames."""
+
+    def __init__(self, stream: BinaryIO, framing: str, what: str, owned: bool) -> None:
+        self.stream = stream
+        self.framing = framing
+        self.what = what
+        self._owned = owned
+
+    @classmethod
+    def open_file(cls, cfg: FileSink) -> StreamRecords:
+        try:
+            f = open(cfg.path, "ab")  # noqa: SIM115 - owned by the sink, closed in close()
+        except OSError as exc:
+            raise SinkError(f"Failed to open {cfg.path} for the file sink since "
+                            f"{exc.strerror}") from None
+        return cls(f, cfg.framing, cfg.path, owned=True)
+
+    def write(self, records: list[Record]) -> None:
+        try:
+            self.stream.write(_frame(records, self.framing))
+            self.stream.flush()
+        except OSError as exc:
+            raise SinkError(f"Failed to write records to {self.what} since "
+                            f"{exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            pass
+        if self._owned:
+            self.stream.close()
+
+
+class ExecRecords:
+    """``exec``: records as lines on a child command's stdin.
+
+    The child's failure is the reader's: when the child exits or stops
+    reading, the next write fails and the reader exits non-zero with the
+    child's status in the log (``Restart=on-failure`` starts both again).
+    """
+
+    def __init__(self, cfg: ExecSink) -> None:
+        self.command = list(cfg.command)
+        try:
+            self.child = subprocess.Popen(self.command, stdin=subprocess.PIPE)
+        except OSError as exc:
+            raise SinkError(f"Failed to start the exec sink {self.command[0]!r} since "
+                            f"{exc.strerror}") from None
+        assert self.child.stdin is not None
+        self.stdin: IO[bytes] = self.child.stdin
+
+    def write(self, records: list[Record]) -> None:
+        try:
+            self.stdin.write(_frame(records, "lines"))
+            self.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            status = self.child.wait()
+            raise SinkError(f"Failed to pipe records to {self.command[0]!r} since it exited "
+                            f"with status {status}") from None
+
+    def close(self) -> None:
+        try:
+            self.stdin.close()
+        except OSError:
+            pass
+        try:
+            status = self.child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            status = self.child.wait()
+        if status != 0:
+            log.warning("sink_child_failed", command=self.command[0], status=status)
+
+
+class PythonRecords:
+    """``python: "package.module:callable"``: the callable gets each batch (a list of Records)."""
+
+    def __init__(self, cfg: PythonSink) -> None:
+        try:
+            self.fn: Callable[..., object] = load_callable(cfg.callable)
+        except SourceError as exc:
+            raise SinkError(str(exc)) from None
+        self.spec = cfg.callable
+
+    def write(self, records: list[Record]) -> None:
+        try:
+            self.fn(records)
+        except Exception as exc:
+            raise SinkError(f"Failed to hand records to {self.spec} since it raised "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        closer = getattr(self.fn, "close", None)
+        if callable(closer):
+            closer()
+
+
+def make_sink(cfg: Sink) -> RecordSink:
+    """Build the configured sink."""
+    if isinstance(cfg, JournalSink):
+        return JournalRecords(cfg)
+    if isinstance(cfg, FileSink):
+        return StreamRecords.open_file(cfg)
+    if isinstance(cfg, StdoutSink):
+        out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        return StreamRecords(out, cfg.framing, "standard output", owned=True)
+    if isinstance(cfg, ExecSink):
+        return ExecRecords(cfg)
+    return PythonRecords(cfg)

@@ -1,0 +1,597 @@
+"""``shm-writer``: owns the segment, the readers' eventfds and the control listener.
+
+One thread, one epoll loop (:class:`~shmd.reactor.Reactor`).  Signal
+handlers only queue the signal and wake the loop; the loop dispatches to
+``handle_<signal>`` methods (gunicorn's arbiter).  Each connection is a
+:class:`Peer`: it must say Hello (a reader) or Publish (``shmctl publish``)
+within ``control.handshake_timeout``; a reader then gets its eventfd and the
+segment fd in the Welcome message, and the connection stays open as the
+liveness channel both ways.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import itertools
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from structlog.typing import FilteringBoundLogger
+
+from shmd import logs, protocol, sdnotify, wire
+from shmd.config import Config, ConfigError, TickerSource, diff_reloadable, load_config
+from shmd.daemon import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    base_parser,
+    check_config,
+    fail,
+    load_or_exit,
+    setup_logging,
+)
+from shmd.errors import PayloadTooLarge, ReaderTableFull, ShmdError
+from shmd.layout import Policy
+from shmd.publisher import Publisher, ReaderHandle
+from shmd.reactor import Reactor, SignalWakeup
+from shmd.sources import AnySource, SourceError, TickerRecords, make_source
+
+SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
+LISTEN_FDNAME = "control"
+
+
+def peer_groups(pid: int, gid: int) -> set[int]:
+    """The peer's primary and supplementary groups (from /proc/<pid>/status)."""
+    groups = {gid}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+                    break
+    except OSError:
+        pass  # gone already, or /proc hidden: the primary group is all we know
+    return groups
+
+
+@dataclass(eq=False)
+class Peer:
+    """One control connection."""
+
+    conn: wire.Connection
+    pid: int
+    uid: int
+    gid: int
+    deadline: float | None
+    handle: ReaderHandle | None = None
+    instance: str | None = None
+    detached: bool = False
+    published: int = 0
+    connected_at: float = field(default_factory=time.monotonic)
+
+
+class Writer:
+    """The writer daemon's state and loop."""
+
+    def __init__(self, cfg: Config, log: FilteringBoundLogger,
+                 config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.config_path = config_path
+        self.reactor = Reactor()
+        self.pub: Publisher | None = None
+        self.listener: socket.socket | None = None
+        self.bound_path: str | None = None  # set when we bound (not activated): we unlink it
+        self.peers: dict[int, Peer] = {}  # by connection fd
+        self.source: AnySource | None = None
+        self.max_payload = cfg.segment.payload_max
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._lock = threading.Lock()  # publisher calls from a python source thread
+        self._wakeup: SignalWakeup | None = None
+        self._shutting_down = False
+        self._shutdown_deadline: float | None = None
+        self._exit: int | None = None
+        self._last_lost: dict[int, int] = {}
+        self._rate_mark = (time.monotonic(), 0)
+        self.rate = 0.0
+        self._sock_type = SOCK_TYPES[cfg.control.type]
+
+    # -- timers (the loop's own; sources use call_later) -------------------------
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop after ``delay`` seconds (thread-safe enough:
+        only the loop thread pops; a source thread's push is a list append
+        under the GIL, picked up at the next loop turn)."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn))
+
+    def _run_timers(self) -> float | None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            fn()
+            now = time.monotonic()
+        return None if not self._timers else max(0.0, self._timers[0][0] - now)
+
+    # -- start-up ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the segment, take or bind the listener, start the source."""
+        seg = self.cfg.segment
+        self.pub = Publisher.create(
+            seg.name, capacity=seg.capacity, slot_size=seg.slot_size,
+            max_readers=seg.max_readers, policy=Policy.parse(seg.policy),
+            block_timeout=seg.block_timeout, mutex_timeout=seg.mutex_timeout,
+        )
+        self.listener = self._listener()
+        self.listener.setblocking(False)
+        self.reactor.add(self.listener.fileno(), self._on_listener)
+        self._wakeup = SignalWakeup(
+            self.reactor, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], self._on_signal)
+        self.source = make_source(self.cfg.writer.source)
+        self.source.start(self)
+        self.log.info(logs.LISTENER_READY, socket=self.cfg.control.socket,
+                      type=self.cfg.control.type, activated=self.bound_path is None,
+                      generation=self.pub.generation)
+        self.call_later(self.cfg.writer.status_interval, self._status_tick)
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            self._watchdog(interval / 2)
+        sdnotify.ready(self._status_text())
+
+    def _listener(self) -> socket.socket:
+        ctl = self.cfg.control
+        fds = sdnotify.listen_fds()
+        if fds:
+            chosen = fds.get(LISTEN_FDNAME) or fds.get(sdnotify.UNKNOWN_FDNAME)
+            if not chosen or len(chosen) != 1:
+                raise wire.WireError(
+                    f"Failed to take the control socket from systemd since it passed "
+                    f"{ {k: len(v) for k, v in fds.items()} } fds; expected one named "
+                    f"{LISTEN_FDNAME!r} (FileDescriptorName= in shm-writer.socket)"
+                )
+            sock = socket.socket(fileno=chosen[0])
+            wire.check_inherited_listener(sock, ctl.socket, self._sock_type)
+            return sock
+        parent = os.path.dirname(ctl.socket)
+        if not os.path.isdir(parent):
+            try:
+                os.makedirs(parent, mode=0o755, exist_ok=True)
+            except OSError as exc:
+                raise wire.WireError(
+                    f"Failed to bind the control socket {ctl.socket} since its directory "
+                    f"{parent} is missing and cannot be created ({exc.strerror})"
+                ) from None
+        sock = wire.bind_listener(ctl.socket, self._sock_type, ctl.mode)
+        self.bound_path = ctl.socket
+        return sock
+
+    # -- publishing (sources call this; thread-safe) ---------------------------------
+
+    def publish_batch(self, payloads: Sequence[bytes], topic: int) -> None:
+        """Publish for a source; a refused record is logged, never fatal."""
+        assert self.pub is not None
+        if self._shutting_down:
+            return
+        try:
+            with self._lock:
+                self.pub.publish_batch(payloads, topic)
+        except (PayloadTooLarge, ShmdError) as exc:
+            self.log.warning("record_refused", error=str(exc), topic=topic)
+        if self.pub.evictions and threading.current_thread() is threading.main_thread():
+            self._handle_evictions()
+
+    def source_finished(self, reason: str) -> None:
+        """A finite source ended: shut down cleanly."""
+        self.log.info("source_finished", reason=reason)
+        self.begin_shutdown(f"source finished: {reason}")
+
+    # -- connections -----------------------------------------------------------------
+
+    def _on_listener(self, events: int) -> None:
+        assert self.listener is not None
+        for _ in range(64):
+            try:
+                conn = wire.accept(self.listener, max_message=self.cfg.control.max_message)
+            except wire.WireError as exc:
+                self.log.warning("accept_failed", error=str(exc))
+                return
+            if conn is None:
+                return
+            self._new_peer(conn)
+
+    def _new_peer(self, conn: wire.Connection) -> None:
+        pid, uid, gid = conn.peer_credentials()
+        ctl = self.cfg.control
+        if not ctl.peer_allowed(uid, peer_groups(pid, gid)):
+            self.log.warning(logs.READER_REFUSED, pid=pid, uid=uid, gid=gid,
+                             code="not_allowed",
+                             reason="uid and groups are not in control.allowed_users/groups")
+            self._refuse_and_close(conn, protocol.RefuseCode.NOT_ALLOWED,
+                                   f"uid {uid} is not allowed to attach")
+            return
+        peer = Peer(conn, pid, uid, gid, time.monotonic() + ctl.handshake_timeout)
+        self.peers[conn.fileno()] = peer
+        self.reactor.add(conn.fileno(), functools.partial(self._on_peer, peer))
+        self.call_later(ctl.handshake_timeout, functools.partial(self._handshake_timeout, peer))
+        self.log.debug(logs.READER_CONNECTED, pid=pid, uid=uid)
+
+    def _refuse_and_close(self, conn: wire.Connection, code: protocol.RefuseCode,
+                          reason: str) -> None:
+        try:
+            conn.queue(protocol.Refuse(code, reason).encode())
+        except (wire.ChannelError, OSError):
+            pass  # best effort: the peer may be gone or not reading
+        conn.close()
+
+    def _handshake_timeout(self, peer: Peer) -> None:
+        if peer.conn.closed or peer.deadline is None:
+            return
+        self.log.warning(logs.READER_REFUSED, pid=peer.pid, uid=peer.uid, code="bad_message",
+                         reason=f"no Hello within {self.cfg.control.handshake_timeout:g} s")
+        self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, "handshake timeout"))
+
+    def _on_peer(self, peer: Peer, events: int) -> None:
+        try:
+            if events & select.EPOLLOUT:
+                peer.conn.on_writable()
+            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                for frame in peer.conn.on_readable():
+                    with frame:
+                        msg = protocol.decode(frame.body, len(frame.fds))
+                    if not self._on_message(peer, msg):
+                        return
+            self._update_interest(peer)
+        except wire.PeerClosed:
+            self._drop(peer)
+        except (wire.ChannelError, protocol.ProtocolError) as exc:
+            event = logs.READER_REFUSED if peer.handle is None else "reader_error"
+            self.log.warning(event, pid=peer.pid, uid=peer.uid, reader=peer.instance,
+                             code="bad_message", error=str(exc))
+            self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, str(exc)[:512]))
+
+    def _update_interest(self, peer: Peer) -> None:
+        if not peer.conn.closed:
+            want = select.EPOLLIN | (select.EPOLLOUT if peer.conn.wants_write else 0)
+            self.reactor.modify(peer.conn.fileno(), want)
+
+    def _on_message(self, peer: Peer, msg: protocol.Message) -> bool:
+        """Handle one message; False when the peer was dropped."""
+        if isinstance(msg, protocol.Hello):
+            return self._on_hello(peer, msg)
+        if isinstance(msg, protocol.Publish):
+            return self._on_publish(peer, msg)
+        if isinstance(msg, protocol.Detach):
+            peer.detached = True
+            self._drop(peer, reason=msg.reason or msg.code.name.lower())
+            return False
+        self.log.warning("reader_error", pid=peer.pid, reader=peer.instance,
+                         error=f"unexpected {type(msg).__name__} message")
+        self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE,
+                                 f"a {type(msg).__name__} is not for the writer"))
+        return False
+
+    def _on_hello(self, peer: Peer, hello: protocol.Hello) -> bool:
+        assert self.pub is not None
+        if peer.handle is not None or peer.published:
+            self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, "a second Hello"))
+            return False
+        refuse: tuple[protocol.RefuseCode, str] | None = None
+        if self._shutting_down:
+            refuse = (protocol.RefuseCode.SHUTTING_DOWN, "the writer is shutting down")
+        elif any(p.instance == hello.instance and p.handle is not None
+                 for p in self.peers.values()):
+            refuse = (protocol.RefuseCode.DUPLICATE_INSTANCE,
+                      f"a reader named {hello.instance!r} is attached already")
+        if refuse is None:
+            resume = hello.start == protocol.Start.RESUME
+            if resume and hello.last_generation == self.pub.generation:
+                start: str | int = hello.resume_cursor
+            elif hello.start == protocol.Start.OLDEST:
+                start = "oldest"
+            else:
+                start = "latest"
+            try:
+                with self._lock:
+                    handle = self.pub.add_reader(hello.instance, peer.pid, topics=hello.topics,
+                                                 start=start)
+            except ReaderTableFull as exc:
+                refuse = (protocol.RefuseCode.TABLE_FULL, str(exc))
+        if refuse is not None:
+            self.log.warning(logs.READER_REFUSED, pid=peer.pid, uid=peer.uid,
+                             reader=hello.instance, code=refuse[0].name.lower(), reason=refuse[1])
+            self._drop(peer, refuse=refuse)
+            return False
+        peer.handle, peer.instance, peer.deadline = handle, hello.instance, None
+        g = self.pub.geometry
+        cursor = self.pub.segment.entry(handle.index).cursor
+        welcome = protocol.Welcome(
+            generation=self.pub.generation, capacity=g.capacity, slot_size=g.slot_size,
+            max_readers=g.max_readers, reader_index=handle.index, ring_offset=g.ring_offset,
+            segment_size=g.segment_size, policy=protocol.Policy(int(self.pub.policy)),
+            start_cursor=cursor, resumed=isinstance(start, int),
+        )
+        try:
+            peer.conn.queue(welcome.encode(), [handle.eventfd.fileno(), self.pub.segment.fileno()])
+        except wire.ChannelError as exc:
+            self.log.warning("reader_error", pid=peer.pid, reader=peer.instance, error=str(exc))
+            self._drop(peer)
+            return False
+        self.log.info(logs.READER_ATTACHED, reader=hello.instance, pid=peer.pid, uid=peer.uid,
+                      index=handle.index, seq=cursor, generation=self.pub.generation,
+                      topics=f"{hello.topics:#x}", start=protocol.Start(hello.start).name.lower())
+        return True
+
+    def _on_publish(self, peer: Peer, msg: protocol.Publish) -> bool:
+        assert self.pub is not None
+        if peer.handle is not None:
+            self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE,
+                                     "a reader connection cannot publish"))
+            return False
+        peer.deadline = None
+        try:
+            with self._lock:
+                seq = self.pub.publish(msg.payload, msg.topic)
+        except ShmdError as exc:
+            self.log.warning("record_refused", pid=peer.pid, error=str(exc), topic=msg.topic)
+            self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, str(exc)[:512]))
+            return False
+        peer.published += 1
+        try:
+            peer.conn.queue(protocol.PublishAck(seq=seq, count=1).encode())
+        except wire.ChannelError as exc:
+            self.log.warning("reader_error", pid=peer.pid, error=str(exc))
+            self._drop(peer)
+            return False
+        return True
+
+    def _drop(self, peer: Peer, *, refuse: tuple[protocol.RefuseCode, str] | None = None,
+              reason: str | None = None) -> None:
+        """Forget a connection; free its reader entry; log what happened."""
+        conn = peer.conn
+        if conn.closed:
+            return
+        fd = conn.fileno()
+        self.peers.pop(fd, None)
+        self.reactor.remove(fd)
+        if refuse is not None:
+            self._refuse_and_close(conn, *refuse)
+        else:
+            conn.close()
+        if peer.handle is not None and self.pub is not None:
+            with self._lock:
+                entry = self.pub.remove_reader(peer.handle.index)
+            fields = {"reader": peer.instance, "pid": peer.pid, "index": peer.handle.index,
+                      "generation": self.pub.generation}
+            if entry is not None:
+                fields.update(seq=entry.cursor, delivered=entry.delivered, lost=entry.lost)
+            self._last_lost.pop(peer.handle.index, None)
+            if peer.detached:
+                self.log.info(logs.READER_DETACHED, reason=reason or "detach", **fields)
+            else:
+                self.log.warning(logs.READER_LOST, reason="connection closed without Detach",
+                                 **fields)
+        elif peer.published:
+            self.log.debug("publisher_done", pid=peer.pid, records=peer.published)
+        if self._shutting_down and not any(p.handle for p in self.peers.values()):
+            self._finish_shutdown()
+
+    def _handle_evictions(self) -> None:
+        assert self.pub is not None
+        evicted, self.pub.evictions = self.pub.evictions, []
+        for ev in evicted:
+            for peer in list(self.peers.values()):
+                if peer.handle is not None and peer.handle.index == ev.index:
+                    peer.handle = None  # the publisher already dropped it
+                    try:
+                        peer.conn.queue(protocol.Detach(protocol.DetachCode.EVICTED,
+                                                        "held the ring up").encode())
+                    except wire.ChannelError:
+                        pass
+                    self._drop(peer)
+            self.pub.free_evicted(ev.index)
+
+    # -- periodic work ------------------------------------------------------------------
+
+    def _status_text(self) -> str:
+        assert self.pub is not None
+        n = sum(1 for p in self.peers.values() if p.handle is not None)
+        return (f"{n} reader{'s' if n != 1 else ''} attached, {self.pub.write_seq} records "
+                f"published, {self.rate:.1f}/s, generation {self.pub.generation}")
+
+    def _status_tick(self) -> None:
+        assert self.pub is not None
+        now = time.monotonic()
+        t0, s0 = self._rate_mark
+        seq = self.pub.write_seq
+        if now > t0:
+            self.rate = (seq - s0) / (now - t0)
+        self._rate_mark = (now, seq)
+        self.pub.heartbeat()
+        for index, handle in list(self.pub.readers.items()):
+            lost = self.pub.segment.entry(index).lost
+            before = self._last_lost.get(index, 0)
+            if lost > before:
+                self.log.warning(logs.OVERRUN, reader=handle.name, pid=handle.pid, lost=lost,
+                                 new_lost=lost - before, generation=self.pub.generation)
+            self._last_lost[index] = lost
+        if self.pub.evictions:
+            self._handle_evictions()
+        sdnotify.status(self._status_text())
+        if not self._shutting_down:
+            self.call_later(self.cfg.writer.status_interval, self._status_tick)
+
+    def _watchdog(self, period: float) -> None:
+        sdnotify.watchdog()
+        self.call_later(period, lambda: self._watchdog(period))
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def _on_signal(self, signum: signal.Signals) -> None:
+        handler = getattr(self, f"handle_{signum.name.lower()}", None)
+        if handler is not None:
+            handler()
+
+    def handle_sigterm(self) -> None:
+        """systemctl stop: the termination flow."""
+        self.begin_shutdown("SIGTERM")
+
+    def handle_sigint(self) -> None:
+        """Ctrl-C: the termination flow; a second one cuts the grace period short."""
+        if self._shutting_down:
+            self.log.warning("shutdown_forced", reason="second SIGINT")
+            self._finish_shutdown()
+        else:
+            self.begin_shutdown("SIGINT")
+
+    def handle_sighup(self) -> None:
+        """systemctl reload: apply what can change live, refuse the rest."""
+        sdnotify.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as err:
+            self.log.error(logs.CONFIG_ERROR, path=err.path, line=err.line, key=err.key,
+                           error=str(err), action="reload refused; running configuration kept")
+            sdnotify.ready(self._status_text())
+            return
+        live, refused = diff_reloadable(self.cfg, new)
+        if live:
+            logs.set_level(new.logging.level)
+            source = self.cfg.writer.source
+            if isinstance(self.source, TickerRecords) and isinstance(new.writer.source,
+                                                                     TickerSource):
+                self.source.set_rate(new.writer.source.rate)
+                source = new.writer.source
+            self.cfg = replace(
+                self.cfg, control=new.control,
+                writer=replace(self.cfg.writer, source=source,
+                               status_interval=new.writer.status_interval),
+                logging=replace(self.cfg.logging, level=new.logging.level),
+            )
+        self.log.info(logs.RELOAD, path=new.source_path or "built-in defaults",
+                      applied=",".join(live) or "none", refused=",".join(refused) or "none")
+        if refused:
+            self.log.warning("reload_refused", keys=",".join(refused),
+                             reason="these settings need a restart (systemctl restart)")
+        sdnotify.ready(self._status_text())
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def begin_shutdown(self, reason: str) -> None:
+        """Clear the active flag, wake every reader, give them the grace period."""
+        if self._shutting_down or self.pub is None:
+            return
+        self._shutting_down = True
+        sdnotify.stopping()
+        if self.source is not None:
+            self.source.close()
+        with self._lock:
+            self.pub.deactivate()
+        self.log.info(logs.ACTIVE_CLEARED, reason=reason, seq=self.pub.write_seq,
+                      generation=self.pub.generation,
+                      readers=sum(1 for p in self.peers.values() if p.handle))
+        # Refuse connections still waiting for their handshake.
+        for peer in [p for p in self.peers.values() if p.handle is None]:
+            self._drop(peer, refuse=(protocol.RefuseCode.SHUTTING_DOWN, "shutting down"))
+        if not any(p.handle for p in self.peers.values()):
+            self._finish_shutdown()
+            return
+        grace = self.cfg.writer.shutdown_grace
+        self._shutdown_deadline = time.monotonic() + grace
+        self.call_later(grace, self._grace_expired)
+
+    def _grace_expired(self) -> None:
+        if self._exit is not None:
+            return
+        waiting = [p.instance for p in self.peers.values() if p.handle]
+        self.log.warning("shutdown_grace_expired", readers=",".join(filter(None, waiting)),
+                         grace=self.cfg.writer.shutdown_grace)
+        self._finish_shutdown()
+
+    def _finish_shutdown(self) -> None:
+        if self._exit is not None:
+            return
+        for peer in list(self.peers.values()):
+            peer.detached = peer.detached or self._shutting_down
+            self._drop(peer)
+        self._exit = EXIT_OK
+
+    def close(self) -> None:
+        """Release everything; unlink what we own per configuration."""
+        if self.source is not None:
+            self.source.close()
+        for peer in list(self.peers.values()):
+            self.reactor.remove(peer.conn.fileno())
+            peer.conn.close()
+        self.peers.clear()
+        if self._wakeup is not None:
+            self._wakeup.close()
+        if self.listener is not None:
+            self.reactor.remove(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+            if self.bound_path is not None:
+                try:
+                    os.unlink(self.bound_path)
+                except FileNotFoundError:
+                    pass
+        if self.pub is not None:
+            self.pub.close()
+            if self.cfg.segment.unlink_on_exit:
+                self.pub.unlink()
+        self.reactor.close()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until shut down; returns the exit status."""
+        while self._exit is None:
+            timeout = self._run_timers()
+            if self._exit is not None:
+                break
+            self.reactor.poll(timeout)
+            if self.pub is not None and self.pub.evictions:
+                self._handle_evictions()
+        return self._exit
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``shm-writer``."""
+    parser = base_parser("shm-writer", "The shmd writer daemon: owns the bus and publishes.")
+    args = parser.parse_args(argv)
+    cfg = load_or_exit(args, "writer")
+    if args.check_config:
+        return check_config(cfg)
+    log = setup_logging(cfg, args, "writer")
+    writer = Writer(cfg, log, args.config)
+    try:
+        try:
+            writer.start()
+        except (ShmdError, SourceError, OSError) as exc:
+            fail(log, "start_failed", exc)
+        generation = writer.pub.generation if writer.pub else None
+        status = writer.run()
+    except SystemExit:
+        raise
+    except BaseException as exc:  # a bug: log it with its traceback, exit non-zero
+        log.exception("crashed", error=str(exc))
+        status = EXIT_FAILURE
+    finally:
+        writer.close()
+    if status == EXIT_OK:
+        log.info(logs.SHUTDOWN_COMPLETE, generation=generation)
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+__all__ = ["EXIT_CONFIG", "Writer", "main"]
