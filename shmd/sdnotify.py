@@ -54,7 +54,10 @@ def notify(*assignments: str, fds: Sequence[int] = ()) -> bool:
                              f"one VAR=value line")
     state = "\n".join(assignments)
     try:
-        return bool(systemd.daemon.notify(state, fds=list(fds) if fds else None))
+        if fds:
+            return bool(systemd.daemon.notify(state, fds=list(fds)))
+        # python-systemd 235 takes len() of fds: None (its own default) fails.
+        return bool(systemd.daemon.notify(state))
     except OSError as exc:
         structlog.get_logger().warning(SD_NOTIFY_FAILED, state=state.split("\n", 1)[0],
                                        error=exc.strerror or str(exc))
@@ -149,6 +152,12 @@ def listen_fds(unset_environment: bool = True) -> dict[str, list[int]]:
     """
     grouped: dict[str, list[int]] = {}
     named: dict[int, str] = systemd.daemon.listen_fds_with_names(unset_environment)
+    if unset_environment:
+        # libsystemd unsetenv()s LISTEN_* in the C environment only; Python's
+        # os.environ is a copy taken at start-up and would still hand them to
+        # every subprocess we spawn (which would then take our fds for its own).
+        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(var, None)
     for fd in sorted(named):
         grouped.setdefault(named[fd] or UNKNOWN_FDNAME, []).append(fd)
     return grouped
