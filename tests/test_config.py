@@ -42,6 +42,7 @@ from shmd.config import (
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "config" / "shmd.yaml"
+CONFIG_DOC = REPO / "docs" / "CONFIGURATION.md"
 
 
 def write(tmp_path: Path, text: str, name: str = "shmd.yaml") -> str:
@@ -257,6 +258,20 @@ def test_every_line_of_the_shipped_example_is_commented_nearby() -> None:
             start -= 1
         paragraph = lines[start: i + 1]
         assert any("#" in p for p in paragraph), f"line {i + 1} has no comment: {line!r}"
+
+
+def test_configuration_doc_names_every_key_and_its_example_loads(tmp_path: Path) -> None:
+    """docs/CONFIGURATION.md has a table row for every key and its YAML example is valid."""
+    text = CONFIG_DOC.read_text()
+    every = config_to_dict(default_config())
+    every["reader"].pop("instances")
+    leaves = {key.rsplit(".", 1)[-1] for key in _flat_keys(every)}
+    for leaf in leaves:
+        assert f"`{leaf}`" in text, f"docs/CONFIGURATION.md does not describe {leaf}"
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = load_text(tmp_path, example)
+    assert cfg.reader_settings("archive").sink == FileSink(path="/var/lib/shmd/archive.bin",
+                                                           framing="length")
 
 
 # ---------------------------------------------------------------------------
