@@ -1,0 +1,402 @@
+"""Tests for shmd.protocol: message encoding and strict decoding."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shmd.protocol import (
+    ALL_TOPICS,
+    MAX_REASON,
+    MESSAGE_CLASSES,
+    PROTOCOL_VERSION,
+    U32_MAX,
+    U64_MAX,
+    Detach,
+    DetachCode,
+    Hello,
+    Message,
+    MessageType,
+    Policy,
+    ProtocolError,
+    Publish,
+    PublishAck,
+    Refuse,
+    RefuseCode,
+    Start,
+    VersionMismatch,
+    Welcome,
+    decode,
+)
+
+# -- strategies -----------------------------------------------------------------
+
+u32 = st.integers(0, U32_MAX)
+u64 = st.integers(0, U64_MAX)
+instances = st.from_regex(r"[A-Za-z0-9_.:@-]{1,31}", fullmatch=True)
+reasons = st.text(max_size=120).filter(
+    lambda s: s.isprintable() and len(s.encode("utf-8")) <= MAX_REASON
+)
+
+
+@st.composite
+def hellos(draw: st.DrawFn) -> Hello:
+    start = draw(st.sampled_from(Start))
+    resume = start == Start.RESUME
+    return Hello(
+        instance=draw(instances),
+        pid=draw(st.integers(1, U32_MAX)),
+        topics=draw(st.integers(1, U64_MAX)),
+        start=start,
+        resume_cursor=draw(u64) if resume else 0,
+        last_generation=draw(st.integers(1, U64_MAX) if resume else u64),
+    )
+
+
+@st.composite
+def welcomes(draw: st.DrawFn) -> Welcome:
+    capacity = 1 << draw(st.integers(0, 24))
+    slot = 8 * draw(st.integers(1, 1 << 20))
+    readers = draw(st.integers(1, U32_MAX))
+    offset = draw(st.integers(0, 1 << 40))
+    return Welcome(
+        generation=draw(st.integers(1, U64_MAX)),
+        capacity=capacity,
+        slot_size=slot,
+        max_readers=readers,
+        reader_index=draw(st.integers(0, readers - 1)),
+        ring_offset=offset,
+        segment_size=draw(st.integers(offset + capacity * slot, U64_MAX)),
+        policy=draw(st.sampled_from(Policy)),
+        start_cursor=draw(u64),
+        resumed=draw(st.booleans()),
+    )
+
+
+refuses = st.builds(
+    Refuse,
+    code=st.sampled_from(RefuseCode),
+    reason=reasons,
+    version=st.just(PROTOCOL_VERSION) | st.integers(1, 0xFFFF),
+)
+detaches = st.builds(Detach, code=st.sampled_from(DetachCode), reason=reasons)
+publishes = st.builds(Publish, topic=st.integers(0, 63), payload=st.binary(max_size=2000))
+acks = st.builds(PublishAck, seq=u64, count=st.integers(1, U32_MAX))
+messages: st.SearchStrategy[Message] = st.one_of(
+    hellos(), welcomes(), refuses, detaches, publishes, acks
+)
+current_messages = messages.filter(lambda m: not isinstance(m, Refuse) or m.version == 1)
+
+
+def prefix(msg_type: int, version: int = PROTOCOL_VERSION) -> bytes:
+    return struct.pack("<HH", msg_type, version)
+
+
+def string(raw: bytes) -> bytes:
+    return struct.pack("<H", len(raw)) + raw
+
+
+def hello_body(
+    instance: bytes = b"r1",
+    *,
+    topics: int = ALL_TOPICS,
+    cursor: int = 0,
+    generation: int = 0,
+    pid: int = 42,
+    start: int = 0,
+) -> bytes:
+    fixed = struct.pack("<QQQIB", topics, cursor, generation, pid, start)
+    return prefix(MessageType.HELLO) + fixed + string(instance)
+
+
+def welcome_body(**changes: int) -> bytes:
+    fields = {
+        "generation": 7,
+        "ring_offset": 16384,
+        "segment_size": 16384 + 1024 * 4096,
+        "start_cursor": 99,
+        "capacity": 1024,
+        "slot_size": 4096,
+        "max_readers": 64,
+        "reader_index": 3,
+        "policy": 0,
+        "resumed": 0,
+    }
+    fields.update(changes)
+    return prefix(MessageType.WELCOME) + struct.pack("<QQQQIIIIBB", *fields.values())
+
+
+# -- round trips ----------------------------------------------------------------
+
+
+@settings(max_examples=500)
+@given(messages)
+def test_every_message_round_trips(msg: Message) -> None:
+    """decode(encode(m)) gives back an equal message of the same type."""
+    body = msg.encode()
+    decoded = decode(body, msg.N_FDS)
+    assert type(decoded) is type(msg)
+    assert decoded == msg
+    assert decoded.encode() == body
+
+
+def test_fd_counts_are_declared_per_type() -> None:
+    """Welcome carries the eventfd and the segment fd; every other message carries none."""
+    assert Welcome.N_FDS == 2
+    assert Welcome.FD_NAMES == ("eventfd", "segment")
+    assert {cls.__name__: cls.N_FDS for cls in MESSAGE_CLASSES.values()} == {
+        "Hello": 0,
+        "Welcome": 2,
+        "Refuse": 0,
+        "Detach": 0,
+        "Publish": 0,
+        "PublishAck": 0,
+    }
+
+
+def test_hello_bytes_are_pinned() -> None:
+    """Hello encodes to exactly the byte layout documented in docs/PROTOCOL.md."""
+    msg = Hello(
+        instance="1",
+        pid=0x1234,
+        topics=0b101,
+        start=Start.RESUME,
+        resume_cursor=0x0102,
+        last_generation=7,
+    )
+    assert msg.encode().hex(" ") == (
+        "01 00 01 00"  # type 1 (Hello), version 1
+        " 05 00 00 00 00 00 00 00"  # topic mask: topics 0 and 2
+        " 02 01 00 00 00 00 00 00"  # resume cursor
+        " 07 00 00 00 00 00 00 00"  # last generation
+        " 34 12 00 00"  # pid
+        " 02"  # start = resume
+        " 01 00 31"  # instance "1"
+    )
+    assert msg.subscribes(0) and msg.subscribes(2) and not msg.subscribes(1)
+
+
+def test_welcome_and_short_messages_bytes_are_pinned() -> None:
+    """Welcome, Refuse, Detach, Publish and PublishAck encode to the documented layouts."""
+    assert decode(welcome_body(), 2).encode() == welcome_body()
+    assert len(welcome_body()) == 54
+    assert Refuse(RefuseCode.TABLE_FULL, "full").encode() == prefix(3) + b"\x04\x00" + string(
+        b"full"
+    )
+    assert Detach(DetachCode.SHUTDOWN).encode() == prefix(4) + b"\x02\x00\x00\x00"
+    assert Publish(5, b"abc").encode() == prefix(5) + b"\x05\x00\x00\x00\x03\x00\x00\x00abc"
+    assert PublishAck(9, 2).encode() == prefix(6) + struct.pack("<QI", 9, 2)
+
+
+# -- what decode rejects ------------------------------------------------------------
+
+
+@settings(max_examples=200)
+@given(messages, st.data())
+def test_every_truncation_is_rejected(msg: Message, data: st.DataObject) -> None:
+    """Every strict prefix of a valid body raises ProtocolError."""
+    body = msg.encode()
+    cut = data.draw(st.integers(0, len(body) - 1))
+    with pytest.raises(ProtocolError):
+        decode(body[:cut], msg.N_FDS)
+
+
+@settings(max_examples=200)
+@given(messages, st.binary(min_size=1, max_size=64))
+def test_trailing_bytes_are_rejected(msg: Message, extra: bytes) -> None:
+    """Bytes after the end of a valid message raise ProtocolError (oversized body)."""
+    with pytest.raises(ProtocolError, match="trail"):
+        decode(msg.encode() + extra, msg.N_FDS)
+
+
+@settings(max_examples=200)
+@given(current_messages, st.integers(0, 0xFFFF).filter(lambda v: v != PROTOCOL_VERSION))
+def test_wrong_version_is_rejected(msg: Message, version: int) -> None:
+    """A message of another protocol version raises VersionMismatch (Refuse excepted)."""
+    body = bytearray(msg.encode())
+    struct.pack_into("<H", body, 2, version)
+    if isinstance(msg, Refuse):
+        if version == 0:
+            with pytest.raises(ProtocolError, match=r"version 0 is outside 1\.\.65535"):
+                decode(bytes(body), 0)
+        else:
+            assert decode(bytes(body), 0) == Refuse(msg.code, msg.reason, version)
+        return
+    with pytest.raises(VersionMismatch) as exc:
+        decode(bytes(body), msg.N_FDS)
+    assert exc.value.peer_version == version
+    assert exc.value.msg_type == msg.TYPE
+    assert f"protocol version {version} but this side speaks 1" in str(exc.value)
+
+
+def test_refuse_from_another_version_is_readable() -> None:
+    """A Refuse sent by a peer of protocol version 2 still decodes, with its version."""
+    body = prefix(MessageType.REFUSE, 2) + b"\x01\x00" + string(b"I speak 2")
+    refuse = decode(body, 0)
+    assert refuse == Refuse(RefuseCode.VERSION, "I speak 2", version=2)
+    assert refuse.encode() == body
+
+
+@settings(max_examples=200)
+@given(messages, st.integers(0, 8))
+def test_wrong_fd_count_is_rejected(msg: Message, n_fds: int) -> None:
+    """A message that arrived with a different number of fds than its type carries is rejected."""
+    if n_fds == msg.N_FDS:
+        n_fds += 1
+    with pytest.raises(ProtocolError, match=rf"{n_fds} fds came with it .* exactly {msg.N_FDS}"):
+        decode(msg.encode(), n_fds)
+
+
+@pytest.mark.parametrize("msg_type", [0, 7, 8, 0x100, 0xFFFF])
+def test_unknown_type_is_rejected(msg_type: int) -> None:
+    """A body whose type is not a known message type is rejected, naming the known ones."""
+    with pytest.raises(
+        ProtocolError, match=rf"its type {msg_type} is unknown \(known: 1 \(Hello\)"
+    ):
+        decode(prefix(msg_type) + b"\0" * 40, 0)
+
+
+def test_unknown_type_of_another_version_is_a_version_mismatch() -> None:
+    """A body of another version is reported as a version mismatch even when its type is unknown."""
+    with pytest.raises(VersionMismatch, match="message of type 9 since it is protocol version 2"):
+        decode(prefix(9, 2), 0)
+
+
+def test_short_prefix_is_rejected() -> None:
+    """A body shorter than the type/version prefix is rejected with its length."""
+    for body in (b"", b"\x01", b"\x01\x00\x01"):
+        with pytest.raises(ProtocolError, match=f"the body is {len(body)} bytes, shorter"):
+            decode(body, 0)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (hello_body(b""), r"instance name '' does not match"),
+        (hello_body(b"a b"), r"instance name 'a b' does not match"),
+        (hello_body(b"x" * 32), r"instance name 'x{32}' does not match"),
+        (hello_body("é".encode()), r"instance name 'é' does not match"),
+        (hello_body(b"\xff"), r"the instance name is not valid UTF-8"),
+        (hello_body(b"r1\n"), r"does not match"),
+        (hello_body(topics=0), r"the topic mask 0 is outside 1\.\."),
+        (hello_body(pid=0), r"the pid 0 is outside 1\.\."),
+        (hello_body(start=3), r"start 3 is not one of 0 \(latest\), 1 \(oldest\), 2 \(resume\)"),
+        (hello_body(cursor=5), r"resume cursor is 5 but start is latest"),
+        (hello_body(start=2, cursor=5), r"start is resume but the last generation is 0"),
+        (welcome_body(capacity=1000), r"capacity 1000 is not a power of two"),
+        (welcome_body(capacity=0), r"capacity 0 is outside 1\.\."),
+        (welcome_body(slot_size=4092), r"slot size 4092 is not a multiple of 8"),
+        (welcome_body(reader_index=64), r"reader index 64 is not below max_readers 64"),
+        (welcome_body(max_readers=0, reader_index=0), r"max_readers 0 is outside 1\.\."),
+        (welcome_body(segment_size=16384), r"ring .* ends past the segment size 16384"),
+        (welcome_body(policy=2), r"the policy 2 is not one of 0 \(drop_oldest\), 1 \(block\)"),
+        (welcome_body(resumed=2), r"resumed is 2, not 0 or 1"),
+        (welcome_body(generation=0), r"the generation 0 is outside 1\.\."),
+        (prefix(3) + b"\x00\x00" + string(b""), r"refuse code 0 is not one of 1 \(version\)"),
+        (prefix(3) + b"\x08\x00" + string(b""), r"refuse code 8 is not one of"),
+        (prefix(3) + b"\x01\x00" + string(b"\xc3"), r"the reason is not valid UTF-8"),
+        (prefix(3) + b"\x01\x00" + string(b"a\x1b[2J"), r"control or other unprintable"),
+        (prefix(3) + b"\x01\x00" + string(b"r" * 1025), r"1025 bytes of UTF-8, more than 1024"),
+        (prefix(4) + b"\x05\x00" + string(b""), r"detach code 5 is not one of 1 \(normal\)"),
+        (prefix(5) + struct.pack("<II", 64, 0), r"the topic 64 is outside 0\.\.63"),
+        (prefix(5) + struct.pack("<II", 0, 10) + b"short", r"the payload \(10 bytes\) needs"),
+        (prefix(6) + struct.pack("<QI", 1, 0), r"the count 0 is outside 1\.\."),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None,
+)
+def test_invalid_field_values_are_rejected(body: bytes, message: str) -> None:
+    """Decoding rejects out-of-range, inconsistent or ill-formed fields with a precise message."""
+    msg_type = struct.unpack_from("<H", body)[0]
+    with pytest.raises(ProtocolError, match=rf"^Failed to decode a \w+ since .*{message}"):
+        decode(body, MESSAGE_CLASSES[msg_type].N_FDS)
+
+
+def test_valid_hand_built_bodies_decode() -> None:
+    """The hand-built bodies used for the rejection cases are valid when left unchanged."""
+    assert decode(hello_body(), 0) == Hello("r1", pid=42)
+    assert decode(hello_body(b"a-Z_0.9:x@y"), 0) == Hello("a-Z_0.9:x@y", pid=42)
+    assert decode(welcome_body(), 2) == Welcome(
+        7, 1024, 4096, 64, 3, 16384, 16384 + 4096 * 1024, Policy.DROP_OLDEST, 99, False
+    )
+
+
+# -- building invalid messages ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Hello("no spaces", pid=1), "Failed to build a Hello since the instance name"),
+        (lambda: Hello("r", pid=True), "Failed to build a Hello since the pid must be an int"),
+        (lambda: Hello("r", pid=1, start=7), "start 7 is not one of"),
+        (lambda: Welcome(1, 8, 64, 4, 4, 0, 512, Policy.BLOCK, 0), "reader index 4"),
+        (lambda: Welcome(1, 8, 64, 4, 0, 0, 512, Policy.BLOCK, 0, resumed=1), "must be a bool"),
+        (lambda: Refuse(RefuseCode.BUSY, "x" * (MAX_REASON + 1)), "more than 1024"),
+        (lambda: Refuse(RefuseCode.BUSY, "\ud800"), "lone surrogate"),
+        (lambda: Detach(9), "detach code 9 is not one of"),
+        (lambda: Publish(-1, b""), "the topic -1 is outside 0..63"),
+        (lambda: Publish(0, "text"), "the payload must be bytes, not str"),
+        (lambda: PublishAck(U64_MAX + 1), "sequence number"),
+    ],
+)
+def test_building_an_invalid_message_fails(build: object, message: str) -> None:
+    """Constructors refuse impossible field values with ProtocolError: nothing invalid is sent."""
+    assert callable(build)
+    with pytest.raises(ProtocolError) as exc:
+        build()
+    assert message in str(exc.value)
+
+
+def test_enum_fields_are_normalised() -> None:
+    """Plain ints given for enum fields become the enum members."""
+    assert Hello("r", pid=1, start=2, last_generation=1).start is Start.RESUME
+    assert Refuse(4).code is RefuseCode.TABLE_FULL
+    assert Publish(1, bytearray(b"ab")).payload == b"ab"
+
+
+# -- fuzzing ------------------------------------------------------------------------
+
+
+@settings(max_examples=3000)
+@given(st.binary(max_size=120), st.integers(0, 4))
+def test_random_bytes_raise_only_protocol_error(body: bytes, n_fds: int) -> None:
+    """Random bodies raise ProtocolError or decode to a message re-encoding to the same bytes."""
+    try:
+        msg = decode(body, n_fds)
+    except ProtocolError:
+        return
+    assert msg.encode() == body
+    assert n_fds == msg.N_FDS
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> tuple[bytes, int]:
+    msg = draw(messages)
+    body = bytearray(msg.encode())
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "insert", "delete"]))
+        pos = draw(st.integers(0, len(body)))
+        if op == "insert":
+            body[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif body and pos < len(body):
+            if op == "flip":
+                body[pos] ^= draw(st.integers(1, 255))
+            else:
+                del body[pos]
+    return bytes(body), msg.N_FDS
+
+
+@settings(max_examples=3000)
+@given(mutated())
+def test_mutated_bodies_raise_only_protocol_error(case: tuple[bytes, int]) -> None:
+    """Bodies with bytes flipped, inserted or deleted raise ProtocolError or decode exactly."""
+    body, n_fds = case
+    try:
+        msg = decode(body, n_fds)
+    except ProtocolError as exc:
+        assert str(exc).startswith("Failed to decode a ")
+        return
+    assert msg.encode() == body
