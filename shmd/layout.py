@@ -52,6 +52,9 @@ OFF_SLEEPERS = 92  #: u32: readers whose asleep flag is set (changed under the m
 OFF_BYTES_PUBLISHED = 96  #: u64 payload bytes committed
 OFF_HEARTBEAT_NS = 104  #: u64 CLOCK_MONOTONIC ns of the writer's last status tick
 HEADER_FIELDS_END = 112
+#: u64: the writer's measured publish rate in milli-records/s, updated at each status tick
+#: (outside the decoded header struct: tools read it with Segment.rate)
+OFF_RATE_MILLI = 112
 OFF_MUTEX = 128  #: MUTEX_AREA bytes: pthread_mutex_t (robust, process-shared)
 OFF_SEM = OFF_MUTEX + MUTEX_AREA  #: SEM_AREA bytes: sem_t (process-shared)
 OFF_READERS = 256  #: the reader table starts here

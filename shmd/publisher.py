@@ -538,9 +538,12 @@ class Publisher:
         if seg.u[u0 + R_STATE // 4] == ReaderState.EVICTED:
             seg.u[u0 + R_STATE // 4] = ReaderState.FREE
 
-    def heartbeat(self) -> None:
-        """Record that the writer is alive (shown by status tools)."""
-        self.segment.q[Segment.HEARTBEAT_NS] = time.monotonic_ns()
+    def heartbeat(self, rate: float | None = None) -> None:
+        """Record that the writer is alive, and its publish rate (shown by status tools)."""
+        q = self.segment.q
+        q[Segment.HEARTBEAT_NS] = time.monotonic_ns()
+        if rate is not None:
+            q[Segment.RATE_MILLI] = max(0, round(rate * 1000))
 
 
 class Reservation:

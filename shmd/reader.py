@@ -59,14 +59,15 @@ class ReaderDaemon:
     """One reader's connection, subscription, sink and loop."""
 
     def __init__(self, cfg: Config, settings: ReaderSettings, instance: str,
-                 log: FilteringBoundLogger) -> None:
+                 log: FilteringBoundLogger, sink: RecordSink | None = None) -> None:
         self.cfg = cfg
         self.settings = settings
         self.instance = instance
         self.log = log
         self.conn: wire.Connection | None = None
         self.sub: Subscriber | None = None
-        self.sink: RecordSink | None = None
+        #: The sink; built from the settings in run() unless given (shmctl tail).
+        self.sink: RecordSink | None = sink
         self.reactor = Reactor()
         self.loop: ReaderLoop | None = None
         self._wakeup: SignalWakeup | None = None
@@ -230,7 +231,8 @@ class ReaderDaemon:
 
     def run(self) -> int:
         """Attach, read until the writer goes inactive (or we are stopped), detach."""
-        self.sink = make_sink(self.settings.sink)
+        if self.sink is None:
+            self.sink = make_sink(self.settings.sink)
         self.connect()
         assert self.sub is not None and self.conn is not None
         self.loop = ReaderLoop(self.sub, self._on_records, reactor=self.reactor, tick=self._tick)

@@ -35,6 +35,7 @@ from shmd.layout import (
     OFF_BYTES_PUBLISHED,
     OFF_GENERATION,
     OFF_HEARTBEAT_NS,
+    OFF_RATE_MILLI,
     OFF_MAGIC,
     OFF_MUTEX,
     OFF_RESERVE_SEQ,
@@ -266,11 +267,22 @@ class Segment:
         """The writer may be writing seqs in [write_seq, reserve_seq)."""
         return int(self.q[OFF_RESERVE_SEQ // 8])
 
+    @property
+    def rate(self) -> float:
+        """The writer's last measured publish rate (records/s)."""
+        return int(self.q[OFF_RATE_MILLI // 8]) / 1000
+
+    @property
+    def heartbeat_ns(self) -> int:
+        """CLOCK_MONOTONIC ns of the writer's last status tick (0: none yet)."""
+        return int(self.q[OFF_HEARTBEAT_NS // 8])
+
     # Word indices the hot paths use directly (no property call per access).
     WRITE_SEQ = OFF_WRITE_SEQ // 8
     RESERVE_SEQ = OFF_RESERVE_SEQ // 8
     BYTES_PUBLISHED = OFF_BYTES_PUBLISHED // 8
     HEARTBEAT_NS = OFF_HEARTBEAT_NS // 8
+    RATE_MILLI = OFF_RATE_MILLI // 8
     ACTIVE = OFF_ACTIVE // 4
     WRITER_PID = OFF_WRITER_PID // 4
     WRITER_WAITING = OFF_WRITER_WAITING // 4

@@ -415,7 +415,7 @@ class Writer:
         if now > t0:
             self.rate = (seq - s0) / (now - t0)
         self._rate_mark = (now, seq)
-        self.pub.heartbeat()
+        self.pub.heartbeat(self.rate)
         for index, handle in list(self.pub.readers.items()):
             lost = self.pub.segment.entry(index).lost
             before = self._last_lost.get(index, 0)

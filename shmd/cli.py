@@ -1,0 +1,452 @@
+"""``shmctl``: see and drive a running bus from the shell.
+
+Subcommands: ``status`` (reads the live segment without disturbing it, like
+AeronStat reads Aeron's counters), ``tail`` (attaches as a reader through
+the control socket), ``publish`` (Publish messages over the control
+socket), ``check-config``, ``bench`` and ``demo``.
+
+Exit statuses: 0 success, 1 failure (one ``shmctl: error: ...`` line, never
+a traceback), 2 usage errors (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from shmd import logs, protocol, wire
+from shmd.config import Config, ConfigError, ReaderSettings, load_config
+from shmd.daemon import EXIT_FAILURE, EXIT_OK, check_config, pid_alive
+from shmd.errors import SegmentNotFound, ShmdError
+from shmd.layout import Policy, ReaderState
+from shmd.ring import slot_of
+from shmd.segment import Segment
+from shmd.subscriber import Record
+
+EXAMPLES = {
+    "status": """examples:
+  shmctl status                      # the bus named in /etc/shmd/shmd.yaml
+  shmctl status --segment /shmd-bus --json | jq .readers
+  shmctl status --watch 1            # redraw every second, like top""",
+    "tail": """examples:
+  shmctl tail                        # new records as text, until Ctrl-C
+  shmctl tail --from oldest -n 10    # the 10 oldest records still in the ring
+  shmctl tail --topic 3 --format json""",
+    "publish": """examples:
+  shmctl publish hello world         # two records, topic 0
+  printf 'a\\nb\\n' | shmctl publish --topic 2
+  producer | shmctl publish --framing length""",
+    "check-config": """examples:
+  shmctl check-config                # /etc/shmd/shmd.yaml (or $SHMD_CONFIG)
+  shmctl check-config ./shmd.yaml""",
+    "bench": """examples:
+  shmctl bench --quick               # a few seconds per case
+  shmctl bench --readers 1,4 --payloads 64,4096""",
+    "demo": """examples:
+  shmctl demo                        # a writer and readers 1 and 2; Ctrl-C stops all""",
+}
+
+
+class CliError(Exception):
+    """A one-line error for the user; exit status 1."""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(getattr(args, "config", None))
+    except ConfigError as err:
+        raise CliError(str(err)) from None
+
+
+def _use_colour(stream: TextIO) -> bool:
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+# -- status -------------------------------------------------------------------------
+
+
+def segment_status(seg: Segment) -> dict[str, Any]:
+    """Everything ``shmctl status`` shows, as plain data (the ``--json`` document)."""
+    h = seg.header()
+    g = seg.geometry
+    now = time.monotonic_ns()
+    readers = []
+    for e in seg.entries():
+        if e.state == ReaderState.FREE:
+            continue
+        lag = max(0, h.write_seq - e.cursor)
+        lag_seconds = 0.0
+        if lag:
+            # Age of the oldest record the reader has not read, if still in the ring.
+            oldest = max(e.cursor, h.write_seq - g.capacity)
+            off = slot_of(oldest, g.capacity) * g.slot_size
+            seq = int.from_bytes(seg.ring[off : off + 8], "little")
+            ts = int.from_bytes(seg.ring[off + 8 : off + 16], "little")
+            if seq == oldest and 0 < ts <= now:
+                lag_seconds = (now - ts) / 1e9
+        readers.append({
+            "index": e.index, "instance": e.name, "pid": e.pid, "alive": pid_alive(e.pid),
+            "state": e.state.name.lower(), "cursor": e.cursor, "lag": lag,
+            "lag_seconds": round(lag_seconds, 6), "delivered": e.delivered, "lost": e.lost,
+            "asleep": e.asleep,
+            "topics": "all" if e.topics == (1 << 64) - 1 else
+                      [t for t in range(64) if e.topics >> t & 1],
+            "idle_seconds": round(max(0, now - e.last_active_ns) / 1e9, 3),
+        })
+    return {
+        "segment": seg.name, "generation": h.generation, "active": h.active,
+        "writer_pid": h.writer_pid, "writer_alive": pid_alive(h.writer_pid),
+        "capacity": h.capacity, "slot_size": h.slot_size,
+        "policy": Policy(h.policy).label, "write_seq": h.write_seq,
+        "rate": seg.rate, "bytes_published": h.bytes_published,
+        "max_readers": h.max_readers, "size": g.segment_size,
+        "created": h.created_ns / 1e9,
+        "heartbeat_age": round((now - h.heartbeat_ns) / 1e9, 3) if h.heartbeat_ns else None,
+        "readers": readers,
+    }
+
+
+def render_status(st: dict[str, Any], colour: bool) -> str:
+    """The human-readable status table."""
+    def c(text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if colour else text
+
+    writer = (c("running", "32") if st["writer_alive"] else c("NOT RUNNING (stale segment)", "31"))
+    active = c("yes", "32") if st["active"] else c("no (shutting down or shut down)", "33")
+    lines = [
+        f"segment     {st['segment']}  generation {st['generation']}",
+        f"writer      pid {st['writer_pid']} {writer}   active {active}",
+        f"ring        {st['capacity']} slots x {st['slot_size']} B  policy {st['policy']}  "
+        f"{st['size'] / 2**20:.1f} MiB",
+        f"published   {st['write_seq']} records  {st['rate']:.1f}/s",
+        f"readers     {len(st['readers'])} of {st['max_readers']}",
+    ]
+    if st["readers"]:
+        head = (f"{'INSTANCE':<16} {'PID':>7} {'ALIVE':>5} {'CURSOR':>12} {'LAG':>8} "
+                f"{'LAG_S':>8} {'DELIVERED':>12} {'LOST':>10} {'ASLEEP':>6}")
+        lines += ["", c(head, "1")]
+        for r in st["readers"]:
+            alive = "yes" if r["alive"] else c("no", "31")
+            lost = c(str(r["lost"]), "33") if r["lost"] else "0"
+            lines.append(
+                f"{r['instance']:<16} {r['pid']:>7} {alive:>5} {r['cursor']:>12} {r['lag']:>8} "
+                f"{r['lag_seconds']:>8.3f} {r['delivered']:>12} {lost:>10} "
+                f"{'yes' if r['asleep'] else 'no':>6}"
+            )
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    name = args.segment or _config(args).segment.name
+    try:
+        seg = Segment.open(name=name, control_writable=False)
+    except SegmentNotFound:
+        raise CliError(f"Failed to read segment {name!r} since it does not exist "
+                       "(is shm-writer running? see: systemctl status shm-writer)") from None
+    colour = _use_colour(sys.stdout)
+    try:
+        while True:
+            st = segment_status(seg)
+            if args.json:
+                print(json.dumps(st), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\x1b[H\x1b[2J", end="")
+                print(render_status(st, colour), flush=True)
+                if args.watch and not sys.stdout.isatty():
+                    print()
+            if not args.watch:
+                return EXIT_OK
+            time.sleep(args.watch)  # the refresh period of a display, not synchronisation
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        seg.close()
+
+
+# -- tail ---------------------------------------------------------------------------
+
+
+class PrintSink:
+    """``shmctl tail``'s sink: records to stdout as text, hex or JSON lines."""
+
+    def __init__(self, fmt: str, limit: int | None, out: TextIO) -> None:
+        self.fmt = fmt
+        self.limit = limit
+        self.count = 0
+        self.out = out
+        self.on_limit: Any = None
+
+    def write(self, records: list[Record]) -> None:
+        out = self.out
+        for r in records:
+            if self.limit is not None and self.count >= self.limit:
+                break
+            payload = bytes(r.payload)
+            if self.fmt == "json":
+                doc: dict[str, Any] = {"seq": r.seq, "timestamp_ns": r.timestamp_ns,
+                                       "topic": r.topic}
+                try:
+                    doc["payload"] = payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    doc["payload_base64"] = base64.b64encode(payload).decode()
+                out.write(json.dumps(doc) + "\n")
+            elif self.fmt == "hex":
+                out.write(f"{r.seq} {r.topic} {payload.hex()}\n")
+            else:
+                out.write(payload.decode("utf-8", "replace") + "\n")
+            self.count += 1
+        out.flush()
+        if self.limit is not None and self.count >= self.limit and self.on_limit:
+            self.on_limit()
+
+    def close(self) -> None:
+        self.out.flush()
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from shmd.reader import ReaderDaemon, ReaderExit  # noqa: PLC0415 - tail only
+
+    cfg = _config(args)
+    logs.configure_logging("ctl", level="warning", target="console")
+    base = cfg.reader.defaults
+    topics: Any = "all" if not args.topic else tuple(sorted(set(args.topic)))
+    settings = ReaderSettings(topics=topics, start=args.start, sink=base.sink,
+                              stats_interval=3600.0, reconnect_timeout=args.timeout)
+    sink = PrintSink(args.format, args.n, sys.stdout)
+    instance = args.instance or f"shmctl-{os.getpid()}"
+    daemon = ReaderDaemon(cfg, settings, instance, logs.get_logger(), sink=sink)
+
+    def stop() -> None:
+        assert daemon.loop is not None
+        daemon.stop_reason = "limit"
+        daemon.loop.stop()
+
+    sink.on_limit = stop
+    try:
+        daemon.run()
+    except ReaderExit as exc:
+        if exc.event == logs.EXITING and daemon.stop_reason == "writer_lost":
+            raise CliError("the writer went away without shutting down") from None
+        raise CliError(str(exc)) from None
+    except BrokenPipeError:  # `shmctl tail | head`
+        return EXIT_OK
+    finally:
+        daemon.close()
+    return EXIT_OK
+
+
+# -- publish ------------------------------------------------------------------------
+
+
+def _stdin_payloads(framing: str) -> Any:
+    stream = sys.stdin.buffer
+    if framing == "length":
+        while True:
+            head = stream.read(4)
+            if not head:
+                return
+            if len(head) < 4:
+                raise CliError("Failed to read a frame since standard input ended inside "
+                               "its 4-byte length prefix")
+            n = int.from_bytes(head, "little")
+            body = stream.read(n)
+            if len(body) < n:
+                raise CliError(f"Failed to read a {n}-byte frame since standard input ended "
+                               f"after {len(body)} bytes")
+            yield body
+    else:
+        for line in stream:
+            yield line[:-1] if line.endswith(b"\n") else line
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    ctl = cfg.control
+    sock_type = {"seqpacket": 5, "stream": 1}[ctl.type]
+    try:
+        conn = wire.connect(ctl.socket, sock_type, timeout=ctl.handshake_timeout,
+                            max_message=ctl.max_message)
+    except wire.WireError as exc:
+        raise CliError(str(exc)) from None
+    payloads = (a.encode() for a in args.records) if args.records else _stdin_payloads(
+        args.framing)
+    sent = 0
+    last_seq = None
+    started = time.monotonic()
+    progress = sys.stderr.isatty()
+    next_progress = started + 1.0
+    try:
+        with conn:
+            for payload in payloads:
+                conn.send(protocol.Publish(topic=args.topic, payload=payload).encode(),
+                          timeout=ctl.handshake_timeout)
+                frame = conn.recv(timeout=ctl.handshake_timeout)
+                with frame:
+                    msg = protocol.decode(frame.body, len(frame.fds))
+                if isinstance(msg, protocol.Refuse):
+                    raise CliError(f"the writer refused record {sent + 1}: {msg.reason}")
+                if not isinstance(msg, protocol.PublishAck):
+                    raise CliError(f"the writer answered with a {type(msg).__name__}")
+                sent += 1
+                last_seq = msg.seq
+                if progress and time.monotonic() >= next_progress:
+                    print(f"\rpublished {sent} records", end="", file=sys.stderr, flush=True)
+                    next_progress += 1.0
+    except (wire.ChannelError, protocol.ProtocolError) as exc:
+        raise CliError(f"after {sent} records: {exc}") from None
+    if progress and time.monotonic() - started >= 1.0:
+        print(file=sys.stderr)
+    if args.verbose:
+        print(f"published {sent} records, last seq {last_seq}", file=sys.stderr)
+    return EXIT_OK
+
+
+# -- check-config, bench, demo ----------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    return check_config(cfg)
+
+
+def _benchmarks_module() -> Any:
+    try:
+        return importlib.import_module("benchmarks.run")
+    except ImportError:
+        pass
+    # A source checkout: benchmarks/ sits beside the shmd package.
+    tree = Path(__file__).resolve().parent.parent
+    if (tree / "benchmarks" / "run.py").is_file():
+        sys.path.insert(0, str(tree))
+        return importlib.import_module("benchmarks.run")
+    raise CliError("Failed to run the benchmark since the benchmarks/ directory of the shmd "
+                   "source tree is not available (run shmctl bench from a checkout)")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    mod = _benchmarks_module()
+    status: int = mod.main(list(args.bench_args))
+    return status
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A writer and two readers in the foreground, logs on the terminal."""
+    exe = Path(sys.executable)
+    base = [str(exe), "-m"]
+    extra = ["--config", args.config] if args.config else []
+    target = ["--log-target", "console"]
+    writer = subprocess.Popen([*base, "shmd.writer", *extra, *target])
+    readers = [subprocess.Popen([*base, "shmd.reader", "--instance", str(i), *extra, *target])
+               for i in range(1, args.readers + 1)]
+    procs = [writer, *readers]
+
+    def forward(signum: int, frame: object) -> None:
+        # Ctrl-C reaches every process of the terminal's foreground group by
+        # itself; a signal sent to this pid alone is passed on to the writer,
+        # whose shutdown makes the readers drain and exit.
+        if writer.poll() is None:
+            writer.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    statuses = [p.wait() for p in procs]
+    return EXIT_OK if all(s == 0 for s in statuses) else EXIT_FAILURE
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """shmctl's parser (also used to test every subcommand's --help)."""
+    p = argparse.ArgumentParser(
+        prog="shmctl", description="See and drive a running shmd bus.",
+        epilog="Every subcommand has --help with examples.",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="configuration file (default: $SHMD_CONFIG, else /etc/shmd/shmd.yaml)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text,
+                              epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    s = add("status", "show the live segment: writer, ring, and one row per reader")
+    s.add_argument("--segment", metavar="NAME", help="segment name (default: from the config)")
+    s.add_argument("--json", action="store_true", help="one JSON document (per refresh)")
+    s.add_argument("--watch", type=float, metavar="SECONDS", nargs="?", const=1.0,
+                   help="redraw every SECONDS (default 1) until Ctrl-C")
+
+    t = add("tail", "attach as a reader and print records as they arrive")
+    t.add_argument("--format", choices=("text", "hex", "json"), default="text")
+    t.add_argument("--topic", type=int, action="append", metavar="ID",
+                   help="only this topic (repeatable; default: all)")
+    t.add_argument("--from", dest="start", choices=("latest", "oldest"), default="latest")
+    t.add_argument("-n", type=int, metavar="N", help="exit after N records")
+    t.add_argument("--instance", help="reader instance name (default: shmctl-<pid>)")
+    t.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for the writer's socket (default 5)")
+
+    pb = add("publish", "publish records from arguments or standard input")
+    pb.add_argument("records", nargs="*", help="payloads (default: read standard input)")
+    pb.add_argument("--topic", type=int, default=0, help="topic id 0..63 (default 0)")
+    pb.add_argument("--framing", choices=("newline", "length"), default="newline",
+                    help="standard input framing: lines, or u32 little-endian length prefixes")
+    pb.add_argument("-v", "--verbose", action="store_true", help="report the count and last seq")
+
+    c = add("check-config", "validate a configuration file and print the effective settings")
+    c.add_argument("file", nargs="?", help="the file (default: as --config)")
+
+    b = add("bench", "run the benchmark against a throw-away segment and print the table")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="arguments for the benchmark (see: shmctl bench --help-bench)")
+
+    d = add("demo", "a writer and readers in the foreground with logs on the terminal")
+    d.add_argument("--readers", type=int, default=2, help="how many readers (default 2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``shmctl``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "check-config" and args.file:
+        args.config = args.file
+    if args.command in ("tail", "publish") and getattr(args, "topic", None) is not None:
+        topics = args.topic if isinstance(args.topic, list) else [args.topic]
+        if any(not 0 <= t <= 63 for t in topics):
+            parser.error("--topic must be between 0 and 63")
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "status": cmd_status, "tail": cmd_tail, "publish": cmd_publish,
+        "check-config": cmd_check_config, "demo": cmd_demo, "bench": cmd_bench,
+    }
+    try:
+        return commands[args.command](args)
+    except (CliError, ShmdError) as exc:
+        print(f"shmctl: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `shmctl ... | head`: the reader of our output left; that is not an
+        # error.  Point stdout at /dev/null so the interpreter's final flush
+        # does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
