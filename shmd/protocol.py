@@ -162,6 +162,19 @@ def _reason(value: object) -> str:
     return value
 
 
+def safe_reason(text: str) -> str:
+    """Make any text a valid Refuse/Detach reason (e.g. an exception's message).
+
+    Unprintable characters are escaped the way repr() does, and the result is
+    cut to MAX_REASON bytes of UTF-8 on a character boundary.  A text that is
+    already a valid reason comes back unchanged.
+    """
+    escaped = "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+    return escaped.encode("utf-8")[:MAX_REASON].decode("utf-8", errors="ignore")
+
+
 def _validate(msg: object, check: Callable[[], None]) -> None:
     """Run a message's checks at construction; failures become ProtocolError."""
     try:

@@ -30,6 +30,7 @@ from shmd.protocol import (
     VersionMismatch,
     Welcome,
     decode,
+    safe_reason,
 )
 
 # -- strategies -----------------------------------------------------------------
@@ -355,6 +356,28 @@ def test_enum_fields_are_normalised() -> None:
     assert Hello("r", pid=1, start=2, last_generation=1).start is Start.RESUME
     assert Refuse(4).code is RefuseCode.TABLE_FULL
     assert Publish(1, bytearray(b"ab")).payload == b"ab"
+
+
+@settings(max_examples=500)
+@given(
+    st.text(max_size=2000)
+    | st.binary(max_size=600).map(
+        lambda b: b.decode("utf-16-le", "surrogatepass" if len(b) % 2 == 0 else "replace")
+    )
+)
+def test_safe_reason_makes_any_text_a_valid_reason(text: str) -> None:
+    """safe_reason() turns any text into a reason Refuse accepts, leaving valid reasons alone."""
+    reason = safe_reason(text)
+    assert Refuse(RefuseCode.BAD_MESSAGE, reason).reason == reason
+    if text.isprintable() and len(text.encode("utf-8", "surrogatepass")) <= MAX_REASON:
+        assert reason == text
+
+
+def test_safe_reason_escapes_and_cuts() -> None:
+    """safe_reason() escapes control characters like repr() and cuts on a character boundary."""
+    assert safe_reason("bad\nline\x1b[0m") == "bad\\nline\\x1b[0m"
+    assert safe_reason("é" * 600) == "é" * (MAX_REASON // 2)
+    assert safe_reason("x" + "é" * 600) == "x" + "é" * ((MAX_REASON - 1) // 2)
 
 
 # -- fuzzing ------------------------------------------------------------------------
