@@ -216,8 +216,10 @@ def send_to_journal(fields: dict[str, str]) -> None:
     try:
         systemd.journal.sendv(*(f"{k}={v}" for k, v in fields.items()))
     except OSError as exc:
-        # No journald (a container without it, a chroot): the entry is not
-        # lost silently, it goes to stderr as one line.
+        # libsystemd itself swallows ENOENT (no journald at all: the entry is
+        # dropped silently, hence "auto" only picks the journal when systemd
+        # gave us a journal stream).  Any other failure (a socket of the wrong
+        # type, EMSGSIZE...) is raised and lands here: say so on stderr.
         print(f"Failed to send a log entry to the journal since {exc.strerror or exc}: "
               f"{fields.get('MESSAGE', '')}", file=sys.stderr, flush=True)
 
