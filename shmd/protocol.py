@@ -120,6 +120,11 @@ def _enum_list(cls: type[enum.IntEnum]) -> str:
 # -- field checks: each raises _Invalid ---------------------------------------
 
 
+def _show(value: str, limit: int = 40) -> str:
+    """repr() of a peer-supplied string, cut so an error message stays short."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} chars)"
+
+
 def _uint(name: str, value: object, maximum: int, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Invalid(f"{name} must be an int, not {type(value).__name__}")
@@ -142,7 +147,7 @@ def _instance(value: object) -> str:
         raise _Invalid(f"the instance name must be a str, not {type(value).__name__}")
     if not _INSTANCE_RE.fullmatch(value):
         raise _Invalid(
-            f"the instance name {value!r} does not match {INSTANCE_PATTERN} "
+            f"the instance name {_show(value)} does not match {INSTANCE_PATTERN} "
             "(1 to 31 ASCII letters, digits, '_', '.', ':', '@' or '-')"
         )
     return value
@@ -158,7 +163,9 @@ def _reason(value: object) -> str:
     if size > MAX_REASON:
         raise _Invalid(f"the reason is {size} bytes of UTF-8, more than {MAX_REASON}")
     if not value.isprintable():
-        raise _Invalid(f"the reason {value!r} contains control or other unprintable characters")
+        raise _Invalid(
+            f"the reason {_show(value)} contains control or other unprintable characters"
+        )
     return value
 
 
@@ -565,7 +572,8 @@ def decode(body: bytes, n_fds: int) -> Message:
     if n_fds != cls.N_FDS:
         raise ProtocolError(
             f"decode a {name}",
-            f"{n_fds} fds came with it but a {name} carries exactly {cls.N_FDS}",
+            f"{n_fds} fd{'' if n_fds == 1 else 's'} came with it but a {name} carries "
+            f"exactly {cls.N_FDS}",
         )
     try:
         return cls._decode(_Reader(body), version)
