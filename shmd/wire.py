@@ -287,6 +287,7 @@ class Connection:
         max_message: int = DEFAULT_MAX_MESSAGE,
         max_outgoing: int | None = None,
         max_fds: int = MAX_FDS,
+        read_budget: int | None = None,
     ) -> None:
         if sock.family != socket.AF_UNIX:
             raise WireError(
@@ -318,7 +319,7 @@ class Connection:
         # Most bytes one on_readable() call reads, so that a flooding peer
         # cannot keep an epoll loop to itself (level-triggered epoll calls
         # again).
-        self._read_budget = max(4 * min_outgoing, 256 * 1024)
+        self._read_budget = read_budget or max(4 * min_outgoing, 256 * 1024)
         self._rx = bytearray()
         self._rx_pos = 0  # stream offset of self._rx[0]
         self._rx_fds: deque[_FdBatch] = deque()
@@ -425,7 +426,7 @@ class Connection:
         budget = self._read_budget
         try:
             while budget > 0:
-                got = self._read_once()
+                got = self._read_once(budget)
                 if got < 0:
                     break
                 budget -= max(got, HEADER_SIZE)
@@ -458,12 +459,16 @@ class Connection:
             self._ready.extend(self.on_readable())
         return self._ready.popleft()
 
-    def _read_once(self) -> int:
-        """Do one recvmsg; return the byte count, or -1 when it would block."""
+    def _read_once(self, budget: int) -> int:
+        """Do one recvmsg; return the byte count, or -1 when it would block.
+
+        On a stream it reads at most ``budget`` bytes; a datagram is always
+        read whole.
+        """
         sock = self._socket()
         bufsize = HEADER_SIZE + self._max_message
         if self._type == socket.SOCK_STREAM:
-            bufsize = _STREAM_READ
+            bufsize = max(1, min(_STREAM_READ, budget))
         try:
             data, ancdata, flags, _addr = sock.recvmsg(
                 bufsize, socket.CMSG_LEN(self._max_fds * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
@@ -473,7 +478,9 @@ class Connection:
         except ConnectionResetError:
             # Linux reports ECONNRESET when the peer closed with data of ours
             # still unread in its receive queue: for us that is a hang-up.
-            raise PeerClosed("Failed to receive a frame since the peer reset the connection") from None
+            raise PeerClosed(
+                "Failed to receive a frame since the peer reset the connection"
+            ) from None
         except OSError as exc:
             raise WireError(f"Failed to receive a frame since {_why(exc)}") from None
         fds = _take_fds(ancdata)

@@ -584,6 +584,19 @@ def test_send_to_closed_peer_raises_peer_closed_without_sigpipe(type_name: str) 
     assert proc.stdout.strip() == "peer-closed"
 
 
+def test_on_readable_reads_a_bounded_amount_per_call(sock_type: int) -> None:
+    """One on_readable() call stops after its read budget; the next calls return the rest."""
+    a, b = socket.socketpair(socket.AF_UNIX, sock_type)
+    with Connection(a) as writer, Connection(b, read_budget=3000) as reader:
+        for i in range(10):
+            writer.send(i.to_bytes(4, "little") + bytes(996), timeout=DEADLINE)
+        first = reader.on_readable()
+        assert 1 <= len(first) < 10
+        rest = wait_frames(reader, 10 - len(first))
+        got = [int.from_bytes(f.body[:4], "little") for f in first + rest]
+        assert got == list(range(10))
+
+
 def test_recv_times_out_with_nothing_sent(pair: tuple[Connection, Connection]) -> None:
     """recv() with a timeout raises WireTimeout when no frame arrives before the deadline."""
     _a, b = pair
