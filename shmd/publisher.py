@@ -19,10 +19,13 @@ between, so at least one of them sees the other (see Subscriber.prepare_sleep).
 
 from __future__ import annotations
 
+import functools
 import os
+import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from types import TracebackType
 
 import structlog
@@ -58,7 +61,7 @@ from shmd.layout import (
     encode_name,
     entry_offset,
 )
-from shmd.ring import check_record, free_slots
+from shmd.ring import check_record, free_slots, runs
 from shmd.segment import Segment
 
 log = structlog.get_logger("shmd.publisher")
@@ -386,19 +389,55 @@ class Publisher:
         seq = self._seq
         seg.q[Segment.RESERVE_SEQ] = seq + n
         libc.store_fence()  # the reserve must be visible before any slot changes
-        ring = seg.ring
-        mask, slot, pack = self._mask, self._slot, self._pack
         ts = time.monotonic_ns()
-        nbytes = 0
+        lengths = list(map(len, payloads))
+        nbytes = sum(lengths)
+        longest = max(lengths)
+        pad = self._slot - RECORD_HEADER_SIZE - longest
+        # Dense batches (records that nearly fill their slots) are built
+        # whole in C: one struct.pack per slot via map(), one join, one copy
+        # per run; about 5x faster than a Python loop for 64-byte records.
+        # Sparse ones (small records in big slots) would copy mostly padding,
+        # and non-bytes payloads do not pack as "s": those take the loop.
+        if n > 1 and self._slot <= _DENSE_SLOT_MAX and pad <= max(256, longest):
+            try:
+                self._write_dense(seq, ts, topic, payloads, lengths, longest, pad)
+            except struct.error:
+                self._write_loop(seq, ts, topic, payloads)
+        else:
+            self._write_loop(seq, ts, topic, payloads)
+        seq += n
+        self._commit(seq, nbytes, 1 << topic)
+
+    def _write_dense(  # noqa: PLR0917 - private, called from one place
+        self, seq: int, ts: int, topic: int,
+        payloads: Sequence[bytes | bytearray | memoryview], lengths: list[int],
+        longest: int, pad: int,
+    ) -> None:
+        ring, mask, slot = self.segment.ring, self._mask, self._slot
+        packer = _slot_packer(longest, pad)
+        # Blobs stay small: a large one is a fresh mmap in malloc, whose page
+        # faults cost more than the copy.
+        chunk = max(1, _DENSE_BLOB // slot)
+        for first, count in _chunked(runs(seq, seq + len(payloads), self.geometry.capacity),
+                                     chunk):
+            i = first - seq
+            blob = b"".join(map(packer.pack, range(first, first + count), repeat(ts),
+                                lengths[i : i + count], repeat(topic), repeat(0), repeat(0),
+                                payloads[i : i + count]))
+            off = (first & mask) * slot
+            ring[off : off + len(blob)] = blob
+
+    def _write_loop(self, seq: int, ts: int, topic: int,
+                    payloads: Sequence[bytes | bytearray | memoryview]) -> None:
+        ring, mask, slot, pack = self.segment.ring, self._mask, self._slot, self._pack
         for p in payloads:
             off = (seq & mask) * slot
             length = len(p)
             pack(ring, off, seq, ts, length, topic, 0, 0)
             start = off + RECORD_HEADER_SIZE
             ring[start : start + length] = p
-            nbytes += length
             seq += 1
-        self._commit(seq, nbytes, 1 << topic)
 
     def reserve(self, size: int, topic: int = 0) -> Reservation:
         """A slot's payload buffer to fill in place; commit it with ``Reservation.commit``.
@@ -544,6 +583,25 @@ class Publisher:
         q[Segment.HEARTBEAT_NS] = time.monotonic_ns()
         if rate is not None:
             q[Segment.RATE_MILLI] = max(0, round(rate * 1000))
+
+
+#: Slots larger than this take the loop (the per-record overhead no longer matters).
+_DENSE_SLOT_MAX = 2048
+#: Bytes built per join in the dense path.
+_DENSE_BLOB = 64 * 1024
+
+
+def _chunked(pieces: Iterable[tuple[int, int]], most: int) -> Iterator[tuple[int, int]]:
+    """Split (first, count) runs into runs of at most ``most``."""
+    for first, count in pieces:
+        for start in range(first, first + count, most):
+            yield start, min(most, first + count - start)
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_packer(payload: int, pad: int) -> struct.Struct:
+    """A struct for one whole slot: record header, payload (zero-padded), padding."""
+    return struct.Struct(f"<QQIIII{payload}s{pad}x")
 
 
 class Reservation:
