@@ -31,7 +31,7 @@ from shmd.errors import SegmentNotFound, ShmdError
 from shmd.layout import Policy, ReaderState
 from shmd.ring import slot_of
 from shmd.segment import Segment
-from shmd.subscriber import Record
+from shmd.subscriber import RawRecord
 
 EXAMPLES = {
     "status": """examples:
@@ -187,22 +187,21 @@ class PrintSink:
         self.out = out
         self.on_limit: Any = None
 
-    def write(self, records: list[Record]) -> None:
+    def write(self, records: list[RawRecord]) -> None:
         out = self.out
-        for r in records:
+        for seq, ts, topic, raw in records:
             if self.limit is not None and self.count >= self.limit:
                 break
-            payload = bytes(r.payload)
+            payload = bytes(raw)
             if self.fmt == "json":
-                doc: dict[str, Any] = {"seq": r.seq, "timestamp_ns": r.timestamp_ns,
-                                       "topic": r.topic}
+                doc: dict[str, Any] = {"seq": seq, "timestamp_ns": ts, "topic": topic}
                 try:
                     doc["payload"] = payload.decode("utf-8")
                 except UnicodeDecodeError:
                     doc["payload_base64"] = base64.b64encode(payload).decode()
                 out.write(json.dumps(doc) + "\n")
             elif self.fmt == "hex":
-                out.write(f"{r.seq} {r.topic} {payload.hex()}\n")
+                out.write(f"{seq} {topic} {payload.hex()}\n")
             else:
                 out.write(payload.decode("utf-8", "replace") + "\n")
             self.count += 1

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from types import FrameType
 
 from shmd._sys.fd import OwnedFd
-from shmd.subscriber import Record, Subscriber
+from shmd.subscriber import RawRecord, Record, Subscriber
 
 Handler = Callable[[int], None]
 
@@ -135,7 +135,8 @@ class LoopExit(enum.Enum):
 class ReaderLoop:
     """Drain, sleep in epoll, repeat, until the writer goes inactive.
 
-    ``on_records(batch)`` gets every non-empty batch.  The daemon adds its
+    ``on_records(batch)`` gets every non-empty batch of ``(seq,
+    timestamp_ns, topic, payload)`` tuples (:meth:`Subscriber.read_batch`).  The daemon adds its
     own fds (control socket, signal pipe) to ``reactor``; their handlers may
     call :meth:`stop`.  The eventfd is consumed before draining: a wake-up
     that arrives while we drain stays pending and costs one empty pass at
@@ -143,7 +144,7 @@ class ReaderLoop:
     """
 
     def __init__(
-        self, sub: Subscriber, on_records: Callable[[list[Record]], None], *,
+        self, sub: Subscriber, on_records: Callable[[list[RawRecord]], None], *,
         reactor: Reactor | None = None, batch: int = 4096, copy: bool = True,
         tick: Callable[[], float | None] | None = None,
     ) -> None:
@@ -183,7 +184,7 @@ class ReaderLoop:
         sub = self.sub
         while True:
             before = sub.cursor
-            batch = sub.read(self.batch, copy=self.copy)
+            batch = sub.read_batch(self.batch, copy=self.copy)
             if batch:
                 total += len(batch)
                 self.on_records(batch)

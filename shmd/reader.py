@@ -39,7 +39,7 @@ from shmd.daemon import (
 from shmd.errors import ReaderEvicted, ShmdError
 from shmd.reactor import LoopExit, Reactor, ReaderLoop, SignalWakeup
 from shmd.sinks import RecordSink, SinkError, make_sink
-from shmd.subscriber import Record, Subscriber
+from shmd.subscriber import RawRecord, Subscriber
 
 SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
 _RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
@@ -151,7 +151,7 @@ class ReaderDaemon:
 
     # -- running -------------------------------------------------------------------
 
-    def _on_records(self, records: list[Record]) -> None:
+    def _on_records(self, records: list[RawRecord]) -> None:
         assert self.sink is not None
         self.sink.write(records)
 

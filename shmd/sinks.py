@@ -1,6 +1,8 @@
 """Where a reader's records go: journal, file, stdout, a child's stdin, or Python.
 
-A sink gets whole batches (``write(records)``) so that per-record work stays
+A sink gets whole batches (``write(records)``) of ``(seq, timestamp_ns,
+topic, payload)`` tuples (:data:`~shmd.subscriber.RawRecord`; a
+:class:`~shmd.subscriber.Record` is one too) so that per-record work stays
 in C-level loops where it can (``b"".join``).  A sink that can no longer
 take records raises :class:`SinkError`; the reader then exits non-zero and
 systemd's ``Restart=on-failure`` brings it back.
@@ -20,7 +22,7 @@ import structlog
 from shmd.config import ExecSink, FileSink, JournalSink, PythonSink, Sink, StdoutSink
 from shmd.errors import ShmdError
 from shmd.sources import SourceError, load_callable
-from shmd.subscriber import Record
+from shmd.subscriber import RawRecord
 
 log = structlog.get_logger("shmd.sinks")
 
@@ -32,7 +34,7 @@ class SinkError(ShmdError):
 class RecordSink(Protocol):
     """What the reader loop writes into."""
 
-    def write(self, records: list[Record]) -> None:
+    def write(self, records: list[RawRecord]) -> None:
         """Take a batch (in order)."""
 
     def close(self) -> None:
@@ -56,25 +58,25 @@ class JournalRecords:
         self._count = 0
         self._first_seq: int | None = None
 
-    def write(self, records: list[Record]) -> None:
+    def write(self, records: list[RawRecord]) -> None:
         if self._first_seq is None:
-            self._first_seq = records[0].seq
+            self._first_seq = records[0][0]
         self._count += len(records)
         now = time.monotonic()
         if now - self._last >= self.period:
             last = records[-1]
-            log.info("records", count=self._count, first_seq=self._first_seq, seq=last.seq,
-                     topic=last.topic, payload=_preview(last.payload))
+            log.info("records", count=self._count, first_seq=self._first_seq, seq=last[0],
+                     topic=last[2], payload=_preview(last[3]))
             self._last, self._count, self._first_seq = now, 0, None
 
     def close(self) -> None:
         pass
 
 
-def _frame(records: list[Record], framing: str) -> bytes:
+def _frame(records: list[RawRecord], framing: str) -> bytes:
     if framing == "length":
-        return b"".join(len(r.payload).to_bytes(4, "little") + bytes(r.payload) for r in records)
-    return b"".join(bytes(r.payload) + b"\n" for r in records)
+        return b"".join(len(r[3]).to_bytes(4, "little") + bytes(r[3]) for r in records)
+    return b"".join(bytes(r[3]) + b"\n" for r in records)
 
 
 class StreamRecords:
@@ -95,7 +97,7 @@ class StreamRecords:
                             f"{exc.strerror}") from None
         return cls(f, cfg.framing, cfg.path, owned=True)
 
-    def write(self, records: list[Record]) -> None:
+    def write(self, records: list[RawRecord]) -> None:
         try:
             self.stream.write(_frame(records, self.framing))
             self.stream.flush()
@@ -130,7 +132,7 @@ class ExecRecords:
         assert self.child.stdin is not None
         self.stdin: IO[bytes] = self.child.stdin
 
-    def write(self, records: list[Record]) -> None:
+    def write(self, records: list[RawRecord]) -> None:
         try:
             self.stdin.write(_frame(records, "lines"))
             self.stdin.flush()
@@ -163,7 +165,7 @@ class PythonRecords:
             raise SinkError(str(exc)) from None
         self.spec = cfg.callable
 
-    def write(self, records: list[Record]) -> None:
+    def write(self, records: list[RawRecord]) -> None:
         try:
             self.fn(records)
         except Exception as exc:
