@@ -1,0 +1,340 @@
+"""Tests of shmd.writer: shm-writer as a real process on a real socket and /dev/shm segment."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from daemons import (
+    Bus,
+    assert_contiguous,
+    program,
+    read_lines,
+    running_bus,
+    tick_numbers,
+    wait_until,
+)
+
+from shmd import protocol, wire
+from shmd.layout import ReaderState
+from shmd.segment import Segment
+
+SEQPACKET = socket.SOCK_SEQPACKET
+
+
+@pytest.fixture
+def bus() -> Iterator[Bus]:
+    """A Bus whose processes (by pid), segment, socket and files are gone after the test."""
+    with running_bus() as b:
+        yield b
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def activate_cmd(bus: Bus, listen: str, *extra: str) -> list[str]:
+    """systemd-socket-activate running shm-writer on ``listen`` (systemd's own tool)."""
+    return ["systemd-socket-activate", *extra, "-l", listen, "--fdname=control",
+            "-E", f"SHMD_CONFIG={bus.config_path}", *program("shm-writer")]
+
+
+def recv_message(sock: socket.socket, timeout: float = 5.0) -> protocol.Message | None:
+    """One frame from a raw seqpacket socket, decoded; None when the writer hung up."""
+    r, _, _ = select.select([sock], [], [], timeout)
+    assert r, f"the writer did not answer within {timeout} s"
+    data, anc, _flags, _ = sock.recvmsg(1 << 17, socket.CMSG_SPACE(64))
+    if not data:
+        return None
+    fds: list[int] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) - len(raw) % 4]))
+    for fd in fds:
+        os.close(fd)
+    length, n_fds = wire.decode_header(data, 1 << 17)
+    return protocol.decode(data[wire.HEADER_SIZE:wire.HEADER_SIZE + length], n_fds)
+
+
+def raw_client(bus: Bus) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, SEQPACKET | socket.SOCK_CLOEXEC)
+    s.connect(bus.socket)
+    return s
+
+
+def frame(body: bytes, n_fds: int = 0) -> bytes:
+    return wire.HEADER.pack(wire.MAGIC, 0, len(body), n_fds, 0) + body
+
+
+def ticks_reach(bus: Bus, instance: str, n: int) -> bool:
+    numbers = tick_numbers(read_lines(bus.out(instance)))
+    return bool(numbers) and numbers[-1] >= n
+
+
+def write_seq(bus: Bus) -> int:
+    seg = Segment.open(name=bus.segment, control_writable=False)
+    try:
+        return seg.write_seq
+    finally:
+        seg.close()
+
+
+def keeps_receiving(bus: Bus, instance: str, more: int = 20) -> None:
+    """The reader's file gets records published from now on."""
+    target = write_seq(bus) + more
+    wait_until(lambda: ticks_reach(bus, instance, target), what=f"{instance} reaching {target}")
+
+
+def stop_and_check_all_ticks(bus: Bus, writer: Any, readers: dict[str, Any]) -> None:
+    """SIGTERM the writer; every reader exits 0 having received every tick since it attached."""
+    writer.terminate()
+    cleared = writer.wait_for("active_cleared")
+    for name, r in readers.items():
+        assert r.wait_exit() == 0, r.stderr()
+        drained = r.wait_for("drained")
+        assert drained["seq"] == cleared["seq"], (name, drained, cleared)
+        numbers = tick_numbers(read_lines(bus.out(name)))
+        assert_contiguous(numbers, f"ticks of {name}")
+        # Nothing published before shutdown is missing at the end.
+        assert numbers[-1] == cleared["seq"], (name, numbers[-1], cleared)
+    assert writer.wait_exit() == 0, writer.stderr()
+
+
+# -- start-up: binding, activation ------------------------------------------------------------
+
+
+def test_writer_binds_its_socket_replacing_a_stale_file(bus: Bus) -> None:
+    """Started by hand, the writer replaces a stale socket file and unlinks its own on exit."""
+    stale = socket.socket(socket.AF_UNIX, SEQPACKET)
+    stale.bind(bus.socket)
+    stale.close()  # the file stays, nobody listens: what a kill -9 leaves behind
+    with pytest.raises(ConnectionRefusedError):
+        raw_client(bus)
+    bus.configure(control={"mode": 0o640})
+    w = bus.writer()
+    ready = w.find("listener_ready")[0]
+    assert ready["activated"] is False and ready["socket"] == bus.socket
+    st = os.stat(bus.socket)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    r = bus.file_reader("1")
+    wait_until(lambda: ticks_reach(bus, "1", 3), what="ticks in the file")
+    w.terminate()
+    assert w.wait_exit() == 0
+    assert r.wait_exit() == 0
+    assert not os.path.lexists(bus.socket)
+    assert not bus.segment_exists()
+
+
+def test_writer_refuses_a_socket_another_process_listens_on(bus: Bus) -> None:
+    """A live listener on the path makes the writer exit 1 with one start_failed line."""
+    live = socket.socket(socket.AF_UNIX, SEQPACKET)
+    live.bind(bus.socket)
+    live.listen(1)
+    try:
+        w = bus.writer(wait_ready=False)
+        assert w.wait_exit() == 1
+        failed = w.wait_for("start_failed")
+        assert "another process is listening" in failed["error"]
+        assert bus.socket in failed["error"]
+        assert "Traceback" not in w.stderr()
+        assert os.path.exists(bus.socket)  # not ours: left alone
+        assert not bus.segment_exists()
+    finally:
+        live.close()
+
+
+def test_writer_under_systemd_socket_activate(bus: Bus) -> None:
+    """Under systemd-socket-activate the writer serves on the inherited listener."""
+    bus.configure()
+    act = bus.spawn("systemd-socket-activate",
+                    activate_cmd(bus, bus.socket, "--seqpacket"))
+    wait_until(lambda: os.path.exists(bus.socket), what="the activation socket")
+    # The first connection is what starts the writer.
+    r = bus.file_reader("1")
+    ready = act.wait_for("listener_ready")
+    assert ready["activated"] is True and ready["type"] == "seqpacket"
+    act.wait_for("reader_attached", reader="1")
+    wait_until(lambda: ticks_reach(bus, "1", 5), what="ticks in the file")
+    stop_and_check_all_ticks(bus, act, {"1": r})
+    assert not bus.segment_exists()
+    # The listener was systemd's: the writer does not remove its file.
+    assert os.path.exists(bus.socket)
+
+
+@pytest.mark.parametrize("mismatch", ["path", "type"])
+def test_socket_activation_mismatch_is_refused(bus: Bus, mismatch: str) -> None:
+    """An inherited socket of another path or type is refused with a message naming both sockets."""
+    bus.configure()
+    if mismatch == "path":
+        listen, extra, kind = str(bus.dir / "other.sock"), ["--seqpacket"], SEQPACKET
+        have, want = f"'{listen}' (seqpacket)", f"'{bus.socket}' (seqpacket)"
+    else:
+        listen, extra, kind = bus.socket, [], socket.SOCK_STREAM
+        have, want = f"'{bus.socket}' (stream)", f"'{bus.socket}' (seqpacket)"
+    act = bus.spawn("systemd-socket-activate", activate_cmd(bus, listen, *extra))
+    wait_until(lambda: os.path.exists(listen), what="the activation socket")
+    poke = socket.socket(socket.AF_UNIX, kind)
+    try:
+        poke.connect(listen)  # makes systemd-socket-activate exec the writer
+        assert act.wait_exit() == 1
+    finally:
+        poke.close()
+    failed = act.wait_for("start_failed")
+    assert have in failed["error"] and want in failed["error"], failed["error"]
+    assert "Traceback" not in act.stderr()
+    assert not bus.segment_exists()
+
+
+# -- the termination flow, lost readers ---------------------------------------------------------
+
+
+def test_sigterm_stops_writer_and_every_reader_cleanly(bus: Bus) -> None:
+    """SIGTERM clears the active flag; every reader drains, detaches and exits 0; nothing is left.
+
+    (The writer logs active_cleared, reader_detached for each and
+    shutdown_complete; the readers writer_inactive, drained and exiting.)
+    """
+    w = bus.writer()
+    readers = {name: bus.file_reader(name) for name in ("1", "2", "3")}
+    generation = w.find("listener_ready")[0]["generation"]
+    for name, r in readers.items():
+        attached = w.wait_for("reader_attached", reader=name)
+        assert attached["pid"] == r.pid and attached["generation"] == generation
+        assert isinstance(attached["seq"], int)
+    wait_until(lambda: all(ticks_reach(bus, n, 10) for n in readers), what="ticks for all")
+    stop_and_check_all_ticks(bus, w, readers)
+    cleared = w.find("active_cleared")[0]
+    assert cleared["readers"] == 3 and cleared["reason"] == "SIGTERM"
+    for name, r in readers.items():
+        inactive = r.wait_for("writer_inactive")
+        assert inactive["generation"] == generation
+        names = r.names()
+        assert names.index("writer_inactive") < names.index("drained") < names.index("exiting")
+        assert r.find("exiting")[0]["status"] == 0
+        detached = w.find("reader_detached", reader=name)
+        assert len(detached) == 1 and detached[0]["pid"] == r.pid
+        assert detached[0]["reason"] == "drained" and detached[0]["lost"] == 0
+    assert w.find("shutdown_complete", generation=generation)
+    names = w.names()
+    assert names.index("active_cleared") < names.index("shutdown_complete")
+    assert max(i for i, n in enumerate(names) if n == "reader_detached") < names.index(
+        "shutdown_complete")
+    assert not w.find("reader_lost")
+    assert not bus.segment_exists()
+    assert not os.path.lexists(bus.socket)
+
+
+def test_sigkilled_reader_is_lost_and_its_entry_freed(bus: Bus) -> None:
+    """A SIGKILLed reader is logged reader_lost, its entry freed; the others miss nothing."""
+    w = bus.writer()
+    victim = bus.file_reader("victim")
+    survivor = bus.file_reader("survivor")
+    index = w.wait_for("reader_attached", reader="victim")["index"]
+    seg = Segment.open(name=bus.segment, control_writable=False)
+    try:
+        entry = seg.entry(index)
+        assert entry.state == ReaderState.ATTACHED and entry.pid == victim.pid
+        assert entry.name == "victim"
+        wait_until(lambda: ticks_reach(bus, "victim", 5), what="ticks for the victim")
+        victim.kill()
+        assert victim.wait_exit() == -signal.SIGKILL
+        lost = w.wait_for("reader_lost", reader="victim")
+        assert lost["pid"] == victim.pid and lost["index"] == index
+        assert seg.entry(index).state == ReaderState.FREE
+        assert [e.name for e in seg.entries() if e.state == ReaderState.ATTACHED] == ["survivor"]
+    finally:
+        seg.close()
+    keeps_receiving(bus, "survivor")
+    stop_and_check_all_ticks(bus, w, {"survivor": survivor})
+
+
+# -- SIGHUP ---------------------------------------------------------------------------------------
+
+
+def tick_intervals(bus: Bus, instance: str) -> list[tuple[int, float]]:
+    """(tick number, seconds since the previous tick) from the ticker's own timestamps."""
+    out = []
+    prev: float | None = None
+    for line in read_lines(bus.out(instance)):
+        _, n, ts = line.split(" ")
+        if prev is not None:
+            out.append((int(n), float(ts) - prev))
+        prev = float(ts)
+    return out
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def test_sighup_applies_level_and_ticker_rate_live(bus: Bus) -> None:
+    """SIGHUP after changing logging.level and the ticker rate logs reload and both take effect."""
+    bus.configure(writer={"source": {"rate": 10.0}})
+    w = bus.writer()
+    r = bus.file_reader("1")
+    start = w.wait_for("reader_attached")["seq"]
+    wait_until(lambda: ticks_reach(bus, "1", start + 5), what="five ticks at 10/s")
+    assert not w.find("reader_connected")  # a debug event: not logged at info
+    mark = w.mark()
+    bus.configure(writer={"source": {"rate": 500.0}}, logging={"level": "debug"})
+    w.send(signal.SIGHUP)
+    reload = w.wait_for("reload", since=mark)
+    assert reload["applied"] == "logging.level,writer.source.rate"
+    assert reload["refused"] == "none" and reload["path"] == str(bus.config_path)
+    switched = write_seq(bus) + 1  # the first tick certainly published at the new rate
+    wait_until(lambda: ticks_reach(bus, "1", switched + 100), timeout=5,
+               what="100 ticks at 500/s")
+    intervals = tick_intervals(bus, "1")
+    before = [dt for n, dt in intervals if n <= switched - 1]
+    after = [dt for n, dt in intervals if n > switched]
+    assert median(before) > 0.05, before
+    assert median(after) < 0.02, after
+    # The new level is live: a connection is now logged at debug.
+    client = raw_client(bus)
+    client.close()
+    w.wait_for("reader_connected", since=mark)
+    stop_and_check_all_ticks(bus, w, {"1": r})
+
+
+def test_sighup_refuses_keys_that_need_a_restart(bus: Bus) -> None:
+    """Changing segment.capacity is refused on SIGHUP (logged) and the writer keeps publishing."""
+    bus.configure()
+    w = bus.writer()
+    r = bus.file_reader("1")
+    mark = w.mark()
+    bus.configure(segment={"capacity": 512})
+    w.send(signal.SIGHUP)
+    reload = w.wait_for("reload", since=mark)
+    assert reload["applied"] == "none" and reload["refused"] == "segment.capacity"
+    refused = w.wait_for("reload_refused", since=mark)
+    assert refused["keys"] == "segment.capacity" and "restart" in refused["reason"]
+    keeps_receiving(bus, "1")
+    stop_and_check_all_ticks(bus, w, {"1": r})
+
+
+def test_sighup_with_a_broken_file_keeps_the_running_configuration(bus: Bus) -> None:
+    """A broken file on SIGHUP logs config_error and the writer runs on with the old settings."""
+    bus.configure()
+    w = bus.writer()
+    r = bus.file_reader("1")
+    mark = w.mark()
+    bus.config_path.write_text("segment:\n  capacity: 256\nwriter:\n  status_interval: -1\n")
+    w.send(signal.SIGHUP)
+    err = w.wait_for("config_error", since=mark)
+    assert err["path"] == str(bus.config_path) and err["line"] == 4
+    assert err["key"] == "writer.status_interval" and "running configuration kept" in err["action"]
+    assert not w.find("reload", since=mark)
+    keeps_receiving(bus, "1")
+    # Fixed again, the next SIGHUP applies it.
+    mark = w.mark()
+    bus.configure(writer={"status_interval": 0.25})
+    w.send(signal.SIGHUP)
+    assert w.wait_for("reload", since=mark)["applied"] == "writer.status_interval"
+    stop_and_check_all_ticks(bus, w, {"1": r})
