@@ -33,6 +33,8 @@ from typing import Any, Literal, NoReturn, TypeAlias, cast
 
 import yaml
 
+from shmd.errors import ShmdError
+
 __all__ = [
     "DEFAULT_PATH",
     "ENV_VAR",
@@ -103,7 +105,7 @@ Target: TypeAlias = Literal["auto", "journal", "console", "json"]
 IdEntry: TypeAlias = str | int
 
 
-class ConfigError(Exception):
+class ConfigError(ShmdError):
     """A configuration mistake, located as precisely as the YAML allows.
 
     ``path`` is the file (None for built-in defaults), ``line`` the 1-based

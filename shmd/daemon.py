@@ -2,8 +2,8 @@
 
 Exit statuses follow systemd.exec(5), so that unit states and restart
 policies mean something: 0 clean, 1 failure (``Restart=on-failure`` brings
-the daemon back), 77 not permitted, 78 configuration error (not restarted
-by ``on-failure``... it is, so the units set ``RestartPreventExitStatus=78``).
+the daemon back), 77 not permitted, 78 configuration error (the units set
+``RestartPreventExitStatus=78``: a broken file does not heal by restarting).
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ from shmd.config import (
     ENV_VAR,
     EXIT_CONFIG,
     Config,
-    ConfigError,
     config_to_dict,
-    exit_on_config_error,
-    load_config,
+    load_config_or_exit,
 )
 from shmd.errors import ShmdError
 
@@ -53,10 +51,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def load_or_exit(args: argparse.Namespace, role: str, instance: str | None = None) -> Config:
     """Load the configuration; on error log one ``config_error`` line and exit 78."""
-    try:
-        return load_config(args.config)
-    except ConfigError as err:
-        exit_on_config_error(err, role=role, instance=instance)
+    return load_config_or_exit(args.config, role=role, instance=instance)
 
 
 def check_config(cfg: Config, out: TextIO | None = None) -> int:
