@@ -253,10 +253,14 @@ class Writer:
         except wire.PeerClosed:
             self._drop(peer)
         except (wire.ChannelError, protocol.ProtocolError) as exc:
+            # Another protocol version is told so (Refuse's layout is the same
+            # in every version, so the peer can read why).
+            code = (protocol.RefuseCode.VERSION if isinstance(exc, protocol.VersionMismatch)
+                    else protocol.RefuseCode.BAD_MESSAGE)
             event = logs.READER_REFUSED if peer.handle is None else "reader_error"
             self.log.warning(event, pid=peer.pid, uid=peer.uid, reader=peer.instance,
-                             code="bad_message", error=str(exc))
-            self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, str(exc)[:512]))
+                             code=code.name.lower(), error=str(exc))
+            self._drop(peer, refuse=(code, str(exc)[:512]))
 
     def _update_interest(self, peer: Peer) -> None:
         if not peer.conn.closed:
@@ -273,10 +277,11 @@ class Writer:
             peer.detached = True
             self._drop(peer, reason=msg.reason or msg.code.name.lower())
             return False
-        self.log.warning("reader_error", pid=peer.pid, reader=peer.instance,
-                         error=f"unexpected {type(msg).__name__} message")
-        self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE,
-                                 f"a {type(msg).__name__} is not for the writer"))
+        reason = f"a {type(msg).__name__} is not for the writer"
+        event = logs.READER_REFUSED if peer.handle is None else "reader_error"
+        self.log.warning(event, pid=peer.pid, uid=peer.uid, reader=peer.instance,
+                         code="bad_message", error=reason)
+        self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, reason))
         return False
 
     def _on_hello(self, peer: Peer, hello: protocol.Hello) -> bool:
@@ -377,8 +382,9 @@ class Writer:
             if peer.detached:
                 self.log.info(logs.READER_DETACHED, reason=reason or "detach", **fields)
             else:
-                self.log.warning(logs.READER_LOST, reason="connection closed without Detach",
-                                 **fields)
+                # Refused by us (a second Hello, a bad message): say why.
+                why = refuse[1] if refuse is not None else "connection closed without Detach"
+                self.log.warning(logs.READER_LOST, reason=why, **fields)
         elif peer.published:
             self.log.debug("publisher_done", pid=peer.pid, records=peer.published)
         if self._shutting_down and not any(p.handle for p in self.peers.values()):

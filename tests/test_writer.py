@@ -8,6 +8,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,9 +23,11 @@ from daemons import (
     wait_until,
 )
 
-from shmd import protocol, wire
+from shmd import logs, protocol, wire
+from shmd.config import load_config
 from shmd.layout import ReaderState
 from shmd.segment import Segment
+from shmd.writer import Writer
 
 SEQPACKET = socket.SOCK_SEQPACKET
 
@@ -86,13 +89,18 @@ def write_seq(bus: Bus) -> int:
 
 
 def keeps_receiving(bus: Bus, instance: str, more: int = 20) -> None:
-    """The reader's file gets records published from now on."""
-    target = write_seq(bus) + more
+    """The reader's file keeps growing: ``more`` ticks past the last one it holds now."""
+    numbers = tick_numbers(read_lines(bus.out(instance)))
+    target = (numbers[-1] if numbers else 0) + more
     wait_until(lambda: ticks_reach(bus, instance, target), what=f"{instance} reaching {target}")
 
 
-def stop_and_check_all_ticks(bus: Bus, writer: Any, readers: dict[str, Any]) -> None:
-    """SIGTERM the writer; every reader exits 0 having received every tick since it attached."""
+def stop_and_check_all_ticks(bus: Bus, writer: Any, readers: dict[str, Any], *,
+                             only_ticks: bool = True) -> None:
+    """SIGTERM the writer; every reader exits 0 having received every tick since it attached.
+
+    ``only_ticks``: the ticker published everything, so tick N has seq N-1.
+    """
     writer.terminate()
     cleared = writer.wait_for("active_cleared")
     for name, r in readers.items():
@@ -101,8 +109,8 @@ def stop_and_check_all_ticks(bus: Bus, writer: Any, readers: dict[str, Any]) -> 
         assert drained["seq"] == cleared["seq"], (name, drained, cleared)
         numbers = tick_numbers(read_lines(bus.out(name)))
         assert_contiguous(numbers, f"ticks of {name}")
-        # Nothing published before shutdown is missing at the end.
-        assert numbers[-1] == cleared["seq"], (name, numbers[-1], cleared)
+        if only_ticks:  # nothing published before shutdown is missing at the end
+            assert numbers[-1] == cleared["seq"], (name, numbers[-1], cleared)
     assert writer.wait_exit() == 0, writer.stderr()
 
 
@@ -338,3 +346,317 @@ def test_sighup_with_a_broken_file_keeps_the_running_configuration(bus: Bus) -> 
     w.send(signal.SIGHUP)
     assert w.wait_for("reload", since=mark)["applied"] == "writer.status_interval"
     stop_and_check_all_ticks(bus, w, {"1": r})
+
+
+# -- bad input on the control socket --------------------------------------------------------------
+
+
+def hello_body(instance: str, version: int = protocol.PROTOCOL_VERSION) -> bytes:
+    body = protocol.Hello(instance=instance, pid=os.getpid()).encode()
+    return body[:2] + version.to_bytes(2, "little") + body[4:]
+
+
+# name, datagram, fds to send with it, expected refuse code, words of the reason
+BAD_MESSAGES: list[tuple[str, bytes, int, protocol.RefuseCode, str]] = [
+    ("bad magic", wire.HEADER.pack(0x1234, 0, 4, 0, 0) + b"abcd", 0,
+     protocol.RefuseCode.BAD_MESSAGE, "magic is 0x1234"),
+    ("oversized", frame(b"x" * 2000), 0,
+     protocol.RefuseCode.BAD_MESSAGE, "2000 bytes, more than max_message 1024"),
+    ("truncated", wire.HEADER.pack(wire.MAGIC, 0, 100, 0, 0) + b"0123456789", 0,
+     protocol.RefuseCode.BAD_MESSAGE, "header says 100 body bytes but the datagram carries 10"),
+    ("short body", frame(b"\x01\x00"), 0,
+     protocol.RefuseCode.BAD_MESSAGE, "shorter than the 4-byte type/version prefix"),
+    ("wrong version", frame(hello_body("v2", version=2)), 0,
+     protocol.RefuseCode.VERSION, "protocol version 2 but this side speaks 1"),
+    ("unknown type", frame(b"\x63\x00\x01\x00"), 0,
+     protocol.RefuseCode.BAD_MESSAGE, "its type 99 is unknown"),
+    ("fds with a hello", frame(hello_body("fds"), 1), 1,
+     protocol.RefuseCode.BAD_MESSAGE, "came with it but a Hello carries exactly 0"),
+    ("bad instance name", frame(hello_body("x")[:-1] + b"/"), 0,
+     protocol.RefuseCode.BAD_MESSAGE, "instance name '/' does not match"),
+    ("a writer's message", frame(protocol.PublishAck(seq=1).encode()), 0,
+     protocol.RefuseCode.BAD_MESSAGE, "a PublishAck is not for the writer"),
+]
+
+
+def test_bad_control_messages_are_refused_and_logged_and_lose_nothing(bus: Bus) -> None:
+    """Malformed, oversized, truncated, wrong-version or misplaced messages each get a Refuse.
+
+    Each is logged as reader_refused with its code, and the attached reader
+    keeps receiving every record meanwhile.
+    """
+    bus.configure(control={"max_message": 1024})
+    w = bus.writer()
+    r = bus.file_reader("1")
+    for name, datagram, n_fds, code, words in BAD_MESSAGES:
+        mark = w.mark()
+        client = raw_client(bus)
+        rfd, wfd = os.pipe()
+        try:
+            fds = [rfd] * n_fds
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{n_fds}i", *fds))]
+            client.sendmsg([datagram], anc if n_fds else [])
+            answer = recv_message(client)
+            assert isinstance(answer, protocol.Refuse), (name, answer)
+            assert answer.code == code and words in answer.reason, (name, answer)
+            assert recv_message(client) is None, name  # and the writer hung up
+        finally:
+            client.close()
+            os.close(rfd)
+            os.close(wfd)
+        refused = w.wait_for("reader_refused", since=mark)
+        assert refused["code"] == code.name.lower(), (name, refused)
+        assert refused["pid"] == os.getpid() and refused["uid"] == os.getuid()
+        assert words in refused["error"], (name, refused)
+    keeps_receiving(bus, "1")
+    stop_and_check_all_ticks(bus, w, {"1": r})
+
+
+def test_second_hello_on_an_attached_connection_is_refused(bus: Bus) -> None:
+    """A reader connection that says Hello twice is refused and its entry freed, with the reason."""
+    w = bus.writer()
+    client = wire.connect(bus.socket, SEQPACKET, timeout=5)
+    try:
+        client.send(hello_body("twice"), timeout=5)
+        with client.recv(timeout=5) as welcome:
+            assert isinstance(protocol.decode(welcome.body, len(welcome.fds)), protocol.Welcome)
+        w.wait_for("reader_attached", reader="twice")
+        client.send(hello_body("twice"), timeout=5)
+        with client.recv(timeout=5) as answer:
+            refuse = protocol.decode(answer.body, len(answer.fds))
+        assert isinstance(refuse, protocol.Refuse)
+        assert refuse.code == protocol.RefuseCode.BAD_MESSAGE and refuse.reason == "a second Hello"
+        lost = w.wait_for("reader_lost", reader="twice")
+        assert lost["reason"] == "a second Hello"
+    finally:
+        client.close()
+
+
+def test_duplicate_instance_name_is_refused(bus: Bus) -> None:
+    """A Hello naming an instance that is attached already gets Refuse DUPLICATE_INSTANCE."""
+    w = bus.writer()
+    r = bus.file_reader("1")
+    client = wire.connect(bus.socket, SEQPACKET, timeout=5)
+    try:
+        client.send(hello_body("1"), timeout=5)
+        with client.recv(timeout=5) as answer:
+            refuse = protocol.decode(answer.body, len(answer.fds))
+        assert isinstance(refuse, protocol.Refuse)
+        assert refuse.code == protocol.RefuseCode.DUPLICATE_INSTANCE and "'1'" in refuse.reason
+    finally:
+        client.close()
+    refused = w.wait_for("reader_refused", reader="1")
+    assert refused["code"] == "duplicate_instance" and refused["pid"] == os.getpid()
+    keeps_receiving(bus, "1")
+    stop_and_check_all_ticks(bus, w, {"1": r})
+
+
+def test_silent_peer_is_refused_after_the_handshake_timeout(bus: Bus) -> None:
+    """A peer that connects and says nothing is refused after control.handshake_timeout."""
+    bus.configure(control={"handshake_timeout": 0.3})
+    w = bus.writer()
+    r = bus.file_reader("1")
+    client = raw_client(bus)
+    try:
+        answer = recv_message(client)
+        assert isinstance(answer, protocol.Refuse)
+        assert answer.code == protocol.RefuseCode.BAD_MESSAGE
+        assert answer.reason == "handshake timeout"
+        assert recv_message(client) is None
+    finally:
+        client.close()
+    refused = w.wait_for("reader_refused", pid=os.getpid())
+    assert refused["code"] == "bad_message" and refused["reason"] == "no Hello within 0.3 s"
+    keeps_receiving(bus, "1")
+    stop_and_check_all_ticks(bus, w, {"1": r})
+
+
+def test_flooding_peer_is_dropped_and_logged(bus: Bus) -> None:
+    """A peer that floods Publish messages and never reads its acks is dropped and logged.
+
+    The writer's loop stays fair meanwhile: the reader (topic 0 only) gets
+    every tick.
+    """
+    bus.configure(segment={"capacity": 1 << 16}, writer={"source": {"rate": 200.0}})
+    w = bus.writer()
+    r = bus.file_reader("1", topics=[0])
+    flood = socket.socket(socket.AF_UNIX, SEQPACKET | socket.SOCK_CLOEXEC)
+    flood.settimeout(10)
+    flood.connect(bus.socket)
+    body = frame(protocol.Publish(topic=7, payload=b"flood").encode())
+    sent = 0
+    try:
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for sent in range(1, 1_000_000):  # noqa: B007 - counted for the message below
+                flood.send(body)
+    finally:
+        flood.close()
+    dropped = w.wait_for("reader_error", pid=os.getpid())
+    assert "the peer is not reading" in dropped["error"], dropped
+    assert sent > 1000
+    keeps_receiving(bus, "1")
+    stop_and_check_all_ticks(bus, w, {"1": r}, only_ticks=False)
+
+
+NOBODY = 65534
+
+
+def attach_as_nobody(socket_path: str) -> str:
+    """Fork; the child drops to uid/gid 65534, connects, says Hello; returns what it got."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report through the pipe, never return into pytest
+        status = 1
+        try:
+            os.close(rfd)
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            conn = wire.connect(socket_path, SEQPACKET, timeout=5)
+            try:
+                conn.send(hello_body("nobody"), timeout=5)
+            except wire.PeerClosed:
+                pass  # refused before our Hello arrived: the Refuse is still there to read
+            try:
+                answer = conn.recv(timeout=5)
+            except wire.PeerClosed:
+                # Linux: the writer closed with our Hello unread, so our
+                # first recv reports ECONNRESET (and clears it) although
+                # the Refuse sits in our queue; the next recv returns it.
+                answer = conn.recv(timeout=5)
+            with answer:
+                msg = protocol.decode(answer.body, len(answer.fds))
+            if isinstance(msg, protocol.Refuse):
+                report = f"refuse {msg.code.name} {msg.reason}"
+            else:
+                report = f"{type(msg).__name__}"
+                conn.send(protocol.Detach(protocol.DetachCode.NORMAL, "done").encode(), timeout=5)
+            conn.close()
+            os.write(wfd, report.encode())
+            status = 0
+        except BaseException as exc:
+            os.write(wfd, f"error {exc!r}".encode())
+        finally:
+            os._exit(status)
+    os.close(wfd)
+    try:
+        r, _, _ = select.select([rfd], [], [], 10)
+        assert r, "the uid 65534 client did not report within 10 s"
+        with os.fdopen(rfd, "rb") as pipe:
+            report = pipe.read().decode()
+    finally:
+        _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0, report
+    return report
+
+
+def test_peer_not_in_allowed_users_or_groups_is_refused(bus: Bus) -> None:
+    """A peer of another uid is refused NOT_ALLOWED with its pid and uid logged, until allowed.
+
+    control.allowed_users is live: after a SIGHUP adding uid 65534 the same
+    client is welcomed.  The attached reader misses nothing meanwhile.
+    """
+    os.chmod(bus.dir, 0o755)
+    bus.configure(control={"mode": 0o666})
+    w = bus.writer()
+    r = bus.file_reader("1")
+    report = attach_as_nobody(bus.socket)
+    assert report == "refuse NOT_ALLOWED uid 65534 is not allowed to attach", report
+    refused = w.wait_for("reader_refused", uid=NOBODY)
+    assert refused["code"] == "not_allowed" and refused["gid"] == NOBODY
+    assert isinstance(refused["pid"], int) and refused["pid"] not in (os.getpid(), 0)
+    mark = w.mark()
+    bus.configure(control={"allowed_users": [NOBODY]})
+    w.send(signal.SIGHUP)
+    assert w.wait_for("reload", since=mark)["applied"] == "control.allowed_users"
+    assert attach_as_nobody(bus.socket) == "Welcome"
+    assert w.wait_for("reader_attached", reader="nobody", since=mark)["uid"] == NOBODY
+    assert w.wait_for("reader_detached", reader="nobody", since=mark)["reason"] == "done"
+    keeps_receiving(bus, "1")
+    stop_and_check_all_ticks(bus, w, {"1": r})
+
+
+# -- journal fields, in-process -------------------------------------------------------------------
+
+
+class JournalCapture:
+    """A journal sender for logs.configure_logging: keeps entries, wakes waiters."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, str]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, fields: dict[str, str]) -> None:
+        with self._cond:
+            self.entries.append(dict(fields))
+            self._cond.notify_all()
+
+    def wait_for(self, event: str, timeout: float = 10.0) -> dict[str, str]:
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: any(e["SHMD_EVENT"] == event for e in self.entries), timeout)
+            assert ok, f"no {event} journal entry within {timeout} s: {self.entries}"
+            return next(e for e in self.entries if e["SHMD_EVENT"] == event)
+
+    def find(self, event: str) -> list[dict[str, str]]:
+        with self._cond:
+            return [e for e in self.entries if e["SHMD_EVENT"] == event]
+
+
+def test_writer_events_map_to_journal_fields(bus: Bus) -> None:
+    """With target journal the writer's events carry SHMD_EVENT/ROLE/READER/GENERATION/SEQ.
+
+    The writer runs its real loop in this process (signals need the main
+    thread); a real shm-reader attaches, then SIGTERM to this process starts
+    the termination flow.
+    """
+    cfg = load_config(bus.configure(writer={"shutdown_grace": 3.0}))
+    journal = JournalCapture()
+    assert logs.configure_logging("writer", level="info", target="journal",
+                                  sender=journal) == "journal"
+    writer = Writer(cfg, logs.get_logger(), str(bus.config_path))
+    failures: list[BaseException] = []
+    readers: list[Any] = []
+
+    def drive() -> None:
+        # Every wait has a deadline and SIGTERM is always sent, so the loop
+        # in the main thread always ends.
+        try:
+            journal.wait_for("listener_ready")
+            readers.append(bus.file_reader("j"))
+            journal.wait_for("reader_attached")
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        writer.start()
+        helper = threading.Thread(target=drive, name="drive-writer")
+        helper.start()
+        try:
+            status = writer.run()
+        finally:
+            helper.join(30)  # before close(): SIGTERM must still find our handler
+    finally:
+        writer.close()
+        logs.reset_logging()
+    assert not failures, failures
+    assert status == 0
+    (reader,) = readers
+    assert reader.wait_exit() == 0
+    generation = journal.wait_for("listener_ready")["SHMD_GENERATION"]
+    assert generation.isdigit()
+    attached = journal.wait_for("reader_attached")
+    assert attached["SHMD_ROLE"] == "writer" and attached["SYSLOG_IDENTIFIER"] == "shm-writer"
+    assert attached["SHMD_READER"] == "j" and attached["SHMD_PID"] == str(reader.pid)
+    assert attached["SHMD_GENERATION"] == generation and attached["SHMD_SEQ"].isdigit()
+    assert attached["PRIORITY"] == "6" and attached["CODE_FUNC"] == "_on_hello"
+    assert attached["MESSAGE"].startswith("reader_attached reader=j pid=")
+    cleared = journal.wait_for("active_cleared")
+    assert cleared["SHMD_REASON"] == "SIGTERM" and cleared["SHMD_GENERATION"] == generation
+    detached = journal.wait_for("reader_detached")
+    assert detached["SHMD_READER"] == "j" and detached["SHMD_SEQ"] == cleared["SHMD_SEQ"]
+    created = journal.wait_for("segment_created")
+    assert created["SHMD_SEGMENT"] == bus.segment and created["SHMD_GENERATION"] == generation
+    assert not bus.segment_exists()
