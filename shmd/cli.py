@@ -419,7 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``shmctl``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "bench":
+        # argparse's REMAINDER does not take option-like words that come
+        # first: `bench --quick` leaves "--quick" unrecognised (and `bench
+        # --readers 1,4` only "--readers").  Those leading words are the
+        # benchmark's too, and come before what REMAINDER did take.
+        args.bench_args = [*extra, *args.bench_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "check-config" and args.file:
         args.config = args.file
     if args.command in ("tail", "publish") and getattr(args, "topic", None) is not None:
