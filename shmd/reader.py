@@ -108,13 +108,7 @@ class ReaderDaemon:
         start = protocol.Start.OLDEST if self.settings.start == "oldest" else protocol.Start.LATEST
         hello = protocol.Hello(instance=self.instance, pid=os.getpid(),
                                topics=self.settings.topic_mask, start=start)
-        try:
-            self.conn.send(hello.encode(), timeout=ctl.handshake_timeout)
-            frame = self.conn.recv(timeout=ctl.handshake_timeout)
-        except wire.PeerClosed:
-            raise ReaderExit(EXIT_FAILURE, logs.WRITER_LOST,
-                             "Failed to attach since the writer closed the connection during "
-                             "the handshake") from None
+        frame = self._exchange_hello(hello, ctl.handshake_timeout)
         fds = [f.detach() for f in frame.fds]
         try:
             msg = protocol.decode(frame.body, len(fds))
@@ -148,6 +142,28 @@ class ReaderDaemon:
                       seq=msg.start_cursor, capacity=msg.capacity, slot_size=msg.slot_size,
                       policy=msg.policy.name.lower().replace("_", "-"),
                       writer_pid=self.sub.segment.writer_pid)
+
+    def _exchange_hello(self, hello: protocol.Hello, timeout: float) -> wire.Frame:
+        """Send the Hello and return the writer's answer (a Welcome or a Refuse)."""
+        assert self.conn is not None
+        try:
+            self.conn.send(hello.encode(), timeout=timeout)
+        except wire.PeerClosed:
+            pass  # refused before our Hello arrived (not allowed): its Refuse is queued
+        try:
+            return self.conn.recv(timeout=timeout)
+        except wire.PeerClosed:
+            pass
+        # Linux: a writer that refuses and closes with our Hello still unread
+        # in its queue makes our next recv fail with ECONNRESET although its
+        # Refuse is queued here; the error is reported (and cleared) first,
+        # so one more recv returns the Refuse, or EOF.
+        try:
+            return self.conn.recv(timeout=timeout)
+        except wire.PeerClosed:
+            raise ReaderExit(EXIT_FAILURE, logs.WRITER_LOST,
+                             "Failed to attach since the writer closed the connection during "
+                             "the handshake") from None
 
     # -- running -------------------------------------------------------------------
 

@@ -397,6 +397,11 @@ class Writer:
             for peer in list(self.peers.values()):
                 if peer.handle is not None and peer.handle.index == ev.index:
                     peer.handle = None  # the publisher already dropped it
+                    self._last_lost.pop(ev.index, None)
+                    self.log.warning(logs.READER_LOST, reader=ev.name, pid=ev.pid,
+                                     index=ev.index, generation=self.pub.generation,
+                                     seq=ev.cursor, lag=ev.write_seq - ev.cursor,
+                                     reason="evicted: it held the ring up under policy block")
                     try:
                         peer.conn.queue(protocol.Detach(protocol.DetachCode.EVICTED,
                                                         "held the ring up").encode())
