@@ -17,13 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from shmd.config import config_to_dict, load_config
-from shmd.layout import OFF_VERSION, Geometry, Policy
-from shmd.segment import Segment
-
-pytest.register_assert_rewrite("daemons")
-from daemons import (  # noqa: E402 - after the rewrite registration
+from daemons import (
     BIN,
     DEFAULT_TIMEOUT,
     Bus,
@@ -31,12 +25,14 @@ from daemons import (  # noqa: E402 - after the rewrite registration
     program,
     read_frames,
     read_lines,
+    running_bus,
     shm_path,
     wait_until,
 )
 
-# The `bus` fixture (processes, segment and socket cleaned up by pid and name).
-pytest_plugins = ["daemons"]
+from shmd.config import config_to_dict, load_config
+from shmd.layout import OFF_VERSION, Geometry, Policy
+from shmd.segment import Segment
 
 REPO = Path(__file__).resolve().parent.parent
 STATUS_KEYS = {"generation", "active", "writer_pid", "writer_alive", "capacity", "slot_size",
@@ -52,6 +48,13 @@ def shmctl() -> list[str]:
     """The argv prefix that runs this environment's ``shmctl``."""
     script = BIN / "shmctl"
     return [str(script)] if script.exists() else [sys.executable, "-m", "shmd.cli"]
+
+
+@pytest.fixture
+def bus() -> Iterator[Bus]:
+    """A Bus whose processes (by pid), segment, socket and files are gone after the test."""
+    with running_bus() as b:
+        yield b
 
 
 @pytest.fixture
