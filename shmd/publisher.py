@@ -41,6 +41,8 @@ from shmd.errors import (
 )
 from shmd.layout import (
     ALL_TOPICS,
+    OFF_BYTES_PUBLISHED,
+    OFF_READERS,
     R_ASLEEP,
     R_ATTACHED_NS,
     R_CURSOR,
@@ -52,9 +54,11 @@ from shmd.layout import (
     R_STATE,
     R_TOKEN,
     R_TOPICS,
+    READER_ENTRY_SIZE,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
     Geometry,
+    Header,
     Policy,
     ReaderEntry,
     ReaderState,
@@ -165,6 +169,140 @@ class Publisher:
                  capacity=capacity, slot_size=slot_size, max_readers=max_readers,
                  policy=policy.label, size=geometry.segment_size)
         return pub
+
+    @classmethod
+    def adopt(
+        cls, name: str, fd: OwnedFd, *, block_timeout: float = 1.0, mutex_timeout: float = 0.5,
+        mode: int = 0o600,
+    ) -> Publisher:
+        """Take over a segment a previous writer left (its fd, from systemd's fd store).
+
+        The stored segment is validated like any opened one.  If ``name``
+        still names that same object (the previous writer crashed), it is
+        adopted in place; if the name is gone (a clean stop unlinked it
+        before the restart), a new segment is created under the name with
+        the same geometry, generation and sequence, and the ring and reader
+        table are copied into it, so readers resume where they were.
+        Either way records the previous writer reserved but never committed
+        are discarded (``reserve_seq = write_seq``), and the entries keep
+        their cursors.  Raises a :class:`~shmd.errors.ShmdError` when the
+        stored segment is unusable: the caller then starts a new generation.
+        """
+        old: Segment | None = Segment.open(fd=fd, control_writable=True, ring_writable=True)
+        assert old is not None
+        try:
+            header = old.header()
+            policy = Policy(header.policy)
+            in_place = False
+            try:
+                named = Segment.open(name=name, control_writable=False)
+            except SegmentNotFound:
+                named = None
+            if named is not None:
+                try:
+                    in_place = named.identity() == old.identity()
+                    other_pid, other_active = named.writer_pid, named.active
+                finally:
+                    named.close()
+                if not in_place:
+                    if other_active and _pid_alive(other_pid) and other_pid != os.getpid():
+                        raise SegmentExists(
+                            f"Failed to adopt segment {name!r} since writer pid {other_pid} "
+                            "created another segment under that name and is running"
+                        )
+                    Segment.unlink_name(name)
+            if in_place:
+                seg, old = old, None
+                seg.name = name
+            else:
+                seg = Segment.create(name, old.geometry, policy, mode=mode,
+                                     generation=header.generation, write_seq=header.write_seq)
+                try:
+                    _copy_state(old, seg)
+                except BaseException:
+                    seg.close()
+                    Segment.unlink_name(name)
+                    raise
+        finally:
+            if old is not None:
+                old.close()
+        pub = cls(seg, policy, block_timeout=block_timeout, mutex_timeout=mutex_timeout)
+        pub._take_over(header)
+        log.info("segment_adopted", segment=name, generation=seg.generation, seq=pub.write_seq,
+                 in_place=in_place, discarded=header.reserve_seq - header.write_seq,
+                 readers=sum(1 for e in seg.entries() if e.state == ReaderState.ATTACHED))
+        return pub
+
+    def _take_over(self, header: Header) -> None:
+        """Make an adopted segment ours: commit nothing half-written, active again."""
+        seg = self.segment
+        locked = self._lock(self.mutex_timeout)
+        try:
+            seg.q[Segment.RESERVE_SEQ] = header.write_seq
+            seg.u[Segment.WRITER_PID] = os.getpid()
+            seg.u[Segment.WRITER_WAITING] = 0
+            for i in range(self.geometry.max_readers):
+                _, u0 = Segment.entry_words(i)
+                if seg.u[u0 + R_STATE // 4] == ReaderState.EVICTED:
+                    seg.u[u0 + R_STATE // 4] = ReaderState.FREE
+            seg.recount_sleepers()
+            seg.sem_drain()
+            seg.u[Segment.ACTIVE] = 1
+        finally:
+            if locked:
+                seg.unlock()
+        self._seq = header.write_seq
+
+    def restore_reader(self, index: int, eventfd: OwnedFd) -> ReaderHandle | None:
+        """Re-own an attached entry of an adopted segment with its stored eventfd.
+
+        Returns None (and closes the eventfd) when the entry is not attached.
+        """
+        entry = self.segment.entry(index) if 0 <= index < self.geometry.max_readers else None
+        if entry is None or entry.state != ReaderState.ATTACHED:
+            eventfd.close()
+            return None
+        q0, u0 = Segment.entry_words(index)
+        handle = ReaderHandle(index, entry.name, entry.pid, entry.topics, entry.token, eventfd,
+                              q0, u0)
+        self.readers[index] = handle
+        return handle
+
+    def resume_reader(self, index: int, pid: int, cursor: int) -> int:
+        """A restored reader reconnected: record its pid and cursor; returns the cursor used.
+
+        The cursor is clamped into what the ring still holds (anything older
+        is counted lost by the reader's next read).
+        """
+        seg = self.segment
+        q0, u0 = Segment.entry_words(index)
+        cursor = min(max(cursor, 0), self._seq)
+        seg.u[u0 + R_PID // 4] = pid
+        seg.q[q0 + R_CURSOR // 8] = cursor
+        seg.q[q0 + R_LAST_ACTIVE_NS // 8] = time.monotonic_ns()
+        handle = self.readers[index]
+        handle.pid = pid
+        return cursor
+
+    def free_unclaimed(self) -> None:
+        """Free attached entries that no restored handle owns (their readers are gone)."""
+        seg = self.segment
+        locked = self._lock(self.mutex_timeout)
+        try:
+            for i in range(self.geometry.max_readers):
+                _, u0 = Segment.entry_words(i)
+                if i not in self.readers and seg.u[u0 + R_STATE // 4] != ReaderState.FREE:
+                    if seg.u[u0 + R_ASLEEP // 4]:
+                        seg.u[u0 + R_ASLEEP // 4] = 0
+                    seg.u[u0 + R_STATE // 4] = ReaderState.FREE
+            seg.recount_sleepers()
+        finally:
+            if locked:
+                seg.unlock()
+
+    def wake_all(self) -> None:
+        """Write every reader's eventfd (after an adoption: 'the writer is back')."""
+        self._wake(list(self.readers.values()), clear_flags=True)
 
     @staticmethod
     def _remove_stale(name: str) -> None:
@@ -596,6 +734,15 @@ def _chunked(pieces: Iterable[tuple[int, int]], most: int) -> Iterator[tuple[int
     for first, count in pieces:
         for start in range(first, first + count, most):
             yield start, min(most, first + count - start)
+
+
+def _copy_state(old: Segment, new: Segment) -> None:
+    """Copy what readers resume from: the reader table, the counters, the ring."""
+    g = old.geometry
+    table_end = OFF_READERS + g.max_readers * READER_ENTRY_SIZE
+    new.control[OFF_READERS:table_end] = old.control[OFF_READERS:table_end]
+    new.q[OFF_BYTES_PUBLISHED // 8] = old.q[OFF_BYTES_PUBLISHED // 8]
+    new.ring[:] = old.ring
 
 
 @functools.lru_cache(maxsize=64)

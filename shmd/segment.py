@@ -225,6 +225,11 @@ class Segment:
             raise SegmentClosed("Failed to use the segment since it was closed")
         return self._fd.fileno()
 
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the shm object: equal for two fds of the same segment."""
+        st = os.fstat(self.fileno())
+        return st.st_dev, st.st_ino
+
     def header(self) -> Header:
         """A snapshot of the header (fields read one by one, not atomically as a set)."""
         return decode_header(self.control)
