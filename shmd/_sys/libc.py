@@ -70,7 +70,8 @@ _ErrTable = Mapping[int, tuple[type[ShmdError], str]]
 
 def _raise(call: str, err: int, table: _ErrTable, what: str) -> None:
     cls, reason = table.get(err, (SysCallError, os.strerror(err)))
-    message = f"Failed to {call} {what} since {reason}"
+    target = f"{call} {what}" if what else call
+    message = f"Failed to {target} since {reason}"
     if cls is SysCallError:
         raise SysCallError(err, message)
     raise cls(message)
@@ -153,6 +154,7 @@ class Pinned:
 
 _PTHREAD_PROCESS_SHARED = 1
 _PTHREAD_MUTEX_ROBUST = 1
+_PTHREAD_MUTEX_ERRORCHECK = 2
 
 for _fn in ("pthread_mutex_lock", "pthread_mutex_trylock", "pthread_mutex_unlock",
             "pthread_mutex_consistent", "pthread_mutex_destroy"):
@@ -165,6 +167,7 @@ _libc.pthread_mutexattr_init.argtypes = [ctypes.c_void_p]
 _libc.pthread_mutexattr_destroy.argtypes = [ctypes.c_void_p]
 _libc.pthread_mutexattr_setpshared.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _libc.pthread_mutexattr_setrobust.argtypes = [ctypes.c_void_p, ctypes.c_int]
+_libc.pthread_mutexattr_settype.argtypes = [ctypes.c_void_p, ctypes.c_int]
 
 
 class LockResult(enum.Enum):
@@ -199,12 +202,19 @@ _MUTEX_INIT_ERRORS: dict[int, tuple[type[ShmdError], str]] = {
 
 
 def mutex_init_robust(address: int) -> None:
-    """Initialise a process-shared robust mutex at ``address`` (the owner does this once)."""
+    """Initialise a process-shared robust mutex at ``address`` (the owner does this once).
+
+    Error-checking type: glibc's robust *normal* mutex deadlocks forever when
+    its owner thread locks it again (even pthread_mutex_clocklock waits out
+    its whole timeout); the error-checking one returns EDEADLK at once, which
+    mutex_lock turns into MutexError.
+    """
     attr = ctypes.create_string_buffer(64)  # pthread_mutexattr_t is 4 bytes; generous
     for rc in (
         _libc.pthread_mutexattr_init(attr),
         _libc.pthread_mutexattr_setpshared(attr, _PTHREAD_PROCESS_SHARED),
         _libc.pthread_mutexattr_setrobust(attr, _PTHREAD_MUTEX_ROBUST),
+        _libc.pthread_mutexattr_settype(attr, _PTHREAD_MUTEX_ERRORCHECK),
         _libc.pthread_mutex_init(ctypes.c_void_p(address), attr),
     ):
         if rc != 0:
