@@ -326,12 +326,15 @@ class Hello:
 class Welcome:
     """Writer -> reader: attached; how to map the segment and where to start.
 
-    Carries 2 fds, in this order: the reader's eventfd, the segment's fd.
+    Carries 3 fds, in this order: the reader's eventfd, the segment's fd,
+    and the read end of the writer's *lifeline* pipe (it reports a hang-up
+    only when neither the writer nor systemd's fd store holds the bus any
+    more: the writer is gone for good, not restarting).
     """
 
     TYPE: ClassVar[MessageType] = MessageType.WELCOME
-    N_FDS: ClassVar[int] = 2
-    FD_NAMES: ClassVar[tuple[str, str]] = ("eventfd", "segment")
+    N_FDS: ClassVar[int] = 3
+    FD_NAMES: ClassVar[tuple[str, str, str]] = ("eventfd", "segment", "lifeline")
     _FIELDS: ClassVar[struct.Struct] = struct.Struct("<QQQQIIIIBB")
 
     generation: int

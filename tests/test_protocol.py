@@ -145,12 +145,12 @@ def test_every_message_round_trips(msg: Message) -> None:
 
 
 def test_fd_counts_are_declared_per_type() -> None:
-    """Welcome carries the eventfd and the segment fd; every other message carries none."""
-    assert Welcome.N_FDS == 2
-    assert Welcome.FD_NAMES == ("eventfd", "segment")
+    """Welcome carries the eventfd, the segment fd and the lifeline; every other message none."""
+    assert Welcome.N_FDS == 3
+    assert Welcome.FD_NAMES == ("eventfd", "segment", "lifeline")
     assert {cls.__name__: cls.N_FDS for cls in MESSAGE_CLASSES.values()} == {
         "Hello": 0,
-        "Welcome": 2,
+        "Welcome": 3,
         "Refuse": 0,
         "Detach": 0,
         "Publish": 0,
@@ -182,7 +182,7 @@ def test_hello_bytes_are_pinned() -> None:
 
 def test_welcome_and_short_messages_bytes_are_pinned() -> None:
     """Welcome, Refuse, Detach, Publish and PublishAck encode to the documented layouts."""
-    assert decode(welcome_body(), 2).encode() == welcome_body()
+    assert decode(welcome_body(), 3).encode() == welcome_body()
     assert len(welcome_body()) == 54
     assert Refuse(RefuseCode.TABLE_FULL, "full").encode() == prefix(3) + b"\x04\x00" + string(
         b"full"
@@ -320,7 +320,7 @@ def test_valid_hand_built_bodies_decode() -> None:
     """The hand-built bodies used for the rejection cases are valid when left unchanged."""
     assert decode(hello_body(), 0) == Hello("r1", pid=42)
     assert decode(hello_body(b"a-Z_0.9:x@y"), 0) == Hello("a-Z_0.9:x@y", pid=42)
-    assert decode(welcome_body(), 2) == Welcome(
+    assert decode(welcome_body(), 3) == Welcome(
         7, 1024, 4096, 64, 3, 16384, 16384 + 4096 * 1024, Policy.DROP_OLDEST, 99, False
     )
 
