@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from structlog.typing import FilteringBoundLogger
 
 from shmd import logs, protocol, sdnotify, wire
+from shmd._sys.fd import OwnedFd
 from shmd.config import Config, ConfigError, TickerSource, diff_reloadable, load_config
 from shmd.daemon import (
     EXIT_CONFIG,
@@ -39,13 +40,17 @@ from shmd.daemon import (
     setup_logging,
 )
 from shmd.errors import PayloadTooLarge, ReaderTableFull, ShmdError
-from shmd.layout import Policy
+from shmd.layout import Policy, ReaderEntry
 from shmd.publisher import Publisher, ReaderHandle
 from shmd.reactor import Reactor, SignalWakeup
 from shmd.sources import AnySource, SourceError, TickerRecords, make_source
 
 SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
 LISTEN_FDNAME = "control"
+#: The segment's file mode: the writer's group (shmd) may read it, so that
+#: operators in that group can run `shmctl status`; readers need no access
+#: at all (they get the fd over the socket).
+SEGMENT_MODE = 0o640
 
 
 def peer_groups(pid: int, gid: int) -> set[int]:
@@ -104,6 +109,13 @@ class Writer:
         self._rate_mark = (time.monotonic(), 0)
         self.rate = 0.0
         self._sock_type = SOCK_TYPES[cfg.control.type]
+        #: The lifeline pipe: readers get the read end; its write end lives
+        #: here and in systemd's fd store, so it hangs up only when the
+        #: writer is gone and not coming back.
+        self.lifeline_r: OwnedFd | None = None
+        self.lifeline_w: OwnedFd | None = None
+        #: Readers of an adopted segment, waiting for them to reconnect.
+        self.restored: dict[int, ReaderHandle] = {}
 
     # -- timers (the loop's own; sources use call_later) -------------------------
 
@@ -124,14 +136,11 @@ class Writer:
     # -- start-up ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the segment, take or bind the listener, start the source."""
-        seg = self.cfg.segment
-        self.pub = Publisher.create(
-            seg.name, capacity=seg.capacity, slot_size=seg.slot_size,
-            max_readers=seg.max_readers, policy=Policy.parse(seg.policy),
-            block_timeout=seg.block_timeout, mutex_timeout=seg.mutex_timeout,
-        )
-        self.listener = self._listener()
+        """Adopt the stored segment or create one, take or bind the listener, start the source."""
+        fds = sdnotify.listen_fds()
+        control = fds.pop(LISTEN_FDNAME, None) or fds.pop(sdnotify.UNKNOWN_FDNAME, None)
+        self.pub = self._segment(fds)
+        self.listener = self._listener(control)
         self.listener.setblocking(False)
         self.reactor.add(self.listener.fileno(), self._on_listener)
         self._wakeup = SignalWakeup(
@@ -141,24 +150,144 @@ class Writer:
         self.log.info(logs.LISTENER_READY, socket=self.cfg.control.socket,
                       type=self.cfg.control.type, activated=self.bound_path is None,
                       generation=self.pub.generation)
+        if self.restored:
+            grace = self.cfg.writer.reconnect_grace
+            self.call_later(grace, self._reconnect_expired)
+            # "The writer is back": readers waiting for us reconnect now.
+            self.pub.wake_all()
+            self.log.info("readers_restored", generation=self.pub.generation, grace=grace,
+                          readers=",".join(h.name for h in self.restored.values()))
         self.call_later(self.cfg.writer.status_interval, self._status_tick)
         interval = sdnotify.watchdog_interval()
         if interval:
             self._watchdog(interval / 2)
         sdnotify.ready(self._status_text())
 
-    def _listener(self) -> socket.socket:
+    # -- the segment, the fd store and the lifeline ---------------------------------
+
+    def _segment(self, stored: dict[str, list[int]]) -> Publisher:
+        """Adopt the segment systemd kept for us across a restart, or create a new one.
+
+        The fd store (FileDescriptorStoreMax= in the unit) holds, by name:
+        ``segment`` (the shm fd), ``lifeline-r``/``lifeline-w`` (the lifeline
+        pipe) and ``reader-<index>`` (each attached reader's eventfd).  It
+        survives ``systemctl restart`` and a crash followed by
+        ``Restart=on-failure``; ``systemctl stop`` releases it (systemd 252),
+        which hangs up the lifeline and tells readers the bus is gone.
+        """
+        seg = self.cfg.segment
+        owned = {name: [OwnedFd(fd) for fd in fds] for name, fds in stored.items()}
+        pub = self._adopt(owned.pop("segment", []))
+        lifeline = (owned.pop("lifeline-r", []), owned.pop("lifeline-w", []))
+        if pub is not None and len(lifeline[0]) == 1 and len(lifeline[1]) == 1:
+            self.lifeline_r, self.lifeline_w = lifeline[0][0], lifeline[1][0]
+        else:
+            for f in (*lifeline[0], *lifeline[1]):
+                f.close()
+            r, w = os.pipe2(os.O_CLOEXEC)
+            self.lifeline_r, self.lifeline_w = OwnedFd(r), OwnedFd(w)
+        if pub is None:
+            pub = Publisher.create(
+                seg.name, capacity=seg.capacity, slot_size=seg.slot_size,
+                max_readers=seg.max_readers, policy=Policy.parse(seg.policy),
+                block_timeout=seg.block_timeout, mutex_timeout=seg.mutex_timeout, mode=SEGMENT_MODE,
+            )
+        else:
+            self._restore_readers(pub, owned)
+        for fds in owned.values():
+            for f in fds:
+                f.close()
+        self._store(pub)
+        return pub
+
+    def _adopt(self, segment_fds: list[OwnedFd]) -> Publisher | None:
+        """The stored segment as a Publisher, or None (nothing stored, or unusable)."""
+        if not segment_fds:
+            return None
+        for extra in segment_fds[1:]:
+            extra.close()
+        seg = self.cfg.segment
+        try:
+            pub = Publisher.adopt(seg.name, segment_fds[0], block_timeout=seg.block_timeout,
+                                  mutex_timeout=seg.mutex_timeout, mode=SEGMENT_MODE)
+        except (ShmdError, OSError) as exc:
+            self.log.error("segment_invalid", segment=seg.name, error=str(exc),
+                           action="starting a new generation; readers start over")
+            segment_fds[0].close()
+            return None
+        if self._config_mismatch(pub):
+            pub.close()
+            return None
+        return pub
+
+    def _restore_readers(self, pub: Publisher, owned: dict[str, list[OwnedFd]]) -> None:
+        """Re-own the adopted segment's attached entries with their stored eventfds."""
+        for name in [n for n in owned if n.startswith("reader-")]:
+            fds = owned.pop(name)
+            index = int(name[7:]) if name[7:].isdigit() else -1
+            if index < 0 or len(fds) != 1:
+                for f in fds:
+                    f.close()
+                continue
+            handle = pub.restore_reader(index, fds[0])
+            if handle is not None:
+                self.restored[index] = handle
+        pub.free_unclaimed()
+
+    def _store(self, pub: Publisher) -> None:
+        """Hand systemd what a restart needs (no-ops without NOTIFY_SOCKET)."""
+        assert self.lifeline_r is not None and self.lifeline_w is not None
+        # What a restart needs, kept by systemd (no-ops without NOTIFY_SOCKET).
+        sdnotify.remove_fds("segment")
+        sdnotify.store_fds("segment", [pub.segment.fileno()])
+        sdnotify.remove_fds("lifeline-r")
+        sdnotify.store_fds("lifeline-r", [self.lifeline_r.fileno()])
+        sdnotify.remove_fds("lifeline-w")
+        sdnotify.store_fds("lifeline-w", [self.lifeline_w.fileno()])
+        for index, handle in self.restored.items():
+            sdnotify.remove_fds(f"reader-{index}")
+            sdnotify.store_fds(f"reader-{index}", [handle.eventfd.fileno()])
+
+    def _config_mismatch(self, pub: Publisher) -> bool:
+        """An adopted segment whose geometry the configuration changed is not reused."""
+        seg, g = self.cfg.segment, pub.geometry
+        want = (seg.capacity, seg.slot_size, seg.max_readers, Policy.parse(seg.policy))
+        have = (g.capacity, g.slot_size, g.max_readers, pub.policy)
+        if want == have:
+            return False
+        self.log.warning("segment_invalid", segment=seg.name,
+                         error=f"the stored segment has capacity, slot size, max_readers, policy "
+                               f"{have} but the configuration says {want}",
+                         action="starting a new generation; readers start over")
+        return True
+
+    def _reconnect_expired(self) -> None:
+        """Restored readers that did not reconnect within reconnect_grace are gone."""
+        assert self.pub is not None
+        for index, handle in list(self.restored.items()):
+            del self.restored[index]
+            with self._lock:
+                entry = self.pub.remove_reader(index)
+            sdnotify.remove_fds(f"reader-{index}")
+            self.log.warning(logs.READER_LOST, reader=handle.name, pid=handle.pid, index=index,
+                             generation=self.pub.generation,
+                             seq=entry.cursor if entry else None,
+                             reason=f"did not reconnect within {self.cfg.writer.reconnect_grace:g}"
+                                    " s of the writer's restart")
+
+    def _listener(self, control: list[int] | None) -> socket.socket:
+        """The listening socket: from socket activation (checked), else bound here."""
         ctl = self.cfg.control
-        fds = sdnotify.listen_fds()
-        if fds:
-            chosen = fds.get(LISTEN_FDNAME) or fds.get(sdnotify.UNKNOWN_FDNAME)
-            if not chosen or len(chosen) != 1:
+        if control is not None:
+            if len(control) != 1:
+                for fd in control:
+                    os.close(fd)
                 raise wire.WireError(
                     f"Failed to take the control socket from systemd since it passed "
-                    f"{ {k: len(v) for k, v in fds.items()} } fds; expected one named "
-                    f"{LISTEN_FDNAME!r} (FileDescriptorName= in shm-writer.socket)"
+                    f"{len(control)} fds named {LISTEN_FDNAME!r}; expected one "
+                    "(FileDescriptorName= in shm-writer.socket)"
                 )
-            sock = socket.socket(fileno=chosen[0])
+            sock = socket.socket(fileno=control[0])
             wire.check_inherited_listener(sock, ctl.socket, self._sock_type)
             return sock
         parent = os.path.dirname(ctl.socket)
@@ -296,9 +425,17 @@ class Writer:
                  for p in self.peers.values()):
             refuse = (protocol.RefuseCode.DUPLICATE_INSTANCE,
                       f"a reader named {hello.instance!r} is attached already")
-        if refuse is None:
-            resume = hello.start == protocol.Start.RESUME
-            if resume and hello.last_generation == self.pub.generation:
+        resume = (hello.start == protocol.Start.RESUME
+                  and hello.last_generation == self.pub.generation)
+        restored = next((h for h in self.restored.values() if h.name == hello.instance), None)
+        if refuse is None and resume and restored is not None:
+            # A reader of the segment we adopted: same entry, same eventfd.
+            del self.restored[restored.index]
+            handle = restored
+            with self._lock:
+                self.pub.resume_reader(handle.index, peer.pid, hello.resume_cursor)
+        elif refuse is None:
+            if resume:
                 start: str | int = hello.resume_cursor
             elif hello.start == protocol.Start.OLDEST:
                 start = "oldest"
@@ -310,6 +447,8 @@ class Writer:
                                                  start=start)
             except ReaderTableFull as exc:
                 refuse = (protocol.RefuseCode.TABLE_FULL, str(exc))
+            else:
+                sdnotify.store_fds(f"reader-{handle.index}", [handle.eventfd.fileno()])
         if refuse is not None:
             self.log.warning(logs.READER_REFUSED, pid=peer.pid, uid=peer.uid,
                              reader=hello.instance, code=refuse[0].name.lower(), reason=refuse[1])
@@ -322,10 +461,12 @@ class Writer:
             generation=self.pub.generation, capacity=g.capacity, slot_size=g.slot_size,
             max_readers=g.max_readers, reader_index=handle.index, ring_offset=g.ring_offset,
             segment_size=g.segment_size, policy=protocol.Policy(int(self.pub.policy)),
-            start_cursor=cursor, resumed=isinstance(start, int),
+            start_cursor=cursor, resumed=resume,
         )
+        assert self.lifeline_r is not None
         try:
-            peer.conn.queue(welcome.encode(), [handle.eventfd.fileno(), self.pub.segment.fileno()])
+            peer.conn.queue(welcome.encode(), [handle.eventfd.fileno(), self.pub.segment.fileno(),
+                                               self.lifeline_r.fileno()])
         except wire.ChannelError as exc:
             self.log.warning("reader_error", pid=peer.pid, reader=peer.instance, error=str(exc))
             self._drop(peer)
@@ -372,8 +513,16 @@ class Writer:
         else:
             conn.close()
         if peer.handle is not None and self.pub is not None:
-            with self._lock:
-                entry = self.pub.remove_reader(peer.handle.index)
+            if self._shutting_down and peer.detached:
+                # Drained after we cleared the active flag.  Its entry and
+                # stored eventfd stay: if this is a restart, the next writer
+                # finds the reader there and wakes it to resume.  (On a stop
+                # systemd drops the store and the segment goes with us.)
+                entry: ReaderEntry | None = self.pub.segment.entry(peer.handle.index)
+            else:
+                with self._lock:
+                    entry = self.pub.remove_reader(peer.handle.index)
+                sdnotify.remove_fds(f"reader-{peer.handle.index}")
             fields = {"reader": peer.instance, "pid": peer.pid, "index": peer.handle.index,
                       "generation": self.pub.generation}
             if entry is not None:
@@ -394,6 +543,7 @@ class Writer:
         assert self.pub is not None
         evicted, self.pub.evictions = self.pub.evictions, []
         for ev in evicted:
+            sdnotify.remove_fds(f"reader-{ev.index}")
             for peer in list(self.peers.values()):
                 if peer.handle is not None and peer.handle.index == ev.index:
                     peer.handle = None  # the publisher already dropped it
@@ -558,6 +708,11 @@ class Writer:
             self.pub.close()
             if self.cfg.segment.unlink_on_exit:
                 self.pub.unlink()
+        # Our end of the lifeline.  Without systemd (or on a stop, once
+        # systemd drops its stored copy) the readers now see it hang up.
+        for end in (self.lifeline_r, self.lifeline_w):
+            if end is not None:
+                end.close()
         self.reactor.close()
 
     # -- the loop ---------------------------------------------------------------------------
