@@ -207,7 +207,7 @@ def test_close_with_a_live_zero_copy_view_defers_munmap(shm_name: str) -> None:
 def test_another_process_keeps_reading_after_unlink_and_close(
     shm_name: str, procs: Procs,
 ) -> None:
-    """A spawned process that opened the name keeps sharing the memory after unlink and our close."""
+    """A spawned process that opened the name shares the memory after unlink and our close."""
     seg = create(shm_name)
     try:
         seg.ring[0:6] = b"before"
