@@ -700,22 +700,27 @@ def fmt_size(size: int) -> str:
     return f"{size} B"
 
 
-def _us(ns: float) -> str:
-    return f"{ns / 1000:.3g}"
-
-
-def _g3(value: float) -> str:
+def num(value: float) -> str:
+    """Three significant digits without exponent notation: 0.123, 12.3, 1234."""
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
     return f"{value:.3g}"
+
+
+def _us(ns: float) -> str:
+    return num(ns / 1000)
 
 
 THROUGHPUT_METRICS = (
     Metric("rec_per_s", "Records/s per reader (slowest reader)", True, si),
-    Metric("mib_per_s", "MiB/s per reader (slowest reader)", True, _g3),
+    Metric("mib_per_s", "MiB/s per reader (slowest reader)", True, num),
     Metric("writer_cpu_ns", "Publish cost: writer CPU ns per record", False, si),
     Metric("writer_wall_ns", "Writer wall ns per send (includes waiting for readers)", False, si),
     Metric("reader_cpu_ns", "Reader CPU ns per record (median reader)", False, si),
-    Metric("writer_rss_mib", "Writer peak RSS (MiB)", False, _g3),
-    Metric("reader_rss_mib", "Reader peak RSS (MiB, largest reader)", False, _g3),
+    Metric("writer_rss_mib", "Writer peak RSS (MiB)", False, num),
+    Metric("reader_rss_mib", "Reader peak RSS (MiB, largest reader)", False, num),
 )
 LATENCY_METRICS = (
     Metric("p50_ns", "p50 (µs)", False, _us),
@@ -831,18 +836,10 @@ def run_one(impl: Impl, case: Case, rep: int, timeout: float) -> RunRecord:
     return RunRecord(case.key, impl.name, rep, "ok", "", metrics_for(case, result))
 
 
-def run_plan(
-    plan: Sequence[tuple[Case, Impl]],
-    reps: int,
-    timeout: float,
-    progress: Callable[[str], None],
-) -> tuple[list[RunRecord], dict[tuple[str, str], str]]:
-    """Run every applicable (case, impl) pair ``reps`` times, interleaved.
-
-    Order: for each rep, for each case, every impl in turn (A, B, C, A, B, C, ...).
-    Returns the runs and the not-applicable reasons keyed by (case key, impl name).
-    """
-    not_applicable: dict[tuple[str, str], str] = {}
+def applicable(
+    plan: Sequence[tuple[Case, Impl]], not_applicable: dict[tuple[str, str], str]
+) -> list[tuple[Case, Impl]]:
+    """The pairs whose impl supports the case; records the others' reasons."""
     todo: list[tuple[Case, Impl]] = []
     for case, impl in plan:
         reason = impl.supports(case)
@@ -850,15 +847,30 @@ def run_plan(
             todo.append((case, impl))
         else:
             not_applicable[(case.key, impl.name)] = reason
-    runs: list[RunRecord] = []
+    return todo
+
+
+def run_plan(
+    todo: Sequence[tuple[Case, Impl]],
+    reps: int,
+    timeout: float,
+    runs: list[RunRecord],
+    progress: Callable[[str], None],
+) -> None:
+    """Run every (case, impl) pair ``reps`` times, interleaved, appending to ``runs``.
+
+    Order: for each rep, for each case, every impl in turn (A, B, C, A, B, C, ...).
+    ``runs`` keeps what finished if this is interrupted.
+    """
     total = reps * len(todo)
+    done = 0
     for rep in range(reps):
         for case, impl in todo:
             record = run_one(impl, case, rep, timeout)
             runs.append(record)
-            progress(f"[{len(runs)}/{total}] {case.label} | {impl.name} | rep {rep + 1}: "
+            done += 1
+            progress(f"[{done}/{total}] {case.label} | {impl.name} | rep {rep + 1}: "
                      f"{_progress_note(record)}")
-    return runs, not_applicable
 
 
 def _progress_note(record: RunRecord) -> str:
@@ -960,7 +972,9 @@ def _ratio(report: Report, case_key: str, shmd: str, metric: Metric) -> str:
     return f"{mine.median / best:.2f}x vs {best_name}"
 
 
-def _table(report: Report, title: str, rows: Sequence[tuple[str, str, Metric]]) -> list[str]:
+def _table(
+    report: Report, title: str, rows: Sequence[tuple[str, str, Metric]], first: str = "case"
+) -> list[str]:
     """Markdown table: one row per (label, case key, metric), one column per impl."""
     keys = {key for _, key, _ in rows}
     columns = [
@@ -970,7 +984,7 @@ def _table(report: Report, title: str, rows: Sequence[tuple[str, str, Metric]]) 
     shmds = [i.name for i in report.impls if i.kind == "shmd"] or ["shmd"]
     if not columns:
         return []
-    head = ["case"] + [f"{i.name} ({i.kind})" if i.kind != "peer" else i.name for i in columns]
+    head = [first] + [f"{i.name} ({i.kind})" if i.kind != "peer" else i.name for i in columns]
     head += [f"{s} / best peer" for s in shmds]
     out = [f"### {title}", "", "| " + " | ".join(head) + " |",
            "|" + "---|" * len(head)]
@@ -992,7 +1006,8 @@ def render_markdown(report: Report) -> str:
         f"Mode: {'quick' if cfg.get('quick') else 'full'}, {cfg.get('reps')} repetitions "
         "interleaved across implementations, fresh processes per run.",
         "Cells: median over repetitions (min-max). Ratio columns: shmd median / best peer "
-        "median (floors are not peers); above 1 is better for rates, below 1 for costs.",
+        "median (floors are not peers); above 1 is better for rates, below 1 for costs. "
+        "Methodology: docs/PERFORMANCE.md.",
         "",
     ]
     skipped = [i for i in report.impls if i.skipped]
@@ -1014,7 +1029,7 @@ def render_markdown(report: Report) -> str:
         lines += ["## Latency", ""]
         for case in latency:
             lines += _table(report, f"{case.label} — lower is better",
-                            [(m.title, case.key, m) for m in LATENCY_METRICS])
+                            [(m.title, case.key, m) for m in LATENCY_METRICS], "percentile")
     scale = [c for c in report.cases if isinstance(c, ThroughputCase) and c.series == "scale"]
     if scale:
         lines += ["## Scale (plotted in scale.svg)", ""]
@@ -1030,10 +1045,13 @@ def render_markdown(report: Report) -> str:
             where = f"{r.case_key} | {r.impl} | rep {r.rep + 1}"
             lines.append(f"- **{r.status.upper()}** {where}: {first}")
         lines.append("")
-    reasons = sorted({(impl, why) for (_, impl), why in report.not_applicable.items()})
+    reasons: dict[str, list[str]] = {}
+    for (_, impl), why in report.not_applicable.items():
+        if impl not in reasons.setdefault(why, []):
+            reasons[why].append(impl)
     if reasons:
-        lines += ["## Not applicable", ""]
-        lines += [f"- {impl}: {why}" for impl, why in reasons]
+        lines += ["## Not applicable (n/a)", ""]
+        lines += [f"- {', '.join(impls)}: {why}" for why, impls in reasons.items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -1,0 +1,215 @@
+"""iceoryx2 peer (Python bindings of eclipse-iceoryx/iceoryx2), event-driven.
+
+A publish-subscribe service carries the records (``Slice[c_uint8]`` of the payload size,
+static allocation); an event service wakes the readers, so they sleep in
+``Listener.blocking_wait`` instead of polling. Nothing is dropped: safe overflow is off and
+the publisher's backpressure strategy is ``RetryUntilDelivered`` (send waits while a
+reader's buffer, sized to the case's depth, is full). A second event service lets each
+reader announce itself; the writer re-checks the subscriber count after every such wake
+until all readers are attached.
+
+Two variants:
+
+``iceoryx2`` (copying)
+    The writer copies the whole record into the loaned sample; readers copy the payload
+    out into ``bytes`` and release the sample at once.
+``iceoryx2-zc`` (zero-copy)
+    The writer fills only the 16-byte head and 8-byte tail of the loaned sample (the
+    payload is taken to be produced in place); readers check the record in place through
+    a memoryview and release the sample on the next receive.
+
+Every file iceoryx2 creates carries a per-run prefix and lives under the run's private
+directory (or ``/dev/shm/<prefix>*``), so cleanup removes exactly this run's leftovers,
+also after a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.harness import HEAD, TAIL, Buffer, Case, Reader, StreamImpl, Writer
+
+MISSING: str | None
+try:
+    # iceoryx2 ships no type information (no py.typed).
+    import iceoryx2 as iox2  # type: ignore[import-untyped]
+
+    MISSING = None
+except ImportError as exc:  # optional: the impl reports itself unavailable
+    MISSING = f"iceoryx2 is not installed ({exc}; pip install iceoryx2)"
+
+SHM_DIR = "/dev/shm"
+
+
+@dataclass(frozen=True)
+class IoxChannel:
+    prefix: str
+    root: str
+    service: str
+    readers: int
+    depth: int
+    payload: int
+    zero_copy: bool
+
+
+def _node(chan: IoxChannel) -> Any:
+    config = iox2.config.default()
+    config.global_cfg.prefix = iox2.FileName.new(chan.prefix)
+    config.global_cfg.root_path = iox2.Path.new(chan.root + "/")
+    return (iox2.NodeBuilder.new()
+            .config(config)
+            .signal_handling_mode(iox2.SignalHandlingMode.Disabled)
+            .create(iox2.ServiceType.Ipc))
+
+
+def _pubsub(node: Any, chan: IoxChannel) -> Any:
+    return (node.service_builder(iox2.ServiceName.new(chan.service))
+            .publish_subscribe(iox2.Slice[ctypes.c_uint8])
+            .max_publishers(1)
+            .max_subscribers(chan.readers)
+            .max_nodes(chan.readers + 1)
+            .history_size(0)
+            .subscriber_max_buffer_size(chan.depth)
+            .enable_safe_overflow(False))
+
+
+def _event(node: Any, chan: IoxChannel, purpose: str) -> Any:
+    return (node.service_builder(iox2.ServiceName.new(f"{chan.service}/{purpose}"))
+            .event()
+            .max_notifiers(chan.readers + 1)
+            .max_listeners(chan.readers + 1)
+            .max_nodes(chan.readers + 1))
+
+
+class _IoxWriter:
+    def __init__(self, chan: IoxChannel) -> None:
+        self._chan = chan
+        self._node = _node(chan)
+        self._service = _pubsub(self._node, chan).create()
+        self._publisher = (self._service.publisher_builder()
+                           .initial_max_slice_len(chan.payload)
+                           .allocation_strategy(iox2.AllocationStrategy.Static)
+                           .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
+                           .create())
+        self._wake = _event(self._node, chan, "data").create().notifier_builder().create()
+        self._hello = _event(self._node, chan, "hello").create().listener_builder().create()
+        self._source: bytearray | None = None
+        self._source_view: Any = None
+        self._source_addr = 0
+
+    def wait_readers(self, deadline: float) -> None:
+        while self._service.dynamic_config.number_of_subscribers < self._chan.readers:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                attached = self._service.dynamic_config.number_of_subscribers
+                raise RuntimeError(
+                    f"Failed to see {self._chan.readers} subscribers since only {attached} "
+                    "attached before the deadline"
+                )
+            # Readers notify "hello" after creating their subscriber.
+            self._hello.timed_wait(iox2.Duration.from_secs_f64(remaining))
+        self._publisher.update_connections()
+
+    def send(self, record: bytearray) -> None:
+        if record is not self._source:
+            # The harness reuses one bytearray per run: take its address once.
+            self._source = record
+            self._source_view = (ctypes.c_char * len(record)).from_buffer(record)
+            self._source_addr = ctypes.addressof(self._source_view)
+        payload = self._chan.payload
+        sample = self._publisher.loan_slice_uninit(payload)
+        dst = sample.payload_ptr
+        if self._chan.zero_copy:
+            ctypes.memmove(dst, self._source_addr, HEAD.size)
+            ctypes.memmove(dst + payload - TAIL.size, self._source_addr + payload - TAIL.size,
+                           TAIL.size)
+        else:
+            ctypes.memmove(dst, self._source_addr, payload)
+        sample.assume_init().send()
+        self._wake.notify()
+
+    def close(self) -> None:
+        self._source_view = None
+        for port in (self._hello, self._wake, self._publisher):
+            port.delete()
+        self._service = None
+        self._node = None
+
+
+class _IoxReader:
+    def __init__(self, chan: IoxChannel) -> None:
+        self._chan = chan
+        self._node = _node(chan)
+        self._service = _pubsub(self._node, chan).open()
+        self._subscriber = self._service.subscriber_builder().buffer_size(chan.depth).create()
+        self._wake = _event(self._node, chan, "data").open().listener_builder().create()
+        hello = _event(self._node, chan, "hello").open().notifier_builder().create()
+        hello.notify()
+        hello.delete()
+        self._held: Any = None
+        self._view_type = ctypes.c_ubyte * chan.payload
+
+    def recv(self) -> Buffer:
+        if self._held is not None:
+            self._held.delete()
+            self._held = None
+        sample = self._subscriber.receive()
+        while sample is None:
+            self._wake.blocking_wait()
+            sample = self._subscriber.receive()
+        size = sample.header.number_of_elements
+        if self._chan.zero_copy and size == self._chan.payload:
+            self._held = sample
+            return memoryview(self._view_type.from_address(sample.payload_ptr))
+        data = ctypes.string_at(sample.payload_ptr, size)
+        sample.delete()
+        return data
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._held.delete()
+            self._held = None
+        self._wake.delete()
+        self._subscriber.delete()
+        self._service = None
+        self._node = None
+
+
+class Iceoryx2Impl(StreamImpl):
+    """iceoryx2 publish-subscribe + event services, copying or zero-copy."""
+
+    def __init__(self, zero_copy: bool) -> None:
+        self.zero_copy = zero_copy
+        self.name = "iceoryx2-zc" if zero_copy else "iceoryx2"
+        self.kind = "peer"
+
+    def available(self) -> str | None:
+        return MISSING
+
+    def prepare(self, case: Case, workdir: str) -> IoxChannel:
+        root = os.path.join(workdir, "iceoryx2")
+        os.mkdir(root)
+        return IoxChannel(f"shmdb{uuid.uuid4().hex[:12]}_", root, "shmd-bench", case.readers,
+                          case.depth, case.payload, self.zero_copy)
+
+    def cleanup(self, channel: IoxChannel) -> None:
+        # Clean exits leave the per-prefix global_mgmt file; SIGKILLed ports leave data
+        # segments and configs. All carry this run's prefix. The root directory is
+        # removed with the run's private directory.
+        for path in glob.glob(os.path.join(SHM_DIR, glob.escape(channel.prefix) + "*")):
+            os.unlink(path)
+
+    def open_writer(self, channel: IoxChannel, case: Case) -> Writer:
+        return _IoxWriter(channel)
+
+    def open_reader(self, channel: IoxChannel, case: Case, index: int) -> Reader:
+        return _IoxReader(channel)
+
+
+IMPLS = [Iceoryx2Impl(zero_copy=False), Iceoryx2Impl(zero_copy=True)]
