@@ -74,6 +74,12 @@ class ReaderDaemon:
         self.welcome: protocol.Welcome | None = None
         self.writer_gone = False
         self.stop_reason: str | None = None
+        #: SIGTERM/SIGINT arrived: finish and exit 0.
+        self.stopping = False
+        #: The read end of the writer's lifeline (see protocol.Welcome).
+        self.lifeline: OwnedFd | None = None
+        self.lifeline_hup = False
+        self._woken = False
         self._next_stats = 0.0
         self._stats_mark = (time.monotonic(), 0)
         self._reported_lost = 0
@@ -82,17 +88,32 @@ class ReaderDaemon:
 
     # -- attaching ---------------------------------------------------------------
 
-    def connect(self) -> None:
-        """Connect (retrying while the socket is missing or refusing), Hello, Welcome."""
+    def connect(self, *, resume: bool = False, deadline: float | None = None) -> None:
+        """Connect (retrying while the socket is missing or refusing), Hello, Welcome.
+
+        With ``resume``, ask to continue at our cursor in our generation
+        (after the writer restarted); the new segment fd replaces the old
+        mapping and the counters carry over.
+        """
         ctl = self.cfg.control
-        deadline = time.monotonic() + self.settings.reconnect_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.reconnect_timeout
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = self._dial(deadline)
+        old = self.sub if resume else None
+        frame = self._exchange_hello(self._hello(old), ctl.handshake_timeout)
+        msg, fds = self._answer(frame)
+        self._attach(msg, fds, old)
+
+    def _dial(self, deadline: float) -> wire.Connection:
+        """Connect to the control socket, retrying while it is missing or refusing."""
+        ctl = self.cfg.control
         delay = 0.05
         while True:
             try:
-                self.conn = wire.connect(ctl.socket, SOCK_TYPES[ctl.type],
-                                         timeout=ctl.handshake_timeout,
-                                         max_message=ctl.max_message)
-                break
+                return wire.connect(ctl.socket, SOCK_TYPES[ctl.type],
+                                    timeout=ctl.handshake_timeout, max_message=ctl.max_message)
             except wire.WireError as exc:
                 cause = exc.__cause__ or exc.__context__
                 retry = isinstance(cause, OSError) and cause.errno in _RETRY_ERRNOS
@@ -105,10 +126,20 @@ class ReaderDaemon:
                 # attempts while no writer is listening yet.
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _hello(self, old: Subscriber | None) -> protocol.Hello:
+        """Our Hello: where to start, or (``old``) where to resume."""
+        if old is not None:
+            return protocol.Hello(instance=self.instance, pid=os.getpid(),
+                                  topics=self.settings.topic_mask, start=protocol.Start.RESUME,
+                                  resume_cursor=old.cursor,
+                                  last_generation=old.segment.generation)
         start = protocol.Start.OLDEST if self.settings.start == "oldest" else protocol.Start.LATEST
-        hello = protocol.Hello(instance=self.instance, pid=os.getpid(),
-                               topics=self.settings.topic_mask, start=start)
-        frame = self._exchange_hello(hello, ctl.handshake_timeout)
+        return protocol.Hello(instance=self.instance, pid=os.getpid(),
+                              topics=self.settings.topic_mask, start=start)
+
+    def _answer(self, frame: wire.Frame) -> tuple[protocol.Welcome, list[int]]:
+        """The Welcome and its fds, or ReaderExit for a Refuse or anything else."""
         fds = [f.detach() for f in frame.fds]
         try:
             msg = protocol.decode(frame.body, len(fds))
@@ -126,22 +157,39 @@ class ReaderDaemon:
                 os.close(fd)
             raise ReaderExit(EXIT_FAILURE, "refused", f"Failed to attach since the writer "
                              f"answered with a {type(msg).__name__}")
-        eventfd, segfd = OwnedFd(fds[0]), OwnedFd(fds[1])
+        return msg, fds
+
+    def _attach(self, msg: protocol.Welcome, fds: list[int], old: Subscriber | None) -> None:
+        """Map the segment from the Welcome's fds; on a resume replace ``old``."""
+        eventfd, segfd, lifeline = OwnedFd(fds[0]), OwnedFd(fds[1]), OwnedFd(fds[2])
         try:
-            self.sub = Subscriber.attach(index=msg.reader_index, fd=segfd, eventfd=eventfd,
-                                         mutex_timeout=self.cfg.segment.mutex_timeout)
+            new = Subscriber.attach(index=msg.reader_index, fd=segfd, eventfd=eventfd,
+                                    mutex_timeout=self.cfg.segment.mutex_timeout)
         except BaseException:
-            eventfd.close()
-            segfd.close()
+            for f in (eventfd, segfd, lifeline):
+                f.close()
             raise
-        if self.sub.segment.generation != msg.generation:
+        if new.segment.generation != msg.generation:
+            new.close()
+            lifeline.close()
             raise ReaderExit(EXIT_FAILURE, "refused", "Failed to attach since the segment fd "
                              "is of another generation than the Welcome says")
+        if old is not None:
+            new.delivered, new.lost = old.delivered, old.lost
+            if not msg.resumed:
+                self.log.warning("generation_changed", generation=msg.generation,
+                                 old_generation=old.segment.generation, seq=msg.start_cursor,
+                                 reason="the restarted writer could not adopt the old segment; "
+                                        "reading starts over in the new generation")
+            old.close()
+        if self.lifeline is not None:
+            self.lifeline.close()
+        self.sub, self.lifeline, self.lifeline_hup = new, lifeline, False
         self.welcome = msg
         self.log.info(logs.ATTACHED, generation=msg.generation, index=msg.reader_index,
                       seq=msg.start_cursor, capacity=msg.capacity, slot_size=msg.slot_size,
                       policy=msg.policy.name.lower().replace("_", "-"),
-                      writer_pid=self.sub.segment.writer_pid)
+                      writer_pid=new.segment.writer_pid, resumed=msg.resumed)
 
     def _exchange_hello(self, hello: protocol.Hello, timeout: float) -> wire.Frame:
         """Send the Hello and return the writer's answer (a Welcome or a Refuse)."""
@@ -189,12 +237,31 @@ class ReaderDaemon:
             if self.sub.active:
                 # The writer died (or broke the protocol) without clearing
                 # the flag: what is committed is still valid and gets
-                # drained, then we exit non-zero.
+                # drained; then we wait for a restarted writer (or exit).
                 self.stop_reason = "writer_lost"
                 self.log.error(logs.WRITER_LOST, generation=self.sub.segment.generation,
                                writer_pid=self.sub.segment.writer_pid, seq=self.sub.cursor,
                                error=str(exc))
                 self.loop.stop()
+
+    def _on_lifeline(self, events: int) -> None:
+        """The lifeline hung up: no writer holds the bus, and none is being restarted."""
+        self.lifeline_hup = True
+        if self.lifeline is not None:
+            self.reactor.remove(self.lifeline.fileno())
+        if self.loop is not None and self.sub is not None and self.sub.active:
+            if self.stop_reason is None:
+                self.stop_reason = "writer_lost"
+            self.loop.stop()
+
+    def _on_wake(self, events: int) -> None:
+        """While waiting for a restarted writer: our eventfd fired."""
+        assert self.sub is not None and self.sub.eventfd is not None
+        try:
+            os.read(self.sub.eventfd.fileno(), 8)
+        except BlockingIOError:
+            return
+        self._woken = True
 
     def _on_signal(self, signum: signal.Signals) -> None:
         handler = getattr(self, f"handle_{signum.name.lower()}", None)
@@ -203,15 +270,17 @@ class ReaderDaemon:
 
     def handle_sigterm(self) -> None:
         """systemctl stop: drain what is there, detach, exit 0."""
-        self.stop_reason = "SIGTERM"
-        assert self.loop is not None
-        self.loop.stop()
+        self._stop("SIGTERM")
 
     def handle_sigint(self) -> None:
         """Ctrl-C: as SIGTERM."""
-        self.stop_reason = "SIGINT"
-        assert self.loop is not None
-        self.loop.stop()
+        self._stop("SIGINT")
+
+    def _stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.stopping = True
+        if self.loop is not None:
+            self.loop.stop()
 
     def handle_sighup(self) -> None:
         """Nothing to reload in a reader (restart it to apply new settings)."""
@@ -246,37 +315,107 @@ class ReaderDaemon:
                         f"{rate:.1f}/s")
 
     def run(self) -> int:
-        """Attach, read until the writer goes inactive (or we are stopped), detach."""
+        """Attach, read until the writer goes for good (or we are stopped), detach.
+
+        A writer that clears the active flag or vanishes may be restarting
+        (``systemctl restart``, or a crash with ``Restart=on-failure``): we
+        drain, then wait up to ``reconnect_timeout`` for it.  The lifeline
+        tells us when no writer is coming: it hangs up once neither the
+        writer nor systemd's fd store holds its write end.
+        """
         if self.sink is None:
             self.sink = make_sink(self.settings.sink)
         self.connect()
-        assert self.sub is not None and self.conn is not None
-        self.loop = ReaderLoop(self.sub, self._on_records, reactor=self.reactor, tick=self._tick)
-        self.reactor.add(self.conn.fileno(), self._on_control)
         self._wakeup = SignalWakeup(self.reactor, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
                                     self._on_signal)
         sdnotify.ready()
-        result = self.loop.run()
-        sub = self.sub
+        while True:
+            outcome = self._session()
+            sub = self.sub
+            assert sub is not None
+            if outcome == "stopped":
+                self.log.info(logs.DRAINED, delivered=sub.delivered, lost=sub.lost, seq=sub.cursor,
+                              generation=sub.segment.generation, reason=self.stop_reason)
+                self._detach(protocol.DetachCode.NORMAL, self.stop_reason or "stopped")
+                return EXIT_OK
+            if outcome == "evicted":
+                raise ReaderExit(EXIT_FAILURE, logs.EXITING, "the writer evicted this reader",
+                                 delivered=sub.delivered, lost=sub.lost, seq=sub.cursor)
+            if outcome == "drained":
+                self.log.info(logs.WRITER_INACTIVE, generation=sub.segment.generation,
+                              seq=sub.cursor)
+                self.log.info(logs.DRAINED, delivered=sub.delivered, lost=sub.lost,
+                              seq=sub.cursor, generation=sub.segment.generation)
+                self._detach(protocol.DetachCode.NORMAL, "drained")
+            if self._await_writer():
+                continue
+            if self.stopping or outcome == "drained":
+                self.stop_reason = self.stop_reason or "writer_stopped"
+                return EXIT_OK
+            raise ReaderExit(EXIT_FAILURE, logs.EXITING, "the writer vanished without clearing "
+                             "the active flag and did not come back", delivered=sub.delivered,
+                             lost=sub.lost, seq=sub.cursor)
+
+    def _session(self) -> str:
+        """Read on one connection; returns drained, writer_lost, evicted or stopped."""
+        sub, conn, lifeline = self.sub, self.conn, self.lifeline
+        assert sub is not None and conn is not None and lifeline is not None
+        self.stop_reason = None if not self.stopping else self.stop_reason
+        self.loop = ReaderLoop(sub, self._on_records, reactor=self.reactor, tick=self._tick)
+        self.reactor.add(conn.fileno(), self._on_control)
+        if not self.lifeline_hup:
+            self.reactor.add(lifeline.fileno(), self._on_lifeline, 0)  # 0: hang-up only
+        try:
+            result = LoopExit.STOPPED if self.stopping else self.loop.run()
+            # Deliver what is committed whatever happened: nothing is
+            # dropped on the floor.
+            self.loop.drain()
+        finally:
+            self.loop.close()
+            self.loop = None
+            self.reactor.remove(lifeline.fileno())
+            if not conn.closed:
+                self.reactor.remove(conn.fileno())
         if result is LoopExit.DRAINED:
-            self.log.info(logs.WRITER_INACTIVE, generation=sub.segment.generation, seq=sub.cursor)
-            self.log.info(logs.DRAINED, delivered=sub.delivered, lost=sub.lost, seq=sub.cursor,
-                          generation=sub.segment.generation)
-            self._detach(protocol.DetachCode.NORMAL, "drained")
-            return EXIT_OK
-        # Stopped: deliver what is committed anyway; nothing is dropped on the floor.
-        self.loop.drain()
-        if self.stop_reason == "writer_lost":
-            raise ReaderExit(EXIT_FAILURE, logs.EXITING, "the writer vanished without "
-                             "clearing the active flag", delivered=sub.delivered, lost=sub.lost,
-                             seq=sub.cursor)
-        if self.stop_reason == "evicted":
-            raise ReaderExit(EXIT_FAILURE, logs.EXITING, "the writer evicted this reader",
-                             delivered=sub.delivered, lost=sub.lost, seq=sub.cursor)
-        self.log.info(logs.DRAINED, delivered=sub.delivered, lost=sub.lost, seq=sub.cursor,
-                      generation=sub.segment.generation, reason=self.stop_reason)
-        self._detach(protocol.DetachCode.NORMAL, self.stop_reason or "stopped")
-        return EXIT_OK
+            return "drained"
+        if self.stop_reason in ("writer_lost", "evicted"):
+            return self.stop_reason
+        return "stopped"
+
+    def _await_writer(self) -> bool:
+        """Wait for a restarted writer and resume with it; False when none comes."""
+        sub, lifeline = self.sub, self.lifeline
+        assert sub is not None and sub.eventfd is not None and lifeline is not None
+        if self.conn is not None:
+            self.conn.close()
+        timeout = self.settings.reconnect_timeout
+        deadline = time.monotonic() + timeout
+        self._woken = False
+        self._on_wake(0)  # forget wake-ups from before (the old writer's shutdown)
+        self._woken = False
+        self.reactor.add(sub.eventfd.fileno(), self._on_wake)
+        if not self.lifeline_hup:
+            self.reactor.add(lifeline.fileno(), self._on_lifeline, 0)
+        self.log.info("awaiting_writer", timeout=timeout, seq=sub.cursor,
+                      generation=sub.segment.generation)
+        try:
+            while not self.stopping and not self.lifeline_hup:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.reactor.poll(left)
+                if self._woken:
+                    # The restarted writer woke us through our stored eventfd.
+                    try:
+                        self.connect(resume=True, deadline=deadline)
+                    except (ReaderExit, wire.ChannelError, protocol.ProtocolError) as exc:
+                        self.log.warning("resume_failed", error=str(exc))
+                        return False
+                    return True
+            return False
+        finally:
+            self.reactor.remove(sub.eventfd.fileno())
+            self.reactor.remove(lifeline.fileno())
 
     def _detach(self, code: protocol.DetachCode, reason: str) -> None:
         if self.conn is None or self.conn.closed:
@@ -296,6 +435,8 @@ class ReaderDaemon:
             self.conn.close()
         if self.sub is not None:
             self.sub.close()
+        if self.lifeline is not None:
+            self.lifeline.close()
         if self.sink is not None:
             try:
                 self.sink.close()
