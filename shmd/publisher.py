@@ -684,6 +684,18 @@ class Publisher:
             if who is None or free_slots(self._seq, slowest, cap) >= n:
                 seg.u[Segment.WRITER_WAITING] = 0
                 return
+            # A reader asleep behind us slept through records of topics it
+            # did not subscribe to (a commit wakes subscribers only): it
+            # would never move its cursor, and we would evict a healthy
+            # reader.  Wake it; it skips those records and posts the
+            # semaphore like any reader that advances.  (One that is not
+            # asleep yet cannot fall asleep now: prepare_sleep sees
+            # write_seq past its cursor and withdraws.)
+            behind = [h for h in self.readers.values()
+                      if seg.u[h.u0 + R_ASLEEP // 4]
+                      and free_slots(self._seq, seg.q[h.q0 + R_CURSOR // 8], cap) < n]
+            if behind:
+                self._wake(behind, clear_flags=True)
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not seg.sem_wait(remaining):
                 seg.u[Segment.WRITER_WAITING] = 0
