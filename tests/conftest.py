@@ -7,18 +7,13 @@ and every segment name a test asked for is unlinked.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
-from helpers import Procs, attach, new_name
+from helpers import Bus, Procs, new_name
 
 from shmd._sys import libc
 from shmd.errors import SegmentNotFound
-from shmd.layout import ALL_TOPICS
-from shmd.publisher import Publisher
-from shmd.subscriber import Subscriber
 
 
 @pytest.fixture
@@ -53,42 +48,6 @@ def procs() -> Iterator[Procs]:
         yield p
     finally:
         p.cleanup()
-
-
-class Bus:
-    """Publishers and in-process subscribers for one test, closed at its end."""
-
-    def __init__(self, names: Callable[[], str]) -> None:
-        self._names = names
-        self.publishers: list[Publisher] = []
-        self.subscribers: list[Subscriber] = []
-
-    def publisher(self, name: str | None = None, **kwargs: Any) -> Publisher:
-        """``Publisher.create`` on a fresh test name (small geometry unless told)."""
-        kwargs.setdefault("capacity", 8)
-        kwargs.setdefault("slot_size", 64)
-        kwargs.setdefault("max_readers", 8)
-        pub = Publisher.create(name or self._names(), **kwargs)
-        self.publishers.append(pub)
-        return pub
-
-    def subscriber(
-        self, pub: Publisher, name: str = "r", *, topics: int = ALL_TOPICS,
-        start: str | int = "latest", pid: int | None = None, **kwargs: Any,
-    ) -> Subscriber:
-        """Add a reader entry to ``pub`` and attach to it by fd, as a reader daemon would."""
-        handle = pub.add_reader(name, os.getpid() if pid is None else pid, topics=topics,
-                                start=start)
-        sub = attach(pub, handle, **kwargs)
-        self.subscribers.append(sub)
-        return sub
-
-    def close(self) -> None:
-        """Close every subscriber, then every publisher (names are unlinked by shm_names)."""
-        for sub in self.subscribers:
-            sub.close()
-        for pub in self.publishers:
-            pub.close()
 
 
 @pytest.fixture
