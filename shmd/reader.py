@@ -393,9 +393,10 @@ class ReaderDaemon:
         self._woken = False
         self._on_wake(0)  # forget wake-ups from before (the old writer's shutdown)
         self._woken = False
-        self.reactor.add(sub.eventfd.fileno(), self._on_wake)
+        efd, lfd = sub.eventfd.fileno(), lifeline.fileno()
+        self.reactor.add(efd, self._on_wake)
         if not self.lifeline_hup:
-            self.reactor.add(lifeline.fileno(), self._on_lifeline, 0)
+            self.reactor.add(lfd, self._on_lifeline, 0)
         self.log.info("awaiting_writer", timeout=timeout, seq=sub.cursor,
                       generation=sub.segment.generation)
         try:
@@ -405,17 +406,24 @@ class ReaderDaemon:
                     return False
                 self.reactor.poll(left)
                 if self._woken:
-                    # The restarted writer woke us through our stored eventfd.
-                    try:
-                        self.connect(resume=True, deadline=deadline)
-                    except (ReaderExit, wire.ChannelError, protocol.ProtocolError) as exc:
-                        self.log.warning("resume_failed", error=str(exc))
-                        return False
-                    return True
-            return False
+                    break
+            else:
+                return False
         finally:
-            self.reactor.remove(sub.eventfd.fileno())
-            self.reactor.remove(lifeline.fileno())
+            # Unregister before connect() closes these fds: the restarted
+            # writer hands us the *same* eventfd (from its fd store), and
+            # epoll keys a registration on the open file description, so an
+            # fd closed while registered would keep firing under its old
+            # number for as long as the new fd keeps the description alive.
+            self.reactor.remove(efd)
+            self.reactor.remove(lfd)
+        # The restarted writer woke us through our stored eventfd.
+        try:
+            self.connect(resume=True, deadline=deadline)
+        except (ReaderExit, wire.ChannelError, protocol.ProtocolError) as exc:
+            self.log.warning("resume_failed", error=str(exc))
+            return False
+        return True
 
     def _detach(self, code: protocol.DetachCode, reason: str) -> None:
         if self.conn is None or self.conn.closed:
