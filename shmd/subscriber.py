@@ -163,7 +163,12 @@ class Subscriber:
         second (the reader daemon, the benchmarks) unpack plain tuples.
         """
         seg = self.segment
-        q = seg.q
+        try:
+            q = seg.q
+        except AttributeError:
+            # Segment.close() drops its views: reading after close() is a
+            # caller's mistake and gets the named error, not AttributeError.
+            raise SegmentClosed("Failed to read since the subscriber was closed") from None
         write_seq = q[Segment.WRITE_SEQ]
         cursor = self._cursor
         if write_seq <= cursor:
