@@ -5,18 +5,19 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
 
 import pytest
 from helpers import (
     Bus,
     ChildEnd,
     Procs,
+    asleep_and_unlocked,
     attach,
     drain,
     eventfd_count,
     fd_targets,
     in_dev_shm,
+    loop_reader,
     wait_until,
 )
 from structlog.testing import capture_logs
@@ -32,7 +33,7 @@ from shmd.errors import (
     SegmentExists,
     TopicError,
 )
-from shmd.layout import OFF_MUTEX, R_PID, R_STATE, Policy, ReaderState, topic_mask
+from shmd.layout import R_PID, R_STATE, Policy, ReaderState, topic_mask
 from shmd.publisher import Eviction, Publisher
 from shmd.reactor import ReaderLoop
 from shmd.segment import Segment
@@ -47,34 +48,6 @@ def payload(seq: int) -> bytes:
 def events(logs: list[dict[str, object]], name: str) -> list[dict[str, object]]:
     """The captured log entries whose event is ``name``."""
     return [e for e in logs if e["event"] == name]
-
-
-def mutex_free(seg: Segment) -> bool:
-    """Whether nobody holds the segment's mutex (glibc's futex word is 0)."""
-    return bytes(seg.control[OFF_MUTEX : OFF_MUTEX + 4]) == b"\0\0\0\0"
-
-
-def asleep_and_unlocked(pub: Publisher, index: int) -> Callable[[], bool]:
-    """A predicate: reader ``index`` announced its sleep and let go of the mutex."""
-    return lambda: pub.segment.entry(index).asleep and mutex_free(pub.segment)
-
-
-def loop_reader(pub: Publisher, index: int) -> Callable[[ChildEnd], None]:
-    """A child body: run a ReaderLoop on entry ``index``, report every record, then how it ended."""
-    handle = pub.readers[index]
-
-    def body(ch: ChildEnd) -> None:
-        sub = attach(pub, handle)
-
-        def on_records(batch: list[RawRecord]) -> None:
-            for seq, _ts, topic, data in batch:
-                ch.send(f"record {seq} {topic} {bytes(data).hex()}")
-
-        ch.send("ready")
-        result = ReaderLoop(sub, on_records).run()
-        ch.send(f"exit {result.name} {sub.delivered} {sub.lost}")
-
-    return body
 
 
 # -- create --------------------------------------------------------------------------------

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from shmd._sys.fd import OwnedFd
-from shmd.layout import ALL_TOPICS
+from shmd.layout import ALL_TOPICS, OFF_MUTEX
 from shmd.publisher import Publisher, ReaderHandle
-from shmd.subscriber import Record, Subscriber
+from shmd.reactor import ReaderLoop
+from shmd.segment import Segment
+from shmd.subscriber import RawRecord, Record, Subscriber
 
 HERE = Path(__file__).resolve().parent
 DEV_SHM = Path("/dev/shm")
@@ -320,3 +322,38 @@ class Bus:
             sub.close()
         for pub in self.publishers:
             pub.close()
+
+
+def mutex_free(seg: Segment) -> bool:
+    """Whether nobody holds the segment's mutex (glibc's futex word is 0)."""
+    return bytes(seg.control[OFF_MUTEX : OFF_MUTEX + 4]) == b"\0\0\0\0"
+
+
+def asleep_and_unlocked(pub: Publisher, index: int) -> Callable[[], bool]:
+    """A predicate: reader ``index`` announced its sleep and let go of the mutex.
+
+    (Only then is it safe to SIGSTOP it, or to count on it being woken:
+    it is on its way into epoll and holds nothing the writer needs.)
+    """
+    return lambda: pub.segment.entry(index).asleep and mutex_free(pub.segment)
+
+
+def loop_reader(pub: Publisher, index: int) -> Callable[[ChildEnd], None]:
+    """A child body: run a ReaderLoop on entry ``index``, report every record, then how it ended.
+
+    Lines: ``ready``; ``record SEQ TOPIC HEX`` per record; ``exit RESULT DELIVERED LOST``.
+    """
+    handle = pub.readers[index]
+
+    def body(ch: ChildEnd) -> None:
+        sub = attach(pub, handle)
+
+        def on_records(batch: list[RawRecord]) -> None:
+            for seq, _ts, topic, data in batch:
+                ch.send(f"record {seq} {topic} {bytes(data).hex()}")
+
+        ch.send("ready")
+        result = ReaderLoop(sub, on_records).run()
+        ch.send(f"exit {result.name} {sub.delivered} {sub.lost}")
+
+    return body

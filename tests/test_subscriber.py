@@ -1,0 +1,372 @@
+"""shmd.subscriber: attaching, reading in order, lapping, zero-copy, sleeping and waking."""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from helpers import (
+    Bus,
+    ChildEnd,
+    Procs,
+    asleep_and_unlocked,
+    attach,
+    drain,
+    eventfd_count,
+    loop_reader,
+    maps_lines,
+    popen_lines,
+    wait_until,
+)
+from structlog.testing import capture_logs
+
+from shmd._sys import libc
+from shmd.errors import (
+    MutexNotWritable,
+    ReaderEvicted,
+    SegmentClosed,
+    SegmentLayoutError,
+    SegmentNotFound,
+)
+from shmd.layout import topic_mask
+from shmd.publisher import Publisher
+from shmd.segment import Segment
+from shmd.subscriber import Subscriber
+
+
+def payload(seq: int) -> bytes:
+    """The payload these tests publish as record ``seq``."""
+    return seq.to_bytes(8, "little") * 3
+
+
+# -- attaching -----------------------------------------------------------------------------
+
+
+def test_attach_by_fd_and_by_name_read_the_same_records(bus: Bus) -> None:
+    """A subscriber attached by received fd and one attached by name read identical records."""
+    pub = bus.publisher(capacity=16)
+    by_fd = bus.subscriber(pub, "fd")
+    handle = pub.add_reader("name", os.getpid())
+    with Subscriber.attach(index=handle.index, name=pub.name, token=handle.token) as by_name:
+        before = time.monotonic_ns()
+        pub.publish_batch([payload(i) for i in range(5)], topic=7)
+        after = time.monotonic_ns()
+        got = by_fd.read()
+        assert [(r.seq, r.topic, r.payload) for r in got] == [
+            (i, 7, payload(i)) for i in range(5)]
+        assert all(before <= r.timestamp_ns <= after for r in got)
+        assert by_name.read() == got
+
+
+def test_attach_after_the_writer_is_gone(shm_name: str) -> None:
+    """Attaching by name after the writer unlinked its segment gives a SegmentNotFound to act on."""
+    with Publisher.create(shm_name):
+        pass
+    with pytest.raises(SegmentNotFound, match=rf"Failed to open shared-memory segment "
+                                              rf"'{shm_name}' since no segment of that name "
+                                              r"exists \(is the writer running\?\)"):
+        Subscriber.attach(index=0, name=shm_name)
+
+
+def test_attach_to_an_index_outside_the_table(bus: Bus) -> None:
+    """An entry index past the reader table raises SegmentLayoutError naming the range."""
+    pub = bus.publisher(max_readers=4)
+    with pytest.raises(SegmentLayoutError, match=r"reader index 4 is outside the table \(0..3\)"):
+        Subscriber.attach(index=4, fd=pub.segment.fileno())
+    assert len(maps_lines(pub.name)) == 2  # only the writer's: the failed attach unmapped
+
+
+def test_spawned_reader_attaches_by_name_with_an_eventfd_over_a_socket(
+    bus: Bus, procs: Procs,
+) -> None:
+    """An exec'd reader gets its eventfd by SCM_RIGHTS, maps by name, sleeps, wakes, drains."""
+    pub = bus.publisher(capacity=16)
+    handle = pub.add_reader("spawned", os.getpid())
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        proc = procs.python("spawned_reader.py", pub.name, str(theirs.fileno()),
+                            pass_fds=[theirs.fileno()], stdout=subprocess.PIPE)
+        theirs.close()
+        socket.send_fds(ours, [f"{handle.index} {handle.token}".encode()],
+                        [handle.eventfd.fileno()])
+    out = popen_lines(proc, "spawned reader")
+    out.expect("ready")
+    wait_until(asleep_and_unlocked(pub, handle.index), "the spawned reader sleeps")
+    pub.publish(b"one", topic=3)
+    pub.publish_batch([b"two", b"three"], topic=4)
+    assert [out.expect("record") for _ in range(3)] == [
+        f"record 0 3 {b'one'.hex()}", f"record 1 4 {b'two'.hex()}",
+        f"record 2 4 {b'three'.hex()}"]
+    pub.deactivate()
+    assert out.expect("exit") == "exit DRAINED 3 0"
+    assert proc.wait(timeout=20) == 0
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def test_read_respects_limit_and_advances_the_entry(bus: Bus) -> None:
+    """read(limit) returns at most limit records and stores cursor and delivered in the table."""
+    pub = bus.publisher(capacity=16)
+    sub = bus.subscriber(pub)
+    pub.publish_batch([payload(i) for i in range(10)])
+    assert [r.seq for r in sub.read(4)] == [0, 1, 2, 3]
+    assert sub.available() == 6
+    e = pub.segment.entry(sub.index)
+    assert (e.cursor, e.delivered, e.lost) == (4, 4, 0)
+    assert [r.seq for r in sub.read()] == list(range(4, 10))
+    assert sub.read() == []
+    assert (sub.cursor, sub.delivered) == (10, 10)
+
+
+def test_read_skips_topics_it_did_not_subscribe(bus: Bus) -> None:
+    """Records of other topics are passed over (the cursor moves) but not delivered."""
+    pub = bus.publisher(capacity=16)
+    sub = bus.subscriber(pub, topics=topic_mask([2, 5]))
+    for i, topic in enumerate([1, 2, 3, 5, 2, 63]):
+        pub.publish(payload(i), topic=topic)
+    assert [(r.seq, r.topic) for r in sub.read()] == [(1, 2), (3, 5), (4, 2)]
+    assert sub.cursor == 6 and sub.delivered == 3 and sub.lost == 0
+    pub.publish(b"x", topic=1)
+    assert sub.read() == []  # only another topic: nothing, but the cursor moved
+    assert sub.cursor == 7
+
+
+def test_lapped_reader_learns_exactly_how_many_it_lost(bus: Bus) -> None:
+    """A reader the writer lapped resumes at the oldest record present and counts the gap."""
+    cap = 8
+    pub = bus.publisher(capacity=cap)
+    sub = bus.subscriber(pub)
+    pub.publish_batch([payload(i) for i in range(3)])
+    assert len(sub.read(1)) == 1  # cursor 1
+    pub.publish_batch([payload(i) for i in range(3, 30)])
+    got = sub.read()
+    assert [r.seq for r in got] == list(range(30 - cap, 30))
+    assert [r.payload for r in got] == [payload(i) for i in range(30 - cap, 30)]
+    assert sub.lost == 30 - cap - 1
+    assert pub.segment.entry(sub.index).lost == 30 - cap - 1
+
+
+def test_stalled_reader_process_reports_an_exact_lost_count(bus: Bus, procs: Procs) -> None:
+    """A reader process stalled at cursor 0 while N records pass a ring of C loses exactly N - C."""
+    cap, n = 64, 1000
+    pub = bus.publisher(capacity=cap)
+    handle = pub.add_reader("stalled", os.getpid())
+
+    def body(ch: ChildEnd) -> None:
+        sub = attach(pub, handle)
+        ch.send("attached")
+        assert ch.recv() == "go"  # stalled until the writer is done
+        records = drain(sub)
+        intact = all(r.payload == payload(r.seq) for r in records)
+        seqs = [r.seq for r in records]
+        ch.send(f"read {len(records)} {seqs[0]} {seqs[-1]} {sub.lost} {intact}")
+
+    child = procs.fork(body)
+    child.expect("attached")
+    for i in range(0, n, 10):
+        pub.publish_batch([payload(s) for s in range(i, i + 10)])
+    child.tell("go")
+    assert child.expect("read") == f"read {cap} {n - cap} {n - 1} {n - cap} True"
+    assert child.wait() == 0
+    e = pub.segment.entry(handle.index)
+    assert (e.cursor, e.delivered, e.lost) == (n, cap, n - cap)
+
+
+def test_zero_copy_views_turn_invalid_once_lapped(bus: Bus) -> None:
+    """read(copy=False) gives read-only views into the ring; still_valid turns False after a lap."""
+    cap = 8
+    pub = bus.publisher(capacity=cap)
+    sub = bus.subscriber(pub)
+    with pub.reserve(24) as buf:
+        buf[:] = payload(0)
+    (rec,) = sub.read(copy=False)
+    assert isinstance(rec.payload, memoryview) and rec.payload.readonly
+    assert rec.payload == payload(0)
+    with pytest.raises(TypeError, match="cannot modify read-only memory"):
+        rec.payload[0] = 0
+    pub.publish_batch([payload(i) for i in range(1, cap)])
+    assert sub.still_valid(rec.seq)  # the ring is full, nothing overwritten yet
+    pub.publish(payload(cap))  # overwrites slot 0
+    assert not sub.still_valid(rec.seq)
+    assert rec.payload == payload(cap)  # which is why the check exists
+
+
+def test_reader_cannot_write_the_ring_from_python(bus: Bus) -> None:
+    """The reader's ring mapping is read-only: a store raises TypeError, nothing changes."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    pub.publish(b"keep")
+    with pytest.raises(TypeError, match="cannot modify read-only memory"):
+        sub.segment.ring[32:36] = b"evil"
+    assert [r.payload for r in sub.read()] == [b"keep"]
+
+
+def test_ctypes_write_to_the_ring_kills_only_that_reader(bus: Bus, procs: Procs) -> None:
+    """A reader storing into its ring mapping dies of SIGSEGV; writer and other readers go on."""
+    cap = 64
+    pub = bus.publisher(capacity=cap)
+    bystander = bus.subscriber(pub, "bystander")
+    looper = pub.add_reader("looper", os.getpid())
+    faulty = pub.add_reader("faulty", os.getpid())
+    loop_child = procs.fork(loop_reader(pub, looper.index))
+    loop_child.expect("ready")
+
+    def body(ch: ChildEnd) -> None:
+        faulthandler.disable()  # die of the signal quietly
+        # A forked child also inherits the writer's read-write mapping of
+        # the ring; aim at the read-only one the reader maps for itself.
+        before = set(maps_lines(pub.name))
+        sub = attach(pub, faulty)
+        (line,) = [m for m in set(maps_lines(pub.name)) - before if " r--s " in m]
+        address = int(line.split("-")[0], 16)
+        ch.send("attached")
+        assert ch.recv() == "read"
+        ch.send(f"read {len(sub.read())}")
+        assert ch.recv() == "write"
+        ctypes.memmove(address, b"X", 1)
+        ch.send("survived")
+
+    child = procs.fork(body)
+    child.expect("attached")
+    pub.publish_batch([payload(i) for i in range(10)])
+    child.tell("read")
+    assert child.expect("read") == "read 10"  # it is a working reader until it misbehaves
+    child.tell("write")
+    assert child.wait() == -signal.SIGSEGV
+    pub.publish_batch([payload(i) for i in range(10, 20)])
+    got = bystander.read()
+    assert [(r.seq, r.payload) for r in got] == [(i, payload(i)) for i in range(20)]
+    pub.deactivate()
+    lines = []
+    while not (line := loop_child.expect("")).startswith("exit"):
+        lines.append(line)
+    assert lines == [f"record {i} 0 {payload(i).hex()}" for i in range(20)]
+    assert line == "exit DRAINED 20 0"
+    assert loop_child.wait() == 0
+
+
+# -- eviction and misuse -------------------------------------------------------------------
+
+
+def test_removed_reader_gets_reader_evicted(bus: Bus) -> None:
+    """Once the writer freed or reused the entry, the old subscriber's read raises ReaderEvicted."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub, "old")
+    pub.remove_reader(sub.index)
+    pub.publish(b"x")
+    with pytest.raises(ReaderEvicted, match=f"evicted reader entry {sub.index} \\(state FREE\\)"):
+        sub.read()
+    pub.add_reader("new", os.getpid())  # same entry, new token
+    with pytest.raises(ReaderEvicted, match="state ATTACHED"):
+        sub.read()
+
+
+def test_read_after_close_raises_segment_closed(bus: Bus) -> None:
+    """Reading from a closed subscriber raises SegmentClosed, not an AttributeError."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    pub.publish(b"x")
+    sub.close()
+    sub.close()  # idempotent
+    with pytest.raises(SegmentClosed, match="subscriber was closed"):
+        sub.read()
+
+
+def test_read_only_control_part_cannot_announce_sleep(bus: Bus) -> None:
+    """A reader whose control part is mapped read-only gets MutexNotWritable when it locks."""
+    pub = bus.publisher()
+    handle = pub.add_reader("ro", os.getpid())
+    seg = Segment.open(fd=pub.segment.fileno(), control_writable=False)
+    with Subscriber(seg, handle.index) as sub:
+        with pytest.raises(MutexNotWritable, match="the control part must be mapped read-write"):
+            sub.prepare_sleep()
+        assert pub.publish(b"fine") == 0  # the writer is unaffected
+
+
+# -- sleeping and waking -------------------------------------------------------------------
+
+
+def test_prepare_sleep_and_woke(bus: Bus) -> None:
+    """prepare_sleep refuses while records wait, sets the flag when idle; woke withdraws it."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    pub.publish(b"x")
+    assert sub.prepare_sleep() == 0.0
+    assert not pub.segment.entry(sub.index).asleep
+    sub.read()
+    assert sub.prepare_sleep() is None
+    assert pub.segment.entry(sub.index).asleep and pub.segment.header().sleepers == 1
+    assert sub.prepare_sleep() is None  # idempotent: still one sleeper
+    assert pub.segment.header().sleepers == 1
+    sub.woke()
+    assert not pub.segment.entry(sub.index).asleep and pub.segment.header().sleepers == 0
+
+
+def test_wait_times_out_without_records(bus: Bus) -> None:
+    """wait(timeout) with nothing published returns False after the timeout, flag withdrawn."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    t0 = time.monotonic()
+    assert sub.wait(0.05) is False
+    assert time.monotonic() - t0 >= 0.05
+    assert pub.segment.header().sleepers == 0
+
+
+def test_wait_needs_an_eventfd(bus: Bus) -> None:
+    """A subscriber without an eventfd cannot wait and says so."""
+    pub = bus.publisher()
+    handle = pub.add_reader("r", os.getpid())
+    with Subscriber.attach(index=handle.index, fd=pub.segment.fileno()) as sub, \
+            pytest.raises(ValueError, match="has no eventfd"):
+        sub.wait(0)
+
+
+def test_reader_process_blocked_in_wait_is_woken_by_a_record(bus: Bus, procs: Procs) -> None:
+    """A reader process asleep in wait() wakes when a record of its topic is committed."""
+    pub = bus.publisher()
+    handle = pub.add_reader("waiter", os.getpid(), topics=topic_mask([9]))
+
+    def body(ch: ChildEnd) -> None:
+        sub = attach(pub, handle)
+        ch.send("waiting")
+        woke = sub.wait(20)
+        ch.send(f"woke {woke} {[r.payload for r in sub.read()]}")
+
+    child = procs.fork(body)
+    child.expect("waiting")
+    wait_until(asleep_and_unlocked(pub, handle.index), "the reader sleeps")
+    pub.publish(b"ping", topic=9)
+    assert child.expect("woke") == "woke True [b'ping']"
+    assert child.wait() == 0
+
+
+def test_reader_recovers_the_mutex_from_a_killed_holder(bus: Bus, procs: Procs) -> None:
+    """A reader locking after a SIGKILLed holder logs mutex_owner_died, recounts and sleeps fine."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+
+    def holder(ch: ChildEnd) -> None:
+        seg = Segment.open(fd=pub.segment.fileno())
+        assert seg.lock(None) is libc.LockResult.ACQUIRED
+        seg.u[Segment.SLEEPERS] = 3  # a half-done update
+        ch.send("locked")
+        ch.recv()
+
+    child = procs.fork(holder)
+    child.expect("locked")
+    assert child.kill() == -signal.SIGKILL
+    with capture_logs() as logs:
+        assert sub.prepare_sleep() is None
+    (died,) = [e for e in logs if e["event"] == "mutex_owner_died"]
+    assert (died["role"], died["sleepers"], died["log_level"]) == ("reader", 0, "warning")
+    assert pub.segment.header().sleepers == 1  # recounted, then this reader's own
+    pub.publish(b"wake")
+    assert eventfd_count(sub.eventfd.fileno()) == 1  # type: ignore[union-attr]
+    assert [r.payload for r in sub.read()] == [b"wake"]
