@@ -235,17 +235,22 @@ async def aiter_records(
     fd = sub.eventfd.fileno()
     loop.add_reader(fd, ready.set)
     try:
+        inactive = False
         while True:
+            before = sub.cursor
             records = sub.read(batch, copy=copy)
             if records:
                 yield records
                 continue
-            if not sub.active:
-                tail = sub.read(batch, copy=copy)
-                if tail:
-                    yield tail
-                    continue
+            if sub.cursor != before:
+                continue  # a batch of other topics' or lost records: read on
+            if inactive:
                 return
+            if not sub.active:
+                # The flag is cleared only after the writer's last commit:
+                # one more drain after seeing it delivers everything.
+                inactive = True
+                continue
             ready.clear()
             sleep = sub.prepare_sleep()
             if sleep == 0.0:
