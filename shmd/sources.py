@@ -96,6 +96,11 @@ class Deframer:
                 break
             if self._skipping_line:
                 self._skipping_line = False
+            elif nl - start > self.max_payload:
+                # A long line that arrived whole in one read: refused here,
+                # or the writer would refuse the whole batch around it.
+                errors.append(f"Failed to publish a {nl - start}-byte line since a slot holds "
+                              f"at most {self.max_payload} bytes of payload; it is dropped")
             else:
                 out.append(bytes(buf[start:nl]))
             start = nl + 1

@@ -43,7 +43,7 @@ from shmd.errors import PayloadTooLarge, ReaderTableFull, ShmdError
 from shmd.layout import Policy, ReaderEntry
 from shmd.publisher import Publisher, ReaderHandle
 from shmd.reactor import Reactor, SignalWakeup
-from shmd.sources import AnySource, SourceError, TickerRecords, make_source
+from shmd.sources import AnySource, PythonRecords, SourceError, TickerRecords, make_source
 
 SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
 LISTEN_FDNAME = "control"
@@ -105,6 +105,7 @@ class Writer:
         self._shutting_down = False
         self._shutdown_deadline: float | None = None
         self._exit: int | None = None
+        self._final_status = EXIT_OK  # what a completed shutdown exits with
         self._last_lost: dict[int, int] = {}
         self._rate_mark = (time.monotonic(), 0)
         self.rate = 0.0
@@ -308,10 +309,14 @@ class Writer:
     def publish_batch(self, payloads: Sequence[bytes], topic: int) -> None:
         """Publish for a source; a refused record is logged, never fatal."""
         assert self.pub is not None
-        if self._shutting_down:
-            return
         try:
             with self._lock:
+                # Checked under the lock begin_shutdown holds to clear the
+                # active flag: a source thread's record is either committed
+                # before the flag clears (so every reader drains it) or not
+                # published at all, never committed after readers left.
+                if self._shutting_down:
+                    return
                 self.pub.publish_batch(payloads, topic)
         except (PayloadTooLarge, ShmdError) as exc:
             self.log.warning("record_refused", error=str(exc), topic=topic)
@@ -319,8 +324,11 @@ class Writer:
             self._handle_evictions()
 
     def source_finished(self, reason: str) -> None:
-        """A finite source ended: shut down cleanly."""
+        """A finite source ended: shut down cleanly (exit 1 if it failed)."""
         self.log.info("source_finished", reason=reason)
+        if isinstance(self.source, PythonRecords) and self.source.error is not None:
+            # A source that raised is a failure: Restart=on-failure restarts it.
+            self._final_status = EXIT_FAILURE
         self.begin_shutdown(f"source finished: {reason}")
 
     # -- connections -----------------------------------------------------------------
@@ -683,7 +691,7 @@ class Writer:
         for peer in list(self.peers.values()):
             peer.detached = peer.detached or self._shutting_down
             self._drop(peer)
-        self._exit = EXIT_OK
+        self._exit = self._final_status
 
     def close(self) -> None:
         """Release everything; unlink what we own per configuration."""
