@@ -57,20 +57,31 @@ class JournalRecords:
         self._last = 0.0
         self._count = 0
         self._first_seq: int | None = None
+        # (seq, topic, first 65 payload bytes) of the last record not yet summarised.
+        self._tail: tuple[int, int, bytes] | None = None
 
     def write(self, records: list[RawRecord]) -> None:
         if self._first_seq is None:
             self._first_seq = records[0][0]
         self._count += len(records)
+        last = records[-1]
+        self._tail = (last[0], last[2], bytes(last[3][:65]))
         now = time.monotonic()
         if now - self._last >= self.period:
-            last = records[-1]
-            log.info("records", count=self._count, first_seq=self._first_seq, seq=last[0],
-                     topic=last[2], payload=_preview(last[3]))
-            self._last, self._count, self._first_seq = now, 0, None
+            self._summarise()
+            self._last = now
+
+    def _summarise(self) -> None:
+        assert self._tail is not None
+        seq, topic, head = self._tail
+        log.info("records", count=self._count, first_seq=self._first_seq, seq=seq,
+                 topic=topic, payload=_preview(head))
+        self._count, self._first_seq, self._tail = 0, None, None
 
     def close(self) -> None:
-        pass
+        # The records since the last summary get theirs, or they would look lost.
+        if self._count and self.period != float("inf"):
+            self._summarise()
 
 
 def _frame(records: list[RawRecord], framing: str) -> bytes:
