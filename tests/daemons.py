@@ -202,10 +202,17 @@ class Daemon:
 
 
 def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``over`` into a copy of ``base`` (mappings merge, anything else replaces)."""
+    """Deep-merge ``over`` into a copy of ``base`` (mappings merge, anything else replaces).
+
+    A mapping with another ``type`` (a source or sink of another kind)
+    replaces the old one whole, as its keys would not fit.
+    """
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+        old = out.get(key)
+        retyped = (isinstance(value, Mapping) and isinstance(old, dict)
+                   and "type" in value and value["type"] != old.get("type"))
+        if isinstance(value, Mapping) and isinstance(old, dict) and not retyped:
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -1,0 +1,216 @@
+"""Tests of shmd.daemon: arguments, configuration loading, --check-config, logging set-up, exits.
+
+Both daemons go through these functions at start-up, so most tests run the
+real ``shm-writer`` and ``shm-reader`` and look at their exit status,
+stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import yaml
+from daemons import Bus, program, running_bus, wait_until
+from structlog.testing import capture_logs
+
+from shmd import daemon
+from shmd.config import load_config
+from shmd.errors import ShmdError
+
+ROLES = ["shm-writer", "shm-reader"]
+
+
+@pytest.fixture
+def bus() -> Iterator[Bus]:
+    """A Bus whose processes (by pid), segment, socket and files are gone after the test."""
+    with running_bus() as b:
+        yield b
+
+
+def run(bus: Bus, name: str, *args: str, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """Run a daemon to completion (only for runs that end by themselves)."""
+    argv = [*program(name), *args]
+    if name == "shm-reader" and not any(a.startswith("--instance") for a in args):
+        argv += ["--instance", "1"]
+    return subprocess.run(argv, env=env or bus.env, capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+BROKEN = """\
+segment:
+  name: /shmd-test-broken
+  capacity: 64
+  slot_size: 1001
+logging:
+  target: json
+"""
+
+
+@pytest.mark.parametrize("name", ROLES)
+def test_config_error_at_start_exits_78_with_one_located_line(bus: Bus, name: str) -> None:
+    """A bad file makes the daemon exit 78 with one config_error line naming file, line and key."""
+    path = bus.dir / "broken.yaml"
+    path.write_text(BROKEN)
+    done = run(bus, name, "--config", str(path))
+    assert done.returncode == 78
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    event = yaml.safe_load(lines[0])  # a JSON line
+    assert event["event"] == "config_error" and event["level"] == "error"
+    assert event["path"] == str(path) and event["line"] == 4
+    assert event["key"] == "segment.slot_size"
+    assert event["error"] == f"{path}:4: segment.slot_size: must be a multiple of 8 (got 1001)"
+    assert event["role"] == name.removeprefix("shm-")
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+@pytest.mark.parametrize("name", ROLES)
+def test_missing_explicit_config_file_exits_78(bus: Bus, name: str) -> None:
+    """A --config file that does not exist is a configuration error (78), not the defaults."""
+    path = bus.dir / "missing.yaml"
+    done = run(bus, name, "--config", str(path))
+    assert done.returncode == 78
+    assert "the file does not exist" in done.stderr and str(path) in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ROLES)
+def test_check_config_prints_the_effective_settings(bus: Bus, name: str) -> None:
+    """--check-config on a good file exits 0 printing the effective settings, starting nothing."""
+    path = bus.configure(segment={"capacity": 64})
+    done = run(bus, name, "--config", str(path), "--check-config")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"# configuration OK: {path}\n")
+    printed = yaml.safe_load(done.stdout)
+    assert printed["segment"]["name"] == bus.segment and printed["segment"]["capacity"] == 64
+    assert printed["segment"]["slot_size"] == 256  # from the file
+    assert printed["segment"]["policy"] == "drop-oldest"  # a default, spelled out
+    assert printed["control"]["socket"] == bus.socket
+    assert printed["reader"]["defaults"]["sink"]["type"] == "journal"
+    # What it prints loads back into the same configuration.
+    again = bus.dir / "printed.yaml"
+    again.write_text(done.stdout)
+    assert load_config(again) == load_config(path)
+    assert done.stderr == ""
+    assert not bus.segment_exists() and not os.path.lexists(bus.socket)
+
+
+@pytest.mark.parametrize("name", ROLES)
+def test_check_config_on_a_bad_file_exits_78(bus: Bus, name: str) -> None:
+    """--check-config on a bad file exits 78 with the located error and prints no settings."""
+    path = bus.dir / "broken.yaml"
+    path.write_text(BROKEN)
+    done = run(bus, name, "--config", str(path), "--check-config")
+    assert done.returncode == 78
+    assert done.stdout == ""
+    assert f"{path}:4: segment.slot_size" in done.stderr
+
+
+def test_shmd_config_variable_names_the_file(bus: Bus) -> None:
+    """Without --config the file comes from $SHMD_CONFIG."""
+    path = bus.configure()
+    done = run(bus, "shm-writer", "--check-config", env={**bus.env, "SHMD_CONFIG": str(path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"# configuration OK: {path}\n")
+
+
+def test_check_config_lists_warnings(bus: Bus) -> None:
+    """--check-config prints each non-fatal warning as a comment line."""
+    path = bus.configure(control={"allowed_groups": ["shmd-test-no-such-group"]})
+    done = run(bus, "shm-writer", "--config", str(path), "--check-config")
+    assert done.returncode == 0, done.stderr
+    assert "# warning: control.allowed_groups: group 'shmd-test-no-such-group' does not exist" \
+        in done.stdout
+
+
+def test_daemon_logs_config_loaded_and_each_warning_at_start(bus: Bus) -> None:
+    """A started daemon logs config_loaded with its file, then one config_warning per warning."""
+    bus.configure(control={"allowed_groups": ["shmd-test-no-such-group"]})
+    w = bus.writer()
+    assert w.events[0]["event"] == "config_loaded"
+    assert w.events[0]["path"] == str(bus.config_path)
+    warning = w.wait_for("config_warning")
+    assert "group 'shmd-test-no-such-group' does not exist" in warning["warning"]
+    w.terminate()
+    assert w.wait_exit() == 0
+
+
+def test_log_target_option_overrides_the_file(bus: Bus) -> None:
+    """--log-target console replaces the file's json target: stderr is no longer JSON lines."""
+    path = bus.configure()
+    w = bus.spawn("shm-writer", [*program("shm-writer"), "--config", str(path),
+                                 "--log-target", "console"])
+    wait_until(lambda: any("listener_ready" in line for line in w.lines),
+               what="a listener_ready console line")
+    w.terminate()
+    assert w.wait_exit() == 0
+    assert not w.events  # nothing parsed as JSON
+    assert any("config_loaded" in line and not line.startswith("{") for line in w.lines)
+
+
+def test_reader_needs_a_valid_instance_name(bus: Bus) -> None:
+    """shm-reader without --instance, or with an impossible name, is a usage error (exit 2)."""
+    path = bus.configure()
+    done = run(bus, "shm-reader", "--config", str(path), "--instance=")
+    assert done.returncode == 2 and "--instance is required" in done.stderr
+    done = run(bus, "shm-reader", "--config", str(path), "--instance", "a/b")
+    assert done.returncode == 2 and "--instance 'a/b'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# -- in-process --------------------------------------------------------------------------------
+
+
+def test_check_config_writes_to_the_given_stream(bus: Bus) -> None:
+    """check_config prints the header, warnings and YAML to the stream it is given and returns 0."""
+    cfg = load_config(bus.configure(control={"allowed_groups": ["shmd-test-no-such-group"]}))
+    out = io.StringIO()
+    assert daemon.check_config(cfg, out) == daemon.EXIT_OK
+    text = out.getvalue()
+    assert text.startswith(f"# configuration OK: {bus.config_path}\n# warning: ")
+    assert yaml.safe_load(text)["segment"]["name"] == bus.segment
+
+
+def test_fail_logs_a_known_error_without_traceback_and_exits() -> None:
+    """fail() logs one event with the error text (no traceback for a ShmdError) and exits."""
+    with capture_logs() as captured, pytest.raises(SystemExit) as info:
+        daemon.fail(daemon.logs.get_logger(), "start_failed",
+                    ShmdError("Failed to start since testing"), status=3, extra=1)
+    assert info.value.code == 3
+    assert captured == [{"event": "start_failed", "error": "Failed to start since testing",
+                         "extra": 1, "log_level": "error"}]
+
+
+def test_fail_keeps_the_traceback_of_a_bug() -> None:
+    """fail() logs an unexpected exception with exc_info (a bug keeps its traceback)."""
+    with capture_logs() as captured, pytest.raises(SystemExit) as info:
+        try:
+            raise KeyError("bug")
+        except KeyError as exc:
+            daemon.fail(daemon.logs.get_logger(), "crashed", exc)
+    assert info.value.code == daemon.EXIT_FAILURE
+    assert captured[0]["event"] == "crashed" and captured[0]["exc_info"] is True
+
+
+def test_pid_alive() -> None:
+    """pid_alive is true for a running process and false for a reaped one or a pid <= 0."""
+    assert daemon.pid_alive(os.getpid())
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert not daemon.pid_alive(child.pid)
+    assert not daemon.pid_alive(0) and not daemon.pid_alive(-1)
+
+
+def test_base_parser_options() -> None:
+    """The shared parser knows --config, --check-config and --log-target (with its choices)."""
+    p = daemon.base_parser("x", "y")
+    args = p.parse_args(["--config", "f.yaml", "--check-config", "--log-target", "json"])
+    assert (args.config, args.check_config, args.log_target) == ("f.yaml", True, "json")
+    assert p.parse_args([]).log_target is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["--log-target", "syslog"])
