@@ -73,9 +73,12 @@ def setup_logging(cfg: Config, args: argparse.Namespace, role: str,
     target = args.log_target or cfg.logging.target
     logs.configure_logging(role, level=cfg.logging.level, target=target, instance=instance)
     log = logs.get_logger()
-    log.info(logs.CONFIG_LOADED, path=cfg.source_path or "built-in defaults")
+    path = cfg.source_path or "built-in defaults"
+    # The fields docs/JOURNAL.md promises for these two events.
+    log.info(logs.CONFIG_LOADED, path=path, segment=cfg.segment.name,
+             socket=cfg.control.socket, policy=cfg.segment.policy)
     for w in cfg.warnings:
-        log.warning(logs.CONFIG_WARNING, warning=w)
+        log.warning(logs.CONFIG_WARNING, path=path, warning=w)
     return log
 
 

@@ -132,10 +132,13 @@ def test_daemon_logs_config_loaded_and_each_warning_at_start(bus: Bus) -> None:
     """A started daemon logs config_loaded with its file, then one config_warning per warning."""
     bus.configure(control={"allowed_groups": ["shmd-test-no-such-group"]})
     w = bus.writer()
-    assert w.events[0]["event"] == "config_loaded"
-    assert w.events[0]["path"] == str(bus.config_path)
+    loaded = w.events[0]
+    assert loaded["event"] == "config_loaded" and loaded["path"] == str(bus.config_path)
+    assert loaded["segment"] == bus.segment and loaded["socket"] == bus.socket
+    assert loaded["policy"] == "drop-oldest"
     warning = w.wait_for("config_warning")
     assert "group 'shmd-test-no-such-group' does not exist" in warning["warning"]
+    assert warning["path"] == str(bus.config_path)
     w.terminate()
     assert w.wait_exit() == 0
 
