@@ -11,9 +11,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import Bus, Procs, new_name
+from hypothesis import settings
 
 from shmd._sys import libc
 from shmd.errors import SegmentNotFound
+
+# Property tests check arithmetic, not speed: on a loaded machine a slow
+# example must not turn into a DeadlineExceeded/Flaky failure.
+settings.register_profile("shmd", deadline=None)
+settings.load_profile("shmd")
 
 
 @pytest.fixture
