@@ -132,6 +132,11 @@ for unit in "$@"; do
     ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
 echo "$name" > "$root/etc/hostname"
+# A throw-away journal: kept in /run, and never rate-limited, since tests
+# wait for entries that a burst of log lines must not drop.
+mkdir -p "$root/etc/systemd/journald.conf.d"
+printf '[Journal]\nStorage=volatile\nRateLimitBurst=0\n' \
+    > "$root/etc/systemd/journald.conf.d/shmd-test.conf"
 # Images built for Docker carry a policy-rc.d that forbids maintainer scripts
 # to start services; a real machine has none, and the package tests need
 # postinst to behave as it would there.
@@ -207,6 +212,22 @@ def preflight() -> str | None:
     return None
 
 
+def entry_matches(entry: Mapping[str, Any], unit: str | None, fields: Mapping[str, str]) -> bool:
+    """Whether a journal entry is about unit (None: any) and has every FIELD=value.
+
+    Filtering happens here rather than with journalctl's own matches: journalctl
+    252 combined with --after-cursor skips the first matching entry when the
+    cursor's entry does not match (it skips one entry too many).  A unit's
+    entries are those its processes logged and those PID 1 logged about it,
+    as with ``journalctl -u``.
+    """
+    if unit is not None and entry.get("_SYSTEMD_UNIT") != unit and not (
+        entry.get("_PID") == "1" and entry.get("UNIT") == unit
+    ):
+        return False
+    return all(entry.get(key) == value for key, value in fields.items())
+
+
 class NamespacedSystemd:
     """One systemd booted as PID 1 of private namespaces over a volatile overlay."""
 
@@ -242,10 +263,13 @@ class NamespacedSystemd:
         self._cgroup.mkdir()
         deadline = time.monotonic() + timeout
         # The shell moves itself into the fresh cgroup, then becomes unshare,
-        # whose cgroup namespace is therefore rooted there.
+        # whose cgroup namespace is therefore rooted there.  If this process
+        # dies without powering off, unshare gets SIGKILL (parent death
+        # signal) and takes PID 1 of the namespace with it (--kill-child).
         launcher = 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"'
         argv = [
             "sh", "-c", launcher, "sh", str(self._cgroup),
+            "setpriv", "--pdeathsig", "KILL",
             "unshare", *NAMESPACES, "--propagation", "private", "--kill-child",
             "sh", "-c", BOOT_SCRIPT, "boot", self.name, *masked,
         ]
@@ -360,6 +384,10 @@ class NamespacedSystemd:
         """
         return Path(f"/proc/{self.pid}/root") / path.lstrip("/")
 
+    def _nsenter(self) -> list[str]:
+        """The command prefix that enters every namespace of the container."""
+        return ["nsenter", "-t", str(self.pid), "-m", "-p", "-n", "-u", "-i", "-C", "--"]
+
     def run(
         self,
         *argv: str,
@@ -369,10 +397,9 @@ class NamespacedSystemd:
         env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run argv inside every namespace of the container and return its result."""
-        command = ["nsenter", "-t", str(self.pid), "-m", "-p", "-n", "-u", "-i", "-C", "--"]
         data = input.encode() if isinstance(input, str) else input
         done = subprocess.run(
-            [*command, *argv],
+            [*self._nsenter(), *argv],
             input=data,
             capture_output=True,
             timeout=timeout,
@@ -420,19 +447,17 @@ class NamespacedSystemd:
         **fields: str,
     ) -> list[dict[str, Any]]:
         """Return journal entries (``journalctl -o json``), optionally of one unit,
-        after a cursor, and matching FIELD=value pairs."""
+        after a cursor, and matching FIELD=value pairs.
+
+        Everything logged before the call is included (``journalctl --sync``).
+        """
+        self.run("journalctl", "--sync")
         argv = ["journalctl", "--no-pager", "-o", "json"]
-        if unit is not None:
-            argv += ["-u", unit]
         if after_cursor is not None:
             argv += ["--after-cursor", after_cursor]
-        # journalctl ORs -u's own matches with the ones that follow, so with a
-        # unit the FIELD=value pairs are applied here instead.
-        if unit is None:
-            argv += [f"{key}={value}" for key, value in fields.items()]
         out = self.run(*argv).stdout
-        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
-        return [e for e in entries if all(e.get(k) == v for k, v in fields.items())]
+        entries = (json.loads(line) for line in out.splitlines() if line.strip())
+        return [e for e in entries if entry_matches(e, unit, fields)]
 
     def cursor(self) -> str:
         """Return the cursor of the newest journal entry (start point for waits)."""
@@ -450,35 +475,41 @@ class NamespacedSystemd:
         what: str = "a matching journal entry",
     ) -> dict[str, Any]:
         """Follow the journal (``journalctl -f``) until an entry satisfies predicate."""
-        # No -p: nsenter would fork journalctl into the pid namespace, and
-        # killing nsenter would orphan it there.  Without it nsenter execs
-        # journalctl, which is then the very process we kill.
-        argv = ["nsenter", "-t", str(self.pid), "-m", "-n", "-u", "-i", "-C", "--",
+        # journalctl must run inside the pid namespace: it sets its inotify
+        # watches through /proc/self/fd, and the container's /proc has no
+        # "self" for a process outside it.  nsenter then forks it, so killing
+        # nsenter would orphan it; instead we close the pipe (journalctl -f
+        # polls its stdout and exits on hang-up), and timeout(1) bounds its
+        # life in case we cannot.
+        life = str(int(timeout) + 10)
+        argv = [*self._nsenter(), "timeout", life,
                 "journalctl", "--no-pager", "-o", "json", "--follow"]
-        if unit is not None:
-            argv += ["-u", unit]
         argv += ["--after-cursor", after_cursor] if after_cursor else ["--lines", "all"]
         deadline = time.monotonic() + timeout
-        with subprocess.Popen(
+        follow = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=INNER_ENV
-        ) as follow:
-            assert follow.stdout is not None
+        )
+        assert follow.stdout is not None
+        try:
             buffer = b""
+            while (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([follow.stdout], [], [], left)
+                if not ready:
+                    break
+                chunk = os.read(follow.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    entry = json.loads(line)
+                    if entry_matches(entry, unit, {}) and predicate(entry):
+                        return dict(entry)
+        finally:
+            follow.stdout.close()
             try:
-                while (left := deadline - time.monotonic()) > 0:
-                    ready, _, _ = select.select([follow.stdout], [], [], left)
-                    if not ready:
-                        break
-                    chunk = os.read(follow.stdout.fileno(), 65536)
-                    if not chunk:
-                        break
-                    buffer += chunk
-                    *lines, buffer = buffer.split(b"\n")
-                    for line in lines:
-                        entry = json.loads(line)
-                        if predicate(entry):
-                            return dict(entry)
-            finally:
+                follow.wait(10)
+            except subprocess.TimeoutExpired:
                 follow.kill()
                 follow.wait()
         raise TimeoutError(f"Failed to see {what} in {self.name} within {timeout}s")
