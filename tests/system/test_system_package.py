@@ -32,6 +32,9 @@ def test_deb_ships_units_sysusers_config_and_entry_points(built_deb: Path) -> No
     paths = {line.split()[-1].removeprefix(".") for line in listing.splitlines()}
     expected = {f"{UNIT_DIR}/{unit}" for unit in UNITS} | {
         "/usr/lib/sysusers.d/shmd.conf",
+        "/usr/lib/tmpfiles.d/shmd.conf",
+        # Uncompressed: the units' Documentation= points at it.
+        "/usr/share/doc/shmd/OPERATIONS.md",
         "/etc/shmd/shmd.yaml",
         "/usr/bin/shm-writer",
         "/usr/bin/shm-reader",
@@ -76,6 +79,12 @@ def test_socket_is_enabled_and_listening(installed: NamespacedSystemd) -> None:
     assert stat.split() == ["socket", "660", "shmd", "shmd"]
     # Listening alone starts no writer.
     assert installed.show("shm-writer.service", "ActiveState")["ActiveState"] == "inactive"
+
+
+def test_install_creates_the_publish_fifo(installed: NamespacedSystemd) -> None:
+    """Installing runs systemd-tmpfiles: /run/shmd/publish.fifo is a fifo, 0660 shmd:shmd."""
+    stat = installed.run("stat", "-c", "%F %a %U %G", "/run/shmd/publish.fifo").stdout
+    assert stat.split() == ["fifo", "660", "shmd", "shmd"]
 
 
 def test_socket_refuses_users_outside_group_shmd(installed: NamespacedSystemd) -> None:
