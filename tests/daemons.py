@@ -204,14 +204,15 @@ class Daemon:
 def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """Deep-merge ``over`` into a copy of ``base`` (mappings merge, anything else replaces).
 
-    A mapping with another ``type`` (a source or sink of another kind)
-    replaces the old one whole, as its keys would not fit.
+    A source or sink of another ``type`` replaces the old one whole, as its
+    keys would not fit.
     """
     out = copy.deepcopy(base)
     for key, value in over.items():
         old = out.get(key)
-        retyped = (isinstance(value, Mapping) and isinstance(old, dict)
-                   and "type" in value and value["type"] != old.get("type"))
+        retyped = (key in ("source", "sink") and isinstance(value, Mapping)
+                   and isinstance(old, dict) and value.get("type", old.get("type"))
+                   != old.get("type"))
         if isinstance(value, Mapping) and isinstance(old, dict) and not retyped:
             out[key] = merge(out[key], value)
         else:
@@ -310,8 +311,12 @@ class Bus:
         self.settings = merge(self.settings, sections)
         return self.write_yaml(self.config_path, self.settings)
 
-    @staticmethod
-    def write_yaml(path: Path, data: Mapping[str, Any]) -> Path:
+    def write_yaml(self, path: Path, data: Mapping[str, Any]) -> Path:
+        # Never let a test's daemon near the real bus: its segment and socket
+        # must be this test's own.
+        if data["segment"]["name"] != self.segment or data["control"]["socket"] != self.socket:
+            raise AssertionError(f"Failed to write {path} since it names another segment or "
+                                 f"socket than this test's: {data['segment']}, {data['control']}")
         # Written to a new file then renamed, so a daemon re-reading it on
         # SIGHUP never sees half a file.
         tmp = path.with_name(path.name + ".new")

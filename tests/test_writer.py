@@ -199,6 +199,33 @@ def test_socket_activation_mismatch_is_refused(bus: Bus, mismatch: str) -> None:
     assert not bus.segment_exists()
 
 
+def test_stream_control_socket_serves_readers_too(bus: Bus) -> None:
+    """With control.type stream readers attach the same way; a half-sent frame hurts nobody."""
+    bus.configure(control={"type": "stream"})
+    w = bus.writer()
+    assert w.find("listener_ready")[0]["type"] == "stream"
+    r = bus.file_reader("1")
+    half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    half.connect(bus.socket)
+    half.send(frame(hello_body("half"))[:7])
+    half.close()  # hangs up in the middle of its Hello
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(bus.socket)
+    try:
+        client.send(wire.HEADER.pack(0x1234, 0, 4, 0, 0) + b"abcd")
+        r_, _, _ = select.select([client], [], [], 5)
+        assert r_, "no answer to a bad frame on the stream socket"
+        data = client.recv(4096)
+        length, _ = wire.decode_header(data, 4096)
+        refuse = protocol.decode(data[wire.HEADER_SIZE:wire.HEADER_SIZE + length], 0)
+        assert isinstance(refuse, protocol.Refuse) and "magic" in refuse.reason
+    finally:
+        client.close()
+    keeps_receiving(bus, "1")
+    stop_and_check_all_ticks(bus, w, {"1": r})
+    assert not w.find("reader_attached", reader="half")
+
+
 # -- the termination flow, lost readers ---------------------------------------------------------
 
 
