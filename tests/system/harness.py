@@ -518,7 +518,10 @@ class NamespacedSystemd:
 
     @staticmethod
     def wait_for(
-        predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
+        predicate: Callable[[], T | None],
+        timeout: float,
+        what: str = "the awaited condition",
+        interval: float = 0.05,
     ) -> T:
         """Poll predicate until it returns something truthy, with a deadline."""
         deadline = time.monotonic() + timeout

@@ -211,6 +211,31 @@ def test_killed_reader_is_restarted_alone(fresh: NamespacedSystemd) -> None:
         }
 
 
+def test_writer_reports_status_and_feeds_the_watchdog(fresh: NamespacedSystemd) -> None:
+    """The writer publishes STATUS= and keeps pinging WATCHDOG=1 within WatchdogSec=."""
+    dropin = "/run/systemd/system/shm-writer.service.d/shmd-test-watchdog.conf"
+    fresh.write_file(dropin, "[Service]\nWatchdogSec=2s\n")
+    fresh.systemctl("daemon-reload")
+    try:
+        fresh.systemctl("start", WRITER)
+        stamps: list[str] = []
+
+        def two_more_pings() -> bool:
+            stamp = fresh.show(WRITER, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
+            if not stamps or stamp != stamps[-1]:
+                stamps.append(stamp)
+            return len(stamps) >= 3
+
+        fresh.wait_for(two_more_pings, TIMEOUT, "two watchdog pings after READY=1")
+        props = fresh.show(WRITER, "ActiveState", "NRestarts", "StatusText", "WatchdogUSec")
+        assert props["WatchdogUSec"] == "2s"
+        assert (props["ActiveState"], props["NRestarts"]) == ("active", "0")
+        assert props["StatusText"] != ""
+    finally:
+        fresh.run("rm", "-f", dropin)
+        fresh.systemctl("daemon-reload")
+
+
 def test_reload_applies_a_live_key_in_place(fresh: NamespacedSystemd) -> None:
     """systemctl reload (SIGHUP through ExecReload=) applies a live key without
     restarting the writer."""
