@@ -59,6 +59,10 @@ _TYPE_NAMES: Final[dict[int, str]] = {v: k for k, v in SOCKET_TYPES.items()}
 
 _FD_SIZE: Final = array.array("i").itemsize
 _PEERCRED: Final = struct.Struct("3i")
+_GID = struct.Struct("=I")
+# socket.SO_PEERGROUPS is missing from Python's socket module; 59 on every Linux
+# architecture (asm-generic/socket.h).
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _STREAM_READ: Final = 65536
 _TIMEVAL: Final = struct.Struct("@ll")
 
@@ -364,6 +368,25 @@ class Connection:
         raw = self._socket().getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         pid, uid, gid = _PEERCRED.unpack(raw)
         return pid, uid, gid
+
+    def peer_groups(self) -> tuple[int, ...]:
+        """The peer's supplementary groups from SO_PEERGROUPS (Linux 4.13+).
+
+        Like SO_PEERCRED, recorded at connect time.  Unlike reading
+        /proc/<pid>/status it works when the peer's /proc entry is hidden
+        (ProtectProc=invisible) and cannot race with pid reuse.
+        """
+        sock = self._socket()
+        size = 64 * _GID.size
+        while True:
+            try:
+                raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+            except OSError as exc:
+                if exc.errno == errno.ERANGE and size < (1 << 20):
+                    size *= 16  # more groups than we asked room for
+                    continue
+                raise WireError(f"Failed to read the peer's groups since {_why(exc)}") from None
+            return tuple(g for (g,) in _GID.iter_unpack(raw[: len(raw) // _GID.size * _GID.size]))
 
     def close(self) -> None:
         """Close the socket and every fd still held; closing twice is harmless."""

@@ -53,20 +53,6 @@ LISTEN_FDNAME = "control"
 SEGMENT_MODE = 0o640
 
 
-def peer_groups(pid: int, gid: int) -> set[int]:
-    """The peer's primary and supplementary groups (from /proc/<pid>/status)."""
-    groups = {gid}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    groups.update(int(g) for g in line.split()[1:])
-                    break
-    except OSError:
-        pass  # gone already, or /proc hidden: the primary group is all we know
-    return groups
-
-
 @dataclass(eq=False)
 class Peer:
     """One control connection."""
@@ -348,7 +334,11 @@ class Writer:
     def _new_peer(self, conn: wire.Connection) -> None:
         pid, uid, gid = conn.peer_credentials()
         ctl = self.cfg.control
-        if not ctl.peer_allowed(uid, peer_groups(pid, gid)):
+        try:
+            groups = {gid, *conn.peer_groups()}
+        except wire.WireError:
+            groups = {gid}  # the primary group is all we know
+        if not ctl.peer_allowed(uid, groups):
             self.log.warning(logs.READER_REFUSED, pid=pid, uid=uid, gid=gid,
                              code="not_allowed",
                              reason="uid and groups are not in control.allowed_users/groups")

@@ -736,6 +736,51 @@ def test_peer_credentials_are_the_child_process(sockdir: str, sock_type: int) ->
                 proc.stdout.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting supplementary groups needs root")
+def test_peer_groups_are_the_child_supplementary_groups(sockdir: str) -> None:
+    """peer_groups() returns the groups the connecting child had when it connected."""
+    path = os.path.join(sockdir, "g.sock")
+    listener = wire.bind_listener(path, socket.SOCK_SEQPACKET)
+    listener.setblocking(False)
+    script = textwrap.dedent(
+        f"""
+        import os, socket, sys
+        os.setgroups([4242, 4343])
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect({path!r})
+        print("connected", flush=True)
+        sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    conn: Connection | None = None
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "connected"
+        poller = select.poll()
+        poller.register(listener.fileno(), select.POLLIN)
+        assert poller.poll(DEADLINE * 1000)
+        conn = wire.accept(listener)
+        assert conn is not None
+        assert sorted(conn.peer_groups()) == [4242, 4343]
+    finally:
+        if conn is not None:
+            conn.close()
+        listener.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=DEADLINE)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
 def test_accept_returns_none_when_nothing_is_pending(sockdir: str) -> None:
     """accept() on a non-blocking listener with no pending connection returns None."""
     listener = wire.bind_listener(os.path.join(sockdir, "c.sock"))
