@@ -146,11 +146,9 @@ def test_reader_gets_only_its_topics(bus: Bus) -> None:
 
 
 def test_reader_sigterm_drains_detaches_and_exits_0(bus: Bus) -> None:
-    """SIGTERM makes a reader drain, detach (reader_detached on the writer) and exit 0.
-
-    SIGHUP before it is logged as ignored and changes nothing; the writer
-    and the other reader carry on.
-    """
+    """SIGTERM makes a reader drain, detach (reader_detached on the writer) and exit 0."""
+    # SIGHUP before it is logged as ignored and changes nothing; the writer and the other
+    # reader carry on.
     w = bus.writer()
     r = bus.file_reader("1")
     other = bus.file_reader("2")
@@ -242,12 +240,9 @@ def test_duplicate_instance_reader_is_refused_and_exits_1(bus: Bus) -> None:
 
 
 def test_refusal_with_the_hello_unread_still_reaches_the_reader(bus: Bus) -> None:
-    """A Refuse(NOT_ALLOWED) sent before the writer read our Hello makes the reader exit 77.
-
-    The listener here is the test's own: it refuses and closes with the
-    Hello still unread, which Linux reports to the reader as ECONNRESET
-    ahead of the queued Refuse.
-    """
+    """A Refuse(NOT_ALLOWED) sent before the writer read our Hello makes the reader exit 77."""
+    # The listener here is the test's own: it refuses and closes with the Hello still unread,
+    # which Linux reports to the reader as ECONNRESET ahead of the queued Refuse.
     listener = socket.socket(socket.AF_UNIX, SEQPACKET)
     listener.bind(bus.socket)
     listener.listen(1)
@@ -292,11 +287,9 @@ class JournalCapture:
 
 
 def test_reader_events_map_to_journal_fields(bus: Bus) -> None:
-    """With target journal the reader's events carry SHMD_EVENT/ROLE/INSTANCE/GENERATION/SEQ.
-
-    The reader runs its real loop in this process (signals need the main
-    thread) against a real shm-writer, which a helper thread stops.
-    """
+    """With target journal the reader's events carry SHMD_EVENT/ROLE/INSTANCE/GENERATION/SEQ."""
+    # The reader runs its real loop in this process (signals need the main thread) against a
+    # real shm-writer, which a helper thread stops.
     w = bus.writer()
     cfg = load_config(bus.reader_config("j"))
     journal = JournalCapture()

@@ -289,11 +289,9 @@ def test_python_callable_with_context_publishes_until_stopped(bus: Bus) -> None:
 
 
 def test_busy_python_source_at_shutdown_loses_nothing(bus: Bus) -> None:
-    """SIGTERM while a source thread publishes flat out: readers drain exactly what was committed.
-
-    (Policy block, so that no record is overwritten; the check is that no
-    record is committed after the active flag cleared.)
-    """
+    """SIGTERM while a source thread publishes at full speed: readers get all that was committed."""
+    # Policy block, so that no record is overwritten; the check is that no record is committed
+    # after the active flag cleared.
     go, w, r = python_bus(bus, "shmd_test_source:busy", policy="block", block_timeout=5.0)
     other = bus.file_reader("2")
     go.write_text("0\n")

@@ -97,10 +97,8 @@ def keeps_receiving(bus: Bus, instance: str, more: int = 20) -> None:
 
 def stop_and_check_all_ticks(bus: Bus, writer: Any, readers: dict[str, Any], *,
                              only_ticks: bool = True) -> None:
-    """SIGTERM the writer; every reader exits 0 having received every tick since it attached.
-
-    ``only_ticks``: the ticker published everything, so tick N has seq N-1.
-    """
+    """SIGTERM the writer; every reader exits 0 having received every tick since it attached."""
+    # ``only_ticks``: the ticker published everything, so tick N has seq N-1.
     writer.terminate()
     cleared = writer.wait_for("active_cleared")
     for name, r in readers.items():
@@ -230,11 +228,9 @@ def test_stream_control_socket_serves_readers_too(bus: Bus) -> None:
 
 
 def test_sigterm_stops_writer_and_every_reader_cleanly(bus: Bus) -> None:
-    """SIGTERM clears the active flag; every reader drains, detaches and exits 0; nothing is left.
-
-    (The writer logs active_cleared, reader_detached for each and
-    shutdown_complete; the readers writer_inactive, drained and exiting.)
-    """
+    """SIGTERM clears the active flag; every reader drains, detaches and exits 0."""
+    # The writer logs active_cleared, reader_detached for each and shutdown_complete; the
+    # readers writer_inactive, drained and exiting.
     w = bus.writer()
     readers = {name: bus.file_reader(name) for name in ("1", "2", "3")}
     generation = w.find("listener_ready")[0]["generation"]
@@ -407,11 +403,9 @@ BAD_MESSAGES: list[tuple[str, bytes, int, protocol.RefuseCode, str]] = [
 
 
 def test_bad_control_messages_are_refused_and_logged_and_lose_nothing(bus: Bus) -> None:
-    """Malformed, oversized, truncated, wrong-version or misplaced messages each get a Refuse.
-
-    Each is logged as reader_refused with its code, and the attached reader
-    keeps receiving every record meanwhile.
-    """
+    """Malformed, oversized, truncated, wrong-version or misplaced messages each get a Refuse."""
+    # Each is logged as reader_refused with its code, and the attached reader keeps receiving
+    # every record meanwhile.
     bus.configure(control={"max_message": 1024})
     w = bus.writer()
     r = bus.file_reader("1")
@@ -499,11 +493,8 @@ def test_silent_peer_is_refused_after_the_handshake_timeout(bus: Bus) -> None:
 
 
 def test_flooding_peer_is_dropped_and_logged(bus: Bus) -> None:
-    """A peer that floods Publish messages and never reads its acks is dropped and logged.
-
-    The writer's loop stays fair meanwhile: the reader (topic 0 only) gets
-    every tick.
-    """
+    """A peer that floods Publish messages and never reads its acks is dropped and logged."""
+    # The writer's loop stays fair meanwhile: the reader (topic 0 only) gets every tick.
     bus.configure(segment={"capacity": 1 << 16}, writer={"source": {"rate": 200.0}})
     w = bus.writer()
     r = bus.file_reader("1", topics=[0])
@@ -578,11 +569,9 @@ def attach_as_nobody(socket_path: str) -> str:
 
 
 def test_peer_not_in_allowed_users_or_groups_is_refused(bus: Bus) -> None:
-    """A peer of another uid is refused NOT_ALLOWED with its pid and uid logged, until allowed.
-
-    control.allowed_users is live: after a SIGHUP adding uid 65534 the same
-    client is welcomed.  The attached reader misses nothing meanwhile.
-    """
+    """A peer of another uid is refused NOT_ALLOWED with its pid and uid logged, until allowed."""
+    # control.allowed_users is live: after a SIGHUP adding uid 65534 the same client is
+    # welcomed. The attached reader misses nothing meanwhile.
     os.chmod(bus.dir, 0o755)
     bus.configure(control={"mode": 0o666})
     w = bus.writer()
@@ -631,12 +620,9 @@ class JournalCapture:
 
 
 def test_writer_events_map_to_journal_fields(bus: Bus) -> None:
-    """With target journal the writer's events carry SHMD_EVENT/ROLE/READER/GENERATION/SEQ.
-
-    The writer runs its real loop in this process (signals need the main
-    thread); a real shm-reader attaches, then SIGTERM to this process starts
-    the termination flow.
-    """
+    """With target journal the writer's events carry SHMD_EVENT/ROLE/READER/GENERATION/SEQ."""
+    # The writer runs its real loop in this process (signals need the main thread); a real
+    # shm-reader attaches, then SIGTERM to this process starts the termination flow.
     cfg = load_config(bus.configure(writer={"shutdown_grace": 3.0}))
     journal = JournalCapture()
     assert logs.configure_logging("writer", level="info", target="journal",
