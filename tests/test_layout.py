@@ -186,7 +186,8 @@ def corrupted_headers(draw: st.DrawFn) -> tuple[bytes, int]:
                                     created_ns=0, write_seq=write_seq))
     h = dataclasses.replace(h, reserve_seq=write_seq + draw(st.integers(0, 8)))
     corrupt = draw(st.sets(st.sampled_from(sorted(_FIELD_VALUES))))
-    h = dataclasses.replace(h, **{f: draw(_FIELD_VALUES[f], label=f) for f in sorted(corrupt)})
+    h = dataclasses.replace(h, **{f: draw(_FIELD_VALUES[f], label=f)  # type: ignore[arg-type]
+                                  for f in sorted(corrupt)})
     raw = _HEAD.pack(*(getattr(h, f.name) for f in dataclasses.fields(Header)))
     return raw, max(0, g.segment_size + draw(st.integers(-2 * PAGE_SIZE, 2 * PAGE_SIZE)))
 
@@ -271,7 +272,7 @@ def test_entry_round_trip_through_the_table_offsets() -> None:
     assert off == OFF_READERS + 2 * READER_ENTRY_SIZE
     struct.pack_into("<IIQQQQIIQQ32sQ", buf, off, 1, 77, 10, 9, 1, 5, 1, 0, 0b110, 3,
                      encode_name("reader-1"), 4)
-    e = decode_entry(buf, 2)
+    e = decode_entry(bytes(buf), 2)
     assert (e.index, e.state, e.pid, e.cursor, e.delivered, e.lost, e.asleep, e.topics,
             e.name, e.token) == (2, ReaderState.ATTACHED, 77, 10, 9, 1, True, 0b110,
                                  "reader-1", 4)

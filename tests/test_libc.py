@@ -6,7 +6,7 @@ import fcntl
 import mmap
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -53,7 +53,7 @@ def shared(shm_name: str) -> Iterator[Shared]:
         mm.close()
 
 
-def hold_mutex(shared: Shared) -> object:
+def hold_mutex(shared: Shared) -> Callable[[ChildEnd], None]:
     """A child body: lock the mutex, say so, and wait to be told to unlock (or be killed)."""
 
     def body(ch: ChildEnd) -> None:
@@ -147,9 +147,9 @@ def test_lock_and_unlock(shared: Shared) -> None:
     """An unowned mutex is acquired with every kind of timeout and can be unlocked again."""
     for timeout in (None, 0, 0.5):
         assert libc.mutex_lock(shared.mutex.address, timeout) is libc.LockResult.ACQUIRED
-        assert libc.mutex_owner_tid(shared.mm, 0) == os.getpid()
+        assert libc.mutex_owner_tid(shared.mm[:libc.MUTEX_AREA], 0) == os.getpid()
         libc.mutex_unlock(shared.mutex.address)
-        assert libc.mutex_owner_tid(shared.mm, 0) == 0
+        assert libc.mutex_owner_tid(shared.mm[:libc.MUTEX_AREA], 0) == 0
 
 
 def test_unlock_without_holding_raises(shared: Shared) -> None:
@@ -163,7 +163,7 @@ def test_lock_held_by_another_process_times_out(shared: Shared, procs: Procs) ->
     """While another live process holds the mutex, try-lock and timed lock report TIMEOUT."""
     child = procs.fork(hold_mutex(shared))
     pid = int(child.expect("locked").split()[1])
-    assert libc.mutex_owner_tid(shared.mm, 0) == pid
+    assert libc.mutex_owner_tid(shared.mm[:libc.MUTEX_AREA], 0) == pid
     assert libc.mutex_lock(shared.mutex.address, 0) is libc.LockResult.TIMEOUT
     t0 = time.monotonic()
     assert libc.mutex_lock(shared.mutex.address, 0.05) is libc.LockResult.TIMEOUT

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import MutableMapping, Sequence
+from typing import Any
 
 import pytest
 from helpers import (
@@ -45,7 +47,7 @@ def payload(seq: int) -> bytes:
     return seq.to_bytes(8, "little") * 3
 
 
-def events(logs: list[dict[str, object]], name: str) -> list[dict[str, object]]:
+def events(logs: Sequence[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     """The captured log entries whose event is ``name``."""
     return [e for e in logs if e["event"] == name]
 
@@ -300,7 +302,7 @@ def test_add_reader_start_positions(bus: Bus) -> None:
     """latest starts at write_seq, oldest at the oldest present; cursors are clamped to the ring."""
     pub = bus.publisher(capacity=8)
     pub.publish_batch([b"x"] * 20)
-    starts = {"latest": 20, "oldest": 12, 5: 12, 15: 15, 100: 20}
+    starts: dict[str | int, int] = {"latest": 20, "oldest": 12, 5: 12, 15: 15, 100: 20}
     for i, (start, cursor) in enumerate(starts.items()):
         h = pub.add_reader(f"r{i}", 4242, topics=0b110, start=start)
         e = pub.segment.entry(h.index)
@@ -544,7 +546,12 @@ def test_block_policy_evicts_a_stopped_reader_and_goes_on(
 
     # The writer goes on with the healthy reader alone, never waiting again.
     waits: list[float] = []
-    monkeypatch.setattr(pub.segment, "sem_wait", lambda t: waits.append(t) or False)
+
+    def no_wait(timeout: float) -> bool:
+        waits.append(timeout)
+        return False
+
+    monkeypatch.setattr(pub.segment, "sem_wait", no_wait)
     got = healthy.read()
     for i in range(cap + 1, 5 * cap):
         pub.publish(payload(i))

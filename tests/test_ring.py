@@ -157,7 +157,7 @@ def test_slot_stride_decodes_what_encode_wrote(
     stride = slot_stride(slot_size)
     assert stride.size == slot_size
     assert list(stride.iter_unpack(buf)) == records
-    assert [decode_record_header(buf, i * slot_size) for i in range(len(records))] == records
+    assert [decode_record_header(bytes(buf), i * slot_size) for i in range(len(records))] == records
 
 
 def test_check_record_names_both_sizes() -> None:
