@@ -49,6 +49,10 @@ one pipe per child, never over sleeps::
     join every child by pid; on any failure, timeout or Ctrl-C kill and join every child
     started so far, then the impl's cleanup() removes sockets, segments and files.
 
+Children ask the kernel for SIGKILL when the harness dies (PR_SET_PDEATHSIG), and the next
+``benchmarks.run`` removes the run directories and segments of harnesses that are gone
+(:func:`sweep_stale`).
+
 The writer's CPU time is taken when every reader has finished, so background threads
 (ZeroMQ's I/O thread, the ``multiprocessing.Queue`` feeder) are charged to the writer.
 
@@ -68,7 +72,10 @@ The easy way is to subclass :class:`StreamImpl` and provide only the transport:
 ``prepare(case, workdir) -> channel``  (parent, before any process starts)
     Create whatever the roles share and return it; it is pickled into every child, so
     use plain data, :class:`PassFd` for file descriptors and paths under ``workdir``
-    (a fresh private directory removed after the run).
+    (a fresh private directory removed after the run). Name shared memory segments
+    ``/dev/shm/<shm_prefix(workdir)>...`` so that :func:`sweep_stale` can remove them
+    should the whole harness be SIGKILLed. Size per-reader buffering to ``case.depth``
+    records, as every peer does.
 ``cleanup(channel)``  (parent, always, even after a crash or timeout)
     Remove what ``prepare`` or the (possibly SIGKILLed) children created: shm segments,
     socket paths, fds.
@@ -93,11 +100,15 @@ see ``benchmarks/peers/floor.py`` (the ping-pong floor) for an example.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import glob
 import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
+import signal
 import statistics
 import struct
 import tempfile
@@ -107,6 +118,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing import reduction
+from pathlib import Path
 from typing import Any, Literal, Protocol
 from xml.sax.saxutils import escape
 
@@ -289,9 +301,9 @@ class StreamImpl(ABC):
     def open_reader(self, channel: Any, case: Case, index: int) -> Reader: ...
 
     def run(self, case: Case, timeout: float) -> CaseResult:
-        workdir = tempfile.mkdtemp(prefix="shmd-bench-")
+        rundir = RunDir()
         try:
-            channel = self.prepare(case, workdir)
+            channel = self.prepare(case, rundir.path)
             try:
                 readers = [
                     Role(stream_reader_role, (self, channel, case, i)) for i in range(case.readers)
@@ -300,7 +312,7 @@ class StreamImpl(ABC):
             finally:
                 self.cleanup(channel)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            rundir.close()
 
 
 class PassFd:
@@ -328,6 +340,70 @@ class PassFd:
 
 def _rebuild_passfd(handle: Any) -> PassFd:
     return PassFd(int(handle.detach()))
+
+
+# --------------------------------------------------------------------------- run files
+
+# Every run works in <tmp>/shmd-bench-<random>/ and names its shared memory
+# /dev/shm/shmdb<random>* (shm_prefix). While the run lasts, the harness process holds an
+# flock on the directory's lock file; the kernel drops it when the process dies, even by
+# SIGKILL, so sweep_stale() can tell a killed run's leftovers from a live run's files
+# (also across PID namespaces, where a pid check would lie).
+SHM_DIR = Path("/dev/shm")
+_RUN_DIR_PREFIX = "shmd-bench-"
+_LOCK_NAME = "owner.lock"
+
+
+class RunDir:
+    """A private directory for one run, flock-ed by this process until close()."""
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix=_RUN_DIR_PREFIX)
+        self._lock = -1
+        try:
+            # Locked under a temporary name and renamed into place (same inode, lock
+            # kept), so a sweeper never finds an unlocked lock file of a live run.
+            tmp = os.path.join(self.path, _LOCK_NAME + ".new")
+            self._lock = os.open(tmp, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            os.rename(tmp, os.path.join(self.path, _LOCK_NAME))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        fd, self._lock = self._lock, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def shm_prefix(workdir: str) -> str:
+    """Name prefix for this run's /dev/shm files: ``shmdb<random part of workdir>``."""
+    return "shmdb" + os.path.basename(workdir)[len(_RUN_DIR_PREFIX):]
+
+
+def sweep_stale() -> list[str]:
+    """Remove run directories, and their shm files, whose harness process has died."""
+    removed: list[str] = []
+    for path in Path(tempfile.gettempdir()).glob(_RUN_DIR_PREFIX + "*"):
+        try:
+            fd = os.open(path / _LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue  # not a run directory, or one still being set up
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its harness is alive
+            for shm in SHM_DIR.glob(glob.escape(shm_prefix(str(path))) + "*"):
+                shm.unlink(missing_ok=True)
+                removed.append(str(shm))
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+        finally:
+            os.close(fd)
+    return removed
 
 
 # --------------------------------------------------------------------------- records
@@ -368,6 +444,7 @@ class RoleControl:
     def __init__(self, conn: multiprocessing.connection.Connection, deadline: float) -> None:
         self._conn = conn
         self.deadline = deadline
+        self.result_sent = False
 
     def bound(self) -> None:
         """Writer only: the transport exists, readers may start connecting."""
@@ -380,6 +457,11 @@ class RoleControl:
     def sent(self) -> None:
         """Writer only: the last record was handed to the transport."""
         self._conn.send(("sent", None))
+
+    def result(self, value: Any) -> None:
+        """Send the role's result now (e.g. before closing the transport)."""
+        self._conn.send(("result", value))
+        self.result_sent = True
 
     def wait_go(self) -> None:
         """Writer only: block until the parent starts the measurement."""
@@ -407,16 +489,37 @@ def vm_hwm_kib() -> int:
     return 0
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this role when the harness process dies."""
+    # Without this, a harness killed by SIGKILL (a timeout in a caller) leaves its roles
+    # blocked forever in recv(). PR_SET_PDEATHSIG fires when the *thread* that started
+    # this process exits: run_roles starts and reaps its children from one thread.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"Failed to set PR_SET_PDEATHSIG since {os.strerror(err)}")
+    if os.getppid() != parent:
+        # The harness died before prctl() took effect: no signal will come.
+        os._exit(1)
+
+
 def _role_main(
     conn: multiprocessing.connection.Connection,
     target: Callable[..., Any],
     args: tuple[Any, ...],
     deadline: float,
+    parent: int,
 ) -> None:
     """Entry point of every spawned role process."""
     try:
-        result = target(RoleControl(conn, deadline), *args)
-        conn.send(("result", result))
+        _die_with_parent(parent)
+        ctl = RoleControl(conn, deadline)
+        result = target(ctl, *args)
+        if not ctl.result_sent:
+            conn.send(("result", result))
     except BaseException:  # the parent reports whatever ended the role, Ctrl-C included
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -431,7 +534,7 @@ class _Child:
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(
             target=_role_main,
-            args=(child_conn, role.target, role.args, deadline),
+            args=(child_conn, role.target, role.args, deadline, os.getpid()),
             name=f"shmd-bench-{label}",
             daemon=True,
         )
@@ -454,42 +557,71 @@ class _Child:
 
 
 
+def _invalid_already_sent(children: Iterable[_Child]) -> tuple[str, ReaderStats] | None:
+    """An invalid ReaderStats some child has already written to its pipe, if any."""
+    for child in children:
+        try:
+            while child.conn.poll():
+                kind, payload = child.conn.recv()
+                if kind == "result" and isinstance(payload, ReaderStats) and not payload.ok:
+                    return child.label, payload
+        except EOFError:
+            continue
+    return None
+
+
+_NOTHING = object()
+
+
+def _take(child: _Child, expected: str) -> tuple[str, Any]:
+    """(failure, payload) for the child's next message; payload _NOTHING if none is there."""
+    if child.conn.poll():
+        try:
+            kind, payload = child.conn.recv()
+        except EOFError:
+            child.proc.join()
+            return (f"Failed to run {child.label} since it exited with code "
+                    f"{child.proc.exitcode}"), _NOTHING
+        if kind == "error":
+            last = str(payload).strip().splitlines()[-1]
+            return f"Failed to run {child.label} since it raised {last}\n{payload}", _NOTHING
+        if kind != expected:
+            return (f"Failed to run {child.label} since it sent {kind!r} instead of "
+                    f"{expected!r}"), _NOTHING
+        return "", payload
+    if child.proc.exitcode is not None:
+        return (f"Failed to run {child.label} since it exited with code "
+                f"{child.proc.exitcode} before sending {expected!r}"), _NOTHING
+    return "", _NOTHING
+
+
 def _gather(
     children: Sequence[_Child], expect: Mapping[str, str], deadline: float
 ) -> dict[str, Any]:
     """Wait until every child sent the message ``expect[label]``; returns label -> payload.
 
     Stops early at the first invalid ReaderStats (the caller then kills the rest). A
-    child that raised, died or stayed silent past the deadline raises CaseFailed.
+    child that raised, died or stayed silent past the deadline raises CaseFailed, unless
+    a reader had already reported a bad record: readers send their verdict before they
+    close the transport, so a writer tripping over that close (ECONNRESET, EPIPE) can
+    only report after it, and the invalid run is what gets reported.
     """
     pending = {child.label: child for child in children}
     got: dict[str, Any] = {}
     while pending:
         for label, child in list(pending.items()):
-            if child.conn.poll():
-                try:
-                    kind, payload = child.conn.recv()
-                except EOFError:
-                    child.proc.join()
-                    raise CaseFailed(
-                        f"Failed to run {label} since it exited with code {child.proc.exitcode}"
-                    ) from None
-                if kind == "error":
-                    last = str(payload).strip().splitlines()[-1]
-                    raise CaseFailed(f"Failed to run {label} since it raised {last}\n{payload}")
-                if kind != expect[label]:
-                    raise CaseFailed(
-                        f"Failed to run {label} since it sent {kind!r} instead of {expect[label]!r}"
-                    )
+            failure, payload = _take(child, expect[label])
+            if failure:
+                invalid = _invalid_already_sent(c for c in pending.values() if c is not child)
+                if invalid is not None:
+                    got[invalid[0]] = invalid[1]
+                    return got
+                raise CaseFailed(failure)
+            if payload is not _NOTHING:
                 got[label] = payload
                 del pending[label]
                 if isinstance(payload, ReaderStats) and not payload.ok:
                     return got
-            elif child.proc.exitcode is not None:
-                raise CaseFailed(
-                    f"Failed to run {label} since it exited with code {child.proc.exitcode} "
-                    f"before sending {expect[label]!r}"
-                )
         if not pending:
             break
         remaining = deadline - time.monotonic()
@@ -613,21 +745,24 @@ def stream_reader_role(
         else:
             got = receive_all(reader.recv, case.records, case.payload)
         cpu = time.process_time_ns() - cpu0
+        error, records, t_first, t_last, latencies = got
+        stats = ReaderStats(
+            index=index,
+            ok=not error,
+            error=f"reader {index}: {error}" if error else "",
+            records=records,
+            bytes=records * case.payload,
+            t_first_ns=t_first,
+            t_last_ns=t_last,
+            cpu_ns=cpu,
+            peak_rss_kib=vm_hwm_kib(),
+            latencies_ns=latencies,
+        )
+        # The verdict goes out before the transport closes (see _gather).
+        ctl.result(stats)
     finally:
         reader.close()
-    error, records, t_first, t_last, latencies = got
-    return ReaderStats(
-        index=index,
-        ok=not error,
-        error=f"reader {index}: {error}" if error else "",
-        records=records,
-        bytes=records * case.payload,
-        t_first_ns=t_first,
-        t_last_ns=t_last,
-        cpu_ns=cpu,
-        peak_rss_kib=vm_hwm_kib(),
-        latencies_ns=latencies,
-    )
+    return stats
 
 
 Received = tuple[str, int, int, int, list[int]]  # error, good records, t_first, t_last, latencies
@@ -734,7 +869,8 @@ SCALE_METRICS = (THROUGHPUT_METRICS[0], THROUGHPUT_METRICS[2])
 def percentile(samples: Sequence[int], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of unsorted samples."""
     ordered = sorted(samples)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    # round(): 99.9 / 100 * 1000 is 999.0000000000001 in binary floating point.
+    rank = max(1, math.ceil(round(q / 100 * len(ordered), 6)))
     return float(ordered[rank - 1])
 
 
@@ -906,7 +1042,7 @@ class Report:
         runs = self.runs_for(case_key, impl)
         if not runs or any(r.status == "invalid" for r in runs):
             return None
-        values = [r.metrics[metric] for r in runs if r.status == "ok"]
+        values = [r.metrics[metric] for r in runs if r.status == "ok" and metric in r.metrics]
         return spread(values) if values else None
 
     def summary(self) -> list[dict[str, Any]]:
@@ -945,9 +1081,11 @@ def _cell(report: Report, case_key: str, impl: str, metric: Metric) -> str:
         return "n/a" if (case_key, impl) in report.not_applicable else "—"
     if any(r.status == "invalid" for r in runs):
         return "**INVALID**"
+    if all(r.status != "ok" for r in runs):
+        return "**ERROR**"
     s = report.spread_of(case_key, impl, metric.key)
     if s is None:
-        return "**ERROR**"
+        return "—"
     text = metric.fmt(s.median)
     if s.n > 1:
         text += f" ({metric.fmt(s.low)}-{metric.fmt(s.high)})"

@@ -39,6 +39,7 @@ from benchmarks.harness import (
     render_svg,
     run_plan,
     scale_charts,
+    sweep_stale,
 )
 
 # (module, column name and kind shown while the module cannot be imported). Adding an
@@ -59,12 +60,12 @@ PARTS = ("throughput", "latency", "scale")
 
 
 def load_impls(
-    modules: Sequence[tuple[str, str, Kind]] = PEER_MODULES,
+    modules: Sequence[tuple[str, str, Kind]] | None = None,
 ) -> tuple[list[Impl], list[ImplInfo]]:
-    """Import every impl module; a module that cannot be imported becomes a skip line."""
+    """Import every impl module (default PEER_MODULES); a failing import becomes a skip line."""
     impls: list[Impl] = []
     missing: list[ImplInfo] = []
-    for module, name, kind in modules:
+    for module, name, kind in PEER_MODULES if modules is None else modules:
         try:
             mod = importlib.import_module(module)
         except ImportError as exc:
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     for info in infos:
         if info.skipped:
             _progress(f"skip {info.name}: {info.skipped}")
+    for path in sweep_stale():
+        _progress(f"removed {path} (left by a run that was killed)")
 
     reps = args.reps or (3 if args.quick else 5)
     timeout = args.timeout or (120.0 if args.quick else 600.0)

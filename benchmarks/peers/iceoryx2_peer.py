@@ -18,9 +18,9 @@ Two variants:
     payload is taken to be produced in place); readers check the record in place through
     a memoryview and release the sample on the next receive.
 
-Every file iceoryx2 creates carries a per-run prefix and lives under the run's private
-directory (or ``/dev/shm/<prefix>*``), so cleanup removes exactly this run's leftovers,
-also after a SIGKILL.
+Every file iceoryx2 creates carries the run's prefix (``harness.shm_prefix``) and lives in
+the run's private directory or in ``/dev/shm/<prefix>*``, so cleanup removes exactly this
+run's leftovers after a crash, and ``sweep_stale`` those of a harness that was killed.
 """
 
 from __future__ import annotations
@@ -29,11 +29,20 @@ import ctypes
 import glob
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.harness import HEAD, TAIL, Buffer, Case, Reader, StreamImpl, Writer
+from benchmarks.harness import (
+    HEAD,
+    SHM_DIR,
+    TAIL,
+    Buffer,
+    Case,
+    Reader,
+    StreamImpl,
+    Writer,
+    shm_prefix,
+)
 
 MISSING: str | None
 try:
@@ -43,8 +52,6 @@ try:
     MISSING = None
 except ImportError as exc:  # optional: the impl reports itself unavailable
     MISSING = f"iceoryx2 is not installed ({exc}; pip install iceoryx2)"
-
-SHM_DIR = "/dev/shm"
 
 
 @dataclass(frozen=True)
@@ -193,15 +200,15 @@ class Iceoryx2Impl(StreamImpl):
         return MISSING
 
     def prepare(self, case: Case, workdir: str) -> IoxChannel:
-        root = os.path.join(workdir, "iceoryx2")
-        os.mkdir(root)
-        return IoxChannel(f"shmdb{uuid.uuid4().hex[:12]}_", root, "shmd-bench", case.readers,
+        # iceoryx2's own directory tree goes straight into the run directory (short
+        # paths: its event files are unix sockets, limited to 107 bytes).
+        return IoxChannel(shm_prefix(workdir) + "_", workdir, "shmd-bench", case.readers,
                           case.depth, case.payload, self.zero_copy)
 
     def cleanup(self, channel: IoxChannel) -> None:
         # Clean exits leave the per-prefix global_mgmt file; SIGKILLed ports leave data
-        # segments and configs. All carry this run's prefix. The root directory is
-        # removed with the run's private directory.
+        # segments and configs. All carry this run's prefix; the rest of iceoryx2's files
+        # go with the run directory.
         for path in glob.glob(os.path.join(SHM_DIR, glob.escape(channel.prefix) + "*")):
             os.unlink(path)
 

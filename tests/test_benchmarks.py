@@ -1,0 +1,583 @@
+"""The comparative benchmark works and its output is correct (speed is never asserted).
+
+Runs use real spawned processes, real sockets, eventfds, memfds and iceoryx2 segments. The
+fault-injecting impls below live in this module because the spawned roles unpickle them by
+module name; they run in child processes only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from multiprocessing import resource_tracker
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    # benchmarks/ is not installed: it is imported from the checkout (and the spawned
+    # roles inherit this sys.path).
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import run as bench_run  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    MIB,
+    Buffer,
+    Case,
+    Chart,
+    ImplInfo,
+    Kind,
+    LatencyCase,
+    Metric,
+    Reader,
+    Report,
+    RunDir,
+    RunRecord,
+    StreamImpl,
+    ThroughputCase,
+    Writer,
+    check,
+    default_records,
+    percentile,
+    queue_depth,
+    render_markdown,
+    render_svg,
+    run_one,
+    shm_prefix,
+    si,
+    spread,
+    stamp,
+    sweep_stale,
+)
+from benchmarks.peers import floor, iceoryx2_peer, mp_queue, unix_sock, zmq_ipc  # noqa: E402
+
+ALL_IMPLS = [*zmq_ipc.IMPLS, *iceoryx2_peer.IMPLS, *unix_sock.IMPLS, *mp_queue.IMPLS,
+             *floor.IMPLS]
+SHM_DIR = Path("/dev/shm")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _spawned_children() -> set[int]:
+    """Live (or unreaped) multiprocessing spawn children of this test process."""
+    me, kids = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == me and b"spawn_main" in cmdline:
+            kids.add(int(entry))
+    return kids
+
+
+@pytest.fixture
+def clean_run(tmp_path_factory: pytest.TempPathFactory,
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Runs get a private temp dir; asserts no role process, run file or fd is left behind.
+
+    Yields that temp dir. Every RunDir made in this process is recorded, so its
+    /dev/shm/<shm_prefix>* files can be checked even while other processes run benchmarks.
+    """
+    private = tmp_path_factory.mktemp("runs")
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    made: list[str] = []
+    create = RunDir.__init__
+
+    def recording_init(self: RunDir) -> None:
+        create(self)
+        made.append(self.path)
+
+    monkeypatch.setattr(RunDir, "__init__", recording_init)
+    # The first spawn starts multiprocessing's resource tracker, whose pipe this process
+    # then keeps for good: start it before counting fds.
+    resource_tracker.ensure_running()
+    fds = set(os.listdir("/proc/self/fd"))
+    assert not _spawned_children()
+    yield private
+    assert not _spawned_children()
+    assert list(private.iterdir()) == []
+    assert [p for d in made for p in SHM_DIR.glob(shm_prefix(d) + "*")] == []
+    assert set(os.listdir("/proc/self/fd")) - fds == set()
+
+
+# --------------------------------------------------------------------------- fault injection
+
+
+class _FaultyWriter:
+    """Sends through a real unix seqpacket writer but damages record 5."""
+
+    def __init__(self, inner: Writer, fault: str) -> None:
+        self._inner, self._fault, self._seq = inner, fault, 0
+
+    def wait_readers(self, deadline: float) -> None:
+        self._inner.wait_readers(deadline)
+
+    def send(self, record: bytearray) -> None:
+        seq, self._seq = self._seq, self._seq + 1
+        if seq != 5:
+            self._inner.send(record)
+        elif self._fault == "duplicate":
+            self._inner.send(record)
+            self._inner.send(record)
+        elif self._fault == "tail":
+            torn = bytearray(record)
+            torn[-1] ^= 0xFF
+            self._inner.send(torn)
+        elif self._fault == "short":
+            self._inner.send(record[:-1])
+        # "drop": record 5 is never sent
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class FaultyImpl(unix_sock.UnixSocketImpl):
+    """unix-seqpacket with one damaged record: drop, duplicate, tail or short."""
+
+    def __init__(self, fault: str) -> None:
+        super().__init__("seqpacket")
+        self.fault = fault
+        self.name = f"faulty-{fault}"
+
+    def open_writer(self, channel: Any, case: Case) -> Writer:
+        return _FaultyWriter(super().open_writer(channel, case), self.fault)
+
+
+class _HangingReader:
+    """Attached like a real reader, then never returns a record."""
+
+    def __init__(self, inner: Reader) -> None:
+        self._inner = inner
+
+    def recv(self) -> Buffer:
+        # Blocks forever on purpose: the harness must kill this process at the deadline.
+        select.select([], [], [])
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class HangingUnix(unix_sock.UnixSocketImpl):
+    """unix-stream whose readers connect and then hang."""
+
+    def __init__(self) -> None:
+        super().__init__("stream")
+        self.name = "hanging-unix"
+
+    def open_reader(self, channel: Any, case: Case, index: int) -> Reader:
+        return _HangingReader(super().open_reader(channel, case, index))
+
+
+class HangingIceoryx2(iceoryx2_peer.Iceoryx2Impl):
+    """iceoryx2 whose readers subscribe (segments exist) and then hang."""
+
+    def __init__(self) -> None:
+        super().__init__(zero_copy=False)
+        self.name = "hanging-iceoryx2"
+
+    def open_reader(self, channel: Any, case: Case, index: int) -> Reader:
+        return _HangingReader(super().open_reader(channel, case, index))
+
+
+class HangingShm(floor.ShmEventfd):
+    """The shm + eventfd floor whose readers map the ring and then hang."""
+
+    name = "hanging-shm"
+
+    def open_reader(self, channel: Any, case: Case, index: int) -> Reader:
+        return _HangingReader(super().open_reader(channel, case, index))
+
+
+class CrashingImpl(StreamImpl):
+    """A reader that fails while attaching."""
+
+    name = "crashing"
+
+    def open_writer(self, channel: Any, case: Case) -> Writer:
+        return unix_sock.UnixSocketImpl("stream").open_writer(channel, case)
+
+    def open_reader(self, channel: Any, case: Case, index: int) -> Reader:
+        raise RuntimeError("Failed to attach since the test said so")
+
+    def prepare(self, case: Case, workdir: str) -> Any:
+        return unix_sock.UnixSocketImpl("stream").prepare(case, workdir)
+
+
+class UnavailableImpl(floor.ShmEventfd):
+    """Stands for a peer whose optional package is missing."""
+
+    name = "unavailable"
+
+    def available(self) -> str | None:
+        return "frobnicate is not installed (pip install frobnicate)"
+
+
+IMPLS = [FaultyImpl("drop"), UnavailableImpl(), *floor.IMPLS]
+
+
+# --------------------------------------------------------------------------- real peers
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS, ids=lambda i: i.name)
+@pytest.mark.parametrize("payload,records", [(64, 400), (MIB, 12)], ids=["64B", "1MiB"])
+def test_every_peer_delivers_every_record_intact(
+    impl: Any, payload: int, records: int, clean_run: Path
+) -> None:
+    """Each available peer moves every record to two readers, checked, and cleans up."""
+    reason = impl.available()
+    if reason:
+        pytest.skip(reason)
+    case = ThroughputCase(2, payload, records, queue_depth(payload))
+    if impl.supports(case):
+        pytest.skip(impl.supports(case))
+    record = run_one(impl, case, 0, timeout=60)
+    assert record.status == "ok", record.detail
+    m = record.metrics
+    assert m["rec_per_s"] > 0 and m["writer_cpu_ns"] > 0 and m["reader_rss_mib"] > 1
+    assert m["mib_per_s"] == pytest.approx(m["rec_per_s"] * payload / MIB)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS, ids=lambda i: i.name)
+def test_every_peer_measures_one_way_latency(impl: Any, clean_run: Path) -> None:
+    """Each available peer yields ordered latency percentiles from a paced 1 kHz run."""
+    reason = impl.available()
+    if reason:
+        pytest.skip(reason)
+    record = run_one(impl, LatencyCase(rate_hz=1000, count=60), 0, timeout=60)
+    assert record.status == "ok", record.detail
+    m = record.metrics
+    assert 0 < m["p50_ns"] <= m["p99_ns"] <= m["p999_ns"] <= m["max_ns"]
+    # A one-way sample can not be longer than the whole run took.
+    assert m["max_ns"] < 60e9
+
+
+def test_pingpong_floor_runs_back_to_back_and_only_latency(clean_run: Path) -> None:
+    """The eventfd ping-pong floor measures back-to-back latency and declines throughput."""
+    pingpong = floor.EventfdPingPong()
+    assert pingpong.supports(ThroughputCase(1, 64, 10, 8)) is not None
+    record = run_one(pingpong, LatencyCase(rate_hz=0, count=500), 0, timeout=60)
+    assert record.status == "ok", record.detail
+    assert record.metrics["p50_ns"] > 0
+
+
+# --------------------------------------------------------------------------- faults
+
+
+@pytest.mark.parametrize("fault,expected", [
+    ("drop", "expected record 5 but got head seq 6"),
+    ("duplicate", "expected record 6 but got head seq 5"),
+    ("tail", "expected record 5 but got head seq 5, tail seq"),
+    ("short", "record 5 has 4095 bytes instead of 4096"),
+])
+def test_a_damaged_record_makes_the_run_invalid(fault: str, expected: str, clean_run: Path) -> None:
+    """A dropped, duplicated, torn or truncated record is caught by the reader's check."""
+    case = ThroughputCase(2, 4096, 50, queue_depth(4096))
+    record = run_one(FaultyImpl(fault), case, 0, timeout=60)
+    assert record.status == "invalid"
+    assert expected in record.detail, record.detail
+    assert record.metrics == {}
+
+
+@pytest.mark.parametrize("impl", [HangingUnix(), HangingIceoryx2(), HangingShm()],
+                         ids=lambda i: i.name)
+def test_a_hung_run_is_killed_at_the_deadline_and_cleaned_up(impl: Any, clean_run: Path) -> None:
+    """A reader that never returns makes the run fail at its timeout, with nothing left over."""
+    if impl.available():
+        pytest.skip(impl.available())
+    started = time.monotonic()
+    record = run_one(impl, ThroughputCase(2, 64, 100, 8), 0, timeout=3)
+    elapsed = time.monotonic() - started
+    assert record.status == "error"
+    assert "before the case timeout" in record.detail, record.detail
+    assert 3 <= elapsed < 30
+
+
+def _state_and_ppid(pid: int) -> tuple[str, int] | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    got = _state_and_ppid(pid)
+    return got is not None and got[0] != "Z"
+
+
+def _children_of(pid: int) -> set[int]:
+    """Running children of ``pid``."""
+    return {int(e) for e in os.listdir("/proc")
+            if e.isdigit() and _running(int(e)) and (_state_and_ppid(int(e)) or ("", 0))[1] == pid}
+
+
+def _poll(condition: Any, seconds: float, what: str) -> None:
+    """Poll ``condition()`` until it is true or fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"Failed to see {what} within {seconds} s")
+        # Polling /proc with a deadline: there is no event to wait on for another
+        # process's children appearing or dying.
+        select.select([], [], [], 0.05)
+
+
+def test_a_killed_harness_takes_its_roles_along_and_is_swept_later(clean_run: Path) -> None:
+    """SIGKILLing the harness kills its role processes, and sweep_stale removes its files."""
+    script = (
+        "import sys; sys.path[:0] = sys.argv[1:3]\n"
+        "from test_benchmarks import HangingIceoryx2, HangingUnix, iceoryx2_peer\n"
+        "from benchmarks.harness import ThroughputCase, run_one\n"
+        "impl = HangingUnix() if iceoryx2_peer.MISSING else HangingIceoryx2()\n"
+        "if __name__ == '__main__':\n"
+        "    run_one(impl, ThroughputCase(2, 64, 100, 8), 0, timeout=120)\n"
+    )
+    paths = [str(REPO), str(Path(__file__).parent)]
+    env = {**os.environ, "TMPDIR": str(clean_run)}
+    harness = subprocess.Popen([sys.executable, "-c", script, *paths], env=env)
+    try:
+        _poll(lambda: len(_children_of(harness.pid)) >= 3, 60, "writer and readers start")
+        roles = _children_of(harness.pid)
+        [rundir] = list(clean_run.iterdir())
+        shm = set(SHM_DIR.glob(shm_prefix(str(rundir)) + "*"))
+        assert shm or iceoryx2_peer.MISSING, "iceoryx2 creates its segments before 'ready'"
+        harness.kill()
+        harness.wait()
+        _poll(lambda: not any(_running(p) for p in roles), 30, "the orphaned roles die")
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait()
+    assert rundir.exists(), "a SIGKILLed harness cannot clean up after itself"
+    removed = set(sweep_stale())
+    assert {str(rundir)} | {str(p) for p in shm} <= removed
+    assert not rundir.exists()
+    assert not any(p.exists() for p in shm)
+
+
+def test_a_crashing_role_is_reported_with_its_error(clean_run: Path) -> None:
+    """An exception inside a role ends the run as an error that quotes it."""
+    record = run_one(CrashingImpl(), ThroughputCase(1, 64, 10, 8), 0, timeout=30)
+    assert record.status == "error"
+    assert "reader0" in record.detail
+    assert "Failed to attach since the test said so" in record.detail
+
+
+# --------------------------------------------------------------------------- run.main end to end
+
+
+def test_quick_run_writes_consistent_tables_json_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_run: Path
+) -> None:
+    """main() runs interleaved repetitions and writes matching Markdown, JSON and SVG."""
+    argv = ["--quick", "--peers", "unix-stream,floor,shmd", "--readers", "1,2",
+            "--payloads", "64", "--reps", "2", "--records", "300", "--latency-count", "100",
+            "--scale-readers", "1,2", "--out", str(tmp_path)]
+    assert bench_run.main(argv) == 0
+    out = capsys.readouterr()
+    markdown = (tmp_path / "results.md").read_text()
+    assert out.out.strip() == markdown.strip()
+    data = json.loads((tmp_path / "results.json").read_text())
+
+    runs = data["runs"]
+    assert {r["status"] for r in runs} == {"ok"}
+    # 2 throughput cases x (unix-stream, shm floor) + 1 kHz latency x 3 impls + the
+    # ping-pong back-to-back + 2 scale cases x shm floor = 10 pairs, twice.
+    assert len(runs) == 20
+    # Interleaved: the first rep of every pair runs before any second rep.
+    assert [r["rep"] for r in runs] == [0] * 10 + [1] * 10
+    first = [(r["case_key"], r["impl"]) for r in runs[:10]]
+    assert first == [(r["case_key"], r["impl"]) for r in runs[10:]]
+    assert first[:2] == [("throughput readers=1 payload=64", "unix-stream"),
+                         ("throughput readers=1 payload=64", "floor-shm-eventfd")]
+
+    # The summary medians are the medians of the runs.
+    summary = {(s["case"], s["impl"], s["metric"]): s for s in data["summary"]}
+    key = ("throughput readers=2 payload=64", "unix-stream", "rec_per_s")
+    values = sorted(r["metrics"]["rec_per_s"] for r in runs
+                    if (r["case_key"], r["impl"]) == key[:2])
+    assert summary[key]["median"] == pytest.approx(sum(values) / 2)
+    assert summary[key]["low"] == values[0] and summary[key]["high"] == values[1]
+    # ... and the table shows them.
+    assert f"{si(summary[key]['median'])} ({si(values[0])}-{si(values[1])})" in markdown
+
+    skipped = {i["name"]: i["skipped"] for i in data["impls"]}
+    assert skipped["unix-stream"] is None
+    assert "shmd" in skipped
+    assert "| shmd / best peer |" in markdown
+    assert "## Latency" in markdown and "## Scale" in markdown
+    assert "| p99.9 (µs) |" in markdown
+
+    svg = ET.parse(tmp_path / "scale.svg").getroot()
+    lines = svg.findall(".//{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2  # one series (the shm floor) in each of the two charts
+    assert all(len(line.get("points", "").split()) == 2 for line in lines)
+
+
+def test_an_invalid_run_is_loud_and_fails_main(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    clean_run: Path,
+) -> None:
+    """A run with a bad record shows INVALID in the table and on stderr, and main returns 1."""
+    monkeypatch.setattr(bench_run, "PEER_MODULES", ((__name__, "faulty", "peer"),))
+    argv = ["--quick", "--peers", "faulty-drop", "--readers", "1", "--payloads", "64",
+            "--reps", "1", "--records", "50", "--only", "throughput", "--out", str(tmp_path)]
+    assert bench_run.main(argv) == 1
+    out = capsys.readouterr()
+    assert "**INVALID**" in out.out
+    assert "## Failed runs" in out.out
+    assert "INVALID: throughput readers=1 payload=64 | faulty-drop | rep 1" in out.err
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in data["runs"]] == ["invalid"]
+
+
+def test_a_missing_peer_is_skipped_with_its_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    clean_run: Path,
+) -> None:
+    """An uninstalled package or an absent module is a printed skip, not a failure."""
+    monkeypatch.setattr(bench_run, "PEER_MODULES", (
+        (__name__, "test", "peer"), ("benchmarks.peers.not_there", "ghost", "shmd")))
+    assert bench_run.main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "unavailable" in listing and "skipped: frobnicate is not installed" in listing
+    assert "ghost" in listing and "benchmarks/peers/not_there.py does not exist yet" in listing
+
+    argv = ["--quick", "--peers", "unavailable,ghost,floor-eventfd", "--reps", "1",
+            "--latency-count", "50", "--only", "latency", "--out", str(tmp_path)]
+    assert bench_run.main(argv) == 0
+    out = capsys.readouterr()
+    assert "skip unavailable: frobnicate is not installed" in out.err
+    assert "- unavailable: frobnicate is not installed" in out.out
+    assert "- ghost: benchmarks/peers/not_there.py does not exist yet" in out.out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--payloads", "8"], "Failed to use payload 8 since every record needs at least 24"),
+    (["--peers", "nope"], "Failed to select nope since no implementation is called that"),
+    (["--only", "speed"], "Failed to choose parts since speed is not one of"),
+    (["--readers", "0"], "needs one or more positive integers"),
+])
+def test_usage_mistakes_exit_2_without_a_traceback(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong argument prints one explanation and the usage, and main returns 2."""
+    assert bench_run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help (and shmctl's --help-bench) prints the usage with examples and returns 0."""
+    for flag in ("--help", "--help-bench"):
+        assert bench_run.main([flag]) == 0
+        assert "examples:" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_check_names_each_kind_of_damage() -> None:
+    """check() accepts an intact record and says what is wrong with a damaged one."""
+    record = bytearray(64)
+    stamp(record, 7, 56)
+    assert check(record, 7, 64) == ""
+    assert check(record[:63], 7, 64) == "record 7 has 63 bytes instead of 64"
+    assert check(record, 8, 64) == "expected record 8 but got head seq 7, tail seq 7"
+    record[56] = 9
+    assert check(record, 7, 64) == "expected record 7 but got head seq 7, tail seq 9"
+
+
+def test_percentile_is_nearest_rank_and_spread_brackets_the_median() -> None:
+    """percentile() uses nearest rank; spread() reports median, extremes and quartiles."""
+    samples = list(range(1000, 0, -1))
+    assert percentile(samples, 50) == 500
+    assert percentile(samples, 99.9) == 999
+    assert percentile(samples, 100) == 1000
+    s = spread([3.0, 1.0, 10.0, 2.0])
+    assert (s.median, s.low, s.high, s.n) == (2.5, 1.0, 10.0, 4)
+    assert s.low <= s.q1 <= s.median <= s.q3 <= s.high
+    one = spread([5.0])
+    assert (one.median, one.low, one.high, one.q1, one.q3) == (5.0,) * 5
+
+
+def _report(values: dict[str, list[float]], kinds: dict[str, str]) -> Report:
+    case = ThroughputCase(1, 64, 10, 8)
+    runs = [
+        RunRecord(case.key, impl, rep, "ok", "", {"rec_per_s": v, "writer_cpu_ns": 1e6 / v})
+        for impl, vs in values.items() for rep, v in enumerate(vs)
+    ]
+    impls = [ImplInfo(name, cast(Kind, kind), None) for name, kind in kinds.items()]
+    return Report({}, {"quick": True, "reps": 2}, impls, [case], runs, {})
+
+
+def test_ratio_is_shmd_over_the_best_peer_never_a_floor() -> None:
+    """The ratio column divides shmd's median by the best peer's, ignoring floors."""
+    report = _report(
+        {"a": [100, 120], "b": [200, 220], "f": [5000, 5000], "shmd": [300, 330]},
+        {"a": "peer", "b": "peer", "f": "floor", "shmd": "shmd"},
+    )
+    markdown = render_markdown(report)
+    rate_row = next(line for line in markdown.splitlines() if line.startswith("| 1 reader")
+                    and "315" in line)
+    # shmd 315 / b 210 for records/s (higher is better) ...
+    assert rate_row.endswith("| 1.50x vs b |"), rate_row
+    cost_rows = [line for line in markdown.splitlines() if line.startswith("| 1 reader")]
+    # ... and for CPU per record (lower is better) the best peer is again b: 1e6/315 / (1e6/210).
+    assert any(row.endswith("| 0.67x vs b |") for row in cost_rows), cost_rows
+    assert "f (floor)" in markdown
+
+
+def test_an_invalid_repetition_hides_the_cells_numbers() -> None:
+    """One invalid repetition turns the whole cell into INVALID and lists the run."""
+    report = _report({"a": [100, 120]}, {"a": "peer"})
+    case = report.cases[0]
+    report.runs.append(RunRecord(case.key, "a", 2, "invalid", "reader 0: expected record 3", {}))
+    markdown = render_markdown(report)
+    assert "| 1 reader, 64 B | **INVALID** |" in markdown
+    assert "- **INVALID** throughput readers=1 payload=64 | a | rep 3: reader 0: expected" \
+        in markdown
+
+
+def test_svg_chart_draws_each_series_and_survives_no_data() -> None:
+    """render_svg() is well-formed SVG with one polyline per non-empty series."""
+    chart = Chart("t <&>", "readers", "records/s", {
+        "shmd": [(1, 100.0), (2, 90.0), (64, 10.0)], "floor": [(1, 200.0)], "empty": []})
+    root = ET.fromstring(render_svg([chart, Chart("nothing", "x", "y", {})]))
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = root.findall(f".//{ns}polyline")
+    assert [len(line.get("points", "").split()) for line in lines] == [3, 1]
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert "t <&>" in texts and "no data" in texts and "64" in texts
+
+
+def test_default_sizes_stay_within_their_bounds() -> None:
+    """Record counts and queue depths are clamped for tiny and huge payloads."""
+    assert default_records(64, quick=True) == 20_000
+    assert default_records(MIB, quick=True) == 100
+    assert default_records(MIB, quick=False) == 1024
+    assert queue_depth(64) == 1024 and queue_depth(MIB) == 8
+
+
+def test_metric_formatting_is_compact() -> None:
+    """Cells print three significant digits with k/M suffixes."""
+    assert [si(x) for x in (999.0, 1234.0, 2.5e6)] == ["999", "1.23k", "2.5M"]
+    assert Metric("x", "x", True, si).fmt(12345.0) == "12.3k"
