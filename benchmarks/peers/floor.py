@@ -27,6 +27,7 @@ from benchmarks.harness import (
     Buffer,
     Case,
     CaseResult,
+    Kind,
     LatencyCase,
     PassFd,
     Reader,
@@ -127,7 +128,7 @@ class EventfdPingPong:
     """Latency floor: one eventfd wake each way between two Python processes."""
 
     name = "floor-eventfd-pingpong"
-    kind = "floor"
+    kind: Kind = "floor"
 
     def available(self) -> str | None:
         return _eventfd_missing()
