@@ -19,6 +19,7 @@ between, so at least one of them sees the other (see Subscriber.prepare_sleep).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import struct
@@ -101,6 +102,20 @@ class Eviction:
     write_seq: int
 
 
+def _tgid(tid: int) -> int | None:
+    """The process (thread group) a thread id belongs to, from /proc; None if unknown."""
+    if tid <= 0:
+        return None
+    try:
+        with open(f"/proc/{tid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass  # gone already, or /proc hidden from us
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -138,6 +153,12 @@ class Publisher:
         self._pack = RECORD_HEADER.pack_into
         self._closed = False
         self._unlinked = False
+        #: CLOCK_MONOTONIC seconds when the mutex last timed out, while that
+        #: stall lasts (see _lock); None when the mutex behaves.
+        self._stalled_since: float | None = None
+        #: (index, token) of readers whose eventfd we found in blocking mode
+        #: (logged once each).
+        self._tampered: set[tuple[int, int]] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -382,14 +403,35 @@ class Publisher:
     # -- the shared mutex ----------------------------------------------------------
 
     def _lock(self, timeout: float | None) -> bool:
-        """Lock; on a dead owner repair the table; False if ``timeout`` passed."""
-        result = self.segment.lock(timeout)
+        """Lock; on a dead owner repair the table; False if ``timeout`` passed.
+
+        After one timeout the mutex counts as stalled, and until a lock
+        succeeds again every attempt only tries (no wait): a holder that
+        never lets go (a stopped or hostile reader) costs the writer one
+        ``mutex_timeout`` and one ``mutex_stalled`` line per stall, not one
+        per commit.  The first lock after a stall recounts ``sleepers``,
+        which the unlocked paths may have left off by one.
+        """
+        stalled = self._stalled_since is not None
+        result = self.segment.lock(0 if stalled else timeout)
         if result is libc.LockResult.TIMEOUT:
-            log.warning("mutex_stalled", segment=self.name, holder_tid=self.segment.mutex_owner(),
-                        timeout=timeout)
+            if not stalled:
+                self._stalled_since = time.monotonic()
+                tid = self.segment.mutex_owner()
+                pid = _tgid(tid)
+                reader = next((h.name for h in self.readers.values() if h.pid == pid), None)
+                log.warning("mutex_stalled", segment=self.name, holder_tid=tid, holder_pid=pid,
+                            reader=reader, timeout=timeout,
+                            action="publishing on without the mutex until it is free again")
             return False
         if result is libc.LockResult.OWNER_DIED:
             self._repair()
+        if stalled:
+            assert self._stalled_since is not None
+            log.info("mutex_recovered", segment=self.name,
+                     stalled=round(time.monotonic() - self._stalled_since, 3),
+                     sleepers=self.segment.recount_sleepers())
+            self._stalled_since = None
         return True
 
     def _repair(self) -> None:
@@ -644,8 +686,22 @@ class Publisher:
                 if locked:
                     seg.unlock()
         for h in handles:
+            fd = h.eventfd.fileno()
+            # O_NONBLOCK is a flag of the open file description, which the
+            # reader's copy of the eventfd shares: a reader can clear it, and
+            # a blocking write on a full counter would then hang the writer.
+            # Put it back first.  (A reader clearing it again between these
+            # two calls could still win; see docs/RELIABILITY.md.)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if not flags & os.O_NONBLOCK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+                if (h.index, h.token) not in self._tampered:
+                    self._tampered.add((h.index, h.token))
+                    log.warning("eventfd_tampered", segment=self.name, reader=h.name,
+                                pid=h.pid, index=h.index,
+                                error="the reader cleared O_NONBLOCK on its eventfd; restored")
             try:
-                os.write(h.eventfd.fileno(), _ONE)
+                os.write(fd, _ONE)
             except BlockingIOError:
                 # The counter is at its maximum: the reader has not read its
                 # eventfd for 2**64-2 wake-ups.  It is readable already, so
