@@ -196,7 +196,10 @@ def test_readers_exit_1_when_the_writer_is_killed(bus: Bus) -> None:
 
 def test_evicted_reader_exits_1_and_the_others_lose_nothing(bus: Bus) -> None:
     """Under policy block a stopped reader is evicted (reader_lost) and exits 1 once resumed."""
-    bus.configure(segment={"capacity": 16, "policy": "block", "block_timeout": 0.2})
+    # 16 slots at 50/s and 0.5 s of patience: a reader must be stuck for 0.8 s
+    # to be evicted, far longer than a busy machine delays the one that is not.
+    bus.configure(segment={"capacity": 16, "policy": "block", "block_timeout": 0.5},
+                  writer={"source": {"rate": 50.0}})
     w = bus.writer()
     stuck = bus.file_reader("stuck")
     fine = bus.file_reader("fine")
