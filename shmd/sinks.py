@@ -186,7 +186,11 @@ class PythonRecords:
     def close(self) -> None:
         closer = getattr(self.fn, "close", None)
         if callable(closer):
-            closer()
+            try:
+                closer()
+            except Exception as exc:  # the user's code: reported, never a traceback
+                raise SinkError(f"Failed to close {self.spec} since it raised "
+                                f"{type(exc).__name__}: {exc}") from None
 
 
 def make_sink(cfg: Sink) -> RecordSink:

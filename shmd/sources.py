@@ -201,6 +201,7 @@ class StreamRecords:
         self._fd: OwnedFd | None = None
         self._host: SourceHost | None = None
         self._deframer: Deframer | None = None
+        self._stdin_was_blocking = False
         self.records = 0
         self.refused = 0
 
@@ -212,6 +213,7 @@ class StreamRecords:
             self._open_fifo()
         else:
             fd = os.dup(0)
+            self._stdin_was_blocking = os.get_blocking(fd)
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
             self._fd = OwnedFd(fd)
@@ -278,16 +280,25 @@ class StreamRecords:
                         error="the producer closed the stream in the middle of a frame; "
                               "the partial frame is dropped")
         self._host.reactor.remove(self._fd.fileno())
-        self._fd.close()
+        self._close_fd()
         if self.path is not None:
             self._open_fifo()  # the next producer starts on a frame boundary
         else:
             self._host.source_finished("end of standard input")
 
+    def _close_fd(self) -> None:
+        assert self._fd is not None
+        if self.path is None and self._stdin_was_blocking:
+            # O_NONBLOCK belongs to the open file description, which our dup
+            # shares with fd 0 and with everyone else holding it (the shell
+            # of an interactive run, the rest of a pipeline): leave it as found.
+            os.set_blocking(self._fd.fileno(), True)
+        self._fd.close()
+
     def close(self) -> None:
         if self._fd is not None and not self._fd.closed and self._host is not None:
             self._host.reactor.remove(self._fd.fileno())
-            self._fd.close()
+            self._close_fd()
         self._host = None
 
 

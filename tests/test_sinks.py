@@ -250,6 +250,17 @@ PY_SINK = textwrap.dedent("""
 
     def failing(records):
         raise ValueError("nope")
+
+
+    class BadClose:
+        def __call__(self, records):
+            pass
+
+        def close(self):
+            raise RuntimeError("cannot close")
+
+
+    BAD_CLOSE = BadClose()
 """)
 
 
@@ -289,3 +300,15 @@ def test_python_sink_that_raises_makes_the_reader_exit_1(bus: Bus) -> None:
     assert r.wait_for("exiting")["reason"] == "sink_failed"
     w.terminate()
     assert w.wait_exit() == 0
+
+
+def test_python_sink_whose_close_raises_is_reported_without_traceback(bus: Bus) -> None:
+    """A python: sink whose close() raises gets a sink_failed warning, not a traceback."""
+    w = bus.writer()
+    r = python_sink_reader(bus, "shmd_test_sink:BAD_CLOSE")
+    shutdown(w, r)
+    failed = r.wait_for("sink_failed")
+    assert failed["error"] == ("Failed to close shmd_test_sink:BAD_CLOSE since it raised "
+                               "RuntimeError: cannot close")
+    assert failed["level"] == "warning"
+    assert "Traceback" not in r.stderr()

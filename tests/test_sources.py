@@ -193,13 +193,22 @@ def test_stdin_source_publishes_until_eof_then_shuts_down_cleanly(bus: Bus) -> N
     """Lines on stdin become records; EOF (mid-frame) ends the source and the writer exits 0."""
     bus.configure(segment={"capacity": 1024},
                   writer={"source": {"type": "stdin", "framing": "newline"}})
-    w = bus.writer(stdin=subprocess.PIPE)
-    r = bus.file_reader("1")
-    lines = [f"stdin {i}".encode() for i in range(500)]
-    assert w.proc.stdin is not None
-    w.proc.stdin.write(b"".join(p + b"\n" for p in lines) + b"half a line")
-    w.proc.stdin.close()
-    assert w.wait_exit() == 0, w.stderr()
+    # Our own pipe, whose read end (and open file description) we keep: the
+    # writer must give it back blocking, as it found it.
+    rfd, wfd = os.pipe()
+    try:
+        w = bus.writer(stdin=rfd)
+        r = bus.file_reader("1")
+        lines = [f"stdin {i}".encode() for i in range(500)]
+        with os.fdopen(wfd, "wb") as pipe:
+            wfd = -1
+            pipe.write(b"".join(p + b"\n" for p in lines) + b"half a line")
+        assert w.wait_exit() == 0, w.stderr()
+        assert os.get_blocking(rfd), "the writer left stdin's file description non-blocking"
+    finally:
+        os.close(rfd)
+        if wfd >= 0:
+            os.close(wfd)
     assert r.wait_exit() == 0, r.stderr()
     assert w.wait_for("frame_truncated", source="stdin")["bytes"] == len(b"half a line")
     assert w.wait_for("source_finished")["reason"] == "end of standard input"
