@@ -121,7 +121,7 @@ class ReaderDaemon:
                     raise
                 if time.monotonic() + delay > deadline:
                     raise ReaderExit(EXIT_FAILURE, logs.WRITER_LOST,
-                                     f"Failed to connect to {ctl.socket} since {exc}") from None
+                                     str(exc)) from None
                 # Not a synchronisation stand-in: a bounded back-off between
                 # attempts while no writer is listening yet.
                 time.sleep(delay)
