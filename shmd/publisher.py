@@ -457,12 +457,15 @@ class Publisher:
 
     def add_reader(
         self, name: str, pid: int, *, topics: int = ALL_TOPICS, start: str | int = "latest",
+        eventfd: OwnedFd | None = None,
     ) -> ReaderHandle:
         """Take a free table entry for a reader and make its eventfd.
 
         ``start`` is ``"latest"`` (only records published from now on),
         ``"oldest"`` (everything still in the ring) or an explicit cursor
         (resume after a writer restart; clamped into what the ring holds).
+        ``eventfd`` is the reader's eventfd if the caller made it (the
+        publisher takes it over); by default a new one.
         """
         self._check_open()
         raw_name = encode_name(name)
@@ -476,7 +479,7 @@ class Publisher:
         else:
             raise ValueError(f"Failed to add reader {name!r} since start {start!r} is not "
                              "latest, oldest or a cursor")
-        efd = OwnedFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        efd = eventfd or OwnedFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
         locked = self._lock(self.mutex_timeout)
         try:
             index = next((i for i in range(self.geometry.max_readers)

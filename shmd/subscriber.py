@@ -96,6 +96,7 @@ class Subscriber:
         self._ring_map = segment._ring_map
         self.delivered = 0
         self.lost = 0
+        self._held = False  # records read with hold=True whose slots are not released
         self._check_entry()
 
     @classmethod
@@ -155,12 +156,19 @@ class Subscriber:
         new = tuple.__new__
         return [new(Record, t) for t in self.read_batch(limit, copy=copy)]
 
-    def read_batch(self, limit: int = 4096, *, copy: bool = True) -> list[RawRecord]:
+    def read_batch(
+        self, limit: int = 4096, *, copy: bool = True, hold: bool = False,
+    ) -> list[RawRecord]:
         """As :meth:`read`, as plain ``(seq, timestamp_ns, topic, payload)`` tuples.
 
         The hot path: building a NamedTuple costs more than the whole rest of
         a 64-byte record's read, so loops that handle millions of records a
         second (the reader daemon, the benchmarks) unpack plain tuples.
+
+        ``hold=True`` (with ``copy=False``) keeps the writer from reusing
+        these slots until :meth:`release`: under the block policy the views
+        cannot be overwritten while the caller uses them (the way iceoryx2
+        loans samples).  Reading on before releasing is fine.
         """
         seg = self.segment
         try:
@@ -218,19 +226,35 @@ class Subscriber:
                 f"Failed to read record {bad} since its slot holds another record although "
                 "the writer had not lapped us (corrupt segment)"
             )
-        self._advance(plan.end, len(out), lost)
+        self._advance(plan.end, len(out), lost, hold)
         return out
 
-    def _advance(self, cursor: int, delivered: int, lost: int) -> None:
-        seg = self.segment
-        q, q0 = seg.q, self._q0
+    def _advance(self, cursor: int, delivered: int, lost: int, hold: bool = False) -> None:
         self._cursor = cursor
         self.delivered += delivered
         self.lost += lost
+        if hold:
+            self._held = True
+        else:
+            self._publish_cursor()
+
+    def release(self) -> None:
+        """Let the writer reuse the slots of records read with ``hold=True``.
+
+        Until then, under the block policy, the writer cannot overwrite them,
+        so zero-copy views stay valid.  :meth:`prepare_sleep` releases too.
+        """
+        if self._held:
+            self._publish_cursor()
+
+    def _publish_cursor(self) -> None:
+        self._held = False
+        seg = self.segment
+        q, q0 = seg.q, self._q0
+        cursor = self._cursor
         q[q0 + R_CURSOR // 8] = cursor
         q[q0 + R_DELIVERED // 8] = self.delivered
-        if lost:
-            q[q0 + R_LOST // 8] = self.lost
+        q[q0 + R_LOST // 8] = self.lost
         q[q0 + R_LAST_ACTIVE_NS // 8] = time.monotonic_ns()
         if self._block:
             # StoreLoad, pairing with the writer's fence after it sets
@@ -260,6 +284,8 @@ class Subscriber:
         """
         seg = self.segment
         u, q = seg.u, seg.q
+        if self._held:
+            self.release()  # a sleeping reader must not hold the writer up
         if q[Segment.WRITE_SEQ] > self._cursor or not u[Segment.ACTIVE]:
             return 0.0
         if not self._lock():
