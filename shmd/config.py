@@ -385,6 +385,9 @@ class _Builder:
     def __init__(self, loader: yaml.SafeLoader | None, path: str) -> None:
         self.loader = loader
         self.path = path
+        # ids of the YAML nodes already turned into _Nodes: an alias hands
+        # the composer's node for its anchor out again (see tree()).
+        self._seen: set[int] = set()
 
     def construct(self, node: yaml.Node) -> Any:
         assert self.loader is not None  # only tree() calls this, with a loader
@@ -394,6 +397,14 @@ class _Builder:
         raise ConfigError(message, path=self.path, line=line, key=key)
 
     def tree(self, node: yaml.Node, key: str, line: int) -> _Node:
+        # The composer shares an anchored node with every alias of it, so
+        # nine levels of nine aliases compose in microseconds and would
+        # expand here into 9**9 nodes (a "billion laughs").  No setting
+        # needs an alias: refuse the first one.
+        if id(node) in self._seen:
+            self.fail("YAML anchors and aliases (& and *) are not supported; write the value "
+                      "out", line, key or None)
+        self._seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             if node.tag != _MAP_TAG:
                 self.fail(f"unsupported YAML tag {node.tag}", line, key or None)
@@ -425,12 +436,25 @@ class _Builder:
 
 
 def _parse_yaml(text: str, path: str) -> _Node:
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        # The constructor already scans the text for characters YAML forbids.
+        loader = yaml.SafeLoader(text)
         root = loader.get_single_node()
         if root is None:
             return _Node({}, "", 1)
         tree = _Builder(loader, path).tree(root, "", root.start_mark.line + 1)
+    except RecursionError:
+        # PyYAML's composer and tree() recurse once per nesting level.
+        raise ConfigError("Failed to parse YAML since it is nested deeper than Python's "
+                          "recursion limit (a configuration needs a few levels)",
+                          path=path) from None
+    except yaml.reader.ReaderError as exc:
+        line = text[: max(0, exc.position)].count("\n") + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ConfigError(f"Failed to parse YAML since it contains the character "
+                          f"U+{char:04X}, which YAML does not allow", path=path,
+                          line=line) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
@@ -439,7 +463,8 @@ def _parse_yaml(text: str, path: str) -> _Node:
     except yaml.YAMLError as exc:
         raise ConfigError(f"Failed to parse YAML since {exc}", path=path) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if tree.value is None:
         return _Node({}, "", tree.line)
     if not isinstance(tree.value, dict):

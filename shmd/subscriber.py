@@ -216,11 +216,21 @@ class Subscriber:
         oldest_ok = q[Segment.RESERVE_SEQ] - self._cap
         lost = plan.lost
         if plan.start < oldest_ok:
-            # The writer lapped us while we copied: everything below
-            # oldest_ok may be torn.  Drop it and count it.
+            # The writer lapped us while we copied: every slot of a seq
+            # below oldest_ok may hold a torn record or a whole one of a
+            # later lap.  Drop those positions and count them.  The header
+            # seq cannot say which to drop (a later lap's record there
+            # carries seq + capacity); positions can: with every topic,
+            # out holds one record per position from plan.start.  With a
+            # topic filter, a slot of a seq at or above oldest_ok was not
+            # touched, so its header seq is its position, and a later
+            # lap's record carries a seq of at least plan.end.
             cut = min(oldest_ok, plan.end)
             lost += cut - plan.start
-            out = [r for r in out if r[0] >= cut]
+            if everything:
+                out = out[cut - plan.start :]
+            else:
+                out = [r for r in out if cut <= r[0] < plan.end]
         elif bad >= 0:
             raise SegmentLayoutError(
                 f"Failed to read record {bad} since its slot holds another record although "

@@ -13,28 +13,53 @@ tests/system/test_system_faults.py.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import random
 import signal
 import socket
-from collections.abc import Iterator
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
-from daemons import (
-    Bus as ProcBus,
-)
-from daemons import (
-    assert_contiguous,
-    read_lines,
-    running_bus,
-    tick_numbers,
-    wait_until,
-)
-from helpers import ChildEnd, Procs
+import yaml
+from daemons import Bus as ProcBus
+from daemons import assert_contiguous, read_lines, running_bus, tick_numbers, wait_until
+from helpers import Bus, ChildEnd, Procs, attach, maps_lines
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shmd import protocol, wire
+from shmd import subscriber as subscriber_module
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
-from shmd.subscriber import Subscriber
+from shmd.config import ConfigError, load_config
+from shmd.errors import ReaderEvicted, SegmentLayoutError
+from shmd.layout import (
+    ALL_TOPICS,
+    OFF_CAPACITY,
+    OFF_CONTROL_SIZE,
+    OFF_MAX_READERS,
+    OFF_POLICY,
+    OFF_RESERVE_SEQ,
+    OFF_RING_OFFSET,
+    OFF_SEGMENT_SIZE,
+    OFF_SLOT_SIZE,
+    OFF_VERSION,
+    OFF_WRITE_SEQ,
+    Geometry,
+    Policy,
+    ReaderState,
+    topic_mask,
+)
+from shmd.publisher import Publisher
+from shmd.reactor import ReaderLoop
+from shmd.segment import Segment
+from shmd.subscriber import RawRecord, Subscriber
 
 SEQPACKET = socket.SOCK_SEQPACKET
 DEADLINE = 30.0  # the machine is shared and small: generous, but every wait is bounded
@@ -213,3 +238,388 @@ def test_a_stopped_reader_under_drop_oldest_loses_exactly_what_it_reports(
     fine = world.processes[-1]
     assert fine.wait_exit(DEADLINE) == 0 and fine.wait_for("drained")["lost"] == 0
     assert_contiguous(ticks(world, "fine"), "ticks of the reader that kept up")
+
+
+# -- a writer killed half-way through a record ------------------------------------------------
+
+
+def record(seq: int) -> bytes:
+    """The payload every writer in these tests gives record ``seq`` (length varies with it)."""
+    return hashlib.blake2b(seq.to_bytes(8, "little"), digest_size=64).digest()[: 8 + seq % 57]
+
+
+def checking_reader(pub: Publisher, index: int) -> Callable[[ChildEnd], None]:
+    """A child body: a ReaderLoop that checks every record against :func:`record`.
+
+    Says ``ready``, then at the end ``exit RESULT DELIVERED LOST BAD MISSING DUPLICATE NEXT``.
+    """
+    handle = pub.readers[index]
+
+    def body(ch: ChildEnd) -> None:
+        sub = attach(pub, handle)
+        state = {"next": sub.cursor, "bad": 0, "missing": 0, "dup": 0}
+
+        def check(batch: list[RawRecord]) -> None:
+            for seq, _ts, _topic, data in batch:
+                if bytes(data) != record(seq):
+                    state["bad"] += 1
+                if seq < state["next"]:
+                    state["dup"] += 1
+                else:
+                    state["missing"] += seq - state["next"]
+                state["next"] = seq + 1
+
+        ch.send("ready")
+        result = ReaderLoop(sub, check).run()
+        ch.send(f"exit {result.name} {sub.delivered} {sub.lost} {state['bad']} "
+                f"{state['missing']} {state['dup']} {state['next']}")
+
+    return body
+
+
+def test_writers_killed_mid_record_never_deliver_it_torn(shm_name: str, procs: Procs) -> None:
+    """Writer processes SIGKILLed with a half-written record reserved, each followed by one
+    that adopts the segment in place: three reader processes get every committed record
+    intact, exactly once, and count what the ring overwrote as lost."""
+    cap, rounds = 16, 8
+    pub = Publisher.create(shm_name, capacity=cap, slot_size=128, max_readers=4)
+    try:
+        indexes = [pub.add_reader(f"r{i}", os.getpid()).index for i in range(3)]
+        readers = [procs.fork(checking_reader(pub, i)) for i in indexes]
+        for r in readers:
+            r.expect("ready")
+        # What systemd's fd store keeps for the next writer: the segment, the eventfds.
+        seg_fd = pub.segment.fileno()
+        eventfds = {i: pub.readers[i].eventfd.fileno() for i in indexes}
+
+        def writer(ch: ChildEnd, rnd: int) -> None:
+            new = Publisher.adopt(shm_name, OwnedFd(os.dup(seg_fd)))
+            for index, efd in eventfds.items():
+                assert new.restore_reader(index, OwnedFd(os.dup(efd))) is not None
+            new.wake_all()
+            rng = random.Random(rnd)
+            for _ in range(rng.randrange(20, 60)):
+                first = new.write_seq
+                new.publish_batch([record(s) for s in range(first, first + rng.randrange(1, 9))])
+            if rnd == rounds:
+                new.deactivate()
+                ch.send(f"done {new.write_seq}")
+                return
+            seq = new.write_seq
+            res = new.reserve(len(record(seq)))
+            res.buffer[: len(res.buffer) // 2] = b"\xee" * (len(res.buffer) // 2)
+            ch.send(f"torn {seq}")
+            ch.recv(timeout=3600)  # killed here
+
+        discarded = []
+        for rnd in range(rounds + 1):
+            child = procs.fork(lambda ch, rnd=rnd: writer(ch, rnd))
+            if rnd < rounds:
+                discarded.append(int(child.expect("torn", DEADLINE).split()[1]))
+                assert child.kill() == -signal.SIGKILL
+                seg = pub.segment
+                assert seg.reserve_seq == seg.write_seq + 1  # the torn record, never committed
+            else:
+                end = int(child.expect("done", DEADLINE).split()[1])
+                assert child.wait() == 0
+        # Every torn seq was reused by the next writer for a whole record.
+        assert discarded == sorted(set(discarded)) and discarded[-1] < end
+        for r in readers:
+            fields = r.expect("exit", DEADLINE).split()
+            result, delivered, lost, bad, missing, dup, nxt = fields[1], *map(int, fields[2:])
+            assert (result, bad, dup, nxt) == ("DRAINED", 0, 0, end), fields
+            assert missing == lost and delivered + lost == end, fields
+            assert r.wait() == 0
+    finally:
+        pub.close()
+
+
+@pytest.mark.parametrize("topics", [ALL_TOPICS, topic_mask([0])], ids=["all", "filtered"])
+def test_reader_lapped_while_copying_drops_positions_not_seqs(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch, topics: int,
+) -> None:
+    """A writer that laps a reader between its read plan and its copy leaves records of the
+    next lap in the slots it copies: they are dropped as lost, never delivered early (and
+    then again in their turn)."""
+    cap = 8
+    pub = bus.publisher(capacity=cap)
+    sub = bus.subscriber(pub, start="oldest", topics=topics)
+    pub.publish_batch([record(s) for s in range(cap)])
+    real_runs = subscriber_module.runs
+
+    def lapping_runs(start: int, end: int, capacity: int) -> Iterator[tuple[int, int]]:
+        monkeypatch.setattr(subscriber_module, "runs", real_runs)  # once
+        first = pub.write_seq
+        pub.publish_batch([record(s) for s in range(first, first + cap // 2)])
+        return real_runs(start, end, capacity)
+
+    monkeypatch.setattr(subscriber_module, "runs", lapping_runs)
+    got = sub.read(cap)
+    assert [(r.seq, r.payload) for r in got] == [(s, record(s)) for s in range(cap // 2, cap)]
+    assert sub.lost == cap // 2
+    assert [r.seq for r in sub.read(cap)] == list(range(cap, cap + cap // 2))
+
+
+# -- attach/detach churn ---------------------------------------------------------------------
+
+
+def writer_resources(pid: int, segment: str) -> tuple[list[str], list[str], set[str]]:
+    """A process's fd targets, its mappings of the segment, and the files it has mapped."""
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass  # closed while we listed
+    with open(f"/proc/{pid}/maps") as f:
+        files = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+    return sorted(fds), maps_lines(segment, pid), files
+
+
+def test_64_readers_churning_leak_nothing_in_the_writer(world: ProcBus, procs: Procs) -> None:
+    """64 readers at a time attaching and leaving (Detach or just hanging up), 320 in all,
+    while the writer publishes: its table, fds and mappings end as they began."""
+    children, per_child, rounds = 8, 8, 5
+    world.configure(segment={"max_readers": 72},
+                    writer={"source": {"type": "ticker", "rate": 500.0}})
+    w = world.writer()
+    world.file_reader("steady")
+    receives_more(world, "steady", 10)
+    before = writer_resources(w.pid, world.segment)
+    assert len(before[1]) == 2  # the control part and the ring
+
+    def churn(ch: ChildEnd, k: int) -> None:
+        delivered = 0
+        for rnd in range(rounds):
+            pairs = [raw_attach(world, f"c{k}-{rnd}-{i}") for i in range(per_child)]
+            for i, (conn, sub) in enumerate(pairs):
+                delivered += len(sub.read_batch())  # the mapping works
+                if (rnd + i) % 2:
+                    conn.send(protocol.Detach(protocol.DetachCode.NORMAL, "churn").encode(),
+                              timeout=DEADLINE)
+                conn.close()
+                sub.close()
+        ch.send(f"done {delivered}")
+
+    kids = [procs.fork(lambda ch, k=k: churn(ch, k)) for k in range(children)]
+    for kid in kids:
+        kid.expect("done", 120)
+        assert kid.wait() == 0
+    total = children * per_child * rounds
+
+    def gone() -> bool:
+        left = [e for e in w.find("reader_detached") + w.find("reader_lost")
+                if e["reader"].startswith("c")]
+        return len(left) >= total
+
+    wait_until(gone, DEADLINE, what=f"the writer seeing all {total} churning readers leave")
+    attached = [e for e in w.find("reader_attached") if e["reader"].startswith("c")]
+    assert len(attached) == total
+    assert len(w.find("reader_detached")) == total // 2
+    assert not w.find("reader_refused")
+    receives_more(world, "steady", 10)  # publishing went on throughout
+    assert writer_resources(w.pid, world.segment) == before
+    seg = Segment.open(name=world.segment, control_writable=False)
+    try:
+        assert [e.name for e in seg.entries() if e.state != ReaderState.FREE] == ["steady"]
+    finally:
+        seg.close()
+    w.terminate()
+    assert w.wait_exit(DEADLINE) == 0
+    assert_contiguous(ticks(world, "steady"), "ticks of the steady reader")
+
+
+# -- hostile input: segment headers ----------------------------------------------------------
+
+#: Header fields a hostile or corrupt segment may claim anything in: (offset, struct format).
+HEADER_FIELDS = {
+    "version": (OFF_VERSION, "<I"), "control_size": (OFF_CONTROL_SIZE, "<I"),
+    "capacity": (OFF_CAPACITY, "<I"), "slot_size": (OFF_SLOT_SIZE, "<I"),
+    "policy": (OFF_POLICY, "<I"), "max_readers": (OFF_MAX_READERS, "<I"),
+    "ring_offset": (OFF_RING_OFFSET, "<Q"), "segment_size": (OFF_SEGMENT_SIZE, "<Q"),
+    "write_seq": (OFF_WRITE_SEQ, "<Q"), "reserve_seq": (OFF_RESERVE_SEQ, "<Q"),
+}
+GEOMETRY = Geometry(8, 64, 4)
+
+
+def _near(value: int) -> st.SearchStrategy[int]:
+    """Values a corruption likes: near the real one, powers of two, extremes, anything."""
+    return st.one_of(st.integers(max(0, value - 2), value + 2),
+                     st.sampled_from([0, 1, 4096, 1 << 24, 1 << 31, (1 << 32) - 1, 1 << 62,
+                                      (1 << 64) - 1]),
+                     st.integers(0, (1 << 64) - 1))
+
+
+@st.composite
+def corruptions(draw: st.DrawFn) -> tuple[dict[str, int], int | None, int, bytes, bytes]:
+    """Header fields to overwrite, a size to cut the object to, a reader entry index and its
+    bytes, and bytes to write over the start of the ring."""
+    real = {"version": 1, "control_size": GEOMETRY.control_size, "capacity": 8,
+            "slot_size": 64, "policy": 1, "max_readers": 4, "ring_offset": GEOMETRY.ring_offset,
+            "segment_size": GEOMETRY.segment_size, "write_seq": 0, "reserve_seq": 0}
+    fields = draw(st.sets(st.sampled_from(sorted(HEADER_FIELDS)), max_size=3))
+    values = {f: draw(_near(real[f]), label=f) for f in sorted(fields)}
+    if draw(st.booleans()):  # counters a reader will believe
+        write = draw(st.integers(0, 1 << 62) | st.integers(0, 40), label="write_seq")
+        values.update(write_seq=write, reserve_seq=write + draw(st.integers(0, 8)))
+    size = draw(st.none() | st.integers(0, 2 * GEOMETRY.segment_size))
+    index = draw(st.integers(-1, 5))
+    entry = bytearray(draw(st.binary(min_size=128, max_size=128), label="entry"))
+    if draw(st.booleans()):  # an attached entry whose cursor is near the counters
+        entry[0:4] = (1).to_bytes(4, "little")
+        cursor = values.get("write_seq", 0) - draw(st.integers(-2, 20))
+        entry[8:16] = (cursor % (1 << 64)).to_bytes(8, "little")
+    ring = draw(st.binary(max_size=GEOMETRY.ring_size), label="ring")
+    return values, size, index, bytes(entry), ring
+
+
+def fuzz_segment_open(name: str, examples: int) -> None:
+    """Open hostile segments by name and read from them: only SegmentLayoutError may come out
+    (ReaderEvicted for an entry that is not attached)."""
+
+    @settings(max_examples=examples, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(corruptions())
+    def one(case: tuple[dict[str, int], int | None, int, bytes, bytes]) -> None:
+        values, size, index, entry, ring = case
+        seg = Segment.create(name, GEOMETRY, Policy.BLOCK)
+        try:
+            fd = seg.fileno()
+            for field, value in values.items():
+                off, fmt = HEADER_FIELDS[field]
+                os.pwrite(fd, struct.pack(fmt, value & ((1 << (8 * struct.calcsize(fmt))) - 1)),
+                          off)
+            if 0 <= index < GEOMETRY.max_readers:
+                os.pwrite(fd, entry, 256 + 128 * index)
+            os.pwrite(fd, ring, GEOMETRY.ring_offset)
+            if size is not None:
+                os.ftruncate(fd, size)
+        finally:
+            seg.close()
+        try:
+            try:
+                opened = Segment.open(name=name)
+            except SegmentLayoutError as exc:
+                assert str(exc).startswith("Failed to attach"), exc
+                return
+            try:
+                # Touch both ends of both mappings: a mapping past the end of
+                # the object would SIGBUS here and kill this process.
+                g = opened.geometry
+                assert opened.control[0] + opened.control[g.control_size - 1] >= 0
+                assert opened.ring[0] + opened.ring[g.ring_size - 1] >= 0
+                opened.entries()
+                try:
+                    sub = Subscriber(opened, index)
+                    for _ in range(3):
+                        # Record lengths in the ring are the writer's word
+                        # (readers map it read-only): a corrupt one yields
+                        # bytes of the same mapping, never a fault.
+                        sub.read_batch(64)
+                except (SegmentLayoutError, ReaderEvicted):
+                    pass
+            finally:
+                opened.close()
+        finally:
+            libc.shm_unlink(name)
+
+    one()
+
+
+def test_hostile_segment_headers_give_a_clear_error_and_never_crash(
+    shm_name: str, procs: Procs,
+) -> None:
+    """Segments whose header claims impossible capacities, slot sizes, offsets or counters
+    (and objects cut short) give SegmentLayoutError on open or read, never a wild access:
+    400 of them, in a child process whose death by SIGBUS/SIGSEGV would show."""
+    child = procs.fork(lambda ch: fuzz_segment_open(shm_name, 400))
+    assert child.wait(300) == 0
+
+
+# -- hostile input: the configuration ---------------------------------------------------------
+
+#: Every key the configuration knows, anywhere: random trees use them, and others.
+CONFIG_KEYS = sorted({
+    "segment", "control", "writer", "reader", "logging", "name", "capacity", "slot_size",
+    "max_readers", "policy", "block_timeout", "unlink_on_exit", "mutex_timeout", "socket",
+    "type", "mode", "allowed_users", "allowed_groups", "handshake_timeout", "max_message",
+    "source", "rate", "topic", "path", "framing", "callable", "shutdown_grace",
+    "status_interval", "reconnect_grace", "defaults", "instances", "topics", "start", "sink",
+    "stats_interval", "reconnect_timeout", "summary_rate", "command", "level", "target",
+})
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["drop-oldest", "block", "ticker", "fifo", "stdin", "python", "journal",
+                     "file", "stdout", "exec", "all", "latest", "oldest", "seqpacket", "stream",
+                     "0660", "0o660", "/shmd-bus", "/run/x.sock", "m:f", "shmd", "root", "info"]),
+    st.text(max_size=12),
+)
+TREES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(CONFIG_KEYS) | st.text(max_size=6) | st.integers(0, 9), inner,
+        max_size=5),
+    max_leaves=40,
+)
+
+
+def _load_text(data: bytes) -> None:
+    fd, path = tempfile.mkstemp(prefix="shmd-test-", suffix=".yaml")
+    try:
+        os.write(fd, data)
+        os.close(fd)
+        try:
+            load_config(path, env={})
+        except ConfigError as exc:
+            assert str(exc).startswith(path), exc
+    finally:
+        os.unlink(path)
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.sampled_from(CONFIG_KEYS[:5]) | st.sampled_from(CONFIG_KEYS),
+                       TREES, max_size=5))
+def test_random_yaml_trees_give_a_config_or_a_config_error(tree: dict[str, Any]) -> None:
+    """Any YAML tree of known and unknown keys and values loads or raises ConfigError."""
+    _load_text(yaml.safe_dump(tree).encode())
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=400) | st.text(max_size=200).map(str.encode))
+def test_random_bytes_give_a_config_or_a_config_error(data: bytes) -> None:
+    """Any bytes as a configuration file load or raise ConfigError, nothing else."""
+    _load_text(data)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: " + "[" * 5000 + "]" * 5000, "nested deeper than Python"),
+        ("[" * 5000, "nested deeper than Python"),
+        ("a: " + "{b: " * 3000 + "1" + "}" * 3000, "nested deeper than Python"),
+        ("control:\n  allowed_users: &u [root]\nreader:\n  defaults:\n    topics: *u\n",
+         "anchors and aliases"),
+    ],
+    ids=["deep-lists", "deep-unclosed", "deep-mappings", "alias"],
+)
+def test_pathological_yaml_is_a_config_error(tmp_path: Path, text: str, message: str) -> None:
+    """Nesting deeper than any configuration needs, and YAML aliases (a billion laughs in
+    waiting), are refused with a ConfigError instead of a RecursionError or a long hang."""
+    path = tmp_path / "shmd.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, env={})
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    """Nine levels of nine aliases each (387 million nodes once expanded) are refused in
+    well under a second, not after hours."""
+    lines = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    path = tmp_path / "shmd.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_config(path, env={})
+    assert time.monotonic() - t0 < 5.0
