@@ -623,17 +623,24 @@ class Writer:
             return
         live, refused = diff_reloadable(self.cfg, new)
         if live:
+            # Only the live keys change: a refused key changed in the same file
+            # keeps its running value (and the next reload reports it again).
+            old = self.cfg
             logs.set_level(new.logging.level)
-            source = self.cfg.writer.source
-            if isinstance(self.source, TickerRecords) and isinstance(new.writer.source,
-                                                                     TickerSource):
+            source = old.writer.source
+            if (isinstance(self.source, TickerRecords) and isinstance(source, TickerSource)
+                    and isinstance(new.writer.source, TickerSource)):
                 self.source.set_rate(new.writer.source.rate)
-                source = new.writer.source
+                source = replace(source, rate=new.writer.source.rate)
+            control = replace(old.control, allowed_users=new.control.allowed_users,
+                              allowed_groups=new.control.allowed_groups,
+                              allowed_uids=new.control.allowed_uids,
+                              allowed_gids=new.control.allowed_gids)
             self.cfg = replace(
-                self.cfg, control=new.control,
-                writer=replace(self.cfg.writer, source=source,
+                old, control=control,
+                writer=replace(old.writer, source=source,
                                status_interval=new.writer.status_interval),
-                logging=replace(self.cfg.logging, level=new.logging.level),
+                logging=replace(old.logging, level=new.logging.level),
             )
         self.log.info(logs.RELOAD, path=new.source_path or "built-in defaults",
                       applied=",".join(live) or "none", refused=",".join(refused) or "none")

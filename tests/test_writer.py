@@ -361,6 +361,33 @@ def test_sighup_refuses_keys_that_need_a_restart(bus: Bus) -> None:
     stop_and_check_all_ticks(bus, w, {"1": r})
 
 
+def test_sighup_applies_only_the_live_keys_of_a_file_that_changes_both(bus: Bus) -> None:
+    """A reload changing a live and a refused control key applies the first and keeps the second."""
+    bus.configure(control={"handshake_timeout": 1.0})
+    w = bus.writer()
+    mark = w.mark()
+    bus.configure(control={"handshake_timeout": 30.0, "allowed_users": [65534]})
+    w.send(signal.SIGHUP)
+    reload = w.wait_for("reload", since=mark)
+    assert reload["applied"] == "control.allowed_users"
+    assert reload["refused"] == "control.handshake_timeout"
+    # The running handshake timeout is still 1 s: a silent peer hears so.
+    client = raw_client(bus)
+    try:
+        answer = recv_message(client, timeout=10)
+        assert isinstance(answer, protocol.Refuse) and answer.reason == "handshake timeout"
+    finally:
+        client.close()
+    assert w.wait_for("reader_refused", since=mark)["reason"] == "no Hello within 1 s"
+    # And the next reload still finds it different from what runs.
+    mark = w.mark()
+    w.send(signal.SIGHUP)
+    reload = w.wait_for("reload", since=mark)
+    assert reload["applied"] == "none" and reload["refused"] == "control.handshake_timeout"
+    w.terminate()
+    assert w.wait_exit() == 0
+
+
 def test_sighup_with_a_broken_file_keeps_the_running_configuration(bus: Bus) -> None:
     """A broken file on SIGHUP logs config_error and the writer runs on with the old settings."""
     bus.configure()
@@ -485,7 +512,7 @@ def test_duplicate_instance_name_is_refused(bus: Bus) -> None:
 
 def test_silent_peer_is_refused_after_the_handshake_timeout(bus: Bus) -> None:
     """A peer that connects and says nothing is refused after control.handshake_timeout."""
-    bus.configure(control={"handshake_timeout": 0.3})
+    bus.configure(control={"handshake_timeout": 1.0})
     w = bus.writer()
     r = bus.file_reader("1")
     client = raw_client(bus)
@@ -498,7 +525,7 @@ def test_silent_peer_is_refused_after_the_handshake_timeout(bus: Bus) -> None:
     finally:
         client.close()
     refused = w.wait_for("reader_refused", pid=os.getpid())
-    assert refused["code"] == "bad_message" and refused["reason"] == "no Hello within 0.3 s"
+    assert refused["code"] == "bad_message" and refused["reason"] == "no Hello within 1 s"
     keeps_receiving(bus, "1")
     stop_and_check_all_ticks(bus, w, {"1": r})
 
