@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,12 +31,19 @@ from typing import Any
 import pytest
 import yaml
 from daemons import Bus as ProcBus
-from daemons import assert_contiguous, read_lines, running_bus, tick_numbers, wait_until
+from daemons import (
+    assert_contiguous,
+    program,
+    read_lines,
+    running_bus,
+    tick_numbers,
+    wait_until,
+)
 from helpers import Bus, ChildEnd, Procs, attach, maps_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shmd import protocol, wire
+from shmd import logs, protocol, wire
 from shmd import subscriber as subscriber_module
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
@@ -623,3 +633,110 @@ def test_an_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="anchors and aliases"):
         load_config(path, env={})
     assert time.monotonic() - t0 < 5.0
+
+
+# -- a hostile start-up environment -----------------------------------------------------------
+
+
+def in_private_mounts(world: ProcBus, name: str, script: str, *args: str) -> Any:
+    """Run shm-writer inside ``unshare --mount`` after ``script`` (sh, "$1".. = ``args``)
+    changed that private mount namespace; skipped without root and unshare(1)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    config = world.config_path if world.config_path.exists() else world.configure()
+    wrapper = f'{script} || exit 77; shift {len(args)}; exec "$@"'
+    argv = [unshare, "--mount", "--propagation", "private", "sh", "-c", wrapper, "sh", *args,
+            *program("shm-writer"), "--config", str(config)]
+    return world.spawn(name, argv)
+
+
+def expect_start_failed(d: Any) -> dict[str, Any]:
+    """The writer exits 1 after exactly one start_failed line (an error, no traceback)."""
+    status = d.wait_exit(DEADLINE)
+    if status == 77:
+        pytest.skip(f"cannot change the private mount namespace here: {d.stderr()}")
+    assert status == 1, d.stderr()
+    [failed] = d.find("start_failed")
+    assert failed["level"] == "error"
+    assert "Traceback" not in d.stderr()
+    return failed
+
+
+def test_a_full_dev_shm_at_start_is_one_clear_line_and_exit_1(world: ProcBus) -> None:
+    """With no room in /dev/shm for the segment the writer logs start_failed naming the
+    size it needed and exits 1, leaving nothing behind."""
+    world.configure(segment={"capacity": 1024, "slot_size": 4096})
+    size = Geometry(1024, 4096, 8).segment_size
+    d = in_private_mounts(world, "shm-writer (full /dev/shm)",
+                          "mount -t tmpfs -o size=64k shmd-test-full /dev/shm")
+    failed = expect_start_failed(d)
+    assert failed["error"] == (f"Failed to reserve {size} bytes for segment {world.segment!r} "
+                               "since /dev/shm has no room for it")
+    assert not Path(world.socket).exists()
+
+
+@pytest.mark.parametrize("missing", [False, True], ids=["read-only", "missing"])
+def test_an_unusable_socket_directory_is_one_clear_line_and_exit_1(
+    world: ProcBus, missing: bool,
+) -> None:
+    """A control socket directory that is read-only, or missing under a read-only parent,
+    stops the writer with one start_failed line saying so; its segment is removed again."""
+    ro = world.dir / "ro"
+    ro.mkdir()
+    world.socket = str(ro / "sub" / "ctl.sock") if missing else str(ro / "ctl.sock")
+    world.configure(control={"socket": world.socket})
+    d = in_private_mounts(world, "shm-writer (read-only socket dir)",
+                          'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1"', str(ro))
+    failed = expect_start_failed(d)
+    prefix = f"Failed to bind the control socket {world.socket} since "
+    if missing:
+        assert failed["error"] == (f"{prefix}its directory {ro / 'sub'} is missing and cannot "
+                                   "be created (Read-only file system)")
+    else:
+        assert failed["error"].startswith(prefix)
+        assert "read-only file system" in failed["error"].lower()
+    d.wait_for("segment_unlinked", segment=world.segment)
+    assert not world.segment_exists()
+
+
+def test_an_unreadable_configuration_is_one_config_error_and_exit_78(
+    world: ProcBus, procs: Procs,
+) -> None:
+    """A writer whose user may not read its configuration logs one config_error line
+    naming the file and uid and exits 78, with no traceback (run as nobody in a fork)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user")
+    path = world.configure()
+    os.chmod(world.dir, 0o755)
+    os.chmod(path, 0o600)
+    err_r, err_w = os.pipe()
+
+    def as_nobody(ch: ChildEnd) -> None:
+        from shmd import writer  # noqa: PLC0415 - runs in the child
+
+        os.dup2(err_w, 2)
+        # A fresh process as far as logging goes: nothing configured, stderr is fd 2.
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the child
+        os.environ.pop("JOURNAL_STREAM", None)
+        logs.reset_logging()
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        try:
+            writer.main(["--config", str(path), "--log-target", "json"])
+        except SystemExit as exc:
+            ch.send(f"exit {exc.code}")
+
+    child = procs.fork(as_nobody)
+    os.close(err_w)
+    assert child.expect("exit", DEADLINE) == "exit 78"
+    assert child.wait() == 0
+    with os.fdopen(err_r, "rb") as f:
+        lines = f.read().decode().splitlines()
+    assert len(lines) == 1, lines
+    event = json.loads(lines[0])
+    assert (event["event"], event["path"], event["line"], event["key"]) == (
+        "config_error", str(path), None, None)
+    assert event["error"] == (f"{path}: Failed to read the configuration since uid 65534 may "
+                              "not read it (permission denied)")
