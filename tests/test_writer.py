@@ -336,8 +336,9 @@ def test_sighup_applies_level_and_ticker_rate_live(bus: Bus) -> None:
     intervals = tick_intervals(bus, "1")
     before = [dt for ts, dt in intervals if ts < switched]
     after = [dt for ts, dt in intervals if ts - dt > switched]
-    assert len(before) >= 4 and median(before) > 0.05, before
-    assert len(after) >= 90 and median(after) < 0.02, after
+    # 10/s is 0.1 s apart, 500/s 2 ms: thresholds far from both, for a loaded machine.
+    assert len(before) >= 4 and median(before) > 0.06, before
+    assert len(after) >= 90 and median(after) < 0.04, after
     # The new level is live: a connection is now logged at debug.
     client = raw_client(bus)
     client.close()
