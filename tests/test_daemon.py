@@ -17,7 +17,7 @@ import yaml
 from daemons import Bus, program, running_bus, wait_until
 from structlog.testing import capture_logs
 
-from shmd import daemon
+from shmd import daemon, logs
 from shmd.config import load_config
 from shmd.errors import ShmdError
 
@@ -182,7 +182,7 @@ def test_check_config_writes_to_the_given_stream(bus: Bus) -> None:
 def test_fail_logs_a_known_error_without_traceback_and_exits() -> None:
     """fail() logs one event with the error text (no traceback for a ShmdError) and exits."""
     with capture_logs() as captured, pytest.raises(SystemExit) as info:
-        daemon.fail(daemon.logs.get_logger(), "start_failed",
+        daemon.fail(logs.get_logger(), "start_failed",
                     ShmdError("Failed to start since testing"), status=3, extra=1)
     assert info.value.code == 3
     assert captured == [{"event": "start_failed", "error": "Failed to start since testing",
@@ -195,7 +195,7 @@ def test_fail_keeps_the_traceback_of_a_bug() -> None:
         try:
             raise KeyError("bug")
         except KeyError as exc:
-            daemon.fail(daemon.logs.get_logger(), "crashed", exc)
+            daemon.fail(logs.get_logger(), "crashed", exc)
     assert info.value.code == daemon.EXIT_FAILURE
     assert captured[0]["event"] == "crashed" and captured[0]["exc_info"] is True
 
