@@ -425,6 +425,10 @@ class ReaderDaemon:
             return False
         return True
 
+    def detach(self, code: protocol.DetachCode, reason: str) -> None:
+        """Tell the writer we leave (best effort), so it logs a detach, not a loss."""
+        self._detach(code, reason)
+
     def _detach(self, code: protocol.DetachCode, reason: str) -> None:
         if self.conn is None or self.conn.closed:
             return
@@ -486,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(logs.EXITING, status=EXIT_FAILURE, reason="evicted", error=str(exc))
     except SinkError as exc:
         log.error("sink_failed", error=str(exc))
+        daemon.detach(protocol.DetachCode.ERROR, "sink failed")
         log.error(logs.EXITING, status=EXIT_FAILURE, reason="sink_failed")
     except (ShmdError, OSError) as exc:
         log.error(logs.EXITING, status=EXIT_FAILURE, reason="error", error=str(exc))

@@ -160,8 +160,9 @@ class TickerRecords:
         self._schedule(reset=True)
 
     def set_rate(self, rate: float) -> None:
-        """Change the rate live (reload)."""
+        """Change the rate live (reload); 0 stops the ticks at once."""
         self.rate = rate
+        self._generation += 1  # the tick already scheduled at the old rate is void
         self._schedule(reset=True)
 
     def _schedule(self, *, reset: bool) -> None:

@@ -85,6 +85,9 @@ class Writer:
         self.source: AnySource | None = None
         self.max_payload = cfg.segment.payload_max
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        #: Written by other threads' call_later to wake the loop.
+        self._wake = OwnedFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        self.reactor.add(self._wake.fileno(), self._on_wake)
         self._timer_seq = itertools.count()
         self._lock = threading.Lock()  # publisher calls from a python source thread
         self._wakeup: SignalWakeup | None = None
@@ -107,10 +110,21 @@ class Writer:
     # -- timers (the loop's own; sources use call_later) -------------------------
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the loop after ``delay`` seconds (thread-safe enough:
-        only the loop thread pops; a source thread's push is a list append
-        under the GIL, picked up at the next loop turn)."""
+        """Run ``fn`` on the loop after ``delay`` seconds; callable from any thread.
+
+        heappush and heappop are single C calls, atomic under the GIL; a
+        push from a source thread also writes the loop's wake-up eventfd, so
+        a sleeping loop sees the new timer at once.
+        """
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn))
+        if threading.current_thread() is not threading.main_thread():
+            os.eventfd_write(self._wake.fileno(), 1)
+
+    def _on_wake(self, events: int) -> None:
+        try:
+            os.eventfd_read(self._wake.fileno())
+        except BlockingIOError:
+            pass
 
     def _run_timers(self) -> float | None:
         now = time.monotonic()
@@ -713,6 +727,8 @@ class Writer:
             self.pub.close()
             if self.cfg.segment.unlink_on_exit:
                 self.pub.unlink()
+        self.reactor.remove(self._wake.fileno())
+        self._wake.close()
         # Our end of the lifeline.  Without systemd (or on a stop, once
         # systemd drops its stored copy) the readers now see it hang up.
         for end in (self.lifeline_r, self.lifeline_w):

@@ -199,7 +199,7 @@ def test_exec_sink_pipes_every_record_to_the_child(bus: Bus) -> None:
 
 
 def test_exec_sink_whose_child_fails_makes_the_reader_exit_1(bus: Bus) -> None:
-    """When the exec child exits, the reader logs sink_failed with its status and exits 1."""
+    """When the exec child exits, the reader logs sink_failed, detaches and exits 1."""
     w = bus.writer()
     r = bus.reader("e", sink={"type": "exec", "command": ["sh", "-c", "exit 3"]})
     assert r.wait_exit() == 1, r.stderr()
@@ -208,7 +208,7 @@ def test_exec_sink_whose_child_fails_makes_the_reader_exit_1(bus: Bus) -> None:
     exiting = r.wait_for("exiting")
     assert exiting["status"] == 1 and exiting["reason"] == "sink_failed"
     assert "Traceback" not in r.stderr()
-    w.wait_for("reader_lost", reader="e")
+    w.wait_for("reader_detached", reader="e", reason="sink failed")
     w.terminate()
     assert w.wait_exit() == 0
 
