@@ -637,6 +637,34 @@ class Publisher:
         off = (seq & self._mask) * self._slot + RECORD_HEADER_SIZE
         return Reservation(self, seq, topic, self.segment.ring[off : off + size])
 
+    def reserve_batch(self, count: int, size: int, topic: int = 0) -> BatchReservation:
+        """``count`` consecutive slots' payload buffers to fill in place, committed together.
+
+        Zero-copy and batched: one reserve, one commit and at most one wake-up
+        per reader for the whole batch (``count`` <= capacity).
+        """
+        self._check_open()
+        check_record(size, topic, self._max_payload)
+        if not 1 <= count <= self.geometry.capacity:
+            raise ValueError(f"Failed to reserve {count} slots since the ring has "
+                             f"{self.geometry.capacity}")
+        if self.policy is Policy.BLOCK:
+            self._wait_for_space(count)
+        seq = self._seq
+        self.segment.q[Segment.RESERVE_SEQ] = seq + count
+        libc.store_fence()
+        ring, mask, slot = self.segment.ring, self._mask, self._slot
+        offsets = [((s & mask) * slot + RECORD_HEADER_SIZE) for s in range(seq, seq + count)]
+        return BatchReservation(self, seq, topic, [ring[o : o + size] for o in offsets])
+
+    def _commit_batch(self, res: BatchReservation, length: int) -> None:
+        ring, mask, slot, pack = self.segment.ring, self._mask, self._slot, self._pack
+        ts = time.monotonic_ns()
+        end = res.seq + len(res.buffers)
+        for seq in range(res.seq, end):
+            pack(ring, (seq & mask) * slot, seq, ts, length, res.topic, 0, 0)
+        self._commit(end, length * len(res.buffers), 1 << res.topic)
+
     def _commit_reservation(self, res: Reservation, length: int) -> None:
         off = (res.seq & self._mask) * self._slot
         self._pack(self.segment.ring, off, res.seq, time.monotonic_ns(), length, res.topic, 0, 0)
@@ -867,3 +895,38 @@ class Reservation:
                 self.commit()
         else:
             self.abandon()
+
+
+class BatchReservation:
+    """Slots reserved by :meth:`Publisher.reserve_batch`: fill ``buffers``, then commit."""
+
+    __slots__ = ("_done", "_pub", "buffers", "seq", "topic")
+
+    def __init__(self, pub: Publisher, seq: int, topic: int, buffers: list[memoryview]) -> None:
+        self._pub = pub
+        self.seq = seq
+        self.topic = topic
+        self.buffers = buffers
+        self._done = False
+
+    def commit(self, length: int | None = None) -> int:
+        """Publish every record with its first ``length`` bytes (default: all); last seq."""
+        if self._done:
+            raise ValueError("Failed to commit the reservation since it was already committed")
+        size = len(self.buffers[0])
+        length = size if length is None else length
+        if not 0 <= length <= size:
+            raise ValueError(f"Failed to commit {length} bytes since {size} were reserved")
+        self._done = True
+        for b in self.buffers:
+            b.release()
+        self._pub._commit_batch(self, length)
+        return self.seq + len(self.buffers) - 1
+
+    def abandon(self) -> None:
+        """Give the slots back without publishing."""
+        if not self._done:
+            self._done = True
+            for b in self.buffers:
+                b.release()
+            self._pub.segment.q[Segment.RESERVE_SEQ] = self._pub.write_seq

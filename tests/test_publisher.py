@@ -270,6 +270,26 @@ def test_reservation_context_manager(bus: Bus) -> None:
     assert [r.payload for r in sub.read()] == [b"one", b"two"]
 
 
+def test_reserve_batch_commits_every_slot_at_once(bus: Bus) -> None:
+    """A batch reservation fills consecutive slots in place and publishes them with one commit."""
+    pub = bus.publisher(capacity=8)
+    sub = bus.subscriber(pub)
+    res = pub.reserve_batch(3, 4, topic=2)
+    assert (res.seq, len(res.buffers)) == (0, 3)
+    assert pub.segment.reserve_seq == 3 and pub.segment.write_seq == 0
+    for i, buf in enumerate(res.buffers):
+        buf[:] = b"rec%d" % i
+    assert sub.read() == []  # reserved, not committed
+    assert res.commit() == 2
+    assert [(r.seq, r.topic, r.payload) for r in sub.read()] == [
+        (0, 2, b"rec0"), (1, 2, b"rec1"), (2, 2, b"rec2")]
+    abandoned = pub.reserve_batch(2, 4)
+    abandoned.abandon()
+    assert pub.segment.reserve_seq == pub.segment.write_seq == 3
+    with pytest.raises(ValueError, match="Failed to reserve 9 slots since the ring has 8"):
+        pub.reserve_batch(9, 4)
+
+
 def test_torn_write_by_a_killed_writer_is_never_read(bus: Bus, procs: Procs) -> None:
     """A writer SIGKILLed between reserve and commit leaves no record; its slot counts as lost."""
     pub = bus.publisher(capacity=8)

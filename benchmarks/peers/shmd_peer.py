@@ -9,8 +9,8 @@ What differs from a socket peer is what shmd is designed for:
 
 * the writer publishes throughput runs in batches (``publish_batch``: one
   commit and at most one wake-up per reader per batch) of records stamped
-  one by one, and big records through ``reserve()`` (one copy, straight
-  into the slot);
+  one by one, and big records through ``reserve_batch()`` (one copy,
+  straight into the slots, one commit per batch);
 * the reader takes whole batches (``read_batch``: one C-level header decode
   per run of slots) and sleeps in epoll on its eventfd only when there is
   nothing to read.
@@ -92,11 +92,11 @@ def writer_role(ctl: RoleControl, chan: ShmdChannel, case: Case) -> WriterStats:
             t_start, t_end = _paced(pub, case.payload, records, case.rate_hz)
         else:
             records = case.records
+            batch = min(BATCH, chan.capacity // 2)
             if case.payload >= RESERVE_FROM:
-                t_start, t_end = _in_place(pub, case.payload, records)
+                t_start, t_end = _in_place(pub, case.payload, records, batch)
             else:
-                t_start, t_end = _batched(pub, case.payload, records,
-                                          min(BATCH, chan.capacity // 2))
+                t_start, t_end = _batched(pub, case.payload, records, batch)
         ctl.sent()
         ctl.wait_close()
         cpu = time.process_time_ns() - cpu0
@@ -117,17 +117,17 @@ def _batched(pub: Publisher, payload: int, records: int, batch: int) -> tuple[in
     return t_start, now()
 
 
-def _in_place(pub: Publisher, payload: int, records: int) -> tuple[int, int]:
+def _in_place(pub: Publisher, payload: int, records: int, batch: int) -> tuple[int, int]:
     template = bytes(payload)
     tail = payload - TAIL.size
     pack_head, pack_tail, now = HEAD.pack_into, TAIL.pack_into, time.monotonic_ns
     t_start = now()
-    for seq in range(records):
-        res = pub.reserve(payload)
-        buf = res.buffer
-        buf[:] = template  # the whole record is written, as a socket peer sends it whole
-        pack_head(buf, 0, seq, now())
-        pack_tail(buf, tail, seq)
+    for start in range(0, records, batch):
+        res = pub.reserve_batch(min(batch, records - start), payload)
+        for seq, buf in enumerate(res.buffers, start):
+            buf[:] = template  # the whole record is written, as a socket peer sends it whole
+            pack_head(buf, 0, seq, now())
+            pack_tail(buf, tail, seq)
         res.commit()
     return t_start, now()
 
