@@ -240,9 +240,13 @@ def mutex_lock(address: int, timeout: float | None) -> LockResult:
         if rc == E.EBUSY:
             return LockResult.TIMEOUT
     else:
-        rc = _libc.pthread_mutex_clocklock(addr, CLOCK_MONOTONIC, ctypes.byref(_deadline(timeout)))
-        if rc == E.ETIMEDOUT:
-            return LockResult.TIMEOUT
+        # Uncontended (nearly always): one trylock, no deadline to build.
+        rc = _libc.pthread_mutex_trylock(addr)
+        if rc == E.EBUSY:
+            rc = _libc.pthread_mutex_clocklock(addr, CLOCK_MONOTONIC,
+                                               ctypes.byref(_deadline(timeout)))
+            if rc == E.ETIMEDOUT:
+                return LockResult.TIMEOUT
     if rc == 0:
         return LockResult.ACQUIRED
     if rc == EOWNERDEAD:
