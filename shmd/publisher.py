@@ -803,7 +803,7 @@ class Publisher:
             ev = Eviction(h.index, h.name, h.pid, cursor, self._seq)
             self.evictions.append(ev)
             log.warning("reader_evicted", segment=self.name, reader=h.name, pid=h.pid,
-                        cursor=cursor, seq=self._seq, timeout=self.block_timeout)
+                        seq=cursor, write_seq=self._seq, timeout=self.block_timeout)
             self._wake([h], clear_flags=True)
             h.eventfd.close()
 

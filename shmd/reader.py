@@ -340,7 +340,8 @@ class ReaderDaemon:
                 return EXIT_OK
             if outcome == "evicted":
                 raise ReaderExit(EXIT_FAILURE, logs.EXITING, "the writer evicted this reader",
-                                 delivered=sub.delivered, lost=sub.lost, seq=sub.cursor)
+                                 reason="evicted", delivered=sub.delivered, lost=sub.lost,
+                                 seq=sub.cursor)
             if outcome == "drained":
                 self.log.info(logs.WRITER_INACTIVE, generation=sub.segment.generation,
                               seq=sub.cursor)
@@ -353,8 +354,8 @@ class ReaderDaemon:
                 self.stop_reason = self.stop_reason or "writer_stopped"
                 return EXIT_OK
             raise ReaderExit(EXIT_FAILURE, logs.EXITING, "the writer vanished without clearing "
-                             "the active flag and did not come back", delivered=sub.delivered,
-                             lost=sub.lost, seq=sub.cursor)
+                             "the active flag and did not come back", reason="writer_lost",
+                             delivered=sub.delivered, lost=sub.lost, seq=sub.cursor)
 
     def _session(self) -> str:
         """Read on one connection; returns drained, writer_lost, evicted or stopped."""

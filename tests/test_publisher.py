@@ -559,7 +559,7 @@ def test_block_policy_evicts_a_stopped_reader_and_goes_on(
         pub.publish(payload(cap))  # must wait block_timeout, then evict
     assert time.monotonic() - t0 >= timeout
     (ev,) = events(logs, "reader_evicted")
-    assert (ev["reader"], ev["cursor"], ev["seq"]) == ("stalled", 0, cap)
+    assert (ev["reader"], ev["seq"], ev["write_seq"]) == ("stalled", 0, cap)
     assert pub.evictions == [Eviction(stalled.index, "stalled", os.getpid(), 0, cap)]
     assert pub.segment.entry(stalled.index).state == ReaderState.EVICTED
     assert stalled.index not in pub.readers
