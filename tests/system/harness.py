@@ -44,6 +44,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 SYSTEMD = "/lib/systemd/system"
+#: The checkout these tests belong to.
+CHECKOUT = Path(__file__).resolve().parents[2]
 SYSTEMD_BINARY = "/lib/systemd/systemd"
 
 # Units that are enabled on a typical Debian image but have no business in a
@@ -88,6 +90,11 @@ BOOT_SCRIPT = r"""
 set -eu
 name=$1
 base=/tmp
+# The checkout under test may live where the fresh /tmp or /run below would
+# hide it (CI clones anywhere): hold it by an fd now, bind it back later.
+if [ -n "${SHMD_TEST_BIND:-}" ]; then
+    exec 9<"$SHMD_TEST_BIND"
+fi
 mount -t tmpfs -o mode=0700,size=50% "$name" "$base"
 mkdir "$base/upper" "$base/work" "$base/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$base/upper,workdir=$base/work" "$base/root"
@@ -124,6 +131,12 @@ touch "$root/dev/console"
 
 mount -t tmpfs -o mode=0755,nosuid,nodev "$name-run" "$root/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev "$name-tmp" "$root/tmp"
+if [ -n "${SHMD_TEST_BIND:-}" ]; then
+    mkdir -p "$root$SHMD_TEST_BIND"
+    mount --bind /proc/self/fd/9 "$root$SHMD_TEST_BIND"
+    mount -o remount,bind,ro "$root$SHMD_TEST_BIND"
+    exec 9<&-
+fi
 
 # Masks live in the overlay's upper layer, i.e. in RAM.
 mkdir -p "$root/etc/systemd/system"
@@ -273,8 +286,14 @@ class NamespacedSystemd:
             "unshare", *NAMESPACES, "--propagation", "private", "--kill-child",
             "sh", "-c", BOOT_SCRIPT, "boot", self.name, *masked,
         ]
+        # The checkout (units run its code): bound back in when it lives under
+        # a path the namespace replaces.
+        hidden = any(CHECKOUT.is_relative_to(p) for p in (Path("/tmp"), Path("/run"),
+                                                          Path("/dev")))
+        env = {**os.environ, "SHMD_TEST_BIND": str(CHECKOUT) if hidden else ""}
         self._proc = subprocess.Popen(
             argv,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
