@@ -63,45 +63,83 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------
-# The event contract (docs/JOURNAL.md describes each one and its fields)
+# The event contract (docs/JOURNAL.md describes each one and its fields;
+# tests/test_logs.py checks that every event name logged in shmd/ is here
+# and documented, with the fields the code logs)
 # --------------------------------------------------------------------------
 
-# writer
+# either daemon (in both WRITER_EVENTS and READER_EVENTS)
 CONFIG_LOADED = "config_loaded"
 CONFIG_WARNING = "config_warning"
 CONFIG_ERROR = "config_error"
+# writer (shm-writer, and shmd.Publisher / the sources inside it)
 SEGMENT_CREATED = "segment_created"
 SEGMENT_ADOPTED = "segment_adopted"
+SEGMENT_STALE = "segment_stale"
+SEGMENT_INVALID = "segment_invalid"
 SEGMENT_UNLINKED = "segment_unlinked"
 LISTENER_READY = "listener_ready"
+READERS_RESTORED = "readers_restored"
+READERS_WOKEN = "readers_woken"
 READER_CONNECTED = "reader_connected"
 READER_REFUSED = "reader_refused"
 READER_ATTACHED = "reader_attached"
 READER_DETACHED = "reader_detached"
 READER_LOST = "reader_lost"
+READER_ERROR = "reader_error"
+READER_EVICTED = "reader_evicted"
+EVENTFD_TAMPERED = "eventfd_tampered"
 OVERRUN = "overrun"
+RECORD_REFUSED = "record_refused"
+PUBLISHER_DONE = "publisher_done"
+ACCEPT_FAILED = "accept_failed"
+SOURCE_FINISHED = "source_finished"
+SOURCE_FAILED = "source_failed"
+FRAME_REFUSED = "frame_refused"
+FRAME_TRUNCATED = "frame_truncated"
+MUTEX_STALLED = "mutex_stalled"
+MUTEX_RECOVERED = "mutex_recovered"
 RELOAD = "reload"
+RELOAD_REFUSED = "reload_refused"
 ACTIVE_CLEARED = "active_cleared"
+SHUTDOWN_GRACE_EXPIRED = "shutdown_grace_expired"
+SHUTDOWN_FORCED = "shutdown_forced"
 SHUTDOWN_COMPLETE = "shutdown_complete"
-# reader
+START_FAILED = "start_failed"
+CRASHED = "crashed"
+# reader (shm-reader@N, and shmctl tail, and the sinks inside them)
 ATTACHED = "attached"
+REFUSED = "refused"
+GENERATION_CHANGED = "generation_changed"
 STATS = "stats"
+RECORDS = "records"
+WRITER_DETACH = "writer_detach"
 WRITER_INACTIVE = "writer_inactive"
 DRAINED = "drained"
 WRITER_LOST = "writer_lost"
+AWAITING_WRITER = "awaiting_writer"
+RESUME_FAILED = "resume_failed"
+RELOAD_IGNORED = "reload_ignored"
+SINK_FAILED = "sink_failed"
+SINK_CHILD_FAILED = "sink_child_failed"
 EXITING = "exiting"
-# either
+# either role (shmd.Publisher and shmd.Subscriber, sd_notify in both daemons)
 MUTEX_OWNER_DIED = "mutex_owner_died"
 SD_NOTIFY_FAILED = "sd_notify_failed"
 
 WRITER_EVENTS = frozenset({
     CONFIG_LOADED, CONFIG_WARNING, CONFIG_ERROR, SEGMENT_CREATED, SEGMENT_ADOPTED,
-    SEGMENT_UNLINKED, LISTENER_READY, READER_CONNECTED, READER_REFUSED, READER_ATTACHED,
-    READER_DETACHED, READER_LOST, OVERRUN, RELOAD, ACTIVE_CLEARED, SHUTDOWN_COMPLETE,
+    SEGMENT_STALE, SEGMENT_INVALID, SEGMENT_UNLINKED, LISTENER_READY, READERS_RESTORED,
+    READERS_WOKEN, READER_CONNECTED, READER_REFUSED, READER_ATTACHED, READER_DETACHED,
+    READER_LOST, READER_ERROR, READER_EVICTED, EVENTFD_TAMPERED, OVERRUN, RECORD_REFUSED,
+    PUBLISHER_DONE, ACCEPT_FAILED, SOURCE_FINISHED, SOURCE_FAILED, FRAME_REFUSED,
+    FRAME_TRUNCATED, MUTEX_STALLED, MUTEX_RECOVERED, RELOAD, RELOAD_REFUSED, ACTIVE_CLEARED,
+    SHUTDOWN_GRACE_EXPIRED, SHUTDOWN_FORCED, SHUTDOWN_COMPLETE, START_FAILED, CRASHED,
 })
 READER_EVENTS = frozenset({
-    CONFIG_LOADED, CONFIG_WARNING, CONFIG_ERROR, ATTACHED, STATS, WRITER_INACTIVE, DRAINED,
-    WRITER_LOST, EXITING,
+    CONFIG_LOADED, CONFIG_WARNING, CONFIG_ERROR, ATTACHED, REFUSED, GENERATION_CHANGED, STATS,
+    RECORDS, WRITER_DETACH, WRITER_INACTIVE, DRAINED, WRITER_LOST, AWAITING_WRITER,
+    RESUME_FAILED, RELOAD_IGNORED, SINK_FAILED, SINK_CHILD_FAILED, EXITING,
 })
 COMMON_EVENTS = frozenset({MUTEX_OWNER_DIED, SD_NOTIFY_FAILED})
 EVENTS = WRITER_EVENTS | READER_EVENTS | COMMON_EVENTS
