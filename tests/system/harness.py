@@ -606,9 +606,12 @@ class NamespacedSystemd:
             self.write_file("/etc/shmd/shmd.yaml", config.read_text())
         # ProtectHome= would hide a checkout under a home directory.
         home = any(repo.is_relative_to(p) for p in (Path("/home"), Path("/root")))
+        # PrivateTmp= gives each service a fresh /tmp: a checkout under /tmp
+        # (CI clones anywhere) is bound into it, read-only.
         common = (
             f'Environment="PYTHONPATH={repo}" PYTHONDONTWRITEBYTECODE=1\n'
             + ("ProtectHome=read-only\n" if home else "")
+            + (f"BindReadOnlyPaths={repo}\n" if repo.is_relative_to("/tmp") else "")
         )
         for unit, module, program, args in (
             ("shm-writer.service", "shmd.writer", "shm-writer", ""),
