@@ -387,19 +387,55 @@ class ReaderDaemon:
         """Wait for a restarted writer and resume with it; False when none comes."""
         sub, lifeline = self.sub, self.lifeline
         assert sub is not None and sub.eventfd is not None and lifeline is not None
-        if self.conn is not None:
-            self.conn.close()
+        self._hang_up()
         timeout = self.settings.reconnect_timeout
         deadline = time.monotonic() + timeout
-        self._woken = False
         self._on_wake(0)  # forget wake-ups from before (the old writer's shutdown)
-        self._woken = False
+        self.log.info("awaiting_writer", timeout=timeout, seq=sub.cursor,
+                      generation=sub.segment.generation)
+        while self._wait_for_wake(deadline):
+            # The restarted writer woke us through our stored eventfd.
+            try:
+                self.connect(resume=True, deadline=deadline)
+            except (ReaderExit, wire.ChannelError, protocol.ProtocolError) as exc:
+                # Not the writer we wait for after all (one still shutting
+                # down, say): wait for the next wake-up, within the deadline.
+                self.log.warning("resume_failed", error=str(exc))
+                if self.conn is not None:
+                    self.conn.close()
+                continue
+            return True
+        return False
+
+    def _hang_up(self) -> None:
+        """Close the control connection once the writer has closed its end.
+
+        The writer closes a drained reader's connection only after it cleared
+        the active flag and wrote every reader's eventfd; waiting for that
+        close (at most handshake_timeout) means no wake-up of its shutdown
+        can arrive after we start waiting for its successor, and be taken
+        for the successor's.
+        """
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        try:
+            while True:
+                conn.recv(timeout=self.cfg.control.handshake_timeout).close()
+        except (wire.PeerClosed, wire.ChannelError, OSError):
+            pass  # closed (or silent for too long): either way we are done with it
+        conn.close()
+
+    def _wait_for_wake(self, deadline: float) -> bool:
+        """Sleep until our eventfd fires (True), or the lifeline hangs up, we are stopped
+        or the deadline passes (False)."""
+        sub, lifeline = self.sub, self.lifeline
+        assert sub is not None and sub.eventfd is not None and lifeline is not None
         efd, lfd = sub.eventfd.fileno(), lifeline.fileno()
+        self._woken = False
         self.reactor.add(efd, self._on_wake)
         if not self.lifeline_hup:
             self.reactor.add(lfd, self._on_lifeline, 0)
-        self.log.info("awaiting_writer", timeout=timeout, seq=sub.cursor,
-                      generation=sub.segment.generation)
         try:
             while not self.stopping and not self.lifeline_hup:
                 left = deadline - time.monotonic()
@@ -407,9 +443,8 @@ class ReaderDaemon:
                     return False
                 self.reactor.poll(left)
                 if self._woken:
-                    break
-            else:
-                return False
+                    return True
+            return False
         finally:
             # Unregister before connect() closes these fds: the restarted
             # writer hands us the *same* eventfd (from its fd store), and
@@ -418,13 +453,6 @@ class ReaderDaemon:
             # number for as long as the new fd keeps the description alive.
             self.reactor.remove(efd)
             self.reactor.remove(lfd)
-        # The restarted writer woke us through our stored eventfd.
-        try:
-            self.connect(resume=True, deadline=deadline)
-        except (ReaderExit, wire.ChannelError, protocol.ProtocolError) as exc:
-            self.log.warning("resume_failed", error=str(exc))
-            return False
-        return True
 
     def detach(self, code: protocol.DetachCode, reason: str) -> None:
         """Tell the writer we leave (best effort), so it logs a detach, not a loss."""

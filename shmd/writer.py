@@ -40,9 +40,10 @@ from shmd.daemon import (
     setup_logging,
 )
 from shmd.errors import PayloadTooLarge, ReaderTableFull, ShmdError
-from shmd.layout import Policy, ReaderEntry
+from shmd.layout import Geometry, Policy, ReaderEntry
 from shmd.publisher import Publisher, ReaderHandle
 from shmd.reactor import Reactor, SignalWakeup
+from shmd.segment import Segment
 from shmd.sources import AnySource, PythonRecords, SourceError, TickerRecords, make_source
 
 SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
@@ -106,6 +107,9 @@ class Writer:
         self.lifeline_w: OwnedFd | None = None
         #: Readers of an adopted segment, waiting for them to reconnect.
         self.restored: dict[int, ReaderHandle] = {}
+        #: Stored eventfds of readers of a stored segment we could not adopt:
+        #: woken once we listen, they reconnect and start over (generation_changed).
+        self._orphans: list[OwnedFd] = []
 
     # -- timers (the loop's own; sources use call_later) -------------------------
 
@@ -151,6 +155,8 @@ class Writer:
         self.log.info(logs.LISTENER_READY, socket=self.cfg.control.socket,
                       type=self.cfg.control.type, activated=self.bound_path is None,
                       generation=self.pub.generation)
+        if self._orphans:
+            self._wake_orphans()
         if self.restored:
             grace = self.cfg.writer.reconnect_grace
             self.call_later(grace, self._reconnect_expired)
@@ -180,7 +186,10 @@ class Writer:
         owned = {name: [OwnedFd(fd) for fd in fds] for name, fds in stored.items()}
         pub = self._adopt(owned.pop("segment", []))
         lifeline = (owned.pop("lifeline-r", []), owned.pop("lifeline-w", []))
-        if pub is not None and len(lifeline[0]) == 1 and len(lifeline[1]) == 1:
+        # The stored lifeline is kept even with a new generation: the readers
+        # holding its read end wait for us (and we wake them), they must not
+        # see it hang up and leave.
+        if len(lifeline[0]) == 1 and len(lifeline[1]) == 1:
             self.lifeline_r, self.lifeline_w = lifeline[0][0], lifeline[1][0]
         else:
             for f in (*lifeline[0], *lifeline[1]):
@@ -193,13 +202,36 @@ class Writer:
                 max_readers=seg.max_readers, policy=Policy.parse(seg.policy),
                 block_timeout=seg.block_timeout, mutex_timeout=seg.mutex_timeout, mode=SEGMENT_MODE,
             )
+            for name in [n for n in owned if n.startswith("reader-")]:
+                fds = owned.pop(name)
+                self._orphans += fds[:1]
+                for f in fds[1:]:
+                    f.close()
         else:
             self._restore_readers(pub, owned)
-        for fds in owned.values():
+        for name, fds in owned.items():
             for f in fds:
                 f.close()
+            if name.startswith("reader-"):
+                # Not restored: a later reader at that index stores its own.
+                sdnotify.remove_fds(name)
         self._store(pub)
         return pub
+
+    def _wake_orphans(self) -> None:
+        """Wake the readers of the segment we could not adopt: they reconnect asking to
+        resume in the old generation, and start over in the new one."""
+        assert self.pub is not None
+        orphans, self._orphans = self._orphans, []
+        for efd in orphans:
+            try:
+                os.write(efd.fileno(), (1).to_bytes(8, "little"))
+            except OSError:
+                pass  # a full counter wakes the reader just as well
+            finally:
+                efd.close()
+        self.log.info("readers_woken", generation=self.pub.generation, readers=len(orphans),
+                      reason="the stored segment could not be adopted; they start over")
 
     def _adopt(self, segment_fds: list[OwnedFd]) -> Publisher | None:
         """The stored segment as a Publisher, or None (nothing stored, or unusable)."""
@@ -209,17 +241,20 @@ class Writer:
             extra.close()
         seg = self.cfg.segment
         try:
-            pub = Publisher.adopt(seg.name, segment_fds[0], block_timeout=seg.block_timeout,
-                                  mutex_timeout=seg.mutex_timeout, mode=SEGMENT_MODE)
+            # A look first: a segment the configuration no longer describes
+            # is not adopted (nor copied) at all.
+            with Segment.open(fd=segment_fds[0].fileno(), control_writable=False) as stored:
+                mismatch = self._config_mismatch(stored.geometry, Policy(stored.header().policy))
+            if mismatch:
+                segment_fds[0].close()
+                return None
+            return Publisher.adopt(seg.name, segment_fds[0], block_timeout=seg.block_timeout,
+                                   mutex_timeout=seg.mutex_timeout, mode=SEGMENT_MODE)
         except (ShmdError, OSError) as exc:
             self.log.error("segment_invalid", segment=seg.name, error=str(exc),
                            action="starting a new generation; readers start over")
             segment_fds[0].close()
             return None
-        if self._config_mismatch(pub):
-            pub.close()
-            return None
-        return pub
 
     def _restore_readers(self, pub: Publisher, owned: dict[str, list[OwnedFd]]) -> None:
         """Re-own the adopted segment's attached entries with their stored eventfds."""
@@ -249,11 +284,11 @@ class Writer:
             sdnotify.remove_fds(f"reader-{index}")
             sdnotify.store_fds(f"reader-{index}", [handle.eventfd.fileno()])
 
-    def _config_mismatch(self, pub: Publisher) -> bool:
-        """An adopted segment whose geometry the configuration changed is not reused."""
-        seg, g = self.cfg.segment, pub.geometry
+    def _config_mismatch(self, g: Geometry, policy: Policy) -> bool:
+        """A stored segment whose geometry the configuration changed is not reused."""
+        seg = self.cfg.segment
         want = (seg.capacity, seg.slot_size, seg.max_readers, Policy.parse(seg.policy))
-        have = (g.capacity, g.slot_size, g.max_readers, pub.policy)
+        have = (g.capacity, g.slot_size, g.max_readers, policy)
         if want == have:
             return False
         self.log.warning("segment_invalid", segment=seg.name,
@@ -264,17 +299,21 @@ class Writer:
 
     def _reconnect_expired(self) -> None:
         """Restored readers that did not reconnect within reconnect_grace are gone."""
+        for index in list(self.restored):
+            self._forget_restored(index, f"did not reconnect within "
+                                         f"{self.cfg.writer.reconnect_grace:g} s of the "
+                                         "writer's restart")
+
+    def _forget_restored(self, index: int, reason: str) -> None:
+        """Free a restored reader's entry and stored eventfd; log it as lost."""
         assert self.pub is not None
-        for index, handle in list(self.restored.items()):
-            del self.restored[index]
-            with self._lock:
-                entry = self.pub.remove_reader(index)
-            sdnotify.remove_fds(f"reader-{index}")
-            self.log.warning(logs.READER_LOST, reader=handle.name, pid=handle.pid, index=index,
-                             generation=self.pub.generation,
-                             seq=entry.cursor if entry else None,
-                             reason=f"did not reconnect within {self.cfg.writer.reconnect_grace:g}"
-                                    " s of the writer's restart")
+        handle = self.restored.pop(index)
+        with self._lock:
+            entry = self.pub.remove_reader(index)
+        sdnotify.remove_fds(f"reader-{index}")
+        self.log.warning(logs.READER_LOST, reader=handle.name, pid=handle.pid, index=index,
+                         generation=self.pub.generation, seq=entry.cursor if entry else None,
+                         reason=reason)
 
     def _listener(self, control: list[int] | None) -> socket.socket:
         """The listening socket: from socket activation (checked), else bound here."""
@@ -425,6 +464,17 @@ class Writer:
         self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, reason))
         return False
 
+    @staticmethod
+    def _start(hello: protocol.Hello, resume: bool) -> str | int:
+        """Where a new entry's cursor starts (see Publisher.add_reader)."""
+        if resume:
+            return hello.resume_cursor
+        if hello.start in (protocol.Start.OLDEST, protocol.Start.RESUME):
+            # A resume from another generation starts over: with everything
+            # the new generation still holds.
+            return "oldest"
+        return "latest"
+
     def _on_hello(self, peer: Peer, hello: protocol.Hello) -> bool:
         assert self.pub is not None
         if peer.handle is not None or peer.published:
@@ -440,6 +490,11 @@ class Writer:
         resume = (hello.start == protocol.Start.RESUME
                   and hello.last_generation == self.pub.generation)
         restored = next((h for h in self.restored.values() if h.name == hello.instance), None)
+        if refuse is None and restored is not None and not resume:
+            # A new process of a reader we were waiting for: the old one is
+            # gone, and its entry must not hold the ring up until the grace ends.
+            self._forget_restored(restored.index, "a new process of the reader attached")
+            restored = None
         if refuse is None and resume and restored is not None:
             # A reader of the segment we adopted: same entry, same eventfd.
             del self.restored[restored.index]
@@ -447,19 +502,14 @@ class Writer:
             with self._lock:
                 self.pub.resume_reader(handle.index, peer.pid, hello.resume_cursor)
         elif refuse is None:
-            if resume:
-                start: str | int = hello.resume_cursor
-            elif hello.start == protocol.Start.OLDEST:
-                start = "oldest"
-            else:
-                start = "latest"
             try:
                 with self._lock:
                     handle = self.pub.add_reader(hello.instance, peer.pid, topics=hello.topics,
-                                                 start=start)
+                                                 start=self._start(hello, resume))
             except ReaderTableFull as exc:
                 refuse = (protocol.RefuseCode.TABLE_FULL, str(exc))
             else:
+                sdnotify.remove_fds(f"reader-{handle.index}")  # nothing stale may stay
                 sdnotify.store_fds(f"reader-{handle.index}", [handle.eventfd.fileno()])
         if refuse is not None:
             self.log.warning(logs.READER_REFUSED, pid=peer.pid, uid=peer.uid,
@@ -556,6 +606,13 @@ class Writer:
         evicted, self.pub.evictions = self.pub.evictions, []
         for ev in evicted:
             sdnotify.remove_fds(f"reader-{ev.index}")
+            if self.restored.pop(ev.index, None) is not None:
+                # Evicted before it reconnected after our restart.
+                self.log.warning(logs.READER_LOST, reader=ev.name, pid=ev.pid, index=ev.index,
+                                 generation=self.pub.generation, seq=ev.cursor,
+                                 lag=ev.write_seq - ev.cursor,
+                                 reason="evicted before it reconnected: it held the ring up "
+                                        "under policy block")
             for peer in list(self.peers.values()):
                 if peer.handle is not None and peer.handle.index == ev.index:
                     peer.handle = None  # the publisher already dropped it
@@ -731,9 +788,10 @@ class Writer:
         self._wake.close()
         # Our end of the lifeline.  Without systemd (or on a stop, once
         # systemd drops its stored copy) the readers now see it hang up.
-        for end in (self.lifeline_r, self.lifeline_w):
+        for end in (self.lifeline_r, self.lifeline_w, *self._orphans):
             if end is not None:
                 end.close()
+        self._orphans = []
         self.reactor.close()
 
     # -- the loop ---------------------------------------------------------------------------
