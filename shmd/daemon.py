@@ -9,13 +9,13 @@ the daemon back), 77 not permitted, 78 configuration error (the units set
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import NoReturn, TextIO
 
 from structlog.typing import FilteringBoundLogger
 
 from shmd import logs
+from shmd._sys.proc import pid_alive
 from shmd.config import (
     DEFAULT_PATH,
     ENV_VAR,
@@ -30,7 +30,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOPERMISSION = 77
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_NOPERMISSION", "EXIT_OK", "EXIT_USAGE"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_NOPERMISSION", "EXIT_OK", "EXIT_USAGE",
+           "pid_alive"]
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -90,16 +91,3 @@ def fail(log: FilteringBoundLogger, event: str, err: BaseException,
     else:  # a bug: keep the traceback for the journal
         log.exception(event, error=str(err), **fields)
     raise SystemExit(status)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (EPERM: exists, someone else's)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

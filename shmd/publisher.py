@@ -33,6 +33,7 @@ import structlog
 
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
+from shmd._sys.proc import pid_alive
 from shmd.errors import (
     ReaderTableFull,
     SegmentClosed,
@@ -114,18 +115,6 @@ def _tgid(tid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         pass  # gone already, or /proc hidden from us
     return None
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, belongs to someone else
-        return True
-    return True
 
 
 class Publisher:
@@ -226,7 +215,7 @@ class Publisher:
                 finally:
                     named.close()
                 if not in_place:
-                    if other_active and _pid_alive(other_pid) and other_pid != os.getpid():
+                    if other_active and pid_alive(other_pid) and other_pid != os.getpid():
                         raise SegmentExists(
                             f"Failed to adopt segment {name!r} since writer pid {other_pid} "
                             "created another segment under that name and is running"
@@ -339,7 +328,7 @@ class Publisher:
             pid, active = old.writer_pid, old.active
         finally:
             old.close()
-        if active and _pid_alive(pid) and pid != os.getpid():
+        if active and pid_alive(pid) and pid != os.getpid():
             raise SegmentExists(
                 f"Failed to create segment {name!r} since writer pid {pid} is running and owns it"
             )
@@ -446,7 +435,7 @@ class Publisher:
         for i in range(self.geometry.max_readers):
             _, u0 = Segment.entry_words(i)
             if (seg.u[u0 + R_STATE // 4] != ReaderState.FREE and i not in self.readers
-                    and not _pid_alive(seg.u[u0 + R_PID // 4])):
+                    and not pid_alive(seg.u[u0 + R_PID // 4])):
                 seg.u[u0 + R_STATE // 4] = ReaderState.FREE
                 freed.append(i)
         sleepers = seg.recount_sleepers()
