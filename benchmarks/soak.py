@@ -92,8 +92,10 @@ def prepare(ns: NamespacedSystemd, repo: Path = REPO) -> None:
 
 
 def bus_config(segment: str, policy: str, readers: Sequence[str], *, rate: int = 1000,
-               capacity: int = CAPACITY, **reader_overrides: dict[str, Any]) -> str:
-    """The configuration of one soak (or fault test): python source and per-reader sinks."""
+               capacity: int = CAPACITY, shutdown_grace: float = 10.0,
+               reconnect_grace: float = 15.0, **reader_overrides: dict[str, Any]) -> str:
+    """The configuration of one soak (or fault test): python source and per-reader sinks
+    (``r<N>={...}`` adds settings for reader N)."""
     instances: dict[str, Any] = {r: {"sink": {"type": "python", "callable": f"soak_sink:r{r}"}}
                                  for r in readers}
     for name, extra in reader_overrides.items():
@@ -103,7 +105,8 @@ def bus_config(segment: str, policy: str, readers: Sequence[str], *, rate: int =
                     "max_readers": 16, "policy": policy, "block_timeout": BLOCK_TIMEOUT,
                     "mutex_timeout": 0.5},
         "writer": {"source": {"type": "python", "callable": f"soak_source:steady_{rate}"},
-                   "shutdown_grace": 10.0, "status_interval": 1.0, "reconnect_grace": 15.0},
+                   "shutdown_grace": shutdown_grace, "status_interval": 1.0,
+                   "reconnect_grace": reconnect_grace},
         "reader": {"defaults": {"start": "latest", "stats_interval": 1.0,
                                 "reconnect_timeout": 15.0,
                                 "sink": {"type": "journal", "summary_rate": 0.0}},
@@ -491,7 +494,9 @@ class Soak:
         else:
             self.bursts += 1
             count = CAPACITY * self.rng.randrange(2, 21)
-            self.ns.write_file(f"{SOAK_DIR}/burst-{self.bursts}", f"{count}\n")
+            # Written aside and renamed: the source must never read half a number.
+            self.ns.run("sh", "-c", 'echo "$1" > "$2.new" && mv "$2.new" "$2"', "burst",
+                        str(count), f"{SOAK_DIR}/burst-{self.bursts}")
             self.ns.wait_for(
                 lambda: self.ns.run("test", "-e", f"{SOAK_DIR}/burst-{self.bursts}.done",
                                     check=False).returncode == 0,

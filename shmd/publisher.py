@@ -233,6 +233,11 @@ class Publisher:
                     seg.close()
                     Segment.unlink_name(name)
                     raise
+                # Readers still map the old segment while they wait for a
+                # successor; our pid in its header tells one whose wake-up
+                # merged with the old writer's into one eventfd read that a
+                # successor is up (in place, _take_over does the same).
+                old.u[Segment.WRITER_PID] = os.getpid()
         finally:
             if old is not None:
                 old.close()

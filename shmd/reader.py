@@ -80,6 +80,8 @@ class ReaderDaemon:
         self.lifeline: OwnedFd | None = None
         self.lifeline_hup = False
         self._woken = False
+        #: The pid in the segment's header when we attached (see _await_writer).
+        self._writer_pid = 0
         self._next_stats = 0.0
         self._stats_mark = (time.monotonic(), 0)
         self._reported_lost = 0
@@ -175,7 +177,11 @@ class ReaderDaemon:
             raise ReaderExit(EXIT_FAILURE, "refused", "Failed to attach since the segment fd "
                              "is of another generation than the Welcome says")
         if old is not None:
-            new.delivered, new.lost = old.delivered, old.lost
+            # A writer that no longer held our entry (we came back after its
+            # reconnect_grace) started a new one at the oldest record the
+            # ring still holds: what lies between is lost, and counted.
+            skipped = max(0, msg.start_cursor - old.cursor) if msg.resumed else 0
+            new.carry_over(old.delivered, old.lost + skipped)
             if not msg.resumed:
                 self.log.warning("generation_changed", generation=msg.generation,
                                  old_generation=old.segment.generation, seq=msg.start_cursor,
@@ -186,6 +192,7 @@ class ReaderDaemon:
             self.lifeline.close()
         self.sub, self.lifeline, self.lifeline_hup = new, lifeline, False
         self.welcome = msg
+        self._writer_pid = new.segment.writer_pid
         self.log.info(logs.ATTACHED, generation=msg.generation, index=msg.reader_index,
                       seq=msg.start_cursor, capacity=msg.capacity, slot_size=msg.slot_size,
                       policy=msg.policy.name.lower().replace("_", "-"),
@@ -384,28 +391,54 @@ class ReaderDaemon:
         return "stopped"
 
     def _await_writer(self) -> bool:
-        """Wait for a restarted writer and resume with it; False when none comes."""
-        sub, lifeline = self.sub, self.lifeline
-        assert sub is not None and sub.eventfd is not None and lifeline is not None
+        """Wait for a restarted writer and resume with it; False when none comes.
+
+        Two signs tell a successor: a wake-up through our (stored) eventfd,
+        and its pid in the old segment's header, which it writes before it
+        wakes anyone (adopting in place, or by copy).  The header is needed
+        because a slow reader's read loop may have taken the successor's
+        wake-up together with the old writer's shutdown wake-up in one
+        eventfd read.  Once the old writer has closed our connection (see
+        :meth:`_hang_up`) every wake-up of its own is in, so what is pending
+        then is dropped, and any later wake-up is a successor's.
+        """
+        sub = self.sub
+        assert sub is not None
         self._hang_up()
         timeout = self.settings.reconnect_timeout
         deadline = time.monotonic() + timeout
-        self._on_wake(0)  # forget wake-ups from before (the old writer's shutdown)
+        self._on_wake(0)
         self.log.info("awaiting_writer", timeout=timeout, seq=sub.cursor,
                       generation=sub.segment.generation)
-        while self._wait_for_wake(deadline):
-            # The restarted writer woke us through our stored eventfd.
+        ready = self._writer_changed()
+        pause = 0.05
+        failures = 0
+        while True:
+            if not ready and not self._wait_for_wake(deadline):
+                return False
             try:
                 self.connect(resume=True, deadline=deadline)
             except (ReaderExit, wire.ChannelError, protocol.ProtocolError) as exc:
-                # Not the writer we wait for after all (one still shutting
-                # down, say): wait for the next wake-up, within the deadline.
-                self.log.warning("resume_failed", error=str(exc))
+                failures += 1
+                if failures == 1:  # the retries say nothing new
+                    self.log.warning("resume_failed", error=str(exc))
                 if self.conn is not None:
                     self.conn.close()
-                continue
-            return True
-        return False
+            else:
+                return True
+            # A successor that is up but did not take us (yet) gets another
+            # try after a pause; otherwise only a new wake-up brings one.
+            ready = self._writer_changed()
+            if ready:
+                self._wait_for_wake(min(deadline, time.monotonic() + pause))
+                pause = min(pause * 2, 1.0)
+                if self.stopping or self.lifeline_hup or time.monotonic() >= deadline:
+                    return False
+
+    def _writer_changed(self) -> bool:
+        """Whether another writer than the one we attached to stamped our segment."""
+        assert self.sub is not None and self.welcome is not None
+        return self.sub.segment.writer_pid != self._writer_pid
 
     def _hang_up(self) -> None:
         """Close the control connection once the writer has closed its end.

@@ -273,6 +273,14 @@ class Subscriber:
             if seg.u[Segment.WRITER_WAITING]:
                 seg.sem_post()
 
+    def carry_over(self, delivered: int, lost: int) -> None:
+        """Continue counting from another subscriber's totals (a reader resuming on a
+        restarted writer's segment); stored in the entry too, for the writer's reports."""
+        self.delivered, self.lost = delivered, lost
+        q, q0 = self.segment.q, self._q0
+        q[q0 + R_DELIVERED // 8] = delivered
+        q[q0 + R_LOST // 8] = lost
+
     # -- sleeping -------------------------------------------------------------------
 
     def _lock(self) -> bool:

@@ -243,8 +243,12 @@ class Writer:
         try:
             # A look first: a segment the configuration no longer describes
             # is not adopted (nor copied) at all.
-            with Segment.open(fd=segment_fds[0].fileno(), control_writable=False) as stored:
+            with Segment.open(fd=segment_fds[0].fileno()) as stored:
                 mismatch = self._config_mismatch(stored.geometry, Policy(stored.header().policy))
+                if mismatch:
+                    # Tells its waiting readers that a successor is up (see
+                    # ReaderDaemon._await_writer); they also get a wake-up.
+                    stored.u[Segment.WRITER_PID] = os.getpid()
             if mismatch:
                 segment_fds[0].close()
                 return None

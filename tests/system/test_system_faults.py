@@ -86,7 +86,8 @@ def fresh(bus: NamespacedSystemd) -> Iterator[NamespacedSystemd]:
 
 
 def configure(ns: NamespacedSystemd, policy: str, **overrides: Any) -> str:
-    """Write the configuration (a fresh segment name); returns the segment name."""
+    """Write the configuration (a fresh segment name; see bus_config for ``overrides``);
+    returns the segment name."""
     segment = f"/shmd-test-{uuid.uuid4().hex}"
     ns.write_file("/etc/shmd/shmd.yaml", bus_config(segment, policy, READERS, rate=500,
                                                     capacity=64, **overrides))
@@ -133,8 +134,14 @@ def wait_events(ns: NamespacedSystemd, tail: JournalTail, event: str,
                 got[who] = e
         return got if len(got) == len(readers) else None
 
-    found: dict[str, Any] = ns.wait_for(seen, TIMEOUT, f"{event} {fields} for {readers}",
-                                        interval=0.2)
+    try:
+        found: dict[str, Any] = ns.wait_for(seen, TIMEOUT, f"{event} {fields} for {readers}",
+                                            interval=0.2)
+    except TimeoutError as exc:
+        recent = [f"{e.get('_SYSTEMD_UNIT')} {e.get('SHMD_EVENT')} "
+                  f"{ {k: v for k, v in e.items() if k.startswith('SHMD_')} }"
+                  for e in tail.entries[since:] if e.get("SHMD_EVENT") not in (None, "stats")]
+        raise AssertionError(f"{exc}; events since:\n" + "\n".join(recent[-40:])) from None
     return found
 
 
@@ -300,6 +307,39 @@ def test_a_reader_that_cannot_reconnect_in_time_is_restarted(fresh: NamespacedSy
     assert props["NRestarts"] == "1"
     for unit in UNITS[:2]:
         assert fresh.show(unit, "NRestarts")["NRestarts"] == "0"
+
+
+def test_a_reader_back_after_the_grace_resumes_and_counts_what_it_missed(
+    fresh: NamespacedSystemd,
+) -> None:
+    """A reader stopped across a writer restart misses its reconnect_grace (reader_lost);
+    woken when it runs again, it still resumes in the same process, at the oldest record
+    the ring holds, and counts every record it skipped as lost."""
+    configure(fresh, "drop-oldest", shutdown_grace=1.0, reconnect_grace=2.0)
+    tail = JournalTail(fresh)
+    start(fresh, tail)
+    late = "shm-reader@3.service"
+    pid = fresh.show(late, "MainPID")["MainPID"]
+    mark = len(tail.entries)
+    fresh.systemctl("kill", "--signal=STOP", late)
+    try:
+        fresh.systemctl("restart", WRITER)
+        gone = wait_events(fresh, tail, "reader_lost", ("3",), since=mark)["3"]
+        assert "did not reconnect within 2 s" in gone["SHMD_REASON"]
+        wait_delivered(fresh, last_seq(fresh, "1") + 4 * 64, ("1", "2"))  # the ring wrapped
+    finally:
+        fresh.systemctl("kill", "--signal=CONT", late)
+    back = wait_events(fresh, tail, "attached", ("3",), since=mark)["3"]
+    assert back["SHMD_RESUMED"] == "true" and back["_PID"] == pid
+    wait_delivered(fresh, int(back["SHMD_SEQ"]) + 100)
+    published = stop_and_collect(fresh, tail)
+    [proc] = sink_log(fresh, "3")
+    missing = sum(b.first - a.last - 1 for a, b in itertools.pairwise(proc.runs))
+    assert missing >= 3 * 64
+    drained = [e for e in tail.events("drained") if e["SHMD_INSTANCE"] == "3"]
+    assert int(drained[-1]["SHMD_LOST"]) == missing
+    assert proc.runs[-1].last == published - 1
+    assert fresh.show(late, "NRestarts")["NRestarts"] == "0"
 
 
 def test_stop_then_start_begins_a_new_generation(fresh: NamespacedSystemd) -> None:
