@@ -87,6 +87,8 @@ class Subscriber:
         self._slot = g.slot_size
         self._max_payload = g.max_payload
         self._stride = slot_stride(g.slot_size)
+        # Copying reads allocate a slot-sized object per record.
+        libc.keep_big_allocations(g.slot_size, g.capacity * g.slot_size)
         self._q0, self._u0 = Segment.entry_words(index)
         q = segment.q
         self._token = q[self._q0 + R_TOKEN // 8] if token is None else token

@@ -1,7 +1,9 @@
 """shmd itself: the library's Publisher and Subscriber, the way an application uses them.
 
-``shmd`` (copying reader) and ``shmd-zc`` (zero-copy reader: views into the
-ring, held until checked, then released).  Both use the block policy, so
+``shmd`` (copying) and ``shmd-zc`` (zero-copy: the writer produces big
+records in place in their slots, the reader checks views into the ring,
+held until checked, then released), each the counterpart of ``iceoryx2``
+and ``iceoryx2-zc``.  Both use the block policy, so
 nothing is ever dropped, and the same record format and per-record checks as
 every other impl (head seq, tail seq, length; see ``benchmarks.harness``).
 
@@ -74,7 +76,9 @@ def _capacity(depth: int) -> int:
     return cap
 
 
-def writer_role(ctl: RoleControl, chan: ShmdChannel, case: Case) -> WriterStats:
+def writer_role(
+    ctl: RoleControl, chan: ShmdChannel, case: Case, zero_copy: bool
+) -> WriterStats:
     """Create the segment, attach the readers' entries, publish every record."""
     pub = Publisher.create(chan.name, capacity=chan.capacity, slot_size=chan.slot_size,
                            max_readers=max(1, case.readers), policy=Policy.BLOCK,
@@ -94,7 +98,7 @@ def writer_role(ctl: RoleControl, chan: ShmdChannel, case: Case) -> WriterStats:
             records = case.records
             batch = min(BATCH, chan.capacity // 2)
             if case.payload >= RESERVE_FROM:
-                t_start, t_end = _in_place(pub, case.payload, records, batch)
+                t_start, t_end = _in_place(pub, case.payload, records, batch, zero_copy)
             else:
                 t_start, t_end = _batched(pub, case.payload, records, batch)
         ctl.sent()
@@ -117,7 +121,9 @@ def _batched(pub: Publisher, payload: int, records: int, batch: int) -> tuple[in
     return t_start, now()
 
 
-def _in_place(pub: Publisher, payload: int, records: int, batch: int) -> tuple[int, int]:
+def _in_place(
+    pub: Publisher, payload: int, records: int, batch: int, zero_copy: bool
+) -> tuple[int, int]:
     template = bytes(payload)
     tail = payload - TAIL.size
     pack_head, pack_tail, now = HEAD.pack_into, TAIL.pack_into, time.monotonic_ns
@@ -125,7 +131,13 @@ def _in_place(pub: Publisher, payload: int, records: int, batch: int) -> tuple[i
     for start in range(0, records, batch):
         res = pub.reserve_batch(min(batch, records - start), payload)
         for seq, buf in enumerate(res.buffers, start):
-            buf[:] = template  # the whole record is written, as a socket peer sends it whole
+            if not zero_copy:
+                # The copying variant copies the whole record in, as a socket
+                # peer sends it whole (and as the copying iceoryx2 writer
+                # does).  The zero-copy one produces the record in place: it
+                # writes what it produces, the stamps, exactly like the
+                # iceoryx2-zc writer into its loaned sample.
+                buf[:] = template
             pack_head(buf, 0, seq, now())
             pack_tail(buf, tail, seq)
         res.commit()
@@ -231,7 +243,7 @@ class ShmdImpl:
         try:
             readers = [Role(reader_role, (chan, case, i, self.zero_copy))
                        for i in range(case.readers)]
-            return run_roles(Role(writer_role, (chan, case)), readers, timeout)
+            return run_roles(Role(writer_role, (chan, case, self.zero_copy)), readers, timeout)
         finally:
             chan.close()
             # A writer killed by the harness (timeout, failure) cannot unlink.
