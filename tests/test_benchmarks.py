@@ -387,9 +387,10 @@ def test_quick_run_writes_consistent_tables_json_and_plot(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_run: Path
 ) -> None:
     """main() runs interleaved repetitions and writes matching Markdown, JSON and SVG."""
-    argv = ["--quick", "--peers", "unix-stream,floor,shmd", "--readers", "1,2",
+    argv = ["--quick", "--peers", "unix-stream,floor,shmd-zc", "--readers", "1,2",
             "--payloads", "64", "--reps", "2", "--records", "300", "--latency-count", "100",
-            "--scale-readers", "1,2", "--out", str(tmp_path)]
+            "--scale-readers", "1,2", "--scale-impls", "floor-shm-eventfd",
+            "--out", str(tmp_path)]
     assert bench_run.main(argv) == 0
     out = capsys.readouterr()
     markdown = (tmp_path / "results.md").read_text()
@@ -398,13 +399,14 @@ def test_quick_run_writes_consistent_tables_json_and_plot(
 
     runs = data["runs"]
     assert {r["status"] for r in runs} == {"ok"}
-    # 2 throughput cases x (unix-stream, shm floor) + 1 kHz latency x 3 impls + the
-    # ping-pong back-to-back + 2 scale cases x shm floor = 10 pairs, twice.
-    assert len(runs) == 20
+    # 2 throughput cases x (unix-stream, shm floor, shmd-zc) + 1 kHz latency x 3 impls
+    # (shmd-zc measures no latency) + the ping-pong back-to-back + 2 scale cases x shm
+    # floor = 12 pairs, twice.
+    assert len(runs) == 24
     # Interleaved: the first rep of every pair runs before any second rep.
-    assert [r["rep"] for r in runs] == [0] * 10 + [1] * 10
-    first = [(r["case_key"], r["impl"]) for r in runs[:10]]
-    assert first == [(r["case_key"], r["impl"]) for r in runs[10:]]
+    assert [r["rep"] for r in runs] == [0] * 12 + [1] * 12
+    first = [(r["case_key"], r["impl"]) for r in runs[:12]]
+    assert first == [(r["case_key"], r["impl"]) for r in runs[12:]]
     assert first[:2] == [("throughput readers=1 payload=64", "unix-stream"),
                          ("throughput readers=1 payload=64", "floor-shm-eventfd")]
 
@@ -420,8 +422,8 @@ def test_quick_run_writes_consistent_tables_json_and_plot(
 
     skipped = {i["name"]: i["skipped"] for i in data["impls"]}
     assert skipped["unix-stream"] is None
-    assert "shmd" in skipped
-    assert "| shmd / best peer |" in markdown
+    assert skipped["shmd-zc"] is None
+    assert "| shmd-zc / best peer |" in markdown
     assert "## Latency" in markdown and "## Scale" in markdown
     assert "| p99.9 (µs) |" in markdown
 
