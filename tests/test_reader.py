@@ -196,8 +196,11 @@ def test_readers_exit_1_when_the_writer_is_killed(bus: Bus) -> None:
         assert not r.find("drained")
         numbers = ticks(bus, name)
         assert_contiguous(numbers, f"ticks of {name}")
-        # Everything committed before the kill was still delivered.
-        assert numbers[-1] == lost["seq"] == r.wait_for("exiting")["seq"]
+        # Everything committed before the kill was still delivered: the final
+        # drain after writer_lost (logged at the hang-up, with the cursor of
+        # that moment) may deliver records that were committed but unread.
+        exiting = r.wait_for("exiting")
+        assert lost["seq"] <= exiting["seq"] == numbers[-1]
     # The dead writer could not unlink its segment (the fixture does).
     assert bus.segment_exists()
 
