@@ -72,7 +72,6 @@ class ReaderDaemon:
         self.loop: ReaderLoop | None = None
         self._wakeup: SignalWakeup | None = None
         self.welcome: protocol.Welcome | None = None
-        self.writer_gone = False
         self.stop_reason: str | None = None
         #: SIGTERM/SIGINT arrived: finish and exit 0.
         self.stopping = False
@@ -240,7 +239,6 @@ class ReaderDaemon:
         except (wire.PeerClosed, wire.ChannelError, protocol.ProtocolError) as exc:
             self.reactor.remove(self.conn.fileno())
             self.conn.close()
-            self.writer_gone = True
             if self.sub.active:
                 # The writer died (or broke the protocol) without clearing
                 # the flag: what is committed is still valid and gets

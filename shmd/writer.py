@@ -93,7 +93,6 @@ class Writer:
         self._lock = threading.Lock()  # publisher calls from a python source thread
         self._wakeup: SignalWakeup | None = None
         self._shutting_down = False
-        self._shutdown_deadline: float | None = None
         self._exit: int | None = None
         self._final_status = EXIT_OK  # what a completed shutdown exits with
         self._last_lost: dict[int, int] = {}
@@ -746,7 +745,6 @@ class Writer:
             self._finish_shutdown()
             return
         grace = self.cfg.writer.shutdown_grace
-        self._shutdown_deadline = time.monotonic() + grace
         self.call_later(grace, self._grace_expired)
 
     def _grace_expired(self) -> None:
