@@ -540,6 +540,9 @@ class _Child:
         )
         try:
             self.proc.start()
+        except BaseException:
+            self.conn.close()
+            raise
         finally:
             child_conn.close()
 
@@ -554,7 +557,6 @@ class _Child:
             self.proc.join()
             self.proc.close()
         self.conn.close()
-
 
 
 def _invalid_already_sent(children: Iterable[_Child]) -> tuple[str, ReaderStats] | None:
@@ -626,9 +628,9 @@ def _gather(
             break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            waiting = ", ".join(f"{label} (no {expect[label]!r})" for label in sorted(pending))
             raise CaseFailed(
-                f"Failed to finish the run since {', '.join(sorted(pending))} sent nothing "
-                "before the case timeout"
+                f"Failed to finish the run since {waiting} sent nothing before the case timeout"
             )
         waitables: list[Any] = [c.conn for c in pending.values()]
         waitables += [c.proc.sentinel for c in pending.values()]
