@@ -219,6 +219,8 @@ class ReaderStats:
     cpu_ns: int
     peak_rss_kib: int
     latencies_ns: list[int] = field(default_factory=list)
+    # Counters a transport wants in the report (Reader.notes()), e.g. missed wake-ups.
+    notes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -266,7 +268,11 @@ class Writer(Protocol):
 
 
 class Reader(Protocol):
-    """Reader side of a stream transport, living in one reader process."""
+    """Reader side of a stream transport, living in one reader process.
+
+    A reader may also define ``notes() -> dict[str, int]``: counters (e.g. wake-ups its
+    transport missed) that are summed over readers and listed under "Notes".
+    """
 
     def recv(self) -> Buffer: ...
 
@@ -759,6 +765,7 @@ def stream_reader_role(
             cpu_ns=cpu,
             peak_rss_kib=vm_hwm_kib(),
             latencies_ns=latencies,
+            notes=dict(getattr(reader, "notes", dict)()),
         )
         # The verdict goes out before the transport closes (see _gather).
         ctl.result(stats)
@@ -895,6 +902,9 @@ def metrics_for(case: Case, result: CaseResult) -> dict[str, float]:
     w, readers = result.writer, result.readers
     rss = {"writer_rss_mib": w.peak_rss_kib / KIB,
            "reader_rss_mib": max(r.peak_rss_kib for r in readers) / KIB}
+    # Transport counters (Reader.notes), summed over readers.
+    rss |= {f"note_{k}": float(sum(r.notes.get(k, 0) for r in readers))
+            for k in sorted({k for r in readers for k in r.notes})}
     if isinstance(case, LatencyCase):
         samples = [ns for r in readers for ns in r.latencies_ns]
         return {
@@ -1135,6 +1145,17 @@ def _table(
     return [*out, ""]
 
 
+def _notes(report: Report) -> list[tuple[tuple[str, str, str], float]]:
+    """Non-zero ``note_*`` metrics, totalled per (case, impl, counter)."""
+    totals: dict[tuple[str, str, str], float] = {}
+    for r in report.runs:
+        for k, v in r.metrics.items():
+            if k.startswith("note_") and v:
+                key = (r.case_key, r.impl, k[len("note_"):])
+                totals[key] = totals.get(key, 0.0) + v
+    return sorted(totals.items())
+
+
 def render_markdown(report: Report) -> str:
     """The human-readable report (also printed to stdout)."""
     host, cfg = report.host, report.config
@@ -1177,6 +1198,17 @@ def render_markdown(report: Report) -> str:
             direction = "higher" if metric.higher_is_better else "lower"
             lines += _table(report, f"{metric.title} — {direction} is better",
                             [(c.label, c.key, metric) for c in scale])
+    return "\n".join(lines + _appendix(report))
+
+
+def _appendix(report: Report) -> list[str]:
+    """Notes, failed runs and not-applicable reasons, after the tables."""
+    lines: list[str] = []
+    notes = _notes(report)
+    if notes:
+        lines += ["## Notes (transport counters, summed over readers and repetitions)", ""]
+        lines += [f"- {impl}, {key}: {name} = {total:g}" for (key, impl, name), total in notes]
+        lines.append("")
     failed = report.failed()
     if failed:
         lines += ["## Failed runs", ""]
@@ -1193,7 +1225,7 @@ def render_markdown(report: Report) -> str:
         lines += ["## Not applicable (n/a)", ""]
         lines += [f"- {', '.join(impls)}: {why}" for why, impls in reasons.items()]
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 # --------------------------------------------------------------------------- SVG plot

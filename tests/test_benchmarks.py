@@ -16,6 +16,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import replace
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, cast
@@ -204,6 +205,34 @@ class HangingShm(floor.ShmEventfd):
         return _HangingReader(super().open_reader(channel, case, index))
 
 
+class _CountingReader:
+    """A real unix-stream reader that also reports how often recv() was called."""
+
+    def __init__(self, inner: Reader) -> None:
+        self._inner, self._calls = inner, 0
+
+    def recv(self) -> Buffer:
+        self._calls += 1
+        return self._inner.recv()
+
+    def notes(self) -> dict[str, int]:
+        return {"recv_calls": self._calls}
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class CountingUnix(unix_sock.UnixSocketImpl):
+    """unix-stream whose readers report a transport counter."""
+
+    def __init__(self) -> None:
+        super().__init__("stream")
+        self.name = "counting-unix"
+
+    def open_reader(self, channel: Any, case: Case, index: int) -> Reader:
+        return _CountingReader(super().open_reader(channel, case, index))
+
+
 class CrashingImpl(StreamImpl):
     """A reader that fails while attaching."""
 
@@ -370,6 +399,18 @@ def test_a_killed_harness_takes_its_roles_along_and_is_swept_later(clean_run: Pa
     assert {str(rundir)} | {str(p) for p in shm} <= removed
     assert not rundir.exists()
     assert not any(p.exists() for p in shm)
+
+
+def test_reader_notes_are_summed_into_the_run_and_listed(clean_run: Path) -> None:
+    """Counters from Reader.notes() become note_* metrics and a Notes line in the report."""
+    case = ThroughputCase(3, 64, 40, 8)
+    record = run_one(CountingUnix(), case, 0, timeout=60)
+    assert record.status == "ok", record.detail
+    assert record.metrics["note_recv_calls"] == 3 * 40
+    report = Report({}, {"reps": 1}, [ImplInfo("counting-unix", "peer", None)], [case],
+                    [record, replace(record, rep=1)], {})
+    assert "- counting-unix, throughput readers=3 payload=64: recv_calls = 240" \
+        in render_markdown(report)
 
 
 def test_a_crashing_role_is_reported_with_its_error(clean_run: Path) -> None:

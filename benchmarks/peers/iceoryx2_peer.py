@@ -2,11 +2,12 @@
 
 A publish-subscribe service carries the records (``Slice[c_uint8]`` of the payload size,
 static allocation); an event service wakes the readers, so they sleep in
-``Listener.blocking_wait`` instead of polling. Nothing is dropped: safe overflow is off and
-the publisher's backpressure strategy is ``RetryUntilDelivered`` (send waits while a
-reader's buffer, sized to the case's depth, is full). A second event service lets each
-reader announce itself; the writer re-checks the subscriber count after every such wake
-until all readers are attached.
+``Listener.timed_wait`` instead of polling (bounded at 10 ms as a safety net against a
+lost wake-up; such rescues are counted and reported as ``missed_wakeups``). Nothing is
+dropped: safe overflow is off and the publisher's backpressure strategy is
+``RetryUntilDelivered`` (send waits while a reader's buffer, sized to the case's depth,
+is full). A second event service lets each reader announce itself; the writer re-checks
+the subscriber count after every such wake until all readers are attached.
 
 Two variants:
 
@@ -52,6 +53,10 @@ try:
     MISSING = None
 except ImportError as exc:  # optional: the impl reports itself unavailable
     MISSING = f"iceoryx2 is not installed ({exc}; pip install iceoryx2)"
+
+
+#: Longest a reader sleeps before it looks for samples without a wake-up.
+SAFETY_NET_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,12 @@ class _IoxReader:
         hello.delete()
         self._held: Any = None
         self._view_type = ctypes.c_ubyte * chan.payload
+        self._safety_net = iox2.Duration.from_secs_f64(SAFETY_NET_S)
+        self._missed = 0
+
+    def notes(self) -> dict[str, int]:
+        """Wake-ups the event service missed (rescued by the bounded wait)."""
+        return {"missed_wakeups": self._missed}
 
     def recv(self) -> Buffer:
         if self._held is not None:
@@ -168,8 +179,16 @@ class _IoxReader:
             self._held = None
         sample = self._subscriber.receive()
         while sample is None:
-            self._wake.blocking_wait()
+            # Not blocking_wait(): iceoryx2 0.10 occasionally loses a wake-up with several
+            # readers under load (seen: a reader asleep in recvfrom on the event socket
+            # with a full buffer, the publisher retrying on it forever). A bounded wait
+            # keeps the run alive; every wait that ran out while a sample was waiting
+            # is counted as a missed wake-up and shows up under "Notes".
+            started = time.monotonic()
+            woken = self._wake.timed_wait(self._safety_net)
             sample = self._subscriber.receive()
+            if sample is not None and not woken and time.monotonic() - started >= SAFETY_NET_S:
+                self._missed += 1
         size = sample.header.number_of_elements
         if self._chan.zero_copy and size == self._chan.payload:
             self._held = sample
