@@ -632,23 +632,34 @@ def test_check_config_reports_a_mistake_as_the_daemons_do(bus: Bus) -> None:
 # -- bench ------------------------------------------------------------------------------------
 
 
-def test_bench_quick_runs_or_explains_why_not(bus: Bus) -> None:
-    """bench --quick runs the benchmark (smallest case), or says in one line it cannot."""
+def test_bench_quick_runs_or_explains_why_not(bus: Bus, tmp_path: Path) -> None:
+    """bench runs the benchmark and writes its results to --out, or says in one line it cannot."""
     if not (REPO / "benchmarks" / "run.py").is_file():
         message = one_line_error(run(bus, "bench", "--quick", config=False))
         assert "benchmarks/" in message, message
         return
-    out = bus.dir / "bench"
-    smallest = ["--quick", "--peers", "shmd", "--readers", "1", "--payloads", "64",
-                "--only", "throughput", "--reps", "1", "--records", "1000", "--timeout", "15",
-                "--out", str(out)]
-    try:
-        done = run(bus, "bench", *smallest, config=False, timeout=20.0)
-    except subprocess.TimeoutExpired:
-        pytest.skip("shmctl bench with its smallest options takes over 20 s on this machine; "
-                    "the benchmark's own tests cover it")
-    assert ok(done).strip(), "the benchmark printed no table"
-    assert (out / "results.md").is_file(), "the benchmark did not write to --out"
+    # The cheapest real run: the eventfd ping-pong floor (no optional packages), latency
+    # only, 50 records, one repetition; a few seconds.  --timeout makes the benchmark kill
+    # a stuck run itself (its children die with it) well before we would kill shmctl.
+    peer = "floor-eventfd-pingpong"
+    out = tmp_path / "bench"
+    argv = ["--quick", "--only", "latency", "--peers", peer, "--latency-count", "50",
+            "--reps", "1", "--timeout", "30", "--out", str(out)]
+    table = ok(run(bus, "bench", *argv, config=False, timeout=90.0))
+    assert peer in table and "latency" in table, f"no latency table for {peer}:\n{table}"
+    report = (out / "results.md").read_text()
+    assert "## Latency" in report and peer in report, report
+    doc = json.loads((out / "results.json").read_text())
+    assert [(i["name"], i["kind"], i["skipped"]) for i in doc["impls"]] == [(peer, "floor", None)]
+    cases = doc["cases"]
+    assert {(c["kind"], c["count"]) for c in cases} == {("LatencyCase", 50)}, cases
+    assert 0 in {c["rate_hz"] for c in cases}, "no back-to-back ping-pong case"
+    runs = {r["case_key"]: r for r in doc["runs"]}
+    assert len(doc["runs"]) == len(runs) == len(cases), doc["runs"]
+    for case in cases:
+        r = runs[case["key"]]
+        assert (r["impl"], r["status"]) == (peer, "ok"), r
+        assert 0 < r["metrics"]["p50_ns"] <= r["metrics"]["max_ns"], r["metrics"]
 
 
 def test_bench_passes_every_word_after_it_to_the_benchmark(bus: Bus) -> None:
