@@ -26,7 +26,7 @@ from shmd._sys.libc import MUTEX_AREA, SEM_AREA
 from shmd.errors import GeometryError, SegmentLayoutError
 
 MAGIC = b"SHMDBUS1"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 PAGE_SIZE = mmap.PAGESIZE
 
 # -- header (offset 0) --------------------------------------------------------
@@ -48,7 +48,9 @@ OFF_SEGMENT_SIZE = 64  #: u64
 OFF_WRITE_SEQ = 72  #: u64: records with seq < write_seq are committed
 OFF_RESERVE_SEQ = 80  #: u64: the writer may be writing seqs in [write_seq, reserve_seq)
 OFF_WRITER_WAITING = 88  #: u32: the writer sleeps on the semaphore (block policy)
-OFF_SLEEPERS = 92  #: u32: readers whose asleep flag is set (changed under the mutex)
+#: u32, bumped (under the mutex) by every reader announcing a sleep; the writer only
+#: compares it with the value it saw last, to know when to look at the entries
+OFF_SLEEP_COUNT = 92
 OFF_BYTES_PUBLISHED = 96  #: u64 payload bytes committed
 OFF_HEARTBEAT_NS = 104  #: u64 CLOCK_MONOTONIC ns of the writer's last status tick
 HEADER_FIELDS_END = 112
@@ -72,8 +74,11 @@ R_CURSOR = 8  #: u64: next seq this reader will read
 R_DELIVERED = 16  #: u64
 R_LOST = 24  #: u64
 R_LAST_ACTIVE_NS = 32  #: u64 CLOCK_MONOTONIC
-R_ASLEEP = 40  #: u32: 1 = waiting in epoll, wants an eventfd write
-R_FLAGS = 44  #: u32, reserved
+#: u32, written by the reader only: bumped to announce that it goes to sleep in epoll
+R_SLEEP_SEQ = 40
+#: u32, written by the writer only: set to sleep_seq when it writes the reader's eventfd.
+#: The reader is asleep (wants an eventfd write) while sleep_seq != wake_seq.
+R_WAKE_SEQ = 44
 R_TOPICS = 48  #: u64 subscription mask: bit t = topic t
 R_ATTACHED_NS = 56  #: u64 CLOCK_MONOTONIC
 R_NAME = 64  #: 32 bytes UTF-8, NUL padded
@@ -211,7 +216,7 @@ class Header:
     write_seq: int
     reserve_seq: int
     writer_waiting: int
-    sleepers: int
+    sleep_count: int
     bytes_published: int
     heartbeat_ns: int
 
@@ -295,6 +300,7 @@ class ReaderEntry:
     delivered: int
     lost: int
     last_active_ns: int
+    #: sleep_seq != wake_seq: announced a sleep the writer has not answered yet
     asleep: bool
     topics: int
     attached_ns: int
@@ -315,8 +321,8 @@ def decode_entry(buf: bytes | memoryview, index: int) -> ReaderEntry:
     except ValueError:
         state = ReaderState.FREE
     name = f[10].split(b"\0", 1)[0].decode("utf-8", "replace")
-    return ReaderEntry(index, state, f[1], f[2], f[3], f[4], f[5], bool(f[6]), f[8], f[9], name,
-                       f[11])
+    return ReaderEntry(index, state, f[1], f[2], f[3], f[4], f[5], f[6] != f[7], f[8], f[9],
+                       name, f[11])
 
 
 def encode_name(name: str) -> bytes:

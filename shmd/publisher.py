@@ -6,20 +6,21 @@ Publishing a batch of n records is::
     reserve_seq = write_seq + n          (readers: these slots are in flux)
     write n slots (header + payload)     (plain stores into the ring)
     write_seq = reserve_seq              (commit: readers may read them)
-    fence; if any reader sleeps: lock, pick the sleepers that subscribed to
-    a topic in the batch, clear their asleep flags, unlock, write their
-    eventfds
+    fence; if sleep_count moved since we last looked (a reader announced a
+    sleep): every entry with sleep_seq != wake_seq that subscribed to a topic
+    in the batch gets wake_seq = sleep_seq and one eventfd write
 
-so a reader that is awake costs the writer no syscall and no lock, and the
-shared mutex is taken only when somebody sleeps.  The sleep handshake is
-Dekker's: the reader stores ``asleep`` then loads ``write_seq``, the writer
-stores ``write_seq`` then loads ``sleepers``, each with a full fence in
+so a reader that is awake costs the writer no syscall, and publishing never
+takes the shared mutex.  Every word of the sleep handshake has one writer:
+``sleep_seq`` the reader, ``wake_seq`` the writer, ``sleep_count`` the
+readers (among themselves under the mutex).  It is Dekker's: the reader
+stores ``sleep_seq``/``sleep_count`` then loads ``write_seq``, the writer
+stores ``write_seq`` then loads ``sleep_count``, each with a full fence in
 between, so at least one of them sees the other (see Subscriber.prepare_sleep).
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
 import struct
@@ -45,7 +46,6 @@ from shmd.layout import (
     ALL_TOPICS,
     OFF_BYTES_PUBLISHED,
     OFF_READERS,
-    R_ASLEEP,
     R_ATTACHED_NS,
     R_CURSOR,
     R_DELIVERED,
@@ -53,12 +53,15 @@ from shmd.layout import (
     R_LOST,
     R_NAME,
     R_PID,
+    R_SLEEP_SEQ,
     R_STATE,
     R_TOKEN,
     R_TOPICS,
+    R_WAKE_SEQ,
     READER_ENTRY_SIZE,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
+    TOPIC_MAX,
     Geometry,
     Header,
     Policy,
@@ -73,6 +76,14 @@ from shmd.segment import Segment
 log = structlog.get_logger("shmd.publisher")
 
 _ONE = (1).to_bytes(8, "little")
+_SLEEP = R_SLEEP_SEQ // 4
+_WAKE = R_WAKE_SEQ // 4
+_TSO = libc.TSO
+_fence = libc.fence
+_RESERVE_SEQ = Segment.RESERVE_SEQ
+_WRITE_SEQ = Segment.WRITE_SEQ
+_BYTES_PUBLISHED = Segment.BYTES_PUBLISHED
+_SLEEP_COUNT = Segment.SLEEP_COUNT
 
 
 @dataclass(slots=True)
@@ -140,6 +151,20 @@ class Publisher:
         self._slot = self.geometry.slot_size
         self._max_payload = self.geometry.max_payload
         self._pack = RECORD_HEADER.pack_into
+        # The segment's views, for the hot paths (one lookup instead of two).
+        self._q, self._u, self._ring = segment.q, segment.u, segment.ring
+        self._block = policy is Policy.BLOCK
+        #: Block policy: seqs below this are known to be free for every reader
+        #: (cursors only move forward), so most publishes skip the space check.
+        #: Whatever can move a cursor back (a reader added, restored or
+        #: resumed) lowers it.
+        self._room_until = self._seq
+        #: ``sleep_count`` when the writer last looked at the entries (-1: look
+        #: at the next commit).
+        self._sleep_seen = -1
+        #: Readers seen asleep whose topics no commit since has carried: the
+        #: only entries to look at while ``sleep_count`` stays the same.
+        self._waiting: list[ReaderHandle] = []
         self._closed = False
         self._unlinked = False
         #: CLOCK_MONOTONIC seconds when the mutex last timed out, while that
@@ -260,13 +285,13 @@ class Publisher:
                 _, u0 = Segment.entry_words(i)
                 if seg.u[u0 + R_STATE // 4] == ReaderState.EVICTED:
                     seg.u[u0 + R_STATE // 4] = ReaderState.FREE
-            seg.recount_sleepers()
             seg.sem_drain()
             seg.u[Segment.ACTIVE] = 1
         finally:
             if locked:
                 seg.unlock()
-        self._seq = header.write_seq
+        self._seq = self._room_until = header.write_seq
+        self._sleep_seen = -1
 
     def restore_reader(self, index: int, eventfd: OwnedFd) -> ReaderHandle | None:
         """Re-own an attached entry of an adopted segment with its stored eventfd.
@@ -281,6 +306,7 @@ class Publisher:
         handle = ReaderHandle(index, entry.name, entry.pid, entry.topics, entry.token, eventfd,
                               q0, u0)
         self.readers[index] = handle
+        self._room_until = min(self._room_until, entry.cursor + self.geometry.capacity)
         return handle
 
     def resume_reader(self, index: int, pid: int, cursor: int) -> int:
@@ -297,6 +323,7 @@ class Publisher:
         seg.q[q0 + R_LAST_ACTIVE_NS // 8] = time.monotonic_ns()
         handle = self.readers[index]
         handle.pid = pid
+        self._room_until = min(self._room_until, cursor + self.geometry.capacity)
         return cursor
 
     def free_unclaimed(self) -> None:
@@ -307,17 +334,14 @@ class Publisher:
             for i in range(self.geometry.max_readers):
                 _, u0 = Segment.entry_words(i)
                 if i not in self.readers and seg.u[u0 + R_STATE // 4] != ReaderState.FREE:
-                    if seg.u[u0 + R_ASLEEP // 4]:
-                        seg.u[u0 + R_ASLEEP // 4] = 0
                     seg.u[u0 + R_STATE // 4] = ReaderState.FREE
-            seg.recount_sleepers()
         finally:
             if locked:
                 seg.unlock()
 
     def wake_all(self) -> None:
         """Write every reader's eventfd (after an adoption: 'the writer is back')."""
-        self._wake(list(self.readers.values()), clear_flags=True)
+        self._answer(list(self.readers.values()))
 
     @staticmethod
     def _remove_stale(name: str) -> None:
@@ -366,7 +390,7 @@ class Publisher:
         seg = self.segment
         seg.u[Segment.ACTIVE] = 0
         libc.fence()
-        self._wake(list(self.readers.values()), clear_flags=True)
+        self._answer(list(self.readers.values()))
 
     def close(self) -> None:
         """Close every reader eventfd and unmap the segment (does not unlink); idempotent."""
@@ -403,8 +427,7 @@ class Publisher:
         succeeds again every attempt only tries (no wait): a holder that
         never lets go (a stopped or hostile reader) costs the writer one
         ``mutex_timeout`` and one ``mutex_stalled`` line per stall, not one
-        per commit.  The first lock after a stall recounts ``sleepers``,
-        which the unlocked paths may have left off by one.
+        per reader-table change.  (Publishing never takes the mutex.)
         """
         stalled = self._stalled_since is not None
         result = self.segment.lock(0 if stalled else timeout)
@@ -416,24 +439,26 @@ class Publisher:
                 reader = next((h.name for h in self.readers.values() if h.pid == pid), None)
                 log.warning("mutex_stalled", segment=self.name, holder_tid=tid, holder_pid=pid,
                             reader=reader, timeout=timeout,
-                            action="publishing on without the mutex until it is free again")
+                            action="changing the reader table without the mutex until it is free "
+                                   "again (publishing never takes it)")
             return False
         if result is libc.LockResult.OWNER_DIED:
             self._repair()
         if stalled:
             assert self._stalled_since is not None
             log.info("mutex_recovered", segment=self.name,
-                     stalled=round(time.monotonic() - self._stalled_since, 3),
-                     sleepers=self.segment.recount_sleepers())
+                     stalled=round(time.monotonic() - self._stalled_since, 3))
             self._stalled_since = None
         return True
 
     def _repair(self) -> None:
         """Make the table consistent after a lock holder died (we hold the lock).
 
-        Recount ``sleepers`` (see Segment.recount_sleepers) and free the
-        entries of dead processes this writer does not know (left by a
-        previous writer's readers).
+        Free the entries of dead processes this writer does not know (left
+        by a previous writer's readers).  Nothing else can be half-done: the
+        only word readers change under the mutex is ``sleep_count``, whose
+        value means nothing (only its changes do), and the writer's own
+        table changes are its own to finish.
         """
         seg = self.segment
         freed = []
@@ -443,9 +468,7 @@ class Publisher:
                     and not pid_alive(seg.u[u0 + R_PID // 4])):
                 seg.u[u0 + R_STATE // 4] = ReaderState.FREE
                 freed.append(i)
-        sleepers = seg.recount_sleepers()
-        log.warning("mutex_owner_died", role="writer", segment=self.name, sleepers=sleepers,
-                    freed_entries=freed)
+        log.warning("mutex_owner_died", role="writer", segment=self.name, freed_entries=freed)
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -496,7 +519,8 @@ class Publisher:
             seg.q[q0 + R_ATTACHED_NS // 8] = now
             seg.q[q0 + R_TOPICS // 8] = topics
             seg.q[q0 + R_TOKEN // 8] = token
-            seg.u[u0 + R_ASLEEP // 4] = 0
+            seg.u[u0 + _SLEEP] = 0
+            seg.u[u0 + _WAKE] = 0
             seg.u[u0 + R_PID // 4] = pid
             seg.control[off + R_NAME : off + R_NAME + 32] = raw_name
             seg.u[u0 + R_STATE // 4] = ReaderState.ATTACHED
@@ -505,6 +529,7 @@ class Publisher:
                 self.segment.unlock()
         handle = ReaderHandle(index, name, pid, topics, token, efd, q0, u0)
         self.readers[index] = handle
+        self._room_until = min(self._room_until, cursor + self.geometry.capacity)
         return handle
 
     def remove_reader(self, index: int) -> ReaderEntry | None:
@@ -517,11 +542,10 @@ class Publisher:
             return None
         seg = self.segment
         entry = seg.entry(index)
+        if handle in self._waiting:
+            self._waiting.remove(handle)
         locked = self._lock(self.mutex_timeout)
         try:
-            if seg.u[handle.u0 + R_ASLEEP // 4]:
-                seg.u[handle.u0 + R_ASLEEP // 4] = 0
-                seg.u[Segment.SLEEPERS] = max(0, seg.u[Segment.SLEEPERS] - 1)
             seg.u[handle.u0 + R_STATE // 4] = ReaderState.FREE
         finally:
             if locked:
@@ -536,8 +560,39 @@ class Publisher:
     # -- publishing ---------------------------------------------------------------------
 
     def publish(self, payload: bytes | bytearray | memoryview, topic: int = 0) -> int:
-        """Publish one record; returns its seq."""
-        return self.publish_batch((payload,), topic)
+        """Publish one record; returns its seq.
+
+        The latency path (one record, often to a sleeping reader): the same
+        steps as a batch of one, written out flat, because every call and
+        attribute lookup here is paid again, cold, after each sleep.
+        """
+        if self._closed:
+            raise SegmentClosed("Failed to publish since the publisher was closed")
+        length = len(payload)
+        if length > self._max_payload or not 0 <= topic <= TOPIC_MAX:
+            check_record(length, topic, self._max_payload)
+        seq = self._seq
+        if self._block and seq >= self._room_until:
+            self._wait_for_space(1)
+        q = self._q
+        q[_RESERVE_SEQ] = seq + 1
+        if not _TSO:
+            libc.store_fence()  # the reserve must be visible before the slot changes
+        ring = self._ring
+        off = (seq & self._mask) * self._slot
+        self._pack(ring, off, seq, time.monotonic_ns(), length, topic, 0, 0)
+        off += RECORD_HEADER_SIZE
+        ring[off : off + length] = payload
+        # _commit, inline: the wake-up first, statistics after it.
+        if not _TSO:
+            libc.store_fence()  # the slot must be visible before the commit
+        q[_WRITE_SEQ] = self._seq = seq + 1
+        _fence()  # StoreLoad: see _commit
+        count = self._u[_SLEEP_COUNT]
+        if count != self._sleep_seen or self._waiting:
+            self._wake_sleepers(count, 1 << topic)
+        q[_BYTES_PUBLISHED] += length
+        return seq
 
     def publish_batch(
         self, payloads: Sequence[bytes | bytearray | memoryview], topic: int = 0,
@@ -561,7 +616,7 @@ class Publisher:
     ) -> None:
         n = len(payloads)
         seg = self.segment
-        if self.policy is Policy.BLOCK:
+        if self._block:
             self._wait_for_space(n)
         seq = self._seq
         seg.q[Segment.RESERVE_SEQ] = seq + n
@@ -623,7 +678,7 @@ class Publisher:
         """
         self._check_open()
         check_record(size, topic, self._max_payload)
-        if self.policy is Policy.BLOCK:
+        if self._block:
             self._wait_for_space(1)
         seq = self._seq
         self.segment.q[Segment.RESERVE_SEQ] = seq + 1
@@ -642,7 +697,7 @@ class Publisher:
         if not 1 <= count <= self.geometry.capacity:
             raise ValueError(f"Failed to reserve {count} slots since the ring has "
                              f"{self.geometry.capacity}")
-        if self.policy is Policy.BLOCK:
+        if self._block:
             self._wait_for_space(count)
         seq = self._seq
         self.segment.q[Segment.RESERVE_SEQ] = seq + count
@@ -667,71 +722,81 @@ class Publisher:
     def _commit(self, new_seq: int, nbytes: int, topics: int) -> None:
         seg = self.segment
         q = seg.q
-        libc.store_fence()  # the slots must be visible before the commit
-        q[Segment.WRITE_SEQ] = new_seq
-        q[Segment.BYTES_PUBLISHED] += nbytes
-        self._seq = new_seq
+        if not _TSO:
+            libc.store_fence()  # the slots must be visible before the commit
+        q[Segment.WRITE_SEQ] = self._seq = new_seq
         # StoreLoad: our write_seq store must be visible before we read
-        # `sleepers`, or a reader going to sleep right now and we could miss
-        # each other (it sees the old write_seq, we see no sleeper).
+        # `sleep_count`, or a reader going to sleep right now and we could
+        # miss each other (it sees the old write_seq, we see no new sleeper).
         libc.fence()
-        if seg.u[Segment.SLEEPERS] == 0:
-            return  # every reader is awake and will see the new records itself
-        wake = []
-        if self._lock(self.mutex_timeout):
-            try:
-                u = seg.u
-                for h in self.readers.values():
-                    a = h.u0 + R_ASLEEP // 4
-                    if u[a] and h.topics & topics:
-                        u[a] = 0
-                        u[Segment.SLEEPERS] -= 1
-                        wake.append(h)
-            finally:
-                seg.unlock()
-        else:
-            # Somebody holds the mutex too long (a stopped or hostile
-            # reader).  We must not wait for it: wake every subscriber
-            # whose flag looks set.  A spurious wake-up only costs that
-            # reader one empty drain; its flag is cleared by itself.
-            wake = [h for h in self.readers.values()
-                    if seg.u[h.u0 + R_ASLEEP // 4] and h.topics & topics]
-        self._wake(wake, clear_flags=False)
+        count = seg.u[Segment.SLEEP_COUNT]
+        # Unchanged, and nobody left waiting for a topic: every reader is
+        # awake and will see the records itself.
+        if count != self._sleep_seen or self._waiting:
+            self._wake_sleepers(count, topics)
+        q[Segment.BYTES_PUBLISHED] += nbytes
 
-    def _wake(self, handles: Iterable[ReaderHandle], *, clear_flags: bool) -> None:
-        if clear_flags:
-            seg = self.segment
-            locked = self._lock(self.mutex_timeout)
-            try:
-                for h in handles:
-                    if seg.u[h.u0 + R_ASLEEP // 4]:
-                        seg.u[h.u0 + R_ASLEEP // 4] = 0
-                        seg.u[Segment.SLEEPERS] = max(0, seg.u[Segment.SLEEPERS] - 1)
-            finally:
-                if locked:
-                    seg.unlock()
+    def _wake_sleepers(self, count: int, topics: int) -> None:
+        """Answer every sleep announcement of a reader subscribed to ``topics``.
+
+        A reader announces by bumping its own ``sleep_seq`` and then, under
+        the mutex, ``sleep_count``; the writer answers by storing
+        ``wake_seq = sleep_seq`` and writing the eventfd.  When
+        ``sleep_count`` has not moved since the last look, only readers seen
+        asleep for other topics can still want a wake-up.
+        """
+        u = self.segment.u
+        candidates = self.readers.values() if count != self._sleep_seen else self._waiting
+        # Read before the entries: an announcement made after this load
+        # moves sleep_count again and is seen at the next commit.
+        self._sleep_seen = count
+        wake: list[ReaderHandle] = []
+        waiting: list[ReaderHandle] = []
+        for h in candidates:
+            asked = u[h.u0 + _SLEEP]
+            if asked != u[h.u0 + _WAKE]:
+                if h.topics & topics:
+                    u[h.u0 + _WAKE] = asked
+                    wake.append(h)
+                else:
+                    waiting.append(h)
+        self._waiting = waiting
+        for h in wake:
+            self._write_eventfd(h)
+
+    def _answer(self, handles: Iterable[ReaderHandle]) -> None:
+        """Wake these readers whatever they announced (shutdown, adoption, eviction)."""
+        u = self.segment.u
         for h in handles:
-            fd = h.eventfd.fileno()
-            # O_NONBLOCK is a flag of the open file description, which the
-            # reader's copy of the eventfd shares: a reader can clear it, and
-            # a blocking write on a full counter would then hang the writer.
-            # Put it back first.  (A reader clearing it again between these
-            # two calls could still win; see docs/RELIABILITY.md.)
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            if not flags & os.O_NONBLOCK:
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-                if (h.index, h.token) not in self._tampered:
-                    self._tampered.add((h.index, h.token))
-                    log.warning("eventfd_tampered", segment=self.name, reader=h.name,
-                                pid=h.pid, index=h.index,
-                                error="the reader cleared O_NONBLOCK on its eventfd; restored")
-            try:
-                os.write(fd, _ONE)
-            except BlockingIOError:
-                # The counter is at its maximum: the reader has not read its
-                # eventfd for 2**64-2 wake-ups.  It is readable already, so
-                # the reader will wake; dropping this write loses nothing.
-                pass
+            u[h.u0 + _WAKE] = u[h.u0 + _SLEEP]
+            self._write_eventfd(h)
+
+    def _restore_nonblocking(self, h: ReaderHandle, fd: int) -> None:
+        os.set_blocking(fd, False)
+        if (h.index, h.token) not in self._tampered:
+            self._tampered.add((h.index, h.token))
+            log.warning("eventfd_tampered", segment=self.name, reader=h.name,
+                        pid=h.pid, index=h.index,
+                        error="the reader cleared O_NONBLOCK on its eventfd; restored")
+
+    def _write_eventfd(self, h: ReaderHandle) -> None:
+        fd = h.eventfd.fileno()
+        # O_NONBLOCK is a flag of the open file description, which the
+        # reader's copy of the eventfd shares: a reader can clear it, and a
+        # blocking write on a full counter would then hang the writer.  Put
+        # it back first.  (A reader clearing it again between these two
+        # calls could still win; see docs/RELIABILITY.md.)  This costs one
+        # F_GETFL per wake-up, and the writer writes an eventfd only to
+        # answer a reader that announced a sleep.
+        if os.get_blocking(fd):
+            self._restore_nonblocking(h, fd)
+        try:
+            os.write(fd, _ONE)
+        except BlockingIOError:
+            # The counter is at its maximum: the reader has not read its
+            # eventfd for 2**64-2 wake-ups.  It is readable already, so the
+            # reader will wake; dropping this write loses nothing.
+            pass
 
     # -- block policy ----------------------------------------------------------------
 
@@ -748,22 +813,28 @@ class Publisher:
         """Block policy: wait until the slowest reader leaves ``n`` free slots.
 
         Sleeps on the segment's semaphore (the writer needs no epoll for
-        this); readers post it after advancing their cursor when they see
-        ``writer_waiting``.  A reader that holds the bus up longer than
-        ``block_timeout`` is evicted, never waited on forever.
+        this), at most WAIT_SLICE at a time; readers post it after advancing
+        their cursor when they see ``writer_waiting``.  A reader that holds the bus up longer than
+        ``block_timeout`` is evicted, never waited on forever.  What it
+        finds free is remembered (``_room_until``), so the next publishes
+        skip the check until they get there.
         """
+        if self._seq + n <= self._room_until:
+            return
         cap = self.geometry.capacity
         seg = self.segment
         deadline = time.monotonic() + self.block_timeout
         while True:
             slowest, who = self._slowest()
             if who is None or free_slots(self._seq, slowest, cap) >= n:
+                self._room_until = slowest + cap
                 return
             seg.u[Segment.WRITER_WAITING] = 1
-            libc.fence()  # StoreLoad: pairs with the reader's fence after its cursor store
+            libc.fence()  # StoreLoad: our flag before the cursors we re-read
             slowest, who = self._slowest()
             if who is None or free_slots(self._seq, slowest, cap) >= n:
                 seg.u[Segment.WRITER_WAITING] = 0
+                self._room_until = slowest + cap
                 return
             # A reader asleep behind us slept through records of topics it
             # did not subscribe to (a commit wakes subscribers only): it
@@ -773,16 +844,21 @@ class Publisher:
             # asleep yet cannot fall asleep now: prepare_sleep sees
             # write_seq past its cursor and withdraws.)
             behind = [h for h in self.readers.values()
-                      if seg.u[h.u0 + R_ASLEEP // 4]
+                      if seg.u[h.u0 + _SLEEP] != seg.u[h.u0 + _WAKE]
                       and free_slots(self._seq, seg.q[h.q0 + R_CURSOR // 8], cap) < n]
             if behind:
-                self._wake(behind, clear_flags=True)
+                self._answer(behind)
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not seg.sem_wait(remaining):
+            if remaining <= 0:
                 seg.u[Segment.WRITER_WAITING] = 0
                 self._evict_laggards(n)
                 deadline = time.monotonic() + self.block_timeout
                 continue
+            # Readers post after moving their cursor without a fence of their
+            # own (it would cost every read; see Subscriber._publish_cursor),
+            # so a post can be missed once: re-checking every WAIT_SLICE
+            # bounds what that costs.
+            seg.sem_wait(min(remaining, WAIT_SLICE))
             seg.u[Segment.WRITER_WAITING] = 0
 
     def _evict_laggards(self, n: int) -> None:
@@ -794,11 +870,13 @@ class Publisher:
             cursor = seg.q[h.q0 + R_CURSOR // 8]
             seg.u[h.u0 + R_STATE // 4] = ReaderState.EVICTED
             self.readers.pop(h.index, None)
+            if h in self._waiting:
+                self._waiting.remove(h)
             ev = Eviction(h.index, h.name, h.pid, cursor, self._seq)
             self.evictions.append(ev)
             log.warning("reader_evicted", segment=self.name, reader=h.name, pid=h.pid,
                         seq=cursor, write_seq=self._seq, timeout=self.block_timeout)
-            self._wake([h], clear_flags=True)
+            self._answer([h])
             h.eventfd.close()
 
     def free_evicted(self, index: int) -> None:
@@ -816,6 +894,8 @@ class Publisher:
             q[Segment.RATE_MILLI] = max(0, round(rate * 1000))
 
 
+#: Block policy: the longest the writer sleeps before it re-checks the cursors.
+WAIT_SLICE = 0.01
 #: Slots larger than this take the loop (the per-record overhead no longer matters).
 _DENSE_SLOT_MAX = 2048
 #: Bytes built per join in the dense path.

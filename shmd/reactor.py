@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import os
 import select
 import signal
@@ -138,9 +137,9 @@ class ReaderLoop:
     ``on_records(batch)`` gets every non-empty batch of ``(seq,
     timestamp_ns, topic, payload)`` tuples (:meth:`Subscriber.read_batch`).  The daemon adds its
     own fds (control socket, signal pipe) to ``reactor``; their handlers may
-    call :meth:`stop`.  The eventfd is consumed before draining: a wake-up
-    that arrives while we drain stays pending and costs one empty pass at
-    most, never a lost record.
+    call :meth:`stop`.  The eventfd is consumed by
+    :meth:`Subscriber.prepare_sleep`, before the sleep is announced, so a
+    wake-up costs this loop no syscall but the epoll_wait that returns it.
     """
 
     def __init__(
@@ -164,15 +163,11 @@ class ReaderLoop:
         self.reactor.add(sub.eventfd.fileno(), self._on_eventfd)
 
     def _on_eventfd(self, events: int) -> None:
-        eventfd = self.sub.eventfd
-        assert eventfd is not None
-        try:
-            os.read(eventfd.fileno(), 8)
-        except BlockingIOError:
-            pass
-        except OSError as exc:  # pragma: no cover - an eventfd read fails only on EAGAIN
-            if exc.errno != errno.EAGAIN:
-                raise
+        """Nothing to do: the wake-up only had to end the epoll_wait.
+
+        The counter stays readable (level-triggered) until the next
+        prepare_sleep drains it, which is before this loop can sleep again.
+        """
 
     def stop(self) -> None:
         """Make :meth:`run` return STOPPED at its next turn."""
@@ -210,7 +205,6 @@ class ReaderLoop:
             if sleep is None or (limit is not None and limit < sleep):
                 sleep = limit
             self.reactor.poll(sleep)
-            sub.woke()
         return LoopExit.STOPPED
 
     def close(self) -> None:
@@ -259,6 +253,12 @@ async def aiter_records(
                 await asyncio.wait_for(ready.wait(), sleep)
             except TimeoutError:
                 pass
-            sub.woke()
+            # asyncio watches the fd level-triggered: left readable until the
+            # next prepare_sleep, it would call ready.set on every turn of the
+            # event loop while the consumer works on the batch.
+            try:
+                os.read(fd, 8)
+            except BlockingIOError:
+                pass
     finally:
         loop.remove_reader(fd)

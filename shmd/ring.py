@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import NamedTuple
 
 from shmd.errors import PayloadTooLarge, TopicError
 from shmd.layout import RECORD_HEADER, RECORD_HEADER_SIZE, TOPIC_MAX
@@ -35,19 +34,18 @@ def oldest_present(reserve_seq: int, capacity: int) -> int:
     return max(0, reserve_seq - capacity)
 
 
-class ReadPlan(NamedTuple):
-    """Which records a reader at ``cursor`` reads next."""
+def plan_read(
+    cursor: int, write_seq: int, reserve_seq: int, capacity: int, limit: int,
+) -> tuple[int, int, int]:
+    """Records ``[start, end)`` to read from ``cursor``, at most ``limit`` of them.
 
-    start: int  #: first seq to read
-    end: int  #: one past the last seq to read
-    lost: int  #: records the writer overwrote before the reader got to them
-
-
-def plan_read(cursor: int, write_seq: int, reserve_seq: int, capacity: int, limit: int) -> ReadPlan:
-    """Records ``[start, end)`` to read from ``cursor``, at most ``limit`` of them."""
+    Returns ``(start, end, lost)``: ``lost`` records the writer overwrote
+    before the reader got to them.  (A plain tuple: this runs once per read,
+    and building a NamedTuple would cost more than the arithmetic.)
+    """
     start = max(cursor, oldest_present(reserve_seq, capacity))
     end = min(write_seq, start + limit) if write_seq > start else start
-    return ReadPlan(start, end, start - cursor)
+    return start, end, start - cursor
 
 
 def still_valid(seq: int, reserve_seq: int, capacity: int) -> bool:

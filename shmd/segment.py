@@ -40,17 +40,14 @@ from shmd.layout import (
     OFF_RATE_MILLI,
     OFF_RESERVE_SEQ,
     OFF_SEM,
-    OFF_SLEEPERS,
+    OFF_SLEEP_COUNT,
     OFF_WRITE_SEQ,
     OFF_WRITER_PID,
     OFF_WRITER_WAITING,
-    R_ASLEEP,
-    R_STATE,
     Geometry,
     Header,
     Policy,
     ReaderEntry,
-    ReaderState,
     decode_entry,
     decode_header,
     encode_header,
@@ -291,7 +288,7 @@ class Segment:
     ACTIVE = OFF_ACTIVE // 4
     WRITER_PID = OFF_WRITER_PID // 4
     WRITER_WAITING = OFF_WRITER_WAITING // 4
-    SLEEPERS = OFF_SLEEPERS // 4
+    SLEEP_COUNT = OFF_SLEEP_COUNT // 4
 
     @staticmethod
     def entry_words(index: int) -> tuple[int, int]:
@@ -326,20 +323,6 @@ class Segment:
     def mutex_owner(self) -> int:
         """The tid holding the mutex, 0 if none (diagnostics only)."""
         return libc.mutex_owner_tid(self.control, OFF_MUTEX)
-
-    def recount_sleepers(self) -> int:
-        """Recompute ``sleepers`` from the asleep flags (caller holds the mutex).
-
-        The repair after EOWNERDEAD: a holder that died between setting its
-        flag and counting itself left the two out of step.
-        """
-        n = 0
-        for i in range(self.geometry.max_readers):
-            _, u0 = self.entry_words(i)
-            if self.u[u0 + R_STATE // 4] == ReaderState.ATTACHED:
-                n += self.u[u0 + R_ASLEEP // 4]
-        self.u[self.SLEEPERS] = n
-        return n
 
     def sem_post(self) -> None:
         """Wake the writer waiting for space (block policy)."""

@@ -1,6 +1,6 @@
 """The reader side of the bus: read every record from a cursor, sleep when idle.
 
-A reader writes only into the control part (the mutex, ``sleepers`` and its
+A reader writes only into the control part (the mutex, ``sleep_count`` and its
 own table entry); the ring is mapped read-only.  Reading a batch::
 
     W = write_seq; R = reserve_seq          (what is committed, what is in flux)
@@ -16,8 +16,10 @@ resumes at the oldest record still present.
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
+import struct
 import time
 from typing import NamedTuple
 
@@ -28,14 +30,15 @@ from shmd._sys.fd import OwnedFd
 from shmd.errors import ReaderEvicted, SegmentClosed, SegmentLayoutError
 from shmd.layout import (
     ALL_TOPICS,
-    R_ASLEEP,
     R_CURSOR,
     R_DELIVERED,
     R_LAST_ACTIVE_NS,
     R_LOST,
+    R_SLEEP_SEQ,
     R_STATE,
     R_TOKEN,
     R_TOPICS,
+    R_WAKE_SEQ,
     RECORD_HEADER_SIZE,
     Policy,
     ReaderState,
@@ -44,6 +47,12 @@ from shmd.ring import plan_read, runs, slot_stride, still_valid
 from shmd.segment import Segment
 
 log = structlog.get_logger("shmd.subscriber")
+
+_STATE = R_STATE // 4
+_ATTACHED = int(ReaderState.ATTACHED)
+_TSO = libc.TSO
+#: (seq, timestamp_ns, length, topic) of the record header at an offset.
+_HEAD = struct.Struct("<QQII").unpack_from
 
 
 class Record(NamedTuple):
@@ -63,6 +72,25 @@ RawRecord = tuple[int, int, int, bytes | memoryview]
 #: How long a reader sleeps when it cannot take the mutex to announce its sleep
 #: (someone holds it far too long): it re-checks rather than risk a lost wake-up.
 DEGRADED_SLEEP = 0.05
+
+
+def _drop_lapped(
+    out: list[RawRecord], start: int, end: int, cut: int, everything: bool,
+) -> list[RawRecord]:
+    """The records of a batch read ``[start, end)`` that the writer did not lap.
+
+    The writer lapped us while we copied: every slot of a seq below ``cut``
+    may hold a torn record or a whole one of a later lap.  Those positions
+    are dropped (the caller counts them lost).  The header seq cannot say
+    which to drop (a later lap's record there carries seq + capacity);
+    positions can: with every topic, ``out`` holds one record per position
+    from ``start``.  With a topic filter, a slot of a seq at or above ``cut``
+    was not touched, so its header seq is its position, and a later lap's
+    record carries a seq of at least ``end``.
+    """
+    if everything:
+        return out[cut - start :]
+    return [r for r in out if cut <= r[0] < end]
 
 
 class Subscriber:
@@ -99,6 +127,8 @@ class Subscriber:
         self.delivered = 0
         self.lost = 0
         self._held = False  # records read with hold=True whose slots are not released
+        #: The cursor at our last post of the writer's semaphore (block policy).
+        self._posted_at = -1
         self._check_entry()
 
     @classmethod
@@ -158,7 +188,7 @@ class Subscriber:
         new = tuple.__new__
         return [new(Record, t) for t in self.read_batch(limit, copy=copy)]
 
-    def read_batch(
+    def read_batch(  # noqa: PLR0912, PLR0915 - flat on purpose: each call costs, cold, after a sleep
         self, limit: int = 4096, *, copy: bool = True, hold: bool = False,
     ) -> list[RawRecord]:
         """As :meth:`read`, as plain ``(seq, timestamp_ns, topic, payload)`` tuples.
@@ -182,21 +212,74 @@ class Subscriber:
         write_seq = q[Segment.WRITE_SEQ]
         cursor = self._cursor
         if write_seq <= cursor:
+            if self._block:
+                self._post_owed()
             return []
-        self._check_entry()
-        libc.load_fence()  # write_seq before reserve_seq and the slots
-        plan = plan_read(cursor, write_seq, q[Segment.RESERVE_SEQ], self._cap, limit)
-        out: list[RawRecord] = []
+        u, u0 = seg.u, self._u0
+        if (u[u0 + _STATE] != _ATTACHED
+                or q[self._q0 + R_TOKEN // 8] != self._token):
+            self._check_entry()  # raises the error that says what happened
+        if not _TSO:
+            libc.load_fence()  # write_seq before reserve_seq and the slots
+        reserve, cap = q[Segment.RESERVE_SEQ], self._cap
+        if cursor + cap >= reserve:  # not lapped: plan_read's answer, without the call
+            start, end, lost = cursor, min(write_seq, cursor + limit), 0
+        else:
+            start, end, lost = plan_read(cursor, write_seq, reserve, cap, limit)
         ring = seg.ring
         # Slicing the mmap copies into a bytes object; slicing the memoryview
         # makes a view into the ring (zero-copy).
         src = self._ring_map if copy else ring
         assert src is not None
-        slot, mask, hdr, stride = self._slot, self._mask, RECORD_HEADER_SIZE, self._stride
+        slot, mask = self._slot, self._mask
         tmask = self._topics
         everything = tmask == ALL_TOPICS
+        if end - start == 1:
+            # One record (a paced stream, woken per record): the same steps
+            # as below without building a run, which after a sleep, with
+            # cold caches, costs more than the record itself.
+            base = (start & mask) * slot
+            seq, ts, length, topic = _HEAD(ring, base)
+            bad = start if seq != start else -1
+            base += RECORD_HEADER_SIZE
+            out: list[RawRecord] = ([(seq, ts, topic, src[base : base + length])]
+                                    if everything or tmask >> topic & 1 else [])
+        else:
+            out, bad = self._read_runs(src, start, end, tmask if not everything else None)
+        if not _TSO:
+            libc.load_fence()  # the copies before the re-read
+        oldest_ok = q[Segment.RESERVE_SEQ] - cap
+        if start < oldest_ok:
+            cut = min(oldest_ok, end)
+            lost += cut - start
+            out = _drop_lapped(out, start, end, cut, everything)
+        elif bad >= 0:
+            raise SegmentLayoutError(
+                f"Failed to read record {bad} since its slot holds another record although "
+                "the writer had not lapped us (corrupt segment)"
+            )
+        self._cursor = end
+        self.delivered += len(out)
+        self.lost += lost
+        if hold:
+            self._held = True
+        else:
+            self._publish_cursor()
+        return out
+
+    def _read_runs(
+        self, src: mmap.mmap | memoryview, start: int, end: int, tmask: int | None,
+    ) -> tuple[list[RawRecord], int]:
+        """Records ``[start, end)`` (of topics in ``tmask``, None: all), and the
+        first seq whose slot held another record (-1: none)."""
+        ring = self.segment.ring
+        slot, mask, hdr, stride = self._slot, self._mask, RECORD_HEADER_SIZE, self._stride
+        out: list[RawRecord] = []
         bad = -1
-        for first, count in runs(plan.start, plan.end, self._cap):
+        # Most reads do not wrap the ring: one run, without a generator.
+        pieces = (runs(start, end, self._cap) if (start & mask) + end - start > self._cap
+                  else ((start, end - start),) if end > start else ())
+        for first, count in pieces:
             base = (first & mask) * slot
             # One C-level pass decodes every header of the run.
             heads = list(stride.iter_unpack(ring[base : base + count * slot]))
@@ -208,47 +291,13 @@ class Subscriber:
             if bad < 0 and (heads[0][0] != first or heads[-1][0] != first + count - 1):
                 bad = first
             starts = range(base + hdr, base + count * slot, slot)
-            if everything:
+            if tmask is None:
                 out += [(h[0], h[1], h[3], src[o : o + h[2]])
                         for h, o in zip(heads, starts, strict=True)]
             else:
                 out += [(h[0], h[1], h[3], src[o : o + h[2]])
                         for h, o in zip(heads, starts, strict=True) if tmask >> h[3] & 1]
-        libc.load_fence()  # the copies before the re-read
-        oldest_ok = q[Segment.RESERVE_SEQ] - self._cap
-        lost = plan.lost
-        if plan.start < oldest_ok:
-            # The writer lapped us while we copied: every slot of a seq
-            # below oldest_ok may hold a torn record or a whole one of a
-            # later lap.  Drop those positions and count them.  The header
-            # seq cannot say which to drop (a later lap's record there
-            # carries seq + capacity); positions can: with every topic,
-            # out holds one record per position from plan.start.  With a
-            # topic filter, a slot of a seq at or above oldest_ok was not
-            # touched, so its header seq is its position, and a later
-            # lap's record carries a seq of at least plan.end.
-            cut = min(oldest_ok, plan.end)
-            lost += cut - plan.start
-            if everything:
-                out = out[cut - plan.start :]
-            else:
-                out = [r for r in out if cut <= r[0] < plan.end]
-        elif bad >= 0:
-            raise SegmentLayoutError(
-                f"Failed to read record {bad} since its slot holds another record although "
-                "the writer had not lapped us (corrupt segment)"
-            )
-        self._advance(plan.end, len(out), lost, hold)
-        return out
-
-    def _advance(self, cursor: int, delivered: int, lost: int, hold: bool = False) -> None:
-        self._cursor = cursor
-        self.delivered += delivered
-        self.lost += lost
-        if hold:
-            self._held = True
-        else:
-            self._publish_cursor()
+        return out, bad
 
     def release(self) -> None:
         """Let the writer reuse the slots of records read with ``hold=True``.
@@ -268,12 +317,22 @@ class Subscriber:
         q[q0 + R_DELIVERED // 8] = self.delivered
         q[q0 + R_LOST // 8] = self.lost
         q[q0 + R_LAST_ACTIVE_NS // 8] = time.monotonic_ns()
-        if self._block:
-            # StoreLoad, pairing with the writer's fence after it sets
-            # writer_waiting: one of us sees the other's store.
-            libc.fence()
-            if seg.u[Segment.WRITER_WAITING]:
-                seg.sem_post()
+        # No fence between the cursor store and the writer_waiting load: a
+        # fence here would be paid on every read, and the writer waits
+        # rarely.  Without it both sides can miss each other once (the
+        # writer sees the old cursor, we see writer_waiting = 0); then we
+        # post at our next read (see _post_owed) or after prepare_sleep's
+        # fence, and the writer re-checks the cursors every
+        # WAIT_SLICE anyway (Publisher._wait_for_space).
+        if self._block and seg.u[Segment.WRITER_WAITING]:
+            self._posted_at = cursor
+            seg.sem_post()
+
+    def _post_owed(self) -> None:
+        """Post the writer that waits for space we freed but did not post for."""
+        if self._posted_at != self._cursor and self.segment.u[Segment.WRITER_WAITING]:
+            self._posted_at = self._cursor
+            self.segment.sem_post()
 
     def carry_over(self, delivered: int, lost: int) -> None:
         """Continue counting from another subscriber's totals (a reader resuming on a
@@ -290,9 +349,10 @@ class Subscriber:
         if result is libc.LockResult.TIMEOUT:
             return False
         if result is libc.LockResult.OWNER_DIED:
-            sleepers = self.segment.recount_sleepers()
-            log.warning("mutex_owner_died", role="reader", segment=self.segment.name,
-                        sleepers=sleepers)
+            # Nothing to repair for us: the one word readers change under the
+            # mutex is sleep_count, and only its changes mean anything (ours
+            # follows right away).
+            log.warning("mutex_owner_died", role="reader", segment=self.segment.name)
         return True
 
     def prepare_sleep(self) -> float | None:
@@ -301,6 +361,13 @@ class Subscriber:
         Returns how long to sleep: 0.0 = do not (records arrived or the
         writer went inactive in between), None = until the eventfd fires,
         or a short timeout when the mutex could not be taken in time.
+
+        The eventfd is drained here, before announcing, not after waking:
+        the wake-up path then costs no syscall, and a write answering this
+        announcement can only come after the drain.  An announcement the
+        writer has not answered yet (we withdrew it, or woke for something
+        else) stands: the writer answers it at its next commit with one
+        eventfd write, so we do not announce again.
         """
         seg = self.segment
         u, q = seg.u, seg.q
@@ -308,40 +375,30 @@ class Subscriber:
             self.release()  # a sleeping reader must not hold the writer up
         if q[Segment.WRITE_SEQ] > self._cursor or not u[Segment.ACTIVE]:
             return 0.0
-        if not self._lock():
-            return DEGRADED_SLEEP
-        try:
-            asleep = self._u0 + R_ASLEEP // 4
-            if not u[asleep]:
-                u[asleep] = 1
-                u[Segment.SLEEPERS] += 1
-            # StoreLoad: our flag must be visible before we re-read
-            # write_seq (the writer stores write_seq, fences, reads sleepers).
-            libc.fence()
-            if q[Segment.WRITE_SEQ] > self._cursor or not u[Segment.ACTIVE]:
-                u[asleep] = 0
-                u[Segment.SLEEPERS] -= 1
-                return 0.0
-            return None
-        finally:
-            seg.unlock()
-
-    def woke(self) -> None:
-        """After a sleep: consume the eventfd, and withdraw the asleep flag if still set."""
+        self._check_entry()  # an evicted reader must not announce into a reused entry
         if self.eventfd is not None:
             try:
                 os.read(self.eventfd.fileno(), 8)
             except BlockingIOError:
-                pass
-        seg = self.segment
-        asleep = self._u0 + R_ASLEEP // 4
-        if seg.u[asleep] and self._lock():
+                pass  # nothing pending
+        sleep_seq = self._u0 + R_SLEEP_SEQ // 4
+        asked = u[sleep_seq]
+        if asked == u[self._u0 + R_WAKE_SEQ // 4]:
+            if not self._lock():
+                return DEGRADED_SLEEP
             try:
-                if seg.u[asleep]:
-                    seg.u[asleep] = 0
-                    seg.u[Segment.SLEEPERS] -= 1
+                u[sleep_seq] = (asked + 1) & 0xFFFFFFFF
+                u[Segment.SLEEP_COUNT] = (u[Segment.SLEEP_COUNT] + 1) & 0xFFFFFFFF
             finally:
                 seg.unlock()
+        # StoreLoad: our announcement must be visible before we re-read
+        # write_seq (the writer stores write_seq, fences, reads sleep_count).
+        libc.fence()
+        if self._block:
+            self._post_owed()  # after a fence: a writer waiting for us is seen now
+        if q[Segment.WRITE_SEQ] > self._cursor or not u[Segment.ACTIVE]:
+            return 0.0  # the announcement stands: one spurious wake-up later, no lost one
+        return None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep on the eventfd until records may be there; False on timeout.
@@ -359,7 +416,6 @@ class Subscriber:
         with select.epoll(1) as ep:
             ep.register(self.eventfd.fileno(), select.EPOLLIN)
             ready = ep.poll(-1 if timeout is None else timeout)
-        self.woke()
         return bool(ready) or self.available() > 0
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from daemons import (
 )
 
 from shmd.config import config_to_dict, load_config
-from shmd.layout import OFF_VERSION, Geometry, Policy
+from shmd.layout import LAYOUT_VERSION, OFF_VERSION, Geometry, Policy
 from shmd.segment import Segment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -394,12 +394,12 @@ def test_status_of_another_layout_version_fails_in_one_line(bus: Bus) -> None:
     # what a newer shmd would have left in /dev/shm.  The bus unlinks it.
     seg = Segment.create(bus.segment, Geometry(8, 64, 1), Policy.DROP_OLDEST)
     try:
-        seg.control[OFF_VERSION:OFF_VERSION + 4] = (2).to_bytes(4, "little")
+        seg.control[OFF_VERSION:OFF_VERSION + 4] = (LAYOUT_VERSION + 1).to_bytes(4, "little")
     finally:
         seg.close()
     assert shm_path(bus.segment).exists()
     message = one_line_error(run(bus, "status", "--segment", bus.segment, config=False))
-    assert "layout version 2" in message, message
+    assert f"layout version {LAYOUT_VERSION + 1}" in message, message
 
 
 # -- tail -------------------------------------------------------------------------------------

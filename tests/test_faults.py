@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import random
 import shutil
@@ -44,7 +45,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmd import logs, protocol, wire
-from shmd import subscriber as subscriber_module
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
 from shmd.config import ConfigError, load_config
@@ -61,6 +61,7 @@ from shmd.layout import (
     OFF_SLOT_SIZE,
     OFF_VERSION,
     OFF_WRITE_SEQ,
+    R_SLEEP_SEQ,
     Geometry,
     Policy,
     ReaderState,
@@ -123,12 +124,17 @@ def raw_attach(bus: ProcBus, instance: str) -> tuple[wire.Connection, Subscriber
     return conn, sub
 
 
-def announce_sleep(sub: Subscriber) -> None:
-    """Set this reader's asleep flag (drain first: records may keep arriving)."""
-    while True:
-        sub.read_batch()
-        if sub.prepare_sleep() is None:
-            return
+def announce_sleep_raw(sub: Subscriber) -> None:
+    """Announce a sleep as the protocol says, without Subscriber.prepare_sleep's
+    drain of the eventfd first (as a reader that does not use shmd's code may)."""
+    seg = sub.segment
+    _, u0 = Segment.entry_words(sub.index)
+    assert seg.lock(None) is libc.LockResult.ACQUIRED
+    try:
+        seg.u[u0 + R_SLEEP_SEQ // 4] += 1
+        seg.u[Segment.SLEEP_COUNT] += 1
+    finally:
+        seg.unlock()
 
 
 # -- a stalled or malicious participant cannot stop the bus ------------------------------------
@@ -137,8 +143,8 @@ def announce_sleep(sub: Subscriber) -> None:
 def test_mutex_hog_costs_the_writer_one_timeout_and_is_named(
     world: ProcBus, procs: Procs,
 ) -> None:
-    """A reader that locks the shared mutex and never unlocks is named in one mutex_stalled
-    line; the writer keeps publishing at full rate, and recovers once the hog is killed."""
+    """A reader that locks the shared mutex and never unlocks costs publishing nothing; the
+    next reader-table change names it in one mutex_stalled line; all recovers once it is killed."""
     world.configure(segment={"mutex_timeout": 0.5},
                     writer={"source": {"type": "ticker", "rate": 100.0}})
     w = world.writer()
@@ -147,9 +153,6 @@ def test_mutex_hog_costs_the_writer_one_timeout_and_is_named(
 
     def hog(ch: ChildEnd) -> None:
         _conn, sub = raw_attach(world, "hog")
-        # Asleep first, so that the writer has a reason to take the mutex at
-        # every commit (it must wake us), then hold it for ever.
-        announce_sleep(sub)
         assert sub.segment.lock(None) is libc.LockResult.ACQUIRED
         ch.send("locked")
         ch.recv(timeout=3600)
@@ -157,13 +160,17 @@ def test_mutex_hog_costs_the_writer_one_timeout_and_is_named(
     child = procs.fork(hog)
     child.expect("locked", DEADLINE)
     mark = w.mark()
+    # 100 ticks/s: if commits waited mutex_timeout for the hog (2/s), 200
+    # more ticks would take 100 s.  (The healthy reader cannot announce a
+    # sleep meanwhile: it looks again every 50 ms.)
+    receives_more(world, "healthy", 200)
+    assert not w.find("mutex_stalled", since=mark)  # publishing never takes the mutex
+    world.file_reader("late")  # a reader-table change meets the hog
     stalled = w.wait_for("mutex_stalled", DEADLINE, since=mark)
     assert (stalled["holder_tid"], stalled["holder_pid"], stalled["reader"]) == (
         child.pid, child.pid, "hog")
-    # 100 ticks/s: if every commit waited mutex_timeout for the hog (2/s),
-    # 200 more ticks would take 100 s.
-    receives_more(world, "healthy", 200)
-    assert len(w.find("mutex_stalled", since=mark)) == 1  # one line per stall, not per commit
+    receives_more(world, "late", 5)
+    assert len(w.find("mutex_stalled", since=mark)) == 1  # one line per stall
     assert child.kill() == -signal.SIGKILL
     w.wait_for("reader_lost", DEADLINE, reader="hog")
     assert w.wait_for("mutex_recovered", DEADLINE, since=mark)["stalled"] > 0
@@ -197,7 +204,7 @@ def test_an_eventfd_nobody_drains_never_blocks_the_writer(
             # File status flags belong to the open file description, which
             # the writer's copy of this eventfd shares.
             fcntl.fcntl(efd, fcntl.F_SETFL, fcntl.fcntl(efd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        announce_sleep(sub)
+        announce_sleep_raw(sub)  # the writer answers it with one write into the full counter
         ch.send("armed")
         ch.recv(timeout=3600)
 
@@ -355,15 +362,17 @@ def test_reader_lapped_while_copying_drops_positions_not_seqs(
     pub = bus.publisher(capacity=cap)
     sub = bus.subscriber(pub, start="oldest", topics=topics)
     pub.publish_batch([record(s) for s in range(cap)])
-    real_runs = subscriber_module.runs
+    real_read_runs = Subscriber._read_runs
 
-    def lapping_runs(start: int, end: int, capacity: int) -> Iterator[tuple[int, int]]:
-        monkeypatch.setattr(subscriber_module, "runs", real_runs)  # once
+    def lapping_read_runs(
+        self: Subscriber, src: mmap.mmap | memoryview, start: int, end: int, tmask: int | None,
+    ) -> tuple[list[RawRecord], int]:
+        monkeypatch.setattr(Subscriber, "_read_runs", real_read_runs)  # once
         first = pub.write_seq
         pub.publish_batch([record(s) for s in range(first, first + cap // 2)])
-        return real_runs(start, end, capacity)
+        return real_read_runs(self, src, start, end, tmask)
 
-    monkeypatch.setattr(subscriber_module, "runs", lapping_runs)
+    monkeypatch.setattr(Subscriber, "_read_runs", lapping_read_runs)
     got = sub.read(cap)
     assert [(r.seq, r.payload) for r in got] == [(s, record(s)) for s in range(cap // 2, cap)]
     assert sub.lost == cap // 2

@@ -29,10 +29,12 @@ from shmd.layout import (
     OFF_READERS,
     OFF_RESERVE_SEQ,
     OFF_SEM,
-    OFF_SLEEPERS,
+    OFF_SLEEP_COUNT,
     OFF_VERSION,
     OFF_WRITE_SEQ,
     PAGE_SIZE,
+    R_SLEEP_SEQ,
+    R_WAKE_SEQ,
     READER_ENTRY_SIZE,
     RECORD_HEADER_SIZE,
     Geometry,
@@ -134,7 +136,7 @@ def test_layout_offsets_match_the_struct() -> None:
     assert struct.unpack_from("<I", raw, OFF_CAPACITY)[0] == 16
     assert struct.unpack_from("<Q", raw, OFF_WRITE_SEQ)[0] == 1000
     assert struct.unpack_from("<Q", raw, OFF_RESERVE_SEQ)[0] == 1000
-    assert struct.unpack_from("<I", raw, OFF_SLEEPERS)[0] == 0
+    assert struct.unpack_from("<I", raw, OFF_SLEEP_COUNT)[0] == 0
     assert len(raw) == HEADER_FIELDS_END <= OFF_MUTEX < OFF_SEM < OFF_READERS == HEADER_SIZE
     for off in (OFF_WRITE_SEQ, OFF_RESERVE_SEQ):
         assert off % 8 == 0  # single-copy atomic u64 loads and stores
@@ -225,7 +227,7 @@ SIZE = Geometry(8, 64, 2).segment_size
     ("changes", "actual", "message"),
     [
         ({"magic": b"NOTSHMD!"}, SIZE, r"magic is b'NOTSHMD!', not b'SHMDBUS1' \(not an shmd"),
-        ({"version": 2}, SIZE, r"layout version 2, and this shmd reads version 1"),
+        ({"version": 1}, SIZE, r"layout version 1, and this shmd reads version 2"),
         ({"capacity": 0}, SIZE, r"header is corrupt: .*capacity 0"),
         ({"slot_size": 12}, SIZE, r"header is corrupt: .*slot size 12"),
         ({"policy": 7}, SIZE, r"policy 7 is unknown"),
@@ -276,6 +278,18 @@ def test_entry_round_trip_through_the_table_offsets() -> None:
     assert (e.index, e.state, e.pid, e.cursor, e.delivered, e.lost, e.asleep, e.topics,
             e.name, e.token) == (2, ReaderState.ATTACHED, 77, 10, 9, 1, True, 0b110,
                                  "reader-1", 4)
+
+
+@pytest.mark.parametrize(("sleep_seq", "wake_seq", "asleep"),
+                         [(0, 0, False), (1, 0, True), (7, 7, False), (0, 0xFFFFFFFF, True)])
+def test_entry_is_asleep_while_its_announcement_is_unanswered(
+    sleep_seq: int, wake_seq: int, asleep: bool,
+) -> None:
+    """An entry reads as asleep exactly while sleep_seq differs from wake_seq."""
+    buf = bytearray(OFF_READERS + READER_ENTRY_SIZE)
+    struct.pack_into("<II", buf, entry_offset(0) + R_SLEEP_SEQ, sleep_seq, wake_seq)
+    assert decode_entry(bytes(buf), 0).asleep is asleep
+    assert R_WAKE_SEQ == R_SLEEP_SEQ + 4
 
 
 @pytest.mark.parametrize("name", ["", "x" * (NAME_MAX + 1), "a\0b", "é" * 16])

@@ -199,7 +199,11 @@ def test_loop_watches_further_fds_and_stops(bus: Bus) -> None:
         loop.reactor.add(r.fileno(), lambda ev: loop.stop())
         os.write(w.fileno(), b"stop")
         assert loop.run() is LoopExit.STOPPED
-        assert not pub.segment.entry(sub.index).asleep  # woke() withdrew the flag
+        # Its sleep announcement stands until the writer answers it: once.
+        assert pub.segment.entry(sub.index).asleep
+        pub.publish(b"x")
+        assert not pub.segment.entry(sub.index).asleep
+        assert eventfd_count(sub.eventfd.fileno()) == 1  # type: ignore[union-attr]
     finally:
         loop.reactor.remove(r.fileno())
         loop.close()

@@ -68,9 +68,9 @@ def test_plan_read_after_lapping_resumes_at_the_oldest_present(
     cap, _, write_seq, reserve_seq, limit = state
     if reserve_seq <= cap:
         return
-    plan = plan_read(0, write_seq, reserve_seq, cap, limit)
-    assert plan.start == reserve_seq - cap
-    assert plan.lost == reserve_seq - cap
+    start, _end, lost = plan_read(0, write_seq, reserve_seq, cap, limit)
+    assert start == reserve_seq - cap
+    assert lost == reserve_seq - cap
 
 
 @given(capacities, seqs, st.integers(0, 1 << 22))

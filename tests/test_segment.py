@@ -28,7 +28,6 @@ from shmd.layout import (
     LAYOUT_VERSION,
     MAGIC,
     OFF_VERSION,
-    R_ASLEEP,
     R_STATE,
     Geometry,
     Policy,
@@ -139,17 +138,13 @@ def test_semaphore_through_the_segment(shm_name: str) -> None:
         assert not seg.sem_wait(0.01)
 
 
-def test_recount_sleepers_counts_attached_asleep_entries(shm_name: str) -> None:
-    """recount_sleepers counts asleep flags of attached entries only and stores the count."""
+def test_info_lists_attached_entries_only(shm_name: str) -> None:
+    """info() reports attached and evicted entries, never free ones."""
     with create(shm_name) as seg:
-        for index, state, asleep in [(0, ReaderState.ATTACHED, 1), (1, ReaderState.FREE, 1),
-                                     (2, ReaderState.ATTACHED, 0), (3, ReaderState.ATTACHED, 1)]:
+        for index, state in [(0, ReaderState.ATTACHED), (1, ReaderState.FREE),
+                             (2, ReaderState.EVICTED), (3, ReaderState.ATTACHED)]:
             _, u0 = Segment.entry_words(index)
             seg.u[u0 + R_STATE // 4] = state
-            seg.u[u0 + R_ASLEEP // 4] = asleep
-        seg.u[Segment.SLEEPERS] = 17
-        assert seg.recount_sleepers() == 2
-        assert seg.header().sleepers == 2
         assert [e.index for e in seg.info().readers] == [0, 2, 3]
 
 

@@ -293,20 +293,21 @@ def test_read_only_control_part_cannot_announce_sleep(bus: Bus) -> None:
 # -- sleeping and waking -------------------------------------------------------------------
 
 
-def test_prepare_sleep_and_woke(bus: Bus) -> None:
-    """prepare_sleep refuses while records wait, sets the flag when idle; woke withdraws it."""
+def test_prepare_sleep_announces_only_when_idle(bus: Bus) -> None:
+    """prepare_sleep refuses while records wait, and announces once when idle."""
     pub = bus.publisher()
     sub = bus.subscriber(pub)
+    count = pub.segment.header().sleep_count
     pub.publish(b"x")
     assert sub.prepare_sleep() == 0.0
     assert not pub.segment.entry(sub.index).asleep
+    assert pub.segment.header().sleep_count == count
     sub.read()
     assert sub.prepare_sleep() is None
-    assert pub.segment.entry(sub.index).asleep and pub.segment.header().sleepers == 1
-    assert sub.prepare_sleep() is None  # idempotent: still one sleeper
-    assert pub.segment.header().sleepers == 1
-    sub.woke()
-    assert not pub.segment.entry(sub.index).asleep and pub.segment.header().sleepers == 0
+    assert pub.segment.entry(sub.index).asleep
+    assert pub.segment.header().sleep_count == count + 1
+    assert sub.prepare_sleep() is None  # idempotent: the announcement stands
+    assert pub.segment.header().sleep_count == count + 1
 
 
 def test_wait_times_out_without_records(bus: Bus) -> None:
@@ -316,7 +317,6 @@ def test_wait_times_out_without_records(bus: Bus) -> None:
     t0 = time.monotonic()
     assert sub.wait(0.05) is False
     assert time.monotonic() - t0 >= 0.05
-    assert pub.segment.header().sleepers == 0
 
 
 def test_wait_needs_an_eventfd(bus: Bus) -> None:
@@ -348,14 +348,13 @@ def test_reader_process_blocked_in_wait_is_woken_by_a_record(bus: Bus, procs: Pr
 
 
 def test_reader_recovers_the_mutex_from_a_killed_holder(bus: Bus, procs: Procs) -> None:
-    """A reader locking after a SIGKILLed holder logs mutex_owner_died, recounts and sleeps fine."""
+    """A reader locking after a SIGKILLed holder logs mutex_owner_died and sleeps fine."""
     pub = bus.publisher()
     sub = bus.subscriber(pub)
 
     def holder(ch: ChildEnd) -> None:
         seg = Segment.open(fd=pub.segment.fileno())
         assert seg.lock(None) is libc.LockResult.ACQUIRED
-        seg.u[Segment.SLEEPERS] = 3  # a half-done update
         ch.send("locked")
         ch.recv()
 
@@ -365,8 +364,8 @@ def test_reader_recovers_the_mutex_from_a_killed_holder(bus: Bus, procs: Procs) 
     with capture_logs() as logs:
         assert sub.prepare_sleep() is None
     (died,) = [e for e in logs if e["event"] == "mutex_owner_died"]
-    assert (died["role"], died["sleepers"], died["log_level"]) == ("reader", 0, "warning")
-    assert pub.segment.header().sleepers == 1  # recounted, then this reader's own
+    assert (died["role"], died["log_level"]) == ("reader", "warning")
+    assert pub.segment.entry(sub.index).asleep
     pub.publish(b"wake")
     assert eventfd_count(sub.eventfd.fileno()) == 1  # type: ignore[union-attr]
     assert [r.payload for r in sub.read()] == [b"wake"]

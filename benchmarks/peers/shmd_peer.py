@@ -173,7 +173,7 @@ def reader_role(
     latencies = [0] * records if latency else []
     unpack_head, unpack_tail, now = HEAD.unpack_from, TAIL.unpack_from, time.monotonic_ns
     tail = payload - TAIL.size
-    read_batch, prepare_sleep, woke = sub.read_batch, sub.prepare_sleep, sub.woke
+    read_batch, prepare_sleep = sub.read_batch, sub.prepare_sleep
     expected = 0
     error = ""
     t_first = 0
@@ -186,7 +186,6 @@ def reader_role(
                 sleep = prepare_sleep()
                 if sleep != 0.0:
                     epoll.poll(-1 if sleep is None else sleep)
-                    woke()
                 continue
             t = now()
             if not t_first:
