@@ -967,6 +967,9 @@ class ImplInfo:
     name: str
     kind: Kind
     skipped: str | None
+    #: Readers take views instead of copies (an impl's optional ``zero_copy``
+    #: attribute): a copying shmd is compared only with copying peers.
+    zero_copy: bool = False
 
 
 def run_one(impl: Impl, case: Case, rep: int, timeout: float) -> RunRecord:
@@ -1109,10 +1112,14 @@ def _cell(report: Report, case_key: str, impl: str, metric: Metric) -> str:
 
 def _ratio(report: Report, case_key: str, shmd: str, metric: Metric) -> str:
     mine = report.spread_of(case_key, shmd, metric.key)
+    # The rule: a copying reader against the copying peers (at 1 MiB,
+    # iceoryx2 copying is its counterpart), a zero-copy one against all.
+    copying = not next((i.zero_copy for i in report.impls if i.name == shmd), False)
     peers = [
         (s.median, i.name)
         for i in report.impls
-        if i.kind == "peer" and (s := report.spread_of(case_key, i.name, metric.key)) is not None
+        if i.kind == "peer" and not (copying and i.zero_copy)
+        and (s := report.spread_of(case_key, i.name, metric.key)) is not None
     ]
     if mine is None or not peers:
         return "—"
@@ -1167,7 +1174,8 @@ def render_markdown(report: Report) -> str:
         f"Mode: {'quick' if cfg.get('quick') else 'full'}, {cfg.get('reps')} repetitions "
         "interleaved across implementations, fresh processes per run.",
         "Cells: median over repetitions (min-max). Ratio columns: shmd median / best peer "
-        "median (floors are not peers); above 1 is better for rates, below 1 for costs. "
+        "median (floors are not peers; a copying shmd is compared with copying peers only, "
+        "a zero-copy one with all); above 1 is better for rates, below 1 for costs. "
         "Methodology: docs/PERFORMANCE.md.",
         "",
     ]

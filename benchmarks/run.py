@@ -196,7 +196,8 @@ def _choose_impls(selectors: list[str] | None) -> tuple[list[ImplInfo], list[Imp
     for impl in impls:
         if impl.name in selected:
             reason = impl.available()
-            infos.append(ImplInfo(impl.name, impl.kind, reason))
+            infos.append(ImplInfo(impl.name, impl.kind, reason,
+                                  bool(getattr(impl, "zero_copy", False))))
             if reason is None:
                 usable.append(impl)
     return infos + [m for m in missing if m.name in selected], usable

@@ -223,7 +223,8 @@ class Publisher:
         their cursors.  Raises a :class:`~shmd.errors.ShmdError` when the
         stored segment is unusable: the caller then starts a new generation.
         """
-        old: Segment | None = Segment.open(fd=fd, control_writable=True, ring_writable=True)
+        old: Segment | None = Segment.open(fd=fd, control_writable=True, ring_writable=True,
+                                           populate=True)
         assert old is not None
         try:
             header = old.header()

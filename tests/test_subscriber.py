@@ -37,7 +37,7 @@ from shmd.errors import (
 from shmd.layout import topic_mask
 from shmd.publisher import Publisher
 from shmd.segment import Segment
-from shmd.subscriber import Subscriber
+from shmd.subscriber import COPY_BATCH_BYTES, Subscriber
 
 
 def payload(seq: int) -> bytes:
@@ -288,6 +288,24 @@ def test_read_only_control_part_cannot_announce_sleep(bus: Bus) -> None:
         with pytest.raises(MutexNotWritable, match="the control part must be mapped read-write"):
             sub.prepare_sleep()
         assert pub.publish(b"fine") == 0  # the writer is unaffected
+
+
+def test_a_copying_read_copies_about_a_mebibyte_at_most(bus: Bus) -> None:
+    """Copying reads stop at COPY_BATCH_BYTES of slots (one record at least); views do not."""
+    slot = 300_000
+    pub = bus.publisher(capacity=8, slot_size=slot)
+    copying = bus.subscriber(pub, "copying")
+    viewing = bus.subscriber(pub, "viewing")
+    pub.publish_batch([bytes([i]) * 1000 for i in range(4)])
+    per_read = COPY_BATCH_BYTES // slot
+    assert per_read == 3
+    assert [r.payload[0] for r in copying.read(4096)] == [0, 1, 2]
+    assert [r.payload[0] for r in copying.read(4096)] == [3]
+    assert len(viewing.read(4096, copy=False)) == 4
+    big = bus.publisher(capacity=2, slot_size=COPY_BATCH_BYTES + 64)
+    one = bus.subscriber(big)
+    big.publish_batch([b"a", b"b"])
+    assert [r.payload for r in one.read(4096)] == [b"a"]  # never zero records
 
 
 # -- sleeping and waking -------------------------------------------------------------------

@@ -40,9 +40,11 @@ from benchmarks.harness import (
     ReaderStats,
     Role,
     RoleControl,
+    RunDir,
     WriterStats,
     check,
     run_roles,
+    shm_prefix,
     vm_hwm_kib,
 )
 from shmd import Publisher, Subscriber
@@ -236,20 +238,28 @@ class ShmdImpl:
 
     def run(self, case: Case, timeout: float) -> CaseResult:
         slot = (case.payload + RECORD_HEADER_SIZE + 7) // 8 * 8
-        chan = ShmdChannel(f"/shmd-bench-{uuid.uuid4().hex}", _capacity(case.depth), slot,
-                           [PassFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-                            for _ in range(case.readers)])
+        # The run directory's prefix names the segment, so that sweep_stale()
+        # removes it should the whole harness be SIGKILLed.
+        rundir = RunDir()
         try:
-            readers = [Role(reader_role, (chan, case, i, self.zero_copy))
-                       for i in range(case.readers)]
-            return run_roles(Role(writer_role, (chan, case, self.zero_copy)), readers, timeout)
-        finally:
-            chan.close()
-            # A writer killed by the harness (timeout, failure) cannot unlink.
+            chan = ShmdChannel(f"/{shm_prefix(rundir.path)}-{uuid.uuid4().hex[:8]}",
+                               _capacity(case.depth), slot,
+                               [PassFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+                                for _ in range(case.readers)])
             try:
-                Segment.unlink_name(chan.name)
-            except SegmentNotFound:
-                pass  # the writer unlinked it, as it should
+                readers = [Role(reader_role, (chan, case, i, self.zero_copy))
+                           for i in range(case.readers)]
+                return run_roles(Role(writer_role, (chan, case, self.zero_copy)), readers,
+                                 timeout)
+            finally:
+                chan.close()
+                # A writer killed by the harness (timeout, failure) cannot unlink.
+                try:
+                    Segment.unlink_name(chan.name)
+                except SegmentNotFound:
+                    pass  # the writer unlinked it, as it should
+        finally:
+            rundir.close()
 
 
 IMPLS = [ShmdImpl(zero_copy=False), ShmdImpl(zero_copy=True)]
