@@ -166,15 +166,20 @@ class LatencyCase:
     payload: int = 64
     depth: int = 1024
     readers: int = 1
+    #: Writer and reader each pinned to a CPU of their own (sched_setaffinity),
+    #: as on a machine with cores to spare; otherwise the scheduler places them.
+    pinned: bool = False
 
     @property
     def key(self) -> str:
-        return f"latency rate={self.rate_hz} payload={self.payload}"
+        pin = " pinned" if self.pinned else ""
+        return f"latency rate={self.rate_hz} payload={self.payload}{pin}"
 
     @property
     def label(self) -> str:
         pace = "back-to-back ping-pong" if self.rate_hz == 0 else f"{self.rate_hz} records/s"
-        return f"one-way latency, {pace}, {fmt_size(self.payload)}, 1 reader"
+        pin = ", writer and reader pinned to separate CPUs" if self.pinned else ""
+        return f"one-way latency, {pace}, {fmt_size(self.payload)}, 1 reader{pin}"
 
 
 Case = ThroughputCase | LatencyCase
@@ -512,15 +517,28 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _role_main(
+def pin_cpus() -> tuple[int, int] | None:
+    """(writer CPU, reader CPU) for pinned cases: two CPUs we may run on, or None."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+#: Whether the run in progress pins its roles (set by run_one, read by run_roles).
+_pinning = [False]
+
+
+def _role_main(  # noqa: PLR0917 - multiprocessing passes a target its args positionally
     conn: multiprocessing.connection.Connection,
     target: Callable[..., Any],
     args: tuple[Any, ...],
     deadline: float,
     parent: int,
+    cpu: int | None = None,
 ) -> None:
     """Entry point of every spawned role process."""
     try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
         _die_with_parent(parent)
         ctl = RoleControl(conn, deadline)
         result = target(ctl, *args)
@@ -535,12 +553,14 @@ def _role_main(
 class _Child:
     """One spawned role process and the parent's end of its control pipe."""
 
-    def __init__(self, ctx: Any, label: str, role: Role, deadline: float) -> None:
+    def __init__(
+        self, ctx: Any, label: str, role: Role, deadline: float, cpu: int | None = None,
+    ) -> None:
         self.label = label
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(
             target=_role_main,
-            args=(child_conn, role.target, role.args, deadline, os.getpid()),
+            args=(child_conn, role.target, role.args, deadline, os.getpid(), cpu),
             name=f"shmd-bench-{label}",
             daemon=True,
         )
@@ -655,12 +675,16 @@ def run_roles(writer: Role, readers: Sequence[Role], timeout: float) -> CaseResu
     ctx = multiprocessing.get_context("spawn")
     deadline = time.monotonic() + timeout
     children: list[_Child] = []
+    cpus = pin_cpus() if _pinning[0] else None
+    if _pinning[0] and cpus is None:
+        raise CaseFailed("Failed to pin the roles since fewer than 2 CPUs are available")
+    writer_cpu, reader_cpu = cpus if cpus is not None else (None, None)
     try:
-        w = _Child(ctx, "writer", writer, deadline)
+        w = _Child(ctx, "writer", writer, deadline, writer_cpu)
         children.append(w)
         _gather([w], {"writer": "bound"}, deadline)
         for i, role in enumerate(readers):
-            children.append(_Child(ctx, f"reader{i}", role, deadline))
+            children.append(_Child(ctx, f"reader{i}", role, deadline, reader_cpu))
         _gather(children, dict.fromkeys((c.label for c in children), "ready"), deadline)
         w.send("go")
         reader_children = children[1:]
@@ -974,6 +998,9 @@ class ImplInfo:
 
 def run_one(impl: Impl, case: Case, rep: int, timeout: float) -> RunRecord:
     """Run once and judge: ok, invalid (bad records: loud) or error (could not finish)."""
+    # Every impl starts its processes through run_roles: it reads the pinning
+    # from here, so that no impl has to know about it.
+    _pinning[0] = isinstance(case, LatencyCase) and case.pinned
     try:
         result = impl.run(case, timeout)
     except CaseFailed as exc:
@@ -981,6 +1008,8 @@ def run_one(impl: Impl, case: Case, rep: int, timeout: float) -> RunRecord:
     except Exception as exc:  # one broken impl must not stop the others
         detail = f"Failed to run {impl.name} since {exc!r}\n{traceback.format_exc()}"
         return RunRecord(case.key, impl.name, rep, "error", detail, {})
+    finally:
+        _pinning[0] = False
     problem = validate(case, result)
     if problem:
         return RunRecord(case.key, impl.name, rep, "invalid", problem, {})

@@ -34,6 +34,7 @@ from benchmarks.harness import (
     ThroughputCase,
     applicable,
     default_records,
+    pin_cpus,
     queue_depth,
     render_markdown,
     render_svg,
@@ -220,8 +221,12 @@ def _plan(
                 plan += [(case, impl) for impl in usable]
     if "latency" in args.only:
         # The configured rate for everyone; rate 0 (back-to-back) only fits ping-pong floors.
-        for rate in (args.latency_rate, 0):
-            lcase = LatencyCase(rate, latency_count)
+        # With two CPUs to spare the paced case runs once more with the writer and
+        # the reader pinned apart, as they would be on a machine with idle cores.
+        lcases = [LatencyCase(args.latency_rate, latency_count), LatencyCase(0, latency_count)]
+        if pin_cpus() is not None:
+            lcases.append(LatencyCase(args.latency_rate, latency_count, pinned=True))
+        for lcase in lcases:
             cases.append(lcase)
             plan += [(lcase, impl) for impl in usable]
     scale_names, _ = _select(args.scale_impls, [i.name for i in usable])

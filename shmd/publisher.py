@@ -575,6 +575,17 @@ class Publisher:
         seq = self._seq
         if self._block and seq >= self._room_until:
             self._wait_for_space(1)
+        u, topics = self._u, 1 << topic
+        count = u[_SLEEP_COUNT]
+        if length <= EARLY_WAKE_MAX and (count != self._sleep_seen or self._waiting):
+            # Wake sleepers first: a wake-up takes longer to arrive (~20 us
+            # on the VM this was measured on) than the rest of this publish
+            # of a small record, so the reader still finds the record
+            # committed, and it is woken that much sooner.  If it does not
+            # (the writer was preempted), it finds nothing, announces a new
+            # sleep, and the check after the commit below wakes it again:
+            # waking early can cost a reader one more wake-up, never lose one.
+            self._wake_sleepers(count, topics)
         q = self._q
         q[_RESERVE_SEQ] = seq + 1
         if not _TSO:
@@ -589,9 +600,9 @@ class Publisher:
             libc.store_fence()  # the slot must be visible before the commit
         q[_WRITE_SEQ] = self._seq = seq + 1
         _fence()  # StoreLoad: see _commit
-        count = self._u[_SLEEP_COUNT]
+        count = u[_SLEEP_COUNT]
         if count != self._sleep_seen or self._waiting:
-            self._wake_sleepers(count, 1 << topic)
+            self._wake_sleepers(count, topics)
         q[_BYTES_PUBLISHED] += length
         return seq
 
@@ -895,6 +906,9 @@ class Publisher:
             q[Segment.RATE_MILLI] = max(0, round(rate * 1000))
 
 
+#: publish() wakes sleeping readers before it writes a record up to this long
+#: (copying more could take longer than the wake-up takes to arrive).
+EARLY_WAKE_MAX = 4096
 #: Block policy: the longest the writer sleeps before it re-checks the cursors.
 WAIT_SLICE = 0.01
 #: Slots larger than this take the loop (the per-record overhead no longer matters).

@@ -8,6 +8,7 @@ module name; they run in child processes only.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import select
 import subprocess
@@ -46,9 +47,11 @@ from benchmarks.harness import (  # noqa: E402
     StreamImpl,
     ThroughputCase,
     Writer,
+    _role_main,
     check,
     default_records,
     percentile,
+    pin_cpus,
     queue_depth,
     render_markdown,
     render_svg,
@@ -442,12 +445,15 @@ def test_quick_run_writes_consistent_tables_json_and_plot(
     assert {r["status"] for r in runs} == {"ok"}
     # 2 throughput cases x (unix-stream, shm floor, shmd-zc) + 1 kHz latency x 3 impls
     # (shmd-zc measures no latency) + the ping-pong back-to-back + 2 scale cases x shm
-    # floor = 12 pairs, twice.
-    assert len(runs) == 24
+    # floor = 12 pairs, and 3 more with the 1 kHz case pinned (2 CPUs or more); twice.
+    pinned = pin_cpus() is not None
+    pairs = 12 + (3 if pinned else 0)
+    assert len(runs) == 2 * pairs
+    assert any("pinned" in r["case_key"] for r in runs) is pinned
     # Interleaved: the first rep of every pair runs before any second rep.
-    assert [r["rep"] for r in runs] == [0] * 12 + [1] * 12
-    first = [(r["case_key"], r["impl"]) for r in runs[:12]]
-    assert first == [(r["case_key"], r["impl"]) for r in runs[12:]]
+    assert [r["rep"] for r in runs] == [0] * pairs + [1] * pairs
+    first = [(r["case_key"], r["impl"]) for r in runs[:pairs]]
+    assert first == [(r["case_key"], r["impl"]) for r in runs[pairs:]]
     assert first[:2] == [("throughput readers=1 payload=64", "unix-stream"),
                          ("throughput readers=1 payload=64", "floor-shm-eventfd")]
 
@@ -587,6 +593,28 @@ def test_ratio_is_shmd_over_the_best_peer_never_a_floor() -> None:
     # ... and for CPU per record (lower is better) the best peer is again b: 1e6/315 / (1e6/210).
     assert any(row.endswith("| 0.67x vs b |") for row in cost_rows), cost_rows
     assert "f (floor)" in markdown
+
+
+@pytest.mark.skipif(pin_cpus() is None, reason="pinning needs two CPUs")
+def test_a_pinned_role_runs_on_its_cpu_only() -> None:
+    """A role started with a CPU runs pinned to it (a forked child runs the real entry point)."""
+    cpus = pin_cpus()
+    assert cpus is not None
+    parent_end, child_end = multiprocessing.Pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            _role_main(child_end, lambda ctl: sorted(os.sched_getaffinity(0)), (),
+                       time.monotonic() + 30, os.getppid(), cpus[1])
+        finally:
+            os._exit(0)
+    try:
+        child_end.close()
+        assert parent_end.poll(30)
+        assert parent_end.recv() == ("result", [cpus[1]])
+    finally:
+        os.waitpid(pid, 0)
+        parent_end.close()
 
 
 def test_a_copying_shmd_is_compared_with_copying_peers_only() -> None:

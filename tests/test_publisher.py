@@ -36,7 +36,7 @@ from shmd.errors import (
     TopicError,
 )
 from shmd.layout import R_PID, R_STATE, Policy, ReaderState, topic_mask
-from shmd.publisher import Eviction, Publisher
+from shmd.publisher import EARLY_WAKE_MAX, Eviction, Publisher, ReaderHandle
 from shmd.reactor import ReaderLoop
 from shmd.segment import Segment
 from shmd.subscriber import RawRecord
@@ -379,6 +379,53 @@ def test_awake_reader_costs_no_eventfd_write(bus: Bus) -> None:
     for _ in range(10):  # awake again: no more writes
         pub.publish(b"w")
     assert eventfd_count(sub.eventfd.fileno()) == 0
+
+
+def test_a_reader_woken_before_the_commit_is_woken_again_after_it(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """publish() wakes sleepers before it writes a small record; a reader that looks too soon
+    finds nothing, announces again, and the commit's own check wakes it a second time."""
+    pub = bus.publisher(capacity=64)
+    sub = bus.subscriber(pub)
+    assert sub.eventfd is not None
+    real_write = Publisher._write_eventfd
+    seen: list[tuple[int, list[bytes], float | None]] = []
+
+    def write_then_look(self: Publisher, handle: ReaderHandle) -> None:
+        real_write(self, handle)
+        if not seen:  # the early wake-up: the reader runs before the commit
+            woken = eventfd_count(sub.eventfd.fileno())  # type: ignore[union-attr]
+            seen.append((woken, [r.payload for r in sub.read()], sub.prepare_sleep()))
+
+    monkeypatch.setattr(Publisher, "_write_eventfd", write_then_look)
+    assert sub.prepare_sleep() is None
+    pub.publish(b"small")
+    assert seen == [(1, [], None)]  # woken, nothing committed yet, asleep again
+    assert eventfd_count(sub.eventfd.fileno()) == 1  # the second wake-up, after the commit
+    assert [r.payload for r in sub.read()] == [b"small"]
+
+
+def test_big_records_wake_after_the_commit_only(bus: Bus) -> None:
+    """A record longer than EARLY_WAKE_MAX is committed before its wake-up is written."""
+    pub = bus.publisher(capacity=4, slot_size=EARLY_WAKE_MAX + 64)
+    sub = bus.subscriber(pub)
+    assert sub.eventfd is not None
+    committed_at_wake: list[int] = []
+    real_write = pub._write_eventfd
+
+    def spy(handle: ReaderHandle) -> None:
+        committed_at_wake.append(pub.segment.write_seq)
+        real_write(handle)
+
+    pub._write_eventfd = spy  # type: ignore[method-assign]
+    assert sub.prepare_sleep() is None
+    pub.publish(bytes(EARLY_WAKE_MAX + 1))
+    assert committed_at_wake == [1]
+    assert len(sub.read()) == 1
+    assert sub.prepare_sleep() is None
+    pub.publish(bytes(EARLY_WAKE_MAX))
+    assert committed_at_wake == [1, 1]  # the small one's wake-up came before its commit
 
 
 def test_an_unanswered_announcement_stands_and_is_answered_once(bus: Bus) -> None:
