@@ -52,7 +52,8 @@ try:
 
     MISSING = None
 except ImportError as exc:  # optional: the impl reports itself unavailable
-    MISSING = f"iceoryx2 is not installed ({exc}; pip install iceoryx2)"
+    MISSING = (f"iceoryx2 is not installed ({exc}; pip install 'iceoryx2>=0.10,<0.11', "
+               "or the bench extra)")
 
 
 #: Longest a reader sleeps before it looks for samples without a wake-up.

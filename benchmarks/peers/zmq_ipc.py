@@ -23,7 +23,7 @@ try:
 
     MISSING = None
 except ImportError as exc:  # optional: the impl reports itself unavailable
-    MISSING = f"pyzmq is not installed ({exc}; pip install pyzmq)"
+    MISSING = f"pyzmq is not installed ({exc}; pip install 'pyzmq>=25', or the bench extra)"
 
 ZERO_COPY_THRESHOLD = 64 * 1024
 
