@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
-import stat
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, RUNTIME_DEBS, missing_debs
+from conftest import REPO, RUNTIME_DEBS, missing_debs, readable_by_everyone
 from harness import NamespacedSystemd
 
 if str(REPO) not in sys.path:
@@ -52,14 +49,6 @@ pytestmark = [
 READERS = ("1", "2", "3")
 UNITS = tuple(f"shm-reader@{r}.service" for r in READERS)
 TIMEOUT = 60.0
-
-
-def readable_by_everyone(path: Path) -> bool:
-    """Whether any user may traverse to path and read it."""
-    for part in (path, *path.parents):
-        if not os.stat(part).st_mode & stat.S_IXOTH:
-            return False
-    return bool(os.stat(path).st_mode & stat.S_IROTH)
 
 
 @pytest.fixture(scope="module")

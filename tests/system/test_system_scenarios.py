@@ -5,16 +5,13 @@ checkout running inside the units' full sandbox."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import stat
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, RUNTIME_DEBS, missing_debs
+from conftest import REPO, RUNTIME_DEBS, missing_debs, readable_by_everyone
 from harness import NamespacedSystemd
 
 pytestmark = [
@@ -47,14 +44,6 @@ def config_text(**changes: Any) -> str:
             node = node[key]
         node[leaf] = value
     return yaml.safe_dump(config)
-
-
-def readable_by_everyone(path: Path) -> bool:
-    """Whether any user may traverse to path and read it."""
-    for part in (path, *path.parents):
-        if not os.stat(part).st_mode & stat.S_IXOTH:
-            return False
-    return bool(os.stat(path).st_mode & stat.S_IROTH)
 
 
 @pytest.fixture(scope="module")
