@@ -350,10 +350,6 @@ def sem_drain(address: int) -> None:
 # that is a best effort, not a proof; shmd is tested on x86-64 only, and a
 # port should bring a real barrier (a one-line C helper around
 # atomic_thread_fence(memory_order_seq_cst)).
-_fence_mutex = ctypes.create_string_buffer(64)
-_libc.pthread_mutex_init(_fence_mutex, None)
-_fence_addr = ctypes.c_void_p(ctypes.addressof(_fence_mutex))
-
 if _machine == "x86_64":
     _barrier = _thread.allocate_lock()
     _barrier_acquire = _barrier.acquire
@@ -377,6 +373,9 @@ if _machine == "x86_64":
     TSO = True
 
 else:  # pragma: no cover - exercised on non-x86 machines only
+    _fence_mutex = ctypes.create_string_buffer(64)
+    _libc.pthread_mutex_init(_fence_mutex, None)
+    _fence_addr = ctypes.c_void_p(ctypes.addressof(_fence_mutex))
 
     def fence() -> None:
         """A full memory barrier (see the comment above)."""
