@@ -79,7 +79,12 @@ _ONE = (1).to_bytes(8, "little")
 _SLEEP = R_SLEEP_SEQ // 4
 _WAKE = R_WAKE_SEQ // 4
 _TSO = libc.TSO
-_fence = libc.fence
+_fence_begin, _fence_end = libc.FENCE_PAIR
+_monotonic_ns = time.monotonic_ns
+_get_blocking = os.get_blocking
+_write = os.write
+#: _room_until when nothing limits it (any policy but block).
+_UNBOUNDED = 1 << 64
 _RESERVE_SEQ = Segment.RESERVE_SEQ
 _WRITE_SEQ = Segment.WRITE_SEQ
 _BYTES_PUBLISHED = Segment.BYTES_PUBLISHED
@@ -101,6 +106,10 @@ class ReaderHandle:
     #: Word indices of this reader's entry (precomputed for the hot path).
     q0: int = field(repr=False, default=0)
     u0: int = field(repr=False, default=0)
+
+
+#: A row of Publisher._wake_table.
+_WakeRow = tuple[int, int, int, int, ReaderHandle]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +159,9 @@ class Publisher:
         self._mask = self.geometry.capacity - 1
         self._slot = self.geometry.slot_size
         self._max_payload = self.geometry.max_payload
+        #: publish()'s size limit: max_payload while open, -1 once closed, so
+        #: one comparison sends a closed publisher's publish to the slow path.
+        self._fast_max = self._max_payload
         self._pack = RECORD_HEADER.pack_into
         # The segment's views, for the hot paths (one lookup instead of two).
         self._q, self._u, self._ring = segment.q, segment.u, segment.ring
@@ -157,14 +169,20 @@ class Publisher:
         #: Block policy: seqs below this are known to be free for every reader
         #: (cursors only move forward), so most publishes skip the space check.
         #: Whatever can move a cursor back (a reader added, restored or
-        #: resumed) lowers it.
-        self._room_until = self._seq
+        #: resumed) lowers it.  Other policies: _UNBOUNDED (lowered the same
+        #: way, the next publish() puts it back).
+        self._room_until = self._seq if self._block else _UNBOUNDED
         #: ``sleep_count`` when the writer last looked at the entries (-1: look
         #: at the next commit).
         self._sleep_seen = -1
-        #: Readers seen asleep whose topics no commit since has carried: the
-        #: only entries to look at while ``sleep_count`` stays the same.
-        self._waiting: list[ReaderHandle] = []
+        #: One row per reader for _wake_sleepers: (word index of sleep_seq,
+        #: of wake_seq, topics, eventfd number, handle).  Rebuilt, with the
+        #: two fields below reset, whenever the reader table changes, so it
+        #: never names an eventfd we closed.
+        self._wake_table: list[_WakeRow] = []
+        #: Rows of readers seen asleep whose topics no commit since has
+        #: carried: the only ones to look at while ``sleep_count`` stays the same.
+        self._waiting: list[_WakeRow] = []
         self._closed = False
         self._unlinked = False
         #: CLOCK_MONOTONIC seconds when the mutex last timed out, while that
@@ -307,6 +325,7 @@ class Publisher:
         handle = ReaderHandle(index, entry.name, entry.pid, entry.topics, entry.token, eventfd,
                               q0, u0)
         self.readers[index] = handle
+        self._readers_changed()
         self._room_until = min(self._room_until, entry.cursor + self.geometry.capacity)
         return handle
 
@@ -398,9 +417,11 @@ class Publisher:
         if self._closed:
             return
         self._closed = True
+        self._fast_max = -1
         for handle in self.readers.values():
             handle.eventfd.close()
         self.readers.clear()
+        self._readers_changed()
         self.segment.close()
 
     def unlink(self) -> None:
@@ -530,6 +551,7 @@ class Publisher:
                 self.segment.unlock()
         handle = ReaderHandle(index, name, pid, topics, token, efd, q0, u0)
         self.readers[index] = handle
+        self._readers_changed()
         self._room_until = min(self._room_until, cursor + self.geometry.capacity)
         return handle
 
@@ -541,10 +563,9 @@ class Publisher:
         handle = self.readers.pop(index, None)
         if handle is None:
             return None
+        self._readers_changed()
         seg = self.segment
         entry = seg.entry(index)
-        if handle in self._waiting:
-            self._waiting.remove(handle)
         locked = self._lock(self.mutex_timeout)
         try:
             seg.u[handle.u0 + R_STATE // 4] = ReaderState.FREE
@@ -565,17 +586,18 @@ class Publisher:
 
         The latency path (one record, often to a sleeping reader): the same
         steps as a batch of one, written out flat, because every call and
-        attribute lookup here is paid again, cold, after each sleep.
+        attribute lookup here is paid again, cold, after each sleep (1-3 us
+        each on the VM this was measured on).  One comparison chain sends
+        everything unusual (closed, too big, bad topic, block policy out of
+        known room) to :meth:`_publish_slow`.
         """
-        if self._closed:
-            raise SegmentClosed("Failed to publish since the publisher was closed")
         length = len(payload)
-        if length > self._max_payload or not 0 <= topic <= TOPIC_MAX:
-            check_record(length, topic, self._max_payload)
         seq = self._seq
-        if self._block and seq >= self._room_until:
-            self._wait_for_space(1)
-        u, topics = self._u, 1 << topic
+        if length > self._fast_max or seq >= self._room_until or not 0 <= topic <= TOPIC_MAX:
+            return self._publish_slow(payload, topic)
+        # Before any store: a topic that is not an int fails here, not half-way.
+        topics = 1 << topic
+        u = self._u
         count = u[_SLEEP_COUNT]
         if length <= EARLY_WAKE_MAX and (count != self._sleep_seen or self._waiting):
             # Wake sleepers first: a wake-up takes longer to arrive (~20 us
@@ -592,19 +614,30 @@ class Publisher:
             libc.store_fence()  # the reserve must be visible before the slot changes
         ring = self._ring
         off = (seq & self._mask) * self._slot
-        self._pack(ring, off, seq, time.monotonic_ns(), length, topic, 0, 0)
+        self._pack(ring, off, seq, _monotonic_ns(), length, topic, 0, 0)
         off += RECORD_HEADER_SIZE
         ring[off : off + length] = payload
         # _commit, inline: the wake-up first, statistics after it.
         if not _TSO:
             libc.store_fence()  # the slot must be visible before the commit
         q[_WRITE_SEQ] = self._seq = seq + 1
-        _fence()  # StoreLoad: see _commit
+        _fence_begin()  # StoreLoad (see _commit): libc.fence() without its call
+        _fence_end()
         count = u[_SLEEP_COUNT]
         if count != self._sleep_seen or self._waiting:
             self._wake_sleepers(count, topics)
         q[_BYTES_PUBLISHED] += length
         return seq
+
+    def _publish_slow(self, payload: bytes | bytearray | memoryview, topic: int) -> int:
+        """publish() when its one check fails: raise what is wrong, or make room and retry."""
+        self._check_open()
+        check_record(len(payload), topic, self._max_payload)
+        if self._block:
+            self._wait_for_space(1)  # leaves _seq < _room_until, or raises
+        else:
+            self._room_until = _UNBOUNDED
+        return self.publish(payload, topic)
 
     def publish_batch(
         self, payloads: Sequence[bytes | bytearray | memoryview], topic: int = 0,
@@ -748,6 +781,15 @@ class Publisher:
             self._wake_sleepers(count, topics)
         q[Segment.BYTES_PUBLISHED] += nbytes
 
+    def _readers_changed(self) -> None:
+        """Rebuild the wake table from ``readers``; call it before closing any eventfd."""
+        self._wake_table = [(h.u0 + _SLEEP, h.u0 + _WAKE, h.topics, h.eventfd.fileno(), h)
+                            for h in self.readers.values()]
+        # The next commit looks at every entry: whoever was waiting for a
+        # topic is found again there.
+        self._waiting = []
+        self._sleep_seen = -1
+
     def _wake_sleepers(self, count: int, topics: int) -> None:
         """Answer every sleep announcement of a reader subscribed to ``topics``.
 
@@ -755,26 +797,35 @@ class Publisher:
         the mutex, ``sleep_count``; the writer answers by storing
         ``wake_seq = sleep_seq`` and writing the eventfd.  When
         ``sleep_count`` has not moved since the last look, only readers seen
-        asleep for other topics can still want a wake-up.
+        asleep for other topics can still want a wake-up.  Flat, like
+        publish(): it is on the latency path.
         """
-        u = self.segment.u
-        candidates = self.readers.values() if count != self._sleep_seen else self._waiting
-        # Read before the entries: an announcement made after this load
-        # moves sleep_count again and is seen at the next commit.
-        self._sleep_seen = count
-        wake: list[ReaderHandle] = []
-        waiting: list[ReaderHandle] = []
-        for h in candidates:
-            asked = u[h.u0 + _SLEEP]
-            if asked != u[h.u0 + _WAKE]:
-                if h.topics & topics:
-                    u[h.u0 + _WAKE] = asked
-                    wake.append(h)
-                else:
-                    waiting.append(h)
+        u = self._u
+        if count != self._sleep_seen:
+            # Read before the entries: an announcement made after this load
+            # moves sleep_count again and is seen at the next commit.
+            self._sleep_seen = count
+            rows = self._wake_table
+        else:
+            rows = self._waiting
+        waiting: list[_WakeRow] = []
+        for row in rows:
+            sleep_at, wake_at, subscribed, fd, h = row
+            asked = u[sleep_at]
+            if asked == u[wake_at]:
+                continue
+            if not subscribed & topics:
+                waiting.append(row)
+                continue
+            u[wake_at] = asked
+            # See _write_eventfd (the same steps, without its call).
+            if _get_blocking(fd):
+                self._restore_nonblocking(h, fd)
+            try:
+                _write(fd, _ONE)
+            except BlockingIOError:
+                pass
         self._waiting = waiting
-        for h in wake:
-            self._write_eventfd(h)
 
     def _answer(self, handles: Iterable[ReaderHandle]) -> None:
         """Wake these readers whatever they announced (shutdown, adoption, eviction)."""
@@ -800,10 +851,10 @@ class Publisher:
         # calls could still win; see docs/RELIABILITY.md.)  This costs one
         # F_GETFL per wake-up, and the writer writes an eventfd only to
         # answer a reader that announced a sleep.
-        if os.get_blocking(fd):
+        if _get_blocking(fd):
             self._restore_nonblocking(h, fd)
         try:
-            os.write(fd, _ONE)
+            _write(fd, _ONE)
         except BlockingIOError:
             # The counter is at its maximum: the reader has not read its
             # eventfd for 2**64-2 wake-ups.  It is readable already, so the
@@ -882,8 +933,7 @@ class Publisher:
             cursor = seg.q[h.q0 + R_CURSOR // 8]
             seg.u[h.u0 + R_STATE // 4] = ReaderState.EVICTED
             self.readers.pop(h.index, None)
-            if h in self._waiting:
-                self._waiting.remove(h)
+            self._readers_changed()
             ev = Eviction(h.index, h.name, h.pid, cursor, self._seq)
             self.evictions.append(ev)
             log.warning("reader_evicted", segment=self.name, reader=h.name, pid=h.pid,

@@ -24,6 +24,7 @@ from helpers import (
 )
 from structlog.testing import capture_logs
 
+from shmd import publisher as publisher_module
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
 from shmd.errors import (
@@ -36,7 +37,7 @@ from shmd.errors import (
     TopicError,
 )
 from shmd.layout import R_PID, R_STATE, Policy, ReaderState, topic_mask
-from shmd.publisher import EARLY_WAKE_MAX, Eviction, Publisher, ReaderHandle
+from shmd.publisher import EARLY_WAKE_MAX, Eviction, Publisher
 from shmd.reactor import ReaderLoop
 from shmd.segment import Segment
 from shmd.subscriber import RawRecord
@@ -389,16 +390,16 @@ def test_a_reader_woken_before_the_commit_is_woken_again_after_it(
     pub = bus.publisher(capacity=64)
     sub = bus.subscriber(pub)
     assert sub.eventfd is not None
-    real_write = Publisher._write_eventfd
     seen: list[tuple[int, list[bytes], float | None]] = []
 
-    def write_then_look(self: Publisher, handle: ReaderHandle) -> None:
-        real_write(self, handle)
+    def write_then_look(fd: int, data: bytes) -> int:
+        written = os.write(fd, data)
         if not seen:  # the early wake-up: the reader runs before the commit
             woken = eventfd_count(sub.eventfd.fileno())  # type: ignore[union-attr]
             seen.append((woken, [r.payload for r in sub.read()], sub.prepare_sleep()))
+        return written
 
-    monkeypatch.setattr(Publisher, "_write_eventfd", write_then_look)
+    monkeypatch.setattr(publisher_module, "_write", write_then_look)
     assert sub.prepare_sleep() is None
     pub.publish(b"small")
     assert seen == [(1, [], None)]  # woken, nothing committed yet, asleep again
@@ -406,19 +407,20 @@ def test_a_reader_woken_before_the_commit_is_woken_again_after_it(
     assert [r.payload for r in sub.read()] == [b"small"]
 
 
-def test_big_records_wake_after_the_commit_only(bus: Bus) -> None:
+def test_big_records_wake_after_the_commit_only(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A record longer than EARLY_WAKE_MAX is committed before its wake-up is written."""
     pub = bus.publisher(capacity=4, slot_size=EARLY_WAKE_MAX + 64)
     sub = bus.subscriber(pub)
     assert sub.eventfd is not None
     committed_at_wake: list[int] = []
-    real_write = pub._write_eventfd
 
-    def spy(handle: ReaderHandle) -> None:
+    def spy(fd: int, data: bytes) -> int:
         committed_at_wake.append(pub.segment.write_seq)
-        real_write(handle)
+        return os.write(fd, data)
 
-    pub._write_eventfd = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(publisher_module, "_write", spy)
     assert sub.prepare_sleep() is None
     pub.publish(bytes(EARLY_WAKE_MAX + 1))
     assert committed_at_wake == [1]
