@@ -362,6 +362,25 @@ def test_remove_reader_frees_its_entry(bus: Bus) -> None:
     assert not pub.segment.entry(again.index).asleep
 
 
+def test_a_removed_readers_eventfd_number_is_never_written(bus: Bus) -> None:
+    """After remove_reader, a publish writes nothing to whatever now has that eventfd's number."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    assert sub.prepare_sleep() is None  # asleep, unanswered: a stale wake row would fire
+    number = pub.readers[sub.index].eventfd.fileno()
+    pub.remove_reader(sub.index)
+    stranger = os.eventfd(0, os.EFD_NONBLOCK)  # usually gets that number: the lowest free
+    try:
+        if stranger != number:
+            os.dup2(stranger, number)
+        pub.publish(b"x")
+        assert eventfd_count(number) == 0
+    finally:
+        os.close(stranger)
+        if stranger != number:
+            os.close(number)
+
+
 def test_awake_reader_costs_no_eventfd_write(bus: Bus) -> None:
     """While a reader is not asleep, publishing never writes its eventfd."""
     pub = bus.publisher(capacity=64)
