@@ -719,7 +719,7 @@ def stream_writer_role(ctl: RoleControl, impl: StreamImpl, channel: Any, case: C
         cpu0 = time.process_time_ns()
         if isinstance(case, LatencyCase):
             records = case.count
-            t_start, t_end = _send_paced(writer.send, case.payload, records, case.rate_hz)
+            t_start, t_end = send_paced(writer.send, case.payload, records, case.rate_hz)
         else:
             records = case.records
             t_start, t_end = _send_burst(writer.send, case.payload, records)
@@ -744,9 +744,14 @@ def _send_burst(send: Callable[[bytearray], None], payload: int, records: int) -
     return t_start, now()
 
 
-def _send_paced(
-    send: Callable[[bytearray], None], payload: int, records: int, rate_hz: int
+def send_paced(
+    send: Callable[[bytearray], object], payload: int, records: int, rate_hz: int
 ) -> tuple[int, int]:
+    """Send ``records`` stamped records at ``rate_hz``: every latency writer's loop.
+
+    One record buffer, stamped in place right before each send, the same for
+    every implementation (shmd's writer calls it with ``Publisher.publish``).
+    """
     record = bytearray(payload)
     tail = payload - TAIL.size
     pack_head, pack_tail, now = HEAD.pack_into, TAIL.pack_into, time.monotonic_ns

@@ -44,6 +44,7 @@ from benchmarks.harness import (
     WriterStats,
     check,
     run_roles,
+    send_paced,
     shm_prefix,
     vm_hwm_kib,
 )
@@ -95,7 +96,7 @@ def writer_role(
         cpu0 = time.process_time_ns()
         if isinstance(case, LatencyCase):
             records = case.count
-            t_start, t_end = _paced(pub, case.payload, records, case.rate_hz)
+            t_start, t_end = send_paced(pub.publish, case.payload, records, case.rate_hz)
         else:
             records = case.records
             batch = min(BATCH, chan.capacity // 2)
@@ -143,20 +144,6 @@ def _in_place(
             pack_head(buf, 0, seq, now())
             pack_tail(buf, tail, seq)
         res.commit()
-    return t_start, now()
-
-
-def _paced(pub: Publisher, payload: int, records: int, rate_hz: int) -> tuple[int, int]:
-    middle = bytes(payload - HEAD.size - TAIL.size)
-    pack_head, pack_tail, now = HEAD.pack, TAIL.pack, time.monotonic_ns
-    period = 1e9 / rate_hz
-    t_start = now()
-    for seq in range(records):
-        # Pacing, not synchronisation: holds the rate; the sample starts at the stamp.
-        delay = t_start + seq * period - now()
-        if delay > 0:
-            time.sleep(delay / 1e9)
-        pub.publish(pack_head(seq, now()) + middle + pack_tail(seq))
     return t_start, now()
 
 
