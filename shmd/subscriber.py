@@ -131,6 +131,8 @@ class Subscriber:
         self.delivered = 0
         self.lost = 0
         self._held = False  # records read with hold=True whose slots are not released
+        #: A one-record read left its cursor for the next call to publish (see read_batch).
+        self._cursor_owed = False
         #: The cursor at our last post of the writer's semaphore (block policy).
         self._posted_at = -1
         self._check_entry()
@@ -223,6 +225,8 @@ class Subscriber:
         write_seq = q[Segment.WRITE_SEQ]
         cursor = self._cursor
         if write_seq <= cursor:
+            if self._cursor_owed:
+                self._settle()
             if self._block:
                 self._post_owed()
             return []
@@ -247,7 +251,8 @@ class Subscriber:
         slot, mask = self._slot, self._mask
         tmask = self._topics
         everything = tmask == ALL_TOPICS
-        if end - start == 1:
+        one = end - start == 1
+        if one:
             # One record (a paced stream, woken per record): the same steps
             # as below without building a run, which after a sleep, with
             # cold caches, costs more than the record itself.
@@ -276,6 +281,14 @@ class Subscriber:
         self.lost += lost
         if hold:
             self._held = True
+        elif one and not self._cursor_owed:
+            # Publishing the cursor is four stores and a clock read, as much
+            # as the rest of a one-record read; on the latency path it would
+            # come before the caller has its record.  The next call publishes
+            # it (a read, prepare_sleep, release, close), so the writer sees
+            # this reader at most one slot behind, the way the floor's reader
+            # hands back credit only before it sleeps.
+            self._cursor_owed = True
         else:
             self._publish_cursor()
         return out
@@ -318,11 +331,24 @@ class Subscriber:
         Until then, under the block policy, the writer cannot overwrite them,
         so zero-copy views stay valid.  :meth:`prepare_sleep` releases too.
         """
-        if self._held:
+        if self._held or self._cursor_owed:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Publish a cursor a read left for later, if the entry is still ours.
+
+        Between that read and now the writer may have evicted us and given
+        the entry to another reader: our cursor must not land in its entry.
+        """
+        seg = self.segment
+        if (seg.u[self._u0 + _STATE] == _ATTACHED
+                and seg.q[self._q0 + R_TOKEN // 8] == self._token):
             self._publish_cursor()
+        else:
+            self._held = self._cursor_owed = False
 
     def _publish_cursor(self) -> None:
-        self._held = False
+        self._held = self._cursor_owed = False
         seg = self.segment
         q, q0 = seg.q, self._q0
         cursor = self._cursor
@@ -384,8 +410,8 @@ class Subscriber:
         """
         seg = self.segment
         u, q = seg.u, seg.q
-        if self._held:
-            self.release()  # a sleeping reader must not hold the writer up
+        if self._held or self._cursor_owed:
+            self._settle()  # a sleeping reader must not hold the writer up
         if q[Segment.WRITE_SEQ] > self._cursor or not u[Segment.ACTIVE]:
             return 0.0
         self._check_entry()  # an evicted reader must not announce into a reused entry
@@ -433,6 +459,8 @@ class Subscriber:
 
     def close(self) -> None:
         """Unmap the segment and close the eventfd (never unlinks); idempotent."""
+        if self._cursor_owed and not self.segment.closed:
+            self._settle()  # the writer's detach report counts every record we read
         if self.eventfd is not None:
             self.eventfd.close()
         self._ring_map = None

@@ -125,6 +125,54 @@ def test_read_respects_limit_and_advances_the_entry(bus: Bus) -> None:
     assert (sub.cursor, sub.delivered) == (10, 10)
 
 
+def test_a_one_record_reads_cursor_is_published_by_the_next_call(bus: Bus) -> None:
+    """A read of one record leaves the entry's cursor to the next call (here an empty read)."""
+    pub = bus.publisher(capacity=16)
+    sub = bus.subscriber(pub)
+    pub.publish(b"one")
+    assert [r.seq for r in sub.read()] == [0]
+    assert pub.segment.entry(sub.index).cursor == 0  # not yet: the caller has its record first
+    assert sub.read() == []
+    e = pub.segment.entry(sub.index)
+    assert (e.cursor, e.delivered) == (1, 1)
+    pub.publish(b"two")
+    pub.publish(b"three")
+    assert [r.seq for r in sub.read(1)] == [1]
+    assert [r.seq for r in sub.read(1)] == [2]  # a second one in a row publishes both
+    assert pub.segment.entry(sub.index).cursor == 3
+
+
+def test_prepare_sleep_and_close_publish_a_left_cursor(bus: Bus) -> None:
+    """prepare_sleep publishes a cursor a one-record read left, and so does close()."""
+    pub = bus.publisher(capacity=16)
+    sub = bus.subscriber(pub)
+    pub.publish(b"one")
+    assert len(sub.read()) == 1
+    assert sub.prepare_sleep() is None
+    assert pub.segment.entry(sub.index).cursor == 1
+    pub.publish(b"two")
+    assert len(sub.read()) == 1
+    sub.close()
+    e = pub.segment.entry(sub.index)
+    assert (e.cursor, e.delivered) == (2, 2)
+
+
+def test_a_left_cursor_never_lands_in_an_entry_given_to_another_reader(bus: Bus) -> None:
+    """A cursor left for later is dropped, not stored, once the entry was freed and reused."""
+    pub = bus.publisher(capacity=16)
+    sub = bus.subscriber(pub, "old")
+    pub.publish(b"x")
+    assert len(sub.read()) == 1  # cursor 1 left for later
+    pub.remove_reader(sub.index)
+    new = pub.add_reader("new", os.getpid(), start=0)
+    assert new.index == sub.index
+    assert sub.read() == []  # the empty read would publish it; the entry is not ours
+    e = pub.segment.entry(new.index)
+    assert (e.name, e.cursor, e.delivered) == ("new", 0, 0)
+    with pytest.raises(ReaderEvicted):
+        sub.prepare_sleep()
+
+
 def test_read_skips_topics_it_did_not_subscribe(bus: Bus) -> None:
     """Records of other topics are passed over (the cursor moves) but not delivered."""
     pub = bus.publisher(capacity=16)
