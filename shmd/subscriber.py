@@ -74,6 +74,10 @@ RawRecord = tuple[int, int, int, bytes | memoryview]
 #: The most slot bytes one copying read_batch copies (at least one record).
 COPY_BATCH_BYTES = 1 << 20
 
+#: Rings with at least this many slots let a one-record read leave its cursor
+#: to the next call (one slot is then at most 1/64 of the writer's room).
+DEFER_CURSOR_MIN_CAPACITY = 64
+
 #: How long a reader sleeps when it cannot take the mutex to announce its sleep
 #: (someone holds it far too long): it re-checks rather than risk a lost wake-up.
 DEGRADED_SLEEP = 0.05
@@ -141,6 +145,9 @@ class Subscriber:
         self._held = False  # records read with hold=True whose slots are not released
         #: A one-record read left its cursor for the next call to publish (see read_batch).
         self._cursor_owed = False
+        #: Whether one-record reads may leave their cursor: only where one slot
+        #: is a small part of the ring (a few big slots: the writer needs it).
+        self._may_owe = g.capacity >= DEFER_CURSOR_MIN_CAPACITY
         #: The cursor at our last post of the writer's semaphore (block policy).
         self._posted_at = -1
         self._check_entry()
@@ -285,13 +292,15 @@ class Subscriber:
         self.lost += lost
         if hold:
             self._held = True
-        elif one and not self._cursor_owed:
+        elif one and self._may_owe and not self._cursor_owed:
             # Publishing the cursor is four stores and a clock read, as much
             # as the rest of a one-record read; on the latency path it would
             # come before the caller has its record.  The next call publishes
             # it (a read, prepare_sleep, release, close), so the writer sees
             # this reader at most one slot behind, the way the floor's reader
-            # hands back credit only before it sleeps.
+            # hands back credit only before it sleeps.  Not in a ring of a few
+            # big slots, where one slot is room the writer waits for (and a
+            # big record's copy dwarfs the stores anyway).
             self._cursor_owed = True
         else:
             self._publish_cursor()

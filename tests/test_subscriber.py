@@ -37,7 +37,7 @@ from shmd.errors import (
 from shmd.layout import topic_mask
 from shmd.publisher import Publisher
 from shmd.segment import Segment
-from shmd.subscriber import COPY_BATCH_BYTES, Subscriber
+from shmd.subscriber import COPY_BATCH_BYTES, DEFER_CURSOR_MIN_CAPACITY, Subscriber
 
 
 def payload(seq: int) -> bytes:
@@ -127,7 +127,7 @@ def test_read_respects_limit_and_advances_the_entry(bus: Bus) -> None:
 
 def test_a_one_record_reads_cursor_is_published_by_the_next_call(bus: Bus) -> None:
     """A read of one record leaves the entry's cursor to the next call (here an empty read)."""
-    pub = bus.publisher(capacity=16)
+    pub = bus.publisher(capacity=DEFER_CURSOR_MIN_CAPACITY)
     sub = bus.subscriber(pub)
     pub.publish(b"one")
     assert [r.seq for r in sub.read()] == [0]
@@ -142,24 +142,37 @@ def test_a_one_record_reads_cursor_is_published_by_the_next_call(bus: Bus) -> No
     assert pub.segment.entry(sub.index).cursor == 3
 
 
-def test_prepare_sleep_and_close_publish_a_left_cursor(bus: Bus) -> None:
-    """prepare_sleep publishes a cursor a one-record read left, and so does close()."""
-    pub = bus.publisher(capacity=16)
+def test_a_ring_of_few_slots_gets_every_cursor_at_once(bus: Bus) -> None:
+    """Below DEFER_CURSOR_MIN_CAPACITY slots, a one-record read stores its cursor itself."""
+    pub = bus.publisher(capacity=DEFER_CURSOR_MIN_CAPACITY // 2)
+    sub = bus.subscriber(pub)
+    pub.publish(b"one")
+    assert len(sub.read()) == 1
+    assert pub.segment.entry(sub.index).cursor == 1
+
+
+def test_prepare_sleep_release_and_close_publish_a_left_cursor(bus: Bus) -> None:
+    """prepare_sleep publishes a cursor a one-record read left, and so do release() and close()."""
+    pub = bus.publisher(capacity=DEFER_CURSOR_MIN_CAPACITY)
     sub = bus.subscriber(pub)
     pub.publish(b"one")
     assert len(sub.read()) == 1
     assert sub.prepare_sleep() is None
     assert pub.segment.entry(sub.index).cursor == 1
+    pub.publish(b"between")
+    assert len(sub.read()) == 1
+    sub.release()  # what the reader daemon does before it sends Detach
+    assert pub.segment.entry(sub.index).cursor == 2
     pub.publish(b"two")
     assert len(sub.read()) == 1
     sub.close()
     e = pub.segment.entry(sub.index)
-    assert (e.cursor, e.delivered) == (2, 2)
+    assert (e.cursor, e.delivered) == (3, 3)
 
 
 def test_a_left_cursor_never_lands_in_an_entry_given_to_another_reader(bus: Bus) -> None:
     """A cursor left for later is dropped, not stored, once the entry was freed and reused."""
-    pub = bus.publisher(capacity=16)
+    pub = bus.publisher(capacity=DEFER_CURSOR_MIN_CAPACITY)
     sub = bus.subscriber(pub, "old")
     pub.publish(b"x")
     assert len(sub.read()) == 1  # cursor 1 left for later
