@@ -343,6 +343,7 @@ class Subscriber:
 
         Until then, under the block policy, the writer cannot overwrite them,
         so zero-copy views stay valid.  :meth:`prepare_sleep` releases too.
+        It also stores a cursor a one-record read left for later.
         """
         if self._held or self._cursor_owed:
             self._settle()
