@@ -186,6 +186,21 @@ def test_a_left_cursor_never_lands_in_an_entry_given_to_another_reader(bus: Bus)
         sub.prepare_sleep()
 
 
+def test_a_held_cursor_never_lands_in_an_entry_given_to_another_reader(bus: Bus) -> None:
+    """release() after hold=True reads stores nothing once the entry was freed and reused."""
+    pub = bus.publisher(capacity=16)
+    sub = bus.subscriber(pub, "old")
+    pub.publish_batch([b"x", b"y"])
+    batch = sub.read_batch(copy=False, hold=True)
+    assert [seq for seq, *_ in batch] == [0, 1]
+    del batch
+    pub.remove_reader(sub.index)
+    new = pub.add_reader("new", os.getpid(), start=0)
+    sub.release()
+    e = pub.segment.entry(new.index)
+    assert (e.name, e.cursor, e.delivered) == ("new", 0, 0)
+
+
 def test_read_skips_topics_it_did_not_subscribe(bus: Bus) -> None:
     """Records of other topics are passed over (the cursor moves) but not delivered."""
     pub = bus.publisher(capacity=16)
