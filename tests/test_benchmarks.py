@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from benchmarks.harness import (  # noqa: E402
     Kind,
     LatencyCase,
     Metric,
+    PassFd,
     Reader,
     Report,
     RunDir,
@@ -299,6 +301,56 @@ def test_every_peer_measures_one_way_latency(impl: Any, clean_run: Path) -> None
     assert m["max_ns"] < 60e9
 
 
+def test_epoll_floor_loses_no_wake_up_when_records_race_its_sleep(clean_run: Path) -> None:
+    """The epoll floor's reader gets every record in order at 20k records/s (drain, look, sleep)."""
+    epoll_floor = floor.ShmEventfdEpoll()
+    assert epoll_floor.supports(ThroughputCase(1, 64, 10, 8)) is not None
+    # At 50 us apart, records keep landing between the reader's drain, its look at the
+    # count and its epoll_wait: a wake-up lost there leaves it asleep until the timeout.
+    record = run_one(epoll_floor, LatencyCase(rate_hz=20_000, count=4000), 0, timeout=60)
+    assert record.status == "ok", record.detail
+    assert record.metrics["p50_ns"] > 0
+
+
+def test_epoll_floor_reads_a_record_sent_between_its_look_and_its_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record sent between the epoll floor reader's look and its drain is read, not slept on."""
+    impl = floor.ShmEventfdEpoll()
+    case = LatencyCase(rate_hz=1000, count=1)
+    chan = impl.prepare(case, str(tmp_path))
+
+    def side(c: floor.ShmChannel) -> floor.ShmChannel:  # each end closes its own fds
+        return replace(c, memfd=PassFd(os.dup(c.memfd.fd)),
+                       wake=[PassFd(os.dup(f.fd)) for f in c.wake],
+                       credit=[PassFd(os.dup(f.fd)) for f in c.credit])
+
+    writer, reader = impl.open_writer(side(chan), case), impl.open_reader(side(chan), case, 0)
+    impl.cleanup(chan)
+    record = bytearray(range(64))
+    real_read = os.eventfd_read
+
+    def racing_read(fd: int) -> int:
+        monkeypatch.setattr(os, "eventfd_read", real_read)
+        writer.send(record)  # after the reader's look at the count, before its drain
+        return real_read(fd)
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError("the reader slept through a record it had drained the wake-up of")
+
+    monkeypatch.setattr(os, "eventfd_read", racing_read)
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, 10.0)  # a guard against hanging, not a wait
+    try:
+        got = bytes(reader.recv())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        reader.close()
+        writer.close()
+    assert got == bytes(record)
+
+
 def test_pingpong_floor_runs_back_to_back_and_only_latency(clean_run: Path) -> None:
     """The eventfd ping-pong floor measures back-to-back latency and declines throughput."""
     pingpong = floor.EventfdPingPong()
@@ -443,11 +495,12 @@ def test_quick_run_writes_consistent_tables_json_and_plot(
 
     runs = data["runs"]
     assert {r["status"] for r in runs} == {"ok"}
-    # 2 throughput cases x (unix-stream, shm floor, shmd-zc) + 1 kHz latency x 3 impls
-    # (shmd-zc measures no latency) + the ping-pong back-to-back + 2 scale cases x shm
-    # floor = 12 pairs, and 3 more with the 1 kHz case pinned (2 CPUs or more); twice.
+    # 2 throughput cases x (unix-stream, shm floor, shmd-zc) + 1 kHz latency x 4 impls
+    # (unix-stream, both shm floors, the ping-pong; shmd-zc measures no latency) + the
+    # ping-pong back-to-back + 2 scale cases x shm floor = 13 pairs, and 4 more with the
+    # 1 kHz case pinned (2 CPUs or more); twice.
     pinned = pin_cpus() is not None
-    pairs = 12 + (3 if pinned else 0)
+    pairs = 13 + (4 if pinned else 0)
     assert len(runs) == 2 * pairs
     assert any("pinned" in r["case_key"] for r in runs) is pinned
     # Interleaved: the first rep of every pair runs before any second rep.

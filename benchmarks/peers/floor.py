@@ -14,12 +14,23 @@
     blocks on the slowest reader's credit eventfd only when the ring is full, so nothing is
     dropped. Readers get a zero-copy view of the slot. No locks, no reader table, no
     control socket, no liveness: a lower bound, not a design.
+
+``floor-shm-eventfd-epoll`` (latency only)
+    The same ring, with the reader waiting the way shmd's readers must. Their eventfd is
+    non-blocking: the writer shares its open file description, so a blocking one would let
+    a reader's full counter block the writer. So the reader cannot block in ``read()``; it
+    sleeps in ``epoll_wait`` (as shmd's reader daemon does, beside its other fds). It learns
+    what arrived from a count the writer stores after each slot, and drains its eventfd
+    before it sleeps, not after it wakes, so its wake-up path has no syscall but the
+    ``epoll_wait`` itself (shmd's readers do the same). The difference between this floor
+    and ``floor-shm-eventfd`` is what the waiting alone costs.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import select
 import time
 from dataclasses import dataclass
 
@@ -156,6 +167,8 @@ class EventfdPingPong:
 
 # --------------------------------------------------------------------------- shm + eventfd
 
+_COUNT_SIZE = 8  # the epoll floor's count of records sent, a native u64 after the ring
+
 
 @dataclass
 class ShmChannel:
@@ -164,6 +177,11 @@ class ShmChannel:
     credit: list[PassFd]
     slots: int
     payload: int
+    counted: bool = False  # a u64 count of records sent follows the ring (the epoll floor)
+
+    @property
+    def size(self) -> int:
+        return self.slots * self.payload + (_COUNT_SIZE if self.counted else 0)
 
     def close(self) -> None:
         for owned in (self.memfd, *self.wake, *self.credit):
@@ -173,7 +191,7 @@ class ShmChannel:
 class _ShmWriter:
     def __init__(self, chan: ShmChannel) -> None:
         self._chan = chan
-        self._map = mmap.mmap(chan.memfd.fd, chan.slots * chan.payload)
+        self._map = mmap.mmap(chan.memfd.fd, chan.size)
         chan.memfd.close()
         self._wake = [w.fd for w in chan.wake]
         self._credited = [0] * len(chan.credit)
@@ -210,7 +228,7 @@ class _ShmWriter:
 class _ShmReader:
     def __init__(self, chan: ShmChannel, index: int) -> None:
         self._chan = chan
-        self._map = mmap.mmap(chan.memfd.fd, chan.slots * chan.payload)
+        self._map = mmap.mmap(chan.memfd.fd, chan.size)
         chan.memfd.close()
         self._view = memoryview(self._map)
         self._wake = chan.wake[index].fd
@@ -245,6 +263,73 @@ class _ShmReader:
         self._chan.close()
 
 
+class _CountingShmWriter(_ShmWriter):
+    """The writer of the epoll floor: stores the count of records sent after each slot."""
+
+    def __init__(self, chan: ShmChannel) -> None:
+        super().__init__(chan)
+        ring = chan.slots * chan.payload
+        self._count = memoryview(self._map)[ring:ring + _COUNT_SIZE].cast("Q")
+
+    def send(self, record: bytearray) -> None:
+        seq, slots, payload = self._sent, self._chan.slots, self._chan.payload
+        if seq - self._floor >= slots:
+            self._wait_for_space(seq)
+        offset = (seq % slots) * payload
+        self._map[offset:offset + payload] = record
+        # x86-64 keeps stores in order, so a reader that sees the count sees the slot
+        # (this floor is measured there; it is a yardstick, not a portable protocol).
+        self._sent = self._count[0] = seq + 1
+        for fd in self._wake:
+            os.eventfd_write(fd, 1)
+
+    def close(self) -> None:
+        self._count.release()
+        super().close()
+
+
+class _EpollShmReader(_ShmReader):
+    """The reader of the epoll floor: sleeps in epoll_wait on a non-blocking eventfd."""
+
+    def __init__(self, chan: ShmChannel, index: int) -> None:
+        super().__init__(chan, index)
+        ring = chan.slots * chan.payload
+        self._count = self._view[ring:ring + _COUNT_SIZE].cast("Q")
+        self._known = 0  # records the writer's count said were sent, at our last look
+        self._epoll = select.epoll(1)
+        self._epoll.register(self._wake, select.EPOLLIN)
+
+    def recv(self) -> Buffer:
+        seq, count = self._seq, self._count
+        if seq >= self._known:
+            if self._consumed:
+                os.eventfd_write(self._credit, self._consumed)
+                self._consumed = 0
+            self._known = count[0]
+            while seq >= self._known:
+                # Drain, then look again, then sleep: a write after the drain leaves the
+                # eventfd readable, so a record sent after the look still wakes us.
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass  # nothing pending
+                self._known = count[0]
+                if seq < self._known:
+                    break
+                self._epoll.poll()
+                self._known = count[0]
+        self._consumed += 1
+        payload = self._chan.payload
+        offset = (seq % self._chan.slots) * payload
+        self._seq = seq + 1
+        return self._view[offset:offset + payload]
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._count.release()
+        super().close()
+
+
 class ShmEventfd(StreamImpl):
     """Floor: record ring in a memfd + one wake and one credit eventfd per reader."""
 
@@ -254,13 +339,16 @@ class ShmEventfd(StreamImpl):
     def available(self) -> str | None:
         return _eventfd_missing()
 
+    counted = False
+    wake_flags = os.EFD_CLOEXEC
+
     def prepare(self, case: Case, workdir: str) -> ShmChannel:
         memfd = os.memfd_create("shmd-bench-floor", os.MFD_CLOEXEC)
-        chan = ShmChannel(PassFd(memfd), [], [], case.depth, case.payload)
+        chan = ShmChannel(PassFd(memfd), [], [], case.depth, case.payload, self.counted)
         try:
-            os.ftruncate(memfd, case.depth * case.payload)
+            os.ftruncate(memfd, chan.size)
             for _ in range(case.readers):
-                chan.wake.append(PassFd(os.eventfd(0, os.EFD_CLOEXEC)))
+                chan.wake.append(PassFd(os.eventfd(0, self.wake_flags)))
                 chan.credit.append(PassFd(os.eventfd(0, os.EFD_CLOEXEC)))
         except BaseException:
             chan.close()
@@ -277,4 +365,23 @@ class ShmEventfd(StreamImpl):
         return _ShmReader(channel, index)
 
 
-IMPLS = [EventfdPingPong(), ShmEventfd()]
+class ShmEventfdEpoll(ShmEventfd):
+    """Floor: the same ring, read by a reader that sleeps in epoll as shmd's must."""
+
+    name = "floor-shm-eventfd-epoll"
+    counted = True
+    wake_flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+
+    def supports(self, case: Case) -> str | None:
+        if not isinstance(case, LatencyCase):
+            return "latency floor only (how a reader waits matters when each record wakes it)"
+        return super().supports(case)
+
+    def open_writer(self, channel: ShmChannel, case: Case) -> Writer:
+        return _CountingShmWriter(channel)
+
+    def open_reader(self, channel: ShmChannel, case: Case, index: int) -> Reader:
+        return _EpollShmReader(channel, index)
+
+
+IMPLS = [EventfdPingPong(), ShmEventfd(), ShmEventfdEpoll()]
