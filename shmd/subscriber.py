@@ -150,6 +150,8 @@ class Subscriber:
         self._may_owe = g.capacity >= DEFER_CURSOR_MIN_CAPACITY
         #: The cursor at our last post of the writer's semaphore (block policy).
         self._posted_at = -1
+        #: wait()'s epoll, made at its first call and kept (closed by close()).
+        self._waiter: select.epoll | None = None
         self._check_entry()
 
     @classmethod
@@ -423,6 +425,8 @@ class Subscriber:
         eventfd write, so we do not announce again.
         """
         seg = self.segment
+        if seg.closed:
+            raise SegmentClosed("Failed to sleep since the subscriber was closed")
         u, q = seg.u, seg.q
         if self._held or self._cursor_owed:
             self._settle()  # a sleeping reader must not hold the writer up
@@ -456,8 +460,10 @@ class Subscriber:
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep on the eventfd until records may be there; False on timeout.
 
-        The simple one-fd wait; daemons use :class:`shmd.reactor.ReaderLoop`,
-        which watches further fds in the same epoll.
+        The simple one-fd wait, in an epoll this subscriber makes at the
+        first call and keeps until :meth:`close`; daemons use
+        :class:`shmd.reactor.ReaderLoop`, which watches further fds in the
+        same epoll.
         """
         if self.eventfd is None:
             raise ValueError("Failed to wait since this subscriber has no eventfd")
@@ -466,15 +472,22 @@ class Subscriber:
             return True
         if sleep is not None and (timeout is None or sleep < timeout):
             timeout = sleep
-        with select.epoll(1) as ep:
-            ep.register(self.eventfd.fileno(), select.EPOLLIN)
-            ready = ep.poll(-1 if timeout is None else timeout)
+        waiter = self._waiter
+        if waiter is None:
+            # One epoll for every wait: making one per call cost three more
+            # syscalls (create, register, close) before each sleep.
+            waiter = self._waiter = select.epoll(1)
+            waiter.register(self.eventfd.fileno(), select.EPOLLIN)
+        ready = waiter.poll(-1 if timeout is None else timeout, 1)
         return bool(ready) or self.available() > 0
 
     def close(self) -> None:
         """Unmap the segment and close the eventfd (never unlinks); idempotent."""
         if self._cursor_owed and not self.segment.closed:
             self._settle()  # the writer's detach report counts every record we read
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.close()  # before the eventfd it watches
         if self.eventfd is not None:
             self.eventfd.close()
         self._ring_map = None

@@ -413,6 +413,43 @@ def test_wait_times_out_without_records(bus: Bus) -> None:
     assert time.monotonic() - t0 >= 0.05
 
 
+def _epolls() -> set[int]:
+    """This process's open epoll fds."""
+    found = set()
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{entry}") == "anon_inode:[eventpoll]":
+                found.add(int(entry))
+        except FileNotFoundError:
+            pass  # the fd listdir itself had open
+    return found
+
+
+def test_wait_keeps_one_epoll_until_close(bus: Bus) -> None:
+    """wait() makes one epoll at its first sleep, sleeps in it again, and close() closes it."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    before = _epolls()
+    assert sub.wait(0.01) is False
+    made = _epolls() - before
+    assert len(made) == 1
+    pub.publish(b"x")
+    assert [r[3] for r in sub.read_batch()] == [b"x"]
+    assert sub.wait(0.01) is False
+    assert _epolls() - before == made
+    sub.close()
+    assert _epolls() == before
+
+
+def test_wait_after_close_says_the_subscriber_was_closed(bus: Bus) -> None:
+    """wait() on a closed subscriber raises SegmentClosed, not an AttributeError."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    sub.close()
+    with pytest.raises(SegmentClosed, match="Failed to sleep since the subscriber was closed"):
+        sub.wait(0)
+
+
 def test_wait_needs_an_eventfd(bus: Bus) -> None:
     """A subscriber without an eventfd cannot wait and says so."""
     pub = bus.publisher()
