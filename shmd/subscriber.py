@@ -476,13 +476,18 @@ class Subscriber:
         if waiter is None:
             # One epoll for every wait: making one per call cost three more
             # syscalls (create, register, close) before each sleep.
-            waiter = self._waiter = select.epoll(1)
-            waiter.register(self.eventfd.fileno(), select.EPOLLIN)
+            waiter = select.epoll(1)
+            try:
+                waiter.register(self.eventfd.fileno(), select.EPOLLIN)
+            except BaseException:
+                waiter.close()  # kept only once it watches the eventfd
+                raise
+            self._waiter = waiter
         ready = waiter.poll(-1 if timeout is None else timeout, 1)
         return bool(ready) or self.available() > 0
 
     def close(self) -> None:
-        """Unmap the segment and close the eventfd (never unlinks); idempotent."""
+        """Unmap the segment, close the eventfd and wait()'s epoll (never unlinks); idempotent."""
         if self._cursor_owed and not self.segment.closed:
             self._settle()  # the writer's detach report counts every record we read
         waiter, self._waiter = self._waiter, None

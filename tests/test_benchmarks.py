@@ -301,17 +301,6 @@ def test_every_peer_measures_one_way_latency(impl: Any, clean_run: Path) -> None
     assert m["max_ns"] < 60e9
 
 
-def test_epoll_floor_loses_no_wake_up_when_records_race_its_sleep(clean_run: Path) -> None:
-    """The epoll floor's reader gets every record in order at 20k records/s (drain, look, sleep)."""
-    epoll_floor = floor.ShmEventfdEpoll()
-    assert epoll_floor.supports(ThroughputCase(1, 64, 10, 8)) is not None
-    # At 50 us apart, records keep landing between the reader's drain, its look at the
-    # count and its epoll_wait: a wake-up lost there leaves it asleep until the timeout.
-    record = run_one(epoll_floor, LatencyCase(rate_hz=20_000, count=4000), 0, timeout=60)
-    assert record.status == "ok", record.detail
-    assert record.metrics["p50_ns"] > 0
-
-
 def test_epoll_floor_reads_a_record_sent_between_its_look_and_its_drain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,11 +340,17 @@ def test_epoll_floor_reads_a_record_sent_between_its_look_and_its_drain(
     assert got == bytes(record)
 
 
-def test_pingpong_floor_runs_back_to_back_and_only_latency(clean_run: Path) -> None:
-    """The eventfd ping-pong floor measures back-to-back latency and declines throughput."""
-    pingpong = floor.EventfdPingPong()
-    assert pingpong.supports(ThroughputCase(1, 64, 10, 8)) is not None
-    record = run_one(pingpong, LatencyCase(rate_hz=0, count=500), 0, timeout=60)
+@pytest.mark.parametrize("impl,case", [
+    (floor.EventfdPingPong(), LatencyCase(rate_hz=0, count=500)),
+    # 50 us apart: records land while the reader is awake and while it goes to sleep.
+    (floor.ShmEventfdEpoll(), LatencyCase(rate_hz=20_000, count=4000)),
+], ids=["pingpong-back-to-back", "shm-epoll-20k"])
+def test_latency_only_floors_decline_throughput_and_deliver_their_latency_case(
+    impl: Any, case: LatencyCase, clean_run: Path
+) -> None:
+    """A latency-only floor declines throughput cases and gets every record of its own case."""
+    assert impl.supports(ThroughputCase(1, 64, 10, 8)) is not None
+    record = run_one(impl, case, 0, timeout=60)
     assert record.status == "ok", record.detail
     assert record.metrics["p50_ns"] > 0
 
