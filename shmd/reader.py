@@ -492,7 +492,7 @@ class ReaderDaemon:
     def _detach(self, code: protocol.DetachCode, reason: str) -> None:
         if self.conn is None or self.conn.closed:
             return
-        if self.sub is not None and not self.sub.segment.closed:
+        if self.sub is not None:
             # A one-record read may have left its cursor for later: store it
             # now, so the writer's reader_detached reports every record read.
             self.sub.release()

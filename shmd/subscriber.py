@@ -356,11 +356,12 @@ class Subscriber:
         Between that read and now the writer may have evicted us and given
         the entry to another reader: our cursor must not land in its entry.
         """
-        seg = self.segment
-        if (seg.u[self._u0 + _STATE] == _ATTACHED
-                and seg.q[self._q0 + R_TOKEN // 8] == self._token):
+        if (not self.segment.closed and self._u[self._state_at] == _ATTACHED
+                and self._q[self._token_at] == self._token):
             self._publish_cursor()
         else:
+            # Closed (close() already stored a left cursor; held slots went
+            # with the mapping) or no longer our entry: nothing to store.
             self._held = self._cursor_owed = False
 
     def _publish_cursor(self) -> None:
@@ -488,7 +489,7 @@ class Subscriber:
 
     def close(self) -> None:
         """Unmap the segment, close the eventfd and wait()'s epoll (never unlinks); idempotent."""
-        if self._cursor_owed and not self.segment.closed:
+        if self._cursor_owed:
             self._settle()  # the writer's detach report counts every record we read
         waiter, self._waiter = self._waiter, None
         if waiter is not None:

@@ -355,6 +355,17 @@ def test_read_after_close_raises_segment_closed(bus: Bus) -> None:
         sub.read()
 
 
+def test_release_after_close_with_held_views_does_nothing(bus: Bus) -> None:
+    """release() after close() of a subscriber holding slots is a no-op, not an AttributeError."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    pub.publish(b"x")
+    assert [bytes(r[3]) for r in sub.read_batch(copy=False, hold=True)] == [b"x"]
+    sub.close()
+    sub.release()
+    sub.release()
+
+
 def test_read_only_control_part_cannot_announce_sleep(bus: Bus) -> None:
     """A reader whose control part is mapped read-only gets MutexNotWritable when it locks."""
     pub = bus.publisher()
