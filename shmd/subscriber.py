@@ -459,7 +459,17 @@ class Subscriber:
         return None
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Sleep on the eventfd until records may be there; False on timeout.
+        """Sleep on the eventfd until records are committed past the cursor.
+
+        True: records are committed past the cursor (:meth:`read` finds them,
+        unless they are all of other topics or were lost to an overrun), or
+        the writer went inactive.  False: ``timeout`` seconds passed first.
+
+        A wake-up alone promises nothing: the writer wakes a sleeping reader
+        of a small record *before* it commits it (the early wake-up of
+        docs/PROTOCOL.md), so a reader can wake to a ring that has nothing
+        new yet.  Then this announces a new sleep, which the writer answers
+        right after the commit, and sleeps again.
 
         The simple one-fd wait, in an epoll this subscriber makes at the
         first call and keeps until :meth:`close`; daemons use
@@ -468,13 +478,24 @@ class Subscriber:
         """
         if self.eventfd is None:
             raise ValueError("Failed to wait since this subscriber has no eventfd")
-        sleep = self.prepare_sleep()
-        if sleep == 0.0:
-            return True
-        if sleep is not None and (timeout is None or sleep < timeout):
-            timeout = sleep
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            sleep = self.prepare_sleep()
+            if sleep == 0.0:
+                return True
+            if sleep is not None and (left is None or sleep < left):
+                left = sleep
+            self._epoll_wait(left)
+            if self.available() > 0 or not self.segment.u[Segment.ACTIVE]:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def _epoll_wait(self, timeout: float | None) -> None:
         waiter = self._waiter
         if waiter is None:
+            assert self.eventfd is not None  # wait() checked
             # One epoll for every wait: making one per call cost three more
             # syscalls (create, register, close) before each sleep.
             waiter = select.epoll(1)
@@ -484,8 +505,7 @@ class Subscriber:
                 waiter.close()  # kept only once it watches the eventfd
                 raise
             self._waiter = waiter
-        ready = waiter.poll(-1 if timeout is None else timeout, 1)
-        return bool(ready) or self.available() > 0
+        waiter.poll(-1 if timeout is None else timeout, 1)
 
     def close(self) -> None:
         """Unmap the segment, close the eventfd and wait()'s epoll (never unlinks); idempotent."""
