@@ -6,8 +6,8 @@
 Prints the Markdown tables to stdout (progress to stderr) and writes ``results.md``,
 ``results.json`` and ``scale.svg`` into ``--out``. Exit status: 0 when every run was valid,
 1 when any run was invalid (a reader saw a wrong record) or failed, 2 on a usage error,
-130 when interrupted (partial results are still written). ``shmctl bench`` calls
-:func:`main`.
+130 when interrupted (partial results are still written).  It runs from a checkout
+(``benchmarks/`` is not part of the installed package).
 """
 
 from __future__ import annotations
@@ -107,7 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m benchmarks.run --quick --only latency --out /tmp/bench",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--help-bench", action="help", help="show this help (for shmctl bench)")
     p.add_argument("--quick", action="store_true",
                    help="a few seconds per case and 3 repetitions (default: full, 5)")
     p.add_argument("--peers", type=_name_list, default=None,

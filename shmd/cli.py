@@ -3,7 +3,8 @@
 Subcommands: ``status`` (reads the live segment without disturbing it, like
 AeronStat reads Aeron's counters), ``tail`` (attaches as a reader through
 the control socket), ``publish`` (Publish messages over the control
-socket), ``check-config``, ``bench`` and ``demo``.
+socket), ``check-config`` and ``demo``.  The benchmark is not part of the
+installed package: ``python -m benchmarks.run`` from a checkout runs it.
 
 Exit statuses: 0 success, 1 failure (one ``shmctl: error: ...`` line, never
 a traceback), 2 usage errors (argparse's convention).
@@ -13,16 +14,18 @@ from __future__ import annotations
 
 import argparse
 import base64
-import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
+
+import yaml
 
 from shmd import logs, protocol, wire
 from shmd.config import Config, ConfigError, ReaderSettings, load_config
@@ -49,11 +52,10 @@ EXAMPLES = {
     "check-config": """examples:
   shmctl check-config                # /etc/shmd/shmd.yaml (or $SHMD_CONFIG)
   shmctl check-config ./shmd.yaml""",
-    "bench": """examples:
-  shmctl bench --quick               # a few seconds per case
-  shmctl bench --readers 1,4 --payloads 64,4096""",
     "demo": """examples:
-  shmctl demo                        # a writer and readers 1 and 2; Ctrl-C stops all""",
+  shmctl demo                        # a writer and readers 1 and 2; Ctrl-C stops all
+  shmctl demo --readers 4            # four readers
+  shmctl --config ./shmd.yaml demo   # your configuration instead of the demo's""",
 }
 
 
@@ -311,7 +313,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- check-config, bench, demo ----------------------------------------------------------------
+# -- check-config, demo ----------------------------------------------------------------------
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -319,35 +321,41 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return check_config(cfg)
 
 
-def _benchmarks_module() -> Any:
-    try:
-        return importlib.import_module("benchmarks.run")
-    except ImportError:
-        pass
-    # A source checkout: benchmarks/ sits beside the shmd package.
-    tree = Path(__file__).resolve().parent.parent
-    if (tree / "benchmarks" / "run.py").is_file():
-        sys.path.insert(0, str(tree))
-        return importlib.import_module("benchmarks.run")
-    raise CliError("Failed to run the benchmark since the benchmarks/ directory of the shmd "
-                   "source tree is not available (run shmctl bench from a checkout)")
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    mod = _benchmarks_module()
-    status: int = mod.main(list(args.bench_args))
-    return status
+#: What ``shmctl demo`` runs without ``--config``: a bus of its own, apart
+#: from any installed one (segment and socket named after the demo's pid),
+#: admitting only the user running it (root and the writer's own user are
+#: always admitted, so no group is named), fed by a ticker of 2 records/s.
+def demo_config(socket: str, pid: int) -> dict[str, Any]:
+    """The demo's configuration document (what its YAML file says)."""
+    return {
+        "segment": {"name": f"/shmd-demo-{pid}", "capacity": 1024, "slot_size": 4096},
+        "control": {"socket": socket, "allowed_users": [], "allowed_groups": []},
+        "writer": {"source": {"type": "ticker", "rate": 2.0}},
+        "reader": {"defaults": {"start": "latest"}},
+        "logging": {"level": "info", "target": "console"},
+    }
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """A writer and two readers in the foreground, logs on the terminal."""
+    """A writer and readers in the foreground, logs on the terminal."""
+    if args.config:
+        return _run_demo(args.config, args.readers)
+    with tempfile.TemporaryDirectory(prefix="shmd-demo-") as tmp:
+        path = Path(tmp) / "demo.yaml"
+        path.write_text("# shmctl demo's own bus; see demo_config in shmd/cli.py\n"
+                        + yaml.safe_dump(demo_config(str(Path(tmp) / "control.sock"),
+                                                     os.getpid()), sort_keys=False))
+        return _run_demo(str(path), args.readers)
+
+
+def _run_demo(config: str, readers_wanted: int) -> int:
     exe = Path(sys.executable)
     base = [str(exe), "-m"]
-    extra = ["--config", args.config] if args.config else []
+    extra = ["--config", config]
     target = ["--log-target", "console"]
     writer = subprocess.Popen([*base, "shmd.writer", *extra, *target])
     readers = [subprocess.Popen([*base, "shmd.reader", "--instance", str(i), *extra, *target])
-               for i in range(1, args.readers + 1)]
+               for i in range(1, readers_wanted + 1)]
     procs = [writer, *readers]
 
     def forward(signum: int, frame: object) -> None:
@@ -407,11 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = add("check-config", "validate a configuration file and print the effective settings")
     c.add_argument("file", nargs="?", help="the file (default: as --config)")
 
-    b = add("bench", "run the benchmark against a throw-away segment and print the table")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER,
-                   help="arguments for the benchmark (see: shmctl bench --help-bench)")
-
-    d = add("demo", "a writer and readers in the foreground with logs on the terminal")
+    d = add("demo", "a writer and readers of a bus of their own in the foreground, "
+                    "logs on the terminal (--config: your configuration's bus instead)")
     d.add_argument("--readers", type=int, default=2, help="how many readers (default 2)")
     return p
 
@@ -419,15 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``shmctl``."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "bench":
-        # argparse's REMAINDER does not take option-like words that come
-        # first: `bench --quick` leaves "--quick" unrecognised (and `bench
-        # --readers 1,4` only "--readers").  Those leading words are the
-        # benchmark's too, and come before what REMAINDER did take.
-        args.bench_args = [*extra, *args.bench_args]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     if args.command == "check-config" and args.file:
         args.config = args.file
     if args.command in ("tail", "publish") and getattr(args, "topic", None) is not None:
@@ -436,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--topic must be between 0 and 63")
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "status": cmd_status, "tail": cmd_tail, "publish": cmd_publish,
-        "check-config": cmd_check_config, "demo": cmd_demo, "bench": cmd_bench,
+        "check-config": cmd_check_config, "demo": cmd_demo,
     }
     try:
         return commands[args.command](args)

@@ -381,6 +381,11 @@ def configure_logging(role: str, *, level: str, target: str, instance: str | Non
         _static(role, instance),
         _add_level,
     ]
+    # Console and json lines go out with WriteLogger, which writes the line
+    # and its newline in one write() and flushes: PrintLogger's print()
+    # writes them separately, and under PYTHONUNBUFFERED each is a write(2)
+    # of its own, so processes sharing a terminal or pipe (shmctl demo)
+    # interleave mid-line.
     factory: Callable[..., WrappedLogger]
     processors: list[Processor]
     if chosen == "journal":
@@ -394,12 +399,12 @@ def configure_logging(role: str, *, level: str, target: str, instance: str | Non
     elif chosen == "console":
         processors = [*head, structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S"),
                       structlog.dev.ConsoleRenderer(colors=out.isatty())]
-        factory = structlog.PrintLoggerFactory(file=out)
+        factory = structlog.WriteLoggerFactory(file=out)
     else:
         processors = [*head, structlog.processors.TimeStamper(fmt="iso", utc=True),
                       structlog.processors.format_exc_info,
                       structlog.processors.JSONRenderer()]
-        factory = structlog.PrintLoggerFactory(file=out)
+        factory = structlog.WriteLoggerFactory(file=out)
     structlog.configure(
         processors=processors,
         # Level filtering happens in _filter_level so set_level() reaches

@@ -54,7 +54,11 @@ class JournalRecords:
 
     def __init__(self, cfg: JournalSink) -> None:
         self.period = 1.0 / cfg.summary_rate if cfg.summary_rate > 0 else float("inf")
-        self._last = 0.0
+        # When the next summary may be logged: the first batch's at once (a
+        # last summary "at 0.0" held it back until CLOCK_MONOTONIC passed one
+        # period, i.e. on a machine up for less than 1/summary_rate seconds),
+        # never with summary_rate 0.
+        self._next = float("-inf") if cfg.summary_rate > 0 else float("inf")
         self._count = 0
         self._first_seq: int | None = None
         # (seq, topic, first 65 payload bytes) of the last record not yet summarised.
@@ -67,9 +71,9 @@ class JournalRecords:
         last = records[-1]
         self._tail = (last[0], last[2], bytes(last[3][:65]))
         now = time.monotonic()
-        if now - self._last >= self.period:
+        if now >= self._next:
             self._summarise()
-            self._last = now
+            self._next = now + self.period
 
     def _summarise(self) -> None:
         assert self._tail is not None

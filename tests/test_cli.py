@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 STATUS_KEYS = {"generation", "active", "writer_pid", "writer_alive", "capacity", "slot_size",
                "policy", "write_seq", "rate", "readers"}
 READER_KEYS = {"instance", "pid", "alive", "cursor", "lag", "delivered", "lost", "asleep"}
-SUBCOMMANDS = ("status", "tail", "publish", "check-config", "bench", "demo")
+SUBCOMMANDS = ("status", "tail", "publish", "check-config", "demo")
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -629,57 +629,6 @@ def test_check_config_reports_a_mistake_as_the_daemons_do(bus: Bus) -> None:
     assert writer.wait_for("config_error")["error"] == message
 
 
-# -- bench ------------------------------------------------------------------------------------
-
-
-def test_bench_quick_runs_or_explains_why_not(bus: Bus, tmp_path: Path) -> None:
-    """bench runs the benchmark and writes its results to --out, or says in one line it cannot."""
-    if not (REPO / "benchmarks" / "run.py").is_file():
-        message = one_line_error(run(bus, "bench", "--quick", config=False))
-        assert "benchmarks/" in message, message
-        return
-    # The cheapest real run: the eventfd ping-pong floor (no optional packages), latency
-    # only, 50 records, one repetition; a few seconds.  --timeout makes the benchmark kill
-    # a stuck run itself (its children die with it) well before we would kill shmctl.
-    peer = "floor-eventfd-pingpong"
-    out = tmp_path / "bench"
-    argv = ["--quick", "--only", "latency", "--peers", peer, "--latency-count", "50",
-            "--reps", "1", "--timeout", "30", "--out", str(out)]
-    table = ok(run(bus, "bench", *argv, config=False, timeout=90.0))
-    assert peer in table and "latency" in table, f"no latency table for {peer}:\n{table}"
-    report = (out / "results.md").read_text()
-    assert "## Latency" in report and peer in report, report
-    doc = json.loads((out / "results.json").read_text())
-    assert [(i["name"], i["kind"], i["skipped"]) for i in doc["impls"]] == [(peer, "floor", None)]
-    cases = doc["cases"]
-    assert {(c["kind"], c["count"]) for c in cases} == {("LatencyCase", 50)}, cases
-    assert 0 in {c["rate_hz"] for c in cases}, "no back-to-back ping-pong case"
-    runs = {r["case_key"]: r for r in doc["runs"]}
-    assert len(doc["runs"]) == len(runs) == len(cases), doc["runs"]
-    for case in cases:
-        r = runs[case["key"]]
-        assert (r["impl"], r["status"]) == (peer, "ok"), r
-        assert 0 < r["metrics"]["p50_ns"] <= r["metrics"]["max_ns"], r["metrics"]
-
-
-def test_bench_passes_every_word_after_it_to_the_benchmark(bus: Bus) -> None:
-    """bench hands its arguments, option-like ones first included, to benchmarks.run.main."""
-    # A stand-in benchmarks.run (the real one is tested with the benchmarks)
-    # ahead of everything on sys.path: it shows what it was given.
-    package = bus.dir / "stand-in" / "benchmarks"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "run.py").write_text(
-        "import json\n\n\ndef main(argv):\n    print(json.dumps(argv))\n    return 3\n")
-    argv = ["--quick", "--readers", "1,4", "--payloads", "64,4096", "-x"]
-    done = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-         "from shmd.cli import main; sys.exit(main())", str(package.parent), "bench", *argv],
-        capture_output=True, text=True, env=bus.env, cwd=REPO, timeout=20, check=False)
-    assert done.returncode == 3, done.stderr
-    assert json.loads(done.stdout) == argv
-
-
 # -- help and usage ---------------------------------------------------------------------------
 
 
@@ -714,71 +663,97 @@ def test_usage_errors_exit_2(bus: Bus, args: list[str]) -> None:
 # -- demo -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def demo(quiet: Bus) -> Iterator[tuple[subprocess.Popen[bytes], list[str]]]:
-    """``shmctl --config <bus> demo`` in its own session; its group SIGKILLed if left over."""
-    # The demo's children are not ours to reap: it waits for them itself.
-    # Anything of its process group still there afterwards is killed by pgid.
-    proc = subprocess.Popen([*shmctl(), "--config", str(quiet.config_path), "demo"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=quiet.env, cwd=REPO,
-                            start_new_session=True)
-    lines: list[str] = []
-    try:
-        yield proc, lines
-    finally:
+class Demo:
+    """``shmctl [--config FILE] demo`` in its own session, its output collected line by line."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        # The demo's children are not ours to reap: it waits for them itself.
+        # Anything of its process group still there afterwards is killed by pgid.
+        self.proc = subprocess.Popen([*shmctl(), *argv, "demo"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_line(self, pattern: str) -> re.Match[str]:
+        """The first line matching pattern, waited for with a deadline."""
+        deadline = time.monotonic() + DEFAULT_TIMEOUT
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if found := re.search(pattern, line):
+                        return found
+                left = deadline - time.monotonic()
+                assert left > 0 and self.proc.poll() is None, (
+                    f"no line matching {pattern!r}; status {self.proc.poll()}; output:\n"
+                    + self.text())
+                self._cond.wait(min(left, 0.5))
+
+    def interrupt(self) -> int:
+        """SIGINT the demo once its forwarders are in place; its exit status."""
+        # The demo installs its SIGINT and SIGTERM forwarders together, SIGTERM
+        # last; Python itself catches SIGINT from the start, so SigCgt's SIGTERM
+        # bit is what says the forwarder is in place.
+        wait_until(lambda: caught_signals(self.proc.pid) & (1 << (signal.SIGTERM - 1)),
+                   what="the demo installing its signal handlers")
+        os.kill(self.proc.pid, signal.SIGINT)
+        status = self.proc.wait(timeout=15)
+        self._pump.join(5)
+        return status
+
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def close(self) -> None:
         # The demo is our unreaped child until wait() below, so its pid (= the
         # group id) cannot be reused while we signal the group.
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+        self.proc.wait()
+        self._pump.join(5)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def demos() -> Iterator[Callable[[list[str], dict[str, str]], Demo]]:
+    """Start demos with ``demos(argv, env)``; each one's process group is gone afterwards."""
+    started: list[Demo] = []
+
+    def start(argv: list[str], env: dict[str, str]) -> Demo:
+        started.append(Demo(argv, env))
+        return started[-1]
+
+    yield start
+    for demo in started:
+        demo.close()
 
 
 def test_demo_runs_a_writer_and_two_readers_and_stops_all_on_sigint(
-        quiet: Bus, demo: tuple[subprocess.Popen[bytes], list[str]]) -> None:
+        quiet: Bus, demos: Callable[[list[str], dict[str, str]], Demo]) -> None:
     """demo shows a writer's and two readers' logs; SIGINT to it stops them all with status 0."""
     bus = quiet
-    proc, lines = demo
-    assert proc.stdout is not None
-    cond = threading.Condition()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            with cond:
-                lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                cond.notify_all()
-
-    reader_thread = threading.Thread(target=pump, daemon=True)
-    reader_thread.start()
-
-    def wait_line(pattern: str) -> None:
-        deadline = time.monotonic() + DEFAULT_TIMEOUT
-        with cond:
-            while not any(re.search(pattern, line) for line in lines):
-                left = deadline - time.monotonic()
-                assert left > 0 and proc.poll() is None, (
-                    f"no line matching {pattern!r}; status {proc.poll()}; output:\n"
-                    + "\n".join(lines))
-                cond.wait(min(left, 0.5))
-
-    wait_line(r"\blistener_ready\b.*role=writer")
-    wait_line(r"\battached\b.*\binstance=1\b")
-    wait_line(r"\battached\b.*\binstance=2\b")
+    demo = demos(["--config", str(quiet.config_path)], quiet.env)
+    proc = demo.proc
+    demo.wait_line(r"\blistener_ready\b.*role=writer")
+    demo.wait_line(r"\battached\b.*\binstance=1\b")
+    demo.wait_line(r"\battached\b.*\binstance=2\b")
     assert bus.segment_exists()
-    # The demo installs its SIGINT and SIGTERM forwarders together, SIGTERM
-    # last; Python itself catches SIGINT from the start, so SigCgt's SIGTERM
-    # bit is what says the forwarder is in place.
-    wait_until(lambda: caught_signals(proc.pid) & (1 << (signal.SIGTERM - 1)),
-               what="the demo installing its signal handlers")
-    os.kill(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=15) == 0, "\n".join(lines)
-    reader_thread.join(5)
-    text = "\n".join(lines)
+    assert demo.interrupt() == 0, demo.text()
+    text = demo.text()
     assert re.search(r"\bactive_cleared\b.*reason=SIGTERM", text), text
     assert re.search(r"\bshutdown_complete\b.*role=writer", text), text
     for instance in ("1", "2"):
@@ -788,3 +763,24 @@ def test_demo_runs_a_writer_and_two_readers_and_stops_all_on_sigint(
         os.killpg(proc.pid, 0)  # nothing of the demo's process group is left
     assert not bus.segment_exists(), "the writer did not unlink the segment"
     assert not Path(bus.socket).exists(), "the writer did not remove its socket"
+
+
+def test_demo_without_config_runs_its_own_bus_in_whole_lines(
+        bus: Bus, demos: Callable[[list[str], dict[str, str]], Demo]) -> None:
+    """demo alone runs a bus of its own (no warnings, nothing left), each log line whole."""
+    env = {k: v for k, v in bus.env.items() if k != "SHMD_CONFIG"}
+    env["PYTHONUNBUFFERED"] = "1"  # each print() part is then a write(2) of its own
+    demo = demos([], env)
+    segment = demo.wait_line(r"\bsegment_created\b.*segment=(/shmd-demo-\d+)").group(1)
+    socket_path = demo.wait_line(r"\blistener_ready\b.*socket=(\S+)").group(1)
+    for instance in ("1", "2"):
+        demo.wait_line(rf"\brecords\b.*\binstance={instance}\b")
+    assert Path("/dev/shm" + segment).exists()
+    assert demo.interrupt() == 0, demo.text()
+    lines = demo.lines
+    line = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[(info|warning) +\] [a-z_]+ +\S.*")
+    assert lines and all(line.fullmatch(text) for text in lines), demo.text()
+    assert not [text for text in lines if "config_warning" in text], demo.text()
+    assert not Path("/dev/shm" + segment).exists()
+    assert not Path(socket_path).exists()
+    assert not Path(socket_path).parent.exists(), "the demo left its directory"

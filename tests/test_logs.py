@@ -224,6 +224,33 @@ def test_console_target_has_no_colour_off_a_tty() -> None:
     assert "\x1b[" not in text
 
 
+class WriteRecorder(io.StringIO):
+    """A text stream that keeps every write() call's text apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+@pytest.mark.parametrize("target", ["console", "json"])
+def test_each_line_is_one_write_call(target: str) -> None:
+    """Every event goes out as one write() of the whole line, newline included."""
+    # Under PYTHONUNBUFFERED each write() on stderr is a write(2) of its own:
+    # a line written in parts interleaves mid-line with the lines of other
+    # processes on the same terminal or pipe (shmctl demo).
+    out = WriteRecorder()
+    logs.configure_logging("reader", level="info", target=target, stream=out, instance="1")
+    log = logs.get_logger()
+    log.info("records", count=3, payload="tick 1")
+    log.warning("overrun", lost=7)
+    assert len(out.calls) == 2, out.calls
+    assert all(call.endswith("\n") and call.count("\n") == 1 for call in out.calls), out.calls
+
+
 def _read_pty(master: int, needle: bytes, deadline: float) -> bytes:
     data = b""
     while needle not in data:

@@ -21,8 +21,11 @@ from daemons import (
     tick_numbers,
     wait_until,
 )
+from structlog.testing import capture_logs
 
+from shmd.config import JournalSink
 from shmd.segment import Segment
+from shmd.sinks import JournalRecords
 
 PAYLOAD_MAX = 256 - 32
 
@@ -312,3 +315,16 @@ def test_python_sink_whose_close_raises_is_reported_without_traceback(bus: Bus) 
                                "RuntimeError: cannot close")
     assert failed["level"] == "warning"
     assert "Traceback" not in r.stderr()
+
+
+def test_journal_sink_summarises_the_first_batch_at_once_whatever_the_uptime() -> None:
+    """The first batch gets its records line even when one period is longer than the uptime."""
+    # One summary per ~32 years: longer than CLOCK_MONOTONIC has run on any
+    # machine, so a sink that counted its period from time 0 would stay quiet.
+    sink = JournalRecords(JournalSink(summary_rate=1e-9))
+    with capture_logs() as logs:
+        sink.write([(0, 1, 2, b"first"), (1, 2, 2, b"second")])
+        sink.write([(2, 3, 2, b"third")])
+        sink.close()
+    summaries = [e for e in logs if e["event"] == "records"]
+    assert [(e["count"], e["first_seq"], e["seq"]) for e in summaries] == [(2, 0, 1), (1, 2, 2)]
