@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "tests" / "system") not in sys.path:
     sys.path.insert(0, str(REPO / "tests" / "system"))
 
-from harness import NamespacedSystemd  # noqa: E402 - found through the line above
+from harness import DEV_TREE, NamespacedSystemd  # noqa: E402 - found through the line above
 
 WRITER = "shm-writer.service"
 SOAK_DIR = "/var/lib/shmd-soak"
@@ -81,9 +81,9 @@ def prepare(ns: NamespacedSystemd, repo: Path = REPO) -> None:
     soak_sink) and lets both write the soak directory, which the sandbox
     (ProtectSystem=strict) would refuse.
     """
-    ns.install_dev_tree(repo)
-    helpers = repo / "tests" / "helpers"
-    conf = (f'[Service]\nEnvironment="PYTHONPATH={repo}:{helpers}" SHMD_SOAK_DIR={SOAK_DIR}\n'
+    ns.install_dev_tree(repo, extra=["tests/helpers"])
+    helpers = f"{DEV_TREE}/tests/helpers"
+    conf = (f'[Service]\nEnvironment="PYTHONPATH={DEV_TREE}:{helpers}" SHMD_SOAK_DIR={SOAK_DIR}\n'
             f"ReadWritePaths={SOAK_DIR}\n")
     for unit in (WRITER, "shm-reader@.service"):
         ns.write_file(f"/etc/systemd/system/{unit}.d/{DROP_IN}", conf)

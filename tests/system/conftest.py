@@ -9,8 +9,6 @@ fails.  Tests are skipped with the reason when this machine cannot run them
 from __future__ import annotations
 
 import functools
-import os
-import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,14 +40,6 @@ def missing_debs(names: tuple[str, ...]) -> list[str]:
         if "install ok installed" not in done.stdout:
             missing.append(name)
     return missing
-
-
-def readable_by_everyone(path: Path) -> bool:
-    """Whether any user may traverse to path and read it."""
-    for part in (path, *path.parents):
-        if not os.stat(part).st_mode & stat.S_IXOTH:
-            return False
-    return bool(os.stat(path).st_mode & stat.S_IROTH)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,10 @@ host's root writable:
 
 * a tmpfs holds an overlay (lower: the host's ``/``, upper: the tmpfs); we
   ``pivot_root`` into it and detach the old root, so every write lands in RAM
-  and vanishes at power-off.  The checkout (and its ``.venv``) stays visible
-  read-only through the lower layer;
+  and vanishes at power-off.  The units never run code from the checkout:
+  :meth:`NamespacedSystemd.install_dev_tree` copies it into the overlay
+  (:data:`DEV_TREE`, readable by every user), wherever the checkout lives
+  and whatever its directories' modes (CI clones into a 0700 home);
 * /run, /tmp and /dev/shm are fresh tmpfs; /dev is a small private tmpfs with
   bind-mounted null/zero/full/random/urandom/tty and a private devpts, and
   /dev/console is a plain file (the boot log), so nothing reaches the host's
@@ -28,6 +30,7 @@ deadline, or process exit.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import select
@@ -35,6 +38,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -44,8 +48,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 SYSTEMD = "/lib/systemd/system"
-#: The checkout these tests belong to.
-CHECKOUT = Path(__file__).resolve().parents[2]
 SYSTEMD_BINARY = "/lib/systemd/systemd"
 
 # Units that are enabled on a typical Debian image but have no business in a
@@ -83,6 +85,11 @@ INNER_ENV = {
 
 NAMESPACES = ("--pid", "--fork", "--mount", "--uts", "--ipc", "--net", "--cgroup")
 
+#: Where install_dev_tree puts the code the units run, inside the namespace.
+DEV_TREE = "/opt/shmd-dev"
+#: The host's POSIX shared-memory directory, checked at power-off.
+HOST_SHM = "/dev/shm"
+
 # Runs as PID 1 of the new namespaces, as root, with "$1" = container name.
 # Every mount below happens in the private mount namespace; the host only
 # ever sees its root as the overlay's read-only lower layer.
@@ -90,11 +97,6 @@ BOOT_SCRIPT = r"""
 set -eu
 name=$1
 base=/tmp
-# The checkout under test may live where the fresh /tmp or /run below would
-# hide it (CI clones anywhere): hold it by an fd now, bind it back later.
-if [ -n "${SHMD_TEST_BIND:-}" ]; then
-    exec 9<"$SHMD_TEST_BIND"
-fi
 mount -t tmpfs -o mode=0700,size=50% "$name" "$base"
 mkdir "$base/upper" "$base/work" "$base/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$base/upper,workdir=$base/work" "$base/root"
@@ -131,12 +133,6 @@ touch "$root/dev/console"
 
 mount -t tmpfs -o mode=0755,nosuid,nodev "$name-run" "$root/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev "$name-tmp" "$root/tmp"
-if [ -n "${SHMD_TEST_BIND:-}" ]; then
-    mkdir -p "$root$SHMD_TEST_BIND"
-    mount --bind /proc/self/fd/9 "$root$SHMD_TEST_BIND"
-    mount -o remount,bind,ro "$root$SHMD_TEST_BIND"
-    exec 9<&-
-fi
 
 # Masks live in the overlay's upper layer, i.e. in RAM.
 mkdir -p "$root/etc/systemd/system"
@@ -250,6 +246,8 @@ class NamespacedSystemd:
         self._pid: int | None = None
         self._cgroup: Path | None = None
         self.pidns: str | None = None
+        # The host's /dev/shm at boot: nothing of ours may appear there.
+        self._host_shm: set[str] | None = None
 
     # --- lifecycle ------------------------------------------------------
 
@@ -274,6 +272,7 @@ class NamespacedSystemd:
             raise SystemdError(f"Failed to boot {self.name} since no cgroup2 is mounted")
         self._cgroup = mount / self.name
         self._cgroup.mkdir()
+        self._host_shm = set(os.listdir(HOST_SHM))
         deadline = time.monotonic() + timeout
         # The shell moves itself into the fresh cgroup, then becomes unshare,
         # whose cgroup namespace is therefore rooted there.  If this process
@@ -286,14 +285,8 @@ class NamespacedSystemd:
             "unshare", *NAMESPACES, "--propagation", "private", "--kill-child",
             "sh", "-c", BOOT_SCRIPT, "boot", self.name, *masked,
         ]
-        # The checkout (units run its code): bound back in when it lives under
-        # a path the namespace replaces.
-        hidden = any(CHECKOUT.is_relative_to(p) for p in (Path("/tmp"), Path("/run"),
-                                                          Path("/dev")))
-        env = {**os.environ, "SHMD_TEST_BIND": str(CHECKOUT) if hidden else ""}
         self._proc = subprocess.Popen(
             argv,
-            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -370,7 +363,26 @@ class NamespacedSystemd:
                 proc.stdout.close()
         self._pid = None
         self._remove_cgroup(timeout)
+        self._check_host_shm()
         return status
+
+    def _check_host_shm(self) -> None:
+        """Raise if a shmd segment appeared in the host's /dev/shm while we ran.
+
+        The namespace has a /dev/shm of its own (and units with
+        PrivateDevices= bind that one): a segment showing up on the host
+        means something ran outside it, and a later run (or a real bus)
+        would meet it.
+        """
+        before, self._host_shm = self._host_shm, None
+        if before is None:
+            return  # not booted
+        leaked = sorted(n for n in set(os.listdir(HOST_SHM)) - before if n.startswith("shmd"))
+        if leaked:
+            raise SystemdError(
+                f"Failed to leave the host clean since {', '.join(leaked)} appeared in its "
+                f"{HOST_SHM} while {self.name} ran"
+            )
 
     def _remove_cgroup(self, timeout: float) -> None:
         cgroup, self._cgroup = self._cgroup, None
@@ -583,15 +595,39 @@ class NamespacedSystemd:
             timeout=300,
         )
 
-    def install_dev_tree(self, repo: Path) -> None:
+    def copy_tree(self, repo: Path, parts: Iterable[str], dest: str = DEV_TREE) -> None:
+        """Copy ``parts`` of a checkout (relative paths) to ``dest`` inside, readable by all.
+
+        A copy rather than the checkout itself: the units run as user shmd,
+        which may not traverse to the checkout (a clone in a 0700 home), and
+        a checkout under /tmp or /run is hidden by the namespace's own.
+        """
+        buf = io.BytesIO()
+
+        def readable(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            if "__pycache__" in Path(info.name).parts:
+                return None
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mode = 0o755 if info.isdir() or info.mode & 0o100 else 0o644
+            return info
+
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for part in parts:
+                tar.add(repo / part, arcname=part, filter=readable)
+        self.run("sh", "-c", 'install -d -m 0755 "$1" && tar -x -C "$1" --no-same-owner',
+                 "copy_tree", dest, input=buf.getvalue())
+
+    def install_dev_tree(self, repo: Path, extra: Iterable[str] = ()) -> None:
         """Install units, sysusers, tmpfiles and config from a checkout, with drop-ins
-        that run the daemons from its source tree (visible read-only through the
-        overlay) under Debian's python3 and libraries.
+        that run the daemons from a copy of its ``shmd/`` (and of ``extra`` paths)
+        in :data:`DEV_TREE`, under Debian's python3 and libraries.
 
         Not the checkout's .venv: its interpreter may live where the shmd user
         cannot reach it (a pyenv build under /root, say), and Debian's
         python3-yaml/structlog/systemd are what the package runs on anyway.
         """
+        self.copy_tree(repo, ("shmd", *extra))
         for unit_file in sorted((repo / "systemd").iterdir()):
             if unit_file.suffix in (".service", ".socket"):
                 self.write_file(f"/etc/systemd/system/{unit_file.name}", unit_file.read_text())
@@ -604,15 +640,7 @@ class NamespacedSystemd:
         config = repo / "config" / "shmd.yaml"
         if config.exists():
             self.write_file("/etc/shmd/shmd.yaml", config.read_text())
-        # ProtectHome= would hide a checkout under a home directory.
-        home = any(repo.is_relative_to(p) for p in (Path("/home"), Path("/root")))
-        # PrivateTmp= gives each service a fresh /tmp: a checkout under /tmp
-        # (CI clones anywhere) is bound into it, read-only.
-        common = (
-            f'Environment="PYTHONPATH={repo}" PYTHONDONTWRITEBYTECODE=1\n'
-            + ("ProtectHome=read-only\n" if home else "")
-            + (f"BindReadOnlyPaths={repo}\n" if repo.is_relative_to("/tmp") else "")
-        )
+        common = f'Environment="PYTHONPATH={DEV_TREE}" PYTHONDONTWRITEBYTECODE=1\n'
         for unit, module, program, args in (
             ("shm-writer.service", "shmd.writer", "shm-writer", ""),
             ("shm-reader@.service", "shmd.reader", "shm-reader", " --instance %i"),

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import REPO, RUNTIME_DEBS, missing_debs, readable_by_everyone
+from conftest import REPO, RUNTIME_DEBS, missing_debs
 from harness import NamespacedSystemd
 
 if str(REPO) not in sys.path:
@@ -57,9 +57,6 @@ def bus(systemd_ns: NamespacedSystemd) -> NamespacedSystemd:
     missing = missing_debs(RUNTIME_DEBS)
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed on the host (packaging/dev setup)")
-    for part in ("shmd", "tests/helpers"):
-        if not readable_by_everyone(REPO / part):
-            pytest.skip(f"user shmd cannot read {REPO / part}")
     prepare(systemd_ns, REPO)
     return systemd_ns
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, cached_preflight
-from harness import NamespacedSystemd, SystemdError
+from harness import DEV_TREE, HOST_SHM, NamespacedSystemd, SystemdError
 
 pytestmark = pytest.mark.system
 
@@ -63,6 +63,38 @@ def test_boot_and_poweroff_leave_nothing_behind() -> None:
         marker.unlink(missing_ok=True)
 
 
+def test_dev_shm_is_the_namespaces_own(systemd_ns: NamespacedSystemd) -> None:
+    """A segment a sandboxed unit makes lands in the namespace's /dev/shm, not the host's."""
+    name = f"shmd-test-private-{uuid.uuid4().hex}"
+    # PrivateDevices= as the shmd units have it: the unit's /dev binds the
+    # namespace's /dev/shm.
+    systemd_ns.run("systemd-run", "--wait", "--quiet", "-p", "PrivateDevices=yes", "--",
+                   "python3", "-c", f"open('/dev/shm/{name}', 'w').close()")
+    try:
+        assert name in systemd_ns.run("ls", "-A", "/dev/shm").stdout.split()
+        assert not (Path(HOST_SHM) / name).exists()
+    finally:
+        systemd_ns.run("rm", "-f", f"/dev/shm/{name}")
+
+
+def test_poweroff_fails_when_a_segment_appears_on_the_host() -> None:
+    """The harness says so at power-off when a shmd segment appeared in the host's /dev/shm."""
+    reason = cached_preflight()
+    if reason is not None:
+        pytest.skip(reason)
+    leak = Path(HOST_SHM) / f"shmd-test-leak-{uuid.uuid4().hex}"
+    ns = NamespacedSystemd()
+    try:
+        ns.boot()
+        leak.write_bytes(b"")  # as a daemon running outside the namespace would
+        with pytest.raises(SystemdError, match=rf"Failed to leave the host clean since "
+                                               rf"{leak.name} appeared"):
+            ns.poweroff()
+    finally:
+        leak.unlink(missing_ok=True)
+        ns.poweroff()
+
+
 def test_transient_unit_logs_structured_field(systemd_ns: NamespacedSystemd) -> None:
     """A structured field logged by a systemd-run unit shows up in journalctl -o json."""
     token = uuid.uuid4().hex
@@ -108,8 +140,11 @@ def test_write_file_stays_inside(systemd_ns: NamespacedSystemd) -> None:
     assert not Path(path).parent.exists()
 
 
-def test_install_dev_tree_points_units_at_the_checkout(systemd_ns: NamespacedSystemd) -> None:
-    """install_dev_tree loads the three units, runs them from the checkout and creates shmd."""
+def test_install_dev_tree_points_units_at_a_copy_of_the_checkout(
+    systemd_ns: NamespacedSystemd,
+) -> None:
+    """install_dev_tree loads the three units, runs them from a copy that user shmd can
+    read (whatever the checkout's own modes) and creates shmd."""
     systemd_ns.install_dev_tree(REPO)
     for unit in ("shm-writer.socket", "shm-writer.service", "shm-reader@1.service"):
         assert systemd_ns.show(unit, "LoadState")["LoadState"] == "loaded"
@@ -117,7 +152,14 @@ def test_install_dev_tree_points_units_at_the_checkout(systemd_ns: NamespacedSys
                          ("shm-reader@1.service", "shmd.reader")):
         props = systemd_ns.show(unit, "ExecStart", "Environment", "User")
         assert f"from {module} import main" in props["ExecStart"]
-        assert f"PYTHONPATH={REPO}" in props["Environment"]
+        assert f"PYTHONPATH={DEV_TREE}" in props["Environment"]
         assert props["User"] == "shmd"
     assert "--instance 1" in systemd_ns.show("shm-reader@1.service", "ExecStart")["ExecStart"]
     assert systemd_ns.run("getent", "passwd", "shmd").returncode == 0
+    # The copy is the checkout's code, byte for byte, and user shmd imports it.
+    copied = systemd_ns.read_file(f"{DEV_TREE}/shmd/subscriber.py")
+    assert copied == (REPO / "shmd" / "subscriber.py").read_text()
+    done = systemd_ns.run("setpriv", "--reuid=shmd", "--regid=shmd", "--clear-groups",
+                          "env", f"PYTHONPATH={DEV_TREE}", "PYTHONDONTWRITEBYTECODE=1",
+                          "python3", "-c", "import shmd.writer, shmd.reader; print(shmd.__file__)")
+    assert done.stdout.strip() == f"{DEV_TREE}/shmd/__init__.py"

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, RUNTIME_DEBS, missing_debs, readable_by_everyone
-from harness import NamespacedSystemd
+from conftest import REPO, RUNTIME_DEBS, missing_debs
+from harness import DEV_TREE, NamespacedSystemd
 
 pytestmark = [
     pytest.mark.system,
@@ -52,8 +52,6 @@ def bus(systemd_ns: NamespacedSystemd) -> NamespacedSystemd:
     missing = missing_debs(RUNTIME_DEBS)
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed on the host (packaging/dev setup)")
-    if not readable_by_everyone(REPO / "shmd"):
-        pytest.skip(f"user shmd cannot read the checkout {REPO}")
     systemd_ns.install_dev_tree(REPO)
     systemd_ns.run("useradd", "--no-create-home", "--groups", "shmd", OPERATOR)
     systemd_ns.run("useradd", "--no-create-home", OUTSIDER)
@@ -107,11 +105,11 @@ def events(ns: NamespacedSystemd, cursor: str, event: str) -> list[dict[str, Any
 
 
 def shmctl_as(ns: NamespacedSystemd, user: str, *args: str) -> tuple[int, str]:
-    """Run the checkout's shmctl as user (with its groups); return status and stderr."""
+    """Run the installed dev tree's shmctl as user (with its groups); return status and stderr."""
     code = "import sys; from shmd.cli import main; sys.exit(main())"
     done = ns.run(
         "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
-        "env", f"PYTHONPATH={REPO}", "python3", "-c", code, *args,
+        "env", f"PYTHONPATH={DEV_TREE}", "python3", "-c", code, *args,
         check=False,
     )
     return done.returncode, done.stderr
