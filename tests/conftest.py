@@ -7,6 +7,7 @@ and every segment name a test asked for is unlinked.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,6 +21,14 @@ from shmd.errors import SegmentNotFound
 # example must not turn into a DeadlineExceeded/Flaky failure.
 settings.register_profile("shmd", deadline=None)
 settings.load_profile("shmd")
+
+
+@pytest.fixture(autouse=True)
+def collect_leaks() -> Iterator[None]:
+    """Collect garbage after each test, so a leaked fd held in a reference cycle warns
+    (and, by pyproject's filterwarnings, fails) in the test that leaked it."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture

@@ -268,15 +268,26 @@ IMPLS = [FaultyImpl("drop"), UnavailableImpl(), *floor.IMPLS]
 # --------------------------------------------------------------------------- real peers
 
 
+def skip_if_unavailable(impl: Any) -> None:
+    """Skip with the peer's reason, and pip's when packaging/dev could not install it."""
+    reason = impl.available()
+    if not reason:
+        return
+    # packaging/dev installs the bench extra; where pip could not, it kept why.
+    why_not = Path(sys.prefix) / "bench-unavailable"
+    if why_not.is_file():
+        pip_said = why_not.read_text().strip()
+        reason += f" (packaging/dev could not install the bench extra: {pip_said})"
+    pytest.skip(reason)
+
+
 @pytest.mark.parametrize("impl", ALL_IMPLS, ids=lambda i: i.name)
 @pytest.mark.parametrize("payload,records", [(64, 400), (MIB, 12)], ids=["64B", "1MiB"])
 def test_every_peer_delivers_every_record_intact(
     impl: Any, payload: int, records: int, clean_run: Path
 ) -> None:
     """Each available peer moves every record to two readers, checked, and cleans up."""
-    reason = impl.available()
-    if reason:
-        pytest.skip(reason)
+    skip_if_unavailable(impl)
     case = ThroughputCase(2, payload, records, queue_depth(payload))
     if impl.supports(case):
         pytest.skip(impl.supports(case))
@@ -290,9 +301,7 @@ def test_every_peer_delivers_every_record_intact(
 @pytest.mark.parametrize("impl", ALL_IMPLS, ids=lambda i: i.name)
 def test_every_peer_measures_one_way_latency(impl: Any, clean_run: Path) -> None:
     """Each available peer yields ordered latency percentiles from a paced 1 kHz run."""
-    reason = impl.available()
-    if reason:
-        pytest.skip(reason)
+    skip_if_unavailable(impl)
     record = run_one(impl, LatencyCase(rate_hz=1000, count=60), 0, timeout=60)
     assert record.status == "ok", record.detail
     m = record.metrics
@@ -377,8 +386,7 @@ def test_a_damaged_record_makes_the_run_invalid(fault: str, expected: str, clean
                          ids=lambda i: i.name)
 def test_a_hung_run_is_killed_at_the_deadline_and_cleaned_up(impl: Any, clean_run: Path) -> None:
     """A reader that never returns makes the run fail at its timeout, with nothing left over."""
-    if impl.available():
-        pytest.skip(impl.available())
+    skip_if_unavailable(impl)
     started = time.monotonic()
     record = run_one(impl, ThroughputCase(2, 64, 100, 8), 0, timeout=3)
     elapsed = time.monotonic() - started

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -122,8 +122,9 @@ def test_existing_default_path_is_read(tmp_path: Path, monkeypatch: pytest.Monke
 def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
     """A file named by --config or SHMD_CONFIG that does not exist is a ConfigError."""
     missing = str(tmp_path / "nope.yaml")
-    for call in (lambda: load_config(missing, env={}),
-                 lambda: load_config(env={"SHMD_CONFIG": missing})):
+    calls: list[Callable[[], object]] = [lambda: load_config(missing, env={}),
+                                         lambda: load_config(env={"SHMD_CONFIG": missing})]
+    for call in calls:
         with pytest.raises(ConfigError) as info:
             call()
         assert info.value.path == missing

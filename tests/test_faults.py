@@ -13,6 +13,7 @@ tests/system/test_system_faults.py.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import mmap
@@ -33,6 +34,7 @@ import pytest
 import yaml
 from daemons import Bus as ProcBus
 from daemons import (
+    Daemon,
     assert_contiguous,
     program,
     read_lines,
@@ -330,7 +332,7 @@ def test_writers_killed_mid_record_never_deliver_it_torn(shm_name: str, procs: P
 
         discarded = []
         for rnd in range(rounds + 1):
-            child = procs.fork(lambda ch, rnd=rnd: writer(ch, rnd))
+            child = procs.fork(functools.partial(writer, rnd=rnd))
             if rnd < rounds:
                 discarded.append(int(child.expect("torn", DEADLINE).split()[1]))
                 assert child.kill() == -signal.SIGKILL
@@ -420,7 +422,7 @@ def test_64_readers_churning_leak_nothing_in_the_writer(world: ProcBus, procs: P
                 sub.close()
         ch.send(f"done {delivered}")
 
-    kids = [procs.fork(lambda ch, k=k: churn(ch, k)) for k in range(children)]
+    kids = [procs.fork(functools.partial(churn, k=k)) for k in range(children)]
     for kid in kids:
         kid.expect("done", 120)
         assert kid.wait() == 0
@@ -660,7 +662,7 @@ def in_private_mounts(world: ProcBus, name: str, script: str, *args: str) -> Any
     return world.spawn(name, argv)
 
 
-def expect_start_failed(d: Any) -> dict[str, Any]:
+def expect_start_failed(d: Daemon) -> dict[str, Any]:
     """The writer exits 1 after exactly one start_failed line (an error, no traceback)."""
     status = d.wait_exit(DEADLINE)
     if status == 77:

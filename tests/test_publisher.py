@@ -409,7 +409,7 @@ def test_a_reader_woken_before_the_commit_is_woken_again_after_it(
     pub = bus.publisher(capacity=64)
     sub = bus.subscriber(pub)
     assert sub.eventfd is not None
-    seen: list[tuple[int, list[bytes], float | None]] = []
+    seen: list[tuple[int, list[bytes | memoryview], float | None]] = []
 
     def write_then_look(fd: int, data: bytes) -> int:
         written = os.write(fd, data)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from helpers import ChildEnd, Procs, fd_targets, in_dev_shm, maps_lines, popen_lines
+from helpers import ChildEnd, Procs, fd_targets, in_dev_shm, maps_lines
 
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
@@ -207,7 +207,7 @@ def test_another_process_keeps_reading_after_unlink_and_close(
     try:
         seg.ring[0:6] = b"before"
         peek = procs.python("peek.py", shm_name, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        out = popen_lines(peek, "peek")
+        out = procs.lines(peek, "peek")
         assert peek.stdin is not None
         assert out.expect("ready").split()[1] == str(seg.generation)
 

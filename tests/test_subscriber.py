@@ -21,7 +21,6 @@ from helpers import (
     eventfd_count,
     loop_reader,
     maps_lines,
-    popen_lines,
     wait_until,
 )
 from structlog.testing import capture_logs
@@ -95,7 +94,7 @@ def test_spawned_reader_attaches_by_name_with_an_eventfd_over_a_socket(
         theirs.close()
         socket.send_fds(ours, [f"{handle.index} {handle.token}".encode()],
                         [handle.eventfd.fileno()])
-    out = popen_lines(proc, "spawned reader")
+    out = procs.lines(proc, "spawned reader")
     out.expect("ready")
     wait_until(asleep_and_unlocked(pub, handle.index), "the spawned reader sleeps")
     pub.publish(b"one", topic=3)

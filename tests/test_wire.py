@@ -22,13 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmd import wire
+from shmd._sys.fd import OwnedFd
 from shmd.wire import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
     Connection,
     Frame,
-    OwnedFd,
     PeerClosed,
     PeerStalled,
     WireError,
@@ -857,7 +857,7 @@ def test_bind_listener_does_not_steal_a_live_listener(
             # The probe's own connection may be pending too: find the client's.
             while (conn := wire.accept(live)) is not None:
                 accepted.append(conn)
-            bodies = []
+            bodies: list[bytes | None] = []
             for conn in accepted:
                 try:
                     bodies.append(conn.recv(timeout=DEADLINE).body)

@@ -68,7 +68,11 @@ def recv_message(sock: socket.socket, timeout: float = 5.0) -> protocol.Message 
 
 def raw_client(bus: Bus) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, SEQPACKET | socket.SOCK_CLOEXEC)
-    s.connect(bus.socket)
+    try:
+        s.connect(bus.socket)
+    except BaseException:
+        s.close()
+        raise
     return s
 
 

@@ -205,6 +205,7 @@ class Procs:
     def __init__(self) -> None:
         self.children: list[Child] = []
         self.popens: list[subprocess.Popen[bytes]] = []
+        self.readers: list[LineReader] = []
 
     def fork(self, target: Callable[[ChildEnd], object]) -> Child:
         """Run ``target(channel)`` in a forked child; its exit code is 0 unless it raises.
@@ -244,6 +245,13 @@ class Procs:
         self.popens.append(proc)
         return proc
 
+    def lines(self, proc: subprocess.Popen[bytes], who: str) -> LineReader:
+        """A deadline-aware line reader on a child's stdout (it owns a dup, closed at the end)."""
+        assert proc.stdout is not None
+        reader = LineReader(OwnedFd(os.dup(proc.stdout.fileno())), who)
+        self.readers.append(reader)
+        return reader
+
     def python(self, script: str, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
         """Run one of the helper scripts next to this file with this interpreter."""
         return self.spawn([sys.executable, str(HERE / script), *args], **kwargs)
@@ -262,12 +270,8 @@ class Procs:
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
-
-
-def popen_lines(proc: subprocess.Popen[bytes], who: str) -> LineReader:
-    """A deadline-aware line reader on a child's stdout (the reader owns a dup)."""
-    assert proc.stdout is not None
-    return LineReader(OwnedFd(os.dup(proc.stdout.fileno())), who)
+        for reader in self.readers:
+            reader.fd.close()
 
 
 def drain(sub: Subscriber, limit: int = 4096, *, copy: bool = True) -> list[Record]:

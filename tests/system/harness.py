@@ -346,6 +346,7 @@ class NamespacedSystemd:
         """
         proc, self._proc = self._proc, None
         status: int | None = None
+        created = self._segments_created() if proc is not None else set()
         if proc is not None:
             if self._pid is not None and proc.poll() is None:
                 # The bus connection may drop as PID 1 goes: not an error.
@@ -363,21 +364,33 @@ class NamespacedSystemd:
                 proc.stdout.close()
         self._pid = None
         self._remove_cgroup(timeout)
-        self._check_host_shm()
+        self._check_host_shm(created)
         return status
 
-    def _check_host_shm(self) -> None:
-        """Raise if a shmd segment appeared in the host's /dev/shm while we ran.
+    def _segments_created(self) -> set[str]:
+        """The names of every segment a writer inside logged as created (best effort:
+        a namespace that no longer answers has nothing to say)."""
+        if self._pid is None:
+            return set()
+        try:
+            entries = self.journal(SHMD_EVENT="segment_created")
+        except (SystemdError, subprocess.SubprocessError, OSError, ValueError):
+            return set()
+        return {e["SHMD_SEGMENT"].lstrip("/") for e in entries if "SHMD_SEGMENT" in e}
+
+    def _check_host_shm(self, created: set[str]) -> None:
+        """Raise if a segment a writer inside created is in the host's /dev/shm now.
 
         The namespace has a /dev/shm of its own (and units with
-        PrivateDevices= bind that one): a segment showing up on the host
-        means something ran outside it, and a later run (or a real bus)
-        would meet it.
+        PrivateDevices= bind that one), so none should be: one that is
+        would outlive the test, and a later run (or a real bus of that
+        name) would meet it.  Only the names the writers logged are
+        checked: other processes on the host may make segments meanwhile.
         """
         before, self._host_shm = self._host_shm, None
         if before is None:
             return  # not booted
-        leaked = sorted(n for n in set(os.listdir(HOST_SHM)) - before if n.startswith("shmd"))
+        leaked = sorted(n for n in created - before if (Path(HOST_SHM) / n).exists())
         if leaked:
             raise SystemdError(
                 f"Failed to leave the host clean since {', '.join(leaked)} appeared in its "

@@ -77,8 +77,9 @@ def test_dev_shm_is_the_namespaces_own(systemd_ns: NamespacedSystemd) -> None:
         systemd_ns.run("rm", "-f", f"/dev/shm/{name}")
 
 
-def test_poweroff_fails_when_a_segment_appears_on_the_host() -> None:
-    """The harness says so at power-off when a shmd segment appeared in the host's /dev/shm."""
+def test_poweroff_fails_when_a_segment_created_inside_is_on_the_host() -> None:
+    """The harness says so at power-off when a segment a writer inside logged as created
+    is in the host's /dev/shm."""
     reason = cached_preflight()
     if reason is not None:
         pytest.skip(reason)
@@ -86,7 +87,13 @@ def test_poweroff_fails_when_a_segment_appears_on_the_host() -> None:
     ns = NamespacedSystemd()
     try:
         ns.boot()
-        leak.write_bytes(b"")  # as a daemon running outside the namespace would
+        # What a writer running outside the namespace's /dev/shm would leave:
+        # its segment_created line inside, its segment on the host.
+        code = ("from systemd import journal; "
+                f"journal.send('segment_created', SHMD_EVENT='segment_created', "
+                f"SHMD_SEGMENT='/{leak.name}')")
+        ns.run("python3", "-c", code)
+        leak.write_bytes(b"")
         with pytest.raises(SystemdError, match=rf"Failed to leave the host clean since "
                                                rf"{leak.name} appeared"):
             ns.poweroff()
