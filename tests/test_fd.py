@@ -9,17 +9,9 @@ import warnings
 from collections.abc import Iterator
 
 import pytest
+from helpers import is_open
 
 from shmd._sys.fd import OwnedFd, close_all
-
-
-def is_open(fd: int) -> bool:
-    """Whether fd is an open descriptor of this process."""
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture

@@ -469,8 +469,12 @@ def test_wait_needs_an_eventfd(bus: Bus) -> None:
         sub.wait(0)
 
 
-def test_reader_process_blocked_in_wait_is_woken_by_a_record(bus: Bus, procs: Procs) -> None:
-    """A reader process asleep in wait() wakes when a record of its topic is committed."""
+@pytest.mark.parametrize("early", [False, True], ids=["woken-after-commit", "woken-early"])
+def test_reader_process_blocked_in_wait_is_woken_by_a_record(
+    bus: Bus, procs: Procs, early: bool
+) -> None:
+    """A reader process asleep in wait() returns once a record of its topic is committed,
+    and sleeps on through publish()'s early wake-up that comes before the commit."""
     pub = bus.publisher()
     handle = pub.add_reader("waiter", os.getpid(), topics=topic_mask([9]))
 
@@ -483,34 +487,14 @@ def test_reader_process_blocked_in_wait_is_woken_by_a_record(bus: Bus, procs: Pr
     child = procs.fork(body)
     child.expect("waiting")
     wait_until(asleep_and_unlocked(pub, handle.index), "the reader sleeps")
-    pub.publish(b"ping", topic=9)
-    assert child.expect("woke") == "woke True [b'ping']"
-    assert child.wait() == 0
-
-
-def test_wait_sleeps_on_through_a_wake_up_that_came_before_the_commit(
-    bus: Bus, procs: Procs
-) -> None:
-    """wait() woken by publish()'s early wake-up, before the commit, sleeps again until it."""
-    pub = bus.publisher()
-    handle = pub.add_reader("early", os.getpid(), topics=topic_mask([9]))
-
-    def body(ch: ChildEnd) -> None:
-        sub = attach(pub, handle)
-        ch.send("waiting")
-        woke = sub.wait(20)
-        ch.send(f"woke {woke} {[r.payload for r in sub.read()]}")
-
-    child = procs.fork(body)
-    child.expect("waiting")
-    wait_until(asleep_and_unlocked(pub, handle.index), "the reader sleeps")
-    # What publish() does for a small record before it commits it: answer
-    # the announcement and write the eventfd.  The ring is still empty.
-    pub._wake_sleepers(pub.segment.u[Segment.SLEEP_COUNT], 1 << 9)
-    assert not pub.segment.entry(handle.index).asleep
-    # The reader wakes to nothing and announces a new sleep (without the
-    # re-sleep, wait() returned True here and read() found nothing).
-    wait_until(asleep_and_unlocked(pub, handle.index), "the reader sleeps again")
+    if early:
+        # What publish() does for a small record before it commits it: answer
+        # the announcement and write the eventfd.  The ring is still empty.
+        pub._wake_sleepers(pub.segment.u[Segment.SLEEP_COUNT], 1 << 9)
+        assert not pub.segment.entry(handle.index).asleep
+        # The reader wakes to nothing and announces a new sleep (without the
+        # re-sleep, wait() returned True here and read() found nothing).
+        wait_until(asleep_and_unlocked(pub, handle.index), "the reader sleeps again")
     pub.publish(b"ping", topic=9)
     assert child.expect("woke") == "woke True [b'ping']"
     assert child.wait() == 0

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 import pytest
+from helpers import is_open
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,15 +47,7 @@ DEADLINE = 10.0  # seconds: the longest any wait in these tests may take
 def open_fds() -> set[int]:
     """The fds open in this process right now (the listing's own fd excluded)."""
     fds = {int(name) for name in os.listdir("/proc/self/fd")}
-    return {fd for fd in fds if _is_open(fd)}
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
+    return {fd for fd in fds if is_open(fd)}
 
 
 def raw_header(
@@ -162,48 +155,17 @@ def read_exactly(fd: int, size: int) -> bytes:
     return os.read(fd, size)
 
 
-# -- OwnedFd and Frame ----------------------------------------------------------
+# -- Frame ----------------------------------------------------------------------
+# (OwnedFd itself: tests/test_fd.py)
 
 
-def test_owned_fd_close_sets_minus_one_and_is_idempotent() -> None:
-    """close() marks the owner closed, closes the fd once, and a second close is harmless."""
+def test_closing_a_frame_closes_its_fds() -> None:
+    """Leaving a Frame's with-block closes every fd it carries."""
     r, w = os.pipe()
-    os.close(w)
-    owner = OwnedFd(r)
-    assert owner.fileno() == r
-    owner.close()
-    assert owner.closed
-    assert not _is_open(r)
-    owner.close()
-    with pytest.raises(ValueError, match="already closed"):
-        owner.fileno()
-
-
-def test_owned_fd_detach_hands_over_ownership() -> None:
-    """detach() returns the fd without closing it and leaves the owner closed."""
-    r, w = os.pipe()
-    os.close(w)
-    owner = OwnedFd(r)
-    fd = owner.detach()
-    try:
-        assert fd == r
-        assert owner.closed
-        owner.close()
-        assert _is_open(r)
-    finally:
-        os.close(fd)
-
-
-def test_owned_fd_context_manager_and_frame_close() -> None:
-    """Leaving an OwnedFd's with-block, or closing a Frame, closes the fds."""
-    r, w = os.pipe()
-    with OwnedFd(r):
-        pass
-    assert not _is_open(r)
-    frame = Frame(b"x", (OwnedFd(w),))
+    frame = Frame(b"x", (OwnedFd(r), OwnedFd(w)))
     with frame:
-        assert _is_open(w)
-    assert not _is_open(w)
+        assert is_open(r) and is_open(w)
+    assert not is_open(r) and not is_open(w)
     assert all(fd.closed for fd in frame.fds)
 
 

@@ -55,6 +55,15 @@ def maps_lines(name: str, pid: int | str = "self") -> list[str]:
         return [line.rstrip("\n") for line in f if path in line]
 
 
+def is_open(fd: int) -> bool:
+    """Whether fd is an open descriptor of this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def fd_targets(pid: int | str = "self") -> list[str]:
     """What every open fd of a process points at."""
     out = []
