@@ -210,9 +210,11 @@ def test_an_eventfd_nobody_drains_never_blocks_the_writer(
         ch.send("armed")
         ch.recv(timeout=3600)
 
+    # Marked before the child exists: the writer may answer its announcement
+    # (and find the tampering) before the child's "armed" reaches us.
+    mark = w.mark()
     child = procs.fork(sleeper)
     child.expect("armed", DEADLINE)
-    mark = w.mark()
     receives_more(world, "healthy", 200)
     if tamper:
         tampered = w.wait_for("eventfd_tampered", DEADLINE, since=mark)
