@@ -139,12 +139,13 @@ def run(idle: float, records: int, reader_counts: list[int]) -> list[dict[str, A
                    "PYTHONPATH": os.pathsep.join([str(tmp), *sys.path]),
                    "SHMD_BENCH_CONTROL": str(control), "SHMD_BENCH_DONE": str(done)}
             py = sys.executable
-            writer = Daemon([py, "-m", "shmd.writer"], env)
+            writer = Daemon([py, "-m", "shmd.daemons.writer"], env)
             procs = [writer]
             try:
                 writer.wait_for("listener_ready")
                 for i in range(readers):
-                    procs.append(Daemon([py, "-m", "shmd.reader", "--instance", f"b{i}"], env))
+                    argv = [py, "-m", "shmd.daemons.reader", "--instance", f"b{i}"]
+                    procs.append(Daemon(argv, env))
                 for reader in procs[1:]:
                     # A reader logs its first stats in its first loop turn, just
                     # before it goes to sleep: start-up is over.

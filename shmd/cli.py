@@ -27,14 +27,15 @@ from typing import Any, TextIO
 
 import yaml
 
-from shmd import logs, protocol, wire
+from shmd.bus.layout import Policy, ReaderState
+from shmd.bus.ring import slot_of
+from shmd.bus.segment import Segment
+from shmd.bus.subscriber import RawRecord
 from shmd.config import Config, ConfigError, ReaderSettings, load_config
-from shmd.daemon import EXIT_FAILURE, EXIT_OK, check_config, pid_alive
+from shmd.control import protocol, wire
+from shmd.daemons import logs
+from shmd.daemons.process import EXIT_FAILURE, EXIT_OK, check_config, pid_alive
 from shmd.errors import SegmentNotFound, ShmdError
-from shmd.layout import Policy, ReaderState
-from shmd.ring import slot_of
-from shmd.segment import Segment
-from shmd.subscriber import RawRecord
 
 EXAMPLES = {
     "status": """examples:
@@ -216,7 +217,7 @@ class PrintSink:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from shmd.reader import ReaderDaemon, ReaderExit  # noqa: PLC0415 - tail only
+    from shmd.daemons.reader import ReaderDaemon, ReaderExit  # noqa: PLC0415 - tail only
 
     cfg = _config(args)
     logs.configure_logging("ctl", level="warning", target="console")
@@ -353,9 +354,11 @@ def _run_demo(config: str, readers_wanted: int) -> int:
     base = [str(exe), "-m"]
     extra = ["--config", config]
     target = ["--log-target", "console"]
-    writer = subprocess.Popen([*base, "shmd.writer", *extra, *target])
-    readers = [subprocess.Popen([*base, "shmd.reader", "--instance", str(i), *extra, *target])
-               for i in range(1, readers_wanted + 1)]
+    writer = subprocess.Popen([*base, "shmd.daemons.writer", *extra, *target])
+    readers = [
+        subprocess.Popen([*base, "shmd.daemons.reader", "--instance", str(i), *extra, *target])
+        for i in range(1, readers_wanted + 1)
+    ]
     procs = [writer, *readers]
 
     def forward(signum: int, frame: object) -> None:

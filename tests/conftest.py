@@ -15,6 +15,7 @@ from helpers import Bus, Procs, new_name
 from hypothesis import settings
 
 from shmd._sys import libc
+from shmd.daemons import logs
 from shmd.errors import SegmentNotFound
 
 # Property tests check arithmetic, not speed: on a loaded machine a slow
@@ -29,6 +30,15 @@ def collect_leaks() -> Iterator[None]:
     (and, by pyproject's filterwarnings, fails) in the test that leaked it."""
     yield
     gc.collect()
+
+
+@pytest.fixture
+def clean_logging() -> Iterator[None]:
+    """Logging as structlog's defaults again after the test (configure_logging is global)."""
+    try:
+        yield
+    finally:
+        logs.reset_logging()
 
 
 @pytest.fixture

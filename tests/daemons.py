@@ -47,7 +47,7 @@ def program(name: str) -> list[str]:
     script = BIN / name
     if script.exists():
         return [str(script)]
-    module = {"shm-writer": "shmd.writer", "shm-reader": "shmd.reader"}[name]
+    module = {"shm-writer": "shmd.daemons.writer", "shm-reader": "shmd.daemons.reader"}[name]
     return [sys.executable, "-m", module]
 
 

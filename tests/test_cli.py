@@ -30,9 +30,9 @@ from daemons import (
     wait_until,
 )
 
+from shmd.bus.layout import LAYOUT_VERSION, OFF_VERSION, Geometry, Policy
+from shmd.bus.segment import Segment
 from shmd.config import config_to_dict, load_config
-from shmd.layout import LAYOUT_VERSION, OFF_VERSION, Geometry, Policy
-from shmd.segment import Segment
 
 REPO = Path(__file__).resolve().parent.parent
 STATUS_KEYS = {"generation", "active", "writer_pid", "writer_alive", "capacity", "slot_size",

@@ -7,11 +7,9 @@ import grp
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,9 +17,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from shmd import config as cfgmod
-from shmd import logs
 from shmd.config import (
-    EXIT_CONFIG,
     Config,
     ConfigError,
     ExecSink,
@@ -36,9 +32,9 @@ from shmd.config import (
     config_to_dict,
     default_config,
     diff_reloadable,
-    exit_on_config_error,
     load_config,
 )
+from shmd.daemons import logs
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "config" / "shmd.yaml"
@@ -59,14 +55,6 @@ def error_for(tmp_path: Path, text: str) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         load_text(tmp_path, text)
     return info.value
-
-
-@pytest.fixture
-def clean_logging() -> Iterator[None]:
-    try:
-        yield
-    finally:
-        logs.reset_logging()
 
 
 # ---------------------------------------------------------------------------
@@ -629,46 +617,8 @@ def test_diff_reloadable_names_reader_instance_keys(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Exiting on a configuration error
+# Loading logs nothing (the daemons' exit path: tests/test_process.py)
 # ---------------------------------------------------------------------------
-
-
-def test_exit_on_config_error_logs_one_event_and_exits_78(tmp_path: Path,
-                                                          clean_logging: None) -> None:
-    """exit_on_config_error logs a config_error event with the location and exits 78."""
-    path = write(tmp_path, "segment:\n  capacity: 3\n")
-    logs.configure_logging("writer", level="info", target="json")
-    with pytest.raises(ConfigError) as info:
-        load_config(path, env={})
-    with capture_logs() as captured, pytest.raises(SystemExit) as exited:
-        exit_on_config_error(info.value, role="writer")
-    assert exited.value.code == EXIT_CONFIG == 78
-    assert len(captured) == 1
-    event = captured[0]
-    assert event["event"] == "config_error" and event["log_level"] == "error"
-    assert (event["path"], event["line"], event["key"]) == (path, 2, "segment.capacity")
-    assert event["error"] == f"{path}:2: segment.capacity: must be a power of two (got 3)"
-
-
-def test_daemon_start_with_broken_config_prints_one_line_and_exits_78(tmp_path: Path) -> None:
-    """load_config_or_exit in a fresh process writes one JSON line, no traceback, exit 78."""
-    path = write(tmp_path, "segment:\n  policy: sometimes\n")
-    code = ("import sys\nfrom shmd.config import load_config_or_exit\n"
-            "load_config_or_exit(sys.argv[1], role='reader', instance='4')\n"
-            "print('not reached')\n")
-    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
-    child = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
-                           timeout=60, env=env, stdin=subprocess.DEVNULL, check=False)
-    assert child.returncode == 78, child.stderr
-    assert child.stdout == ""
-    assert "Traceback" not in child.stderr
-    lines = child.stderr.splitlines()
-    assert len(lines) == 1, child.stderr
-    event = json.loads(lines[0])
-    assert event["event"] == "config_error" and event["level"] == "error"
-    assert event["role"] == "reader" and event["instance"] == "4"
-    assert event["line"] == 2 and event["key"] == "segment.policy"
-    assert "must be one of drop-oldest | block" in event["error"]
 
 
 def test_structlog_is_left_alone_by_loading(tmp_path: Path, clean_logging: None) -> None:

@@ -46,12 +46,9 @@ from helpers import Bus, ChildEnd, Procs, attach, maps_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shmd import logs, protocol, wire
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
-from shmd.config import ConfigError, load_config
-from shmd.errors import ReaderEvicted, SegmentLayoutError
-from shmd.layout import (
+from shmd.bus.layout import (
     ALL_TOPICS,
     OFF_CAPACITY,
     OFF_CONTROL_SIZE,
@@ -69,10 +66,14 @@ from shmd.layout import (
     ReaderState,
     topic_mask,
 )
-from shmd.publisher import Publisher
-from shmd.reactor import ReaderLoop
-from shmd.segment import Segment
-from shmd.subscriber import RawRecord, Subscriber
+from shmd.bus.loop import ReaderLoop
+from shmd.bus.publisher import Publisher
+from shmd.bus.segment import Segment
+from shmd.bus.subscriber import RawRecord, Subscriber
+from shmd.config import ConfigError, load_config
+from shmd.control import protocol, wire
+from shmd.daemons import logs
+from shmd.errors import ReaderEvicted, SegmentLayoutError
 
 SEQPACKET = socket.SOCK_SEQPACKET
 DEADLINE = 30.0  # the machine is shared and small: generous, but every wait is bounded
@@ -726,7 +727,7 @@ def test_an_unreadable_configuration_is_one_config_error_and_exit_78(
     err_r, err_w = os.pipe()
 
     def as_nobody(ch: ChildEnd) -> None:
-        from shmd import writer  # noqa: PLC0415 - runs in the child
+        from shmd.daemons import writer  # noqa: PLC0415 - runs in the child
 
         os.dup2(err_w, 2)
         # A fresh process as far as logging goes: nothing configured, stderr is fd 2.

@@ -1,4 +1,4 @@
-"""shmd.layout: geometry rules, header encoding and validation, reader entries."""
+"""shmd.bus.layout: geometry rules, header encoding and validation, reader entries."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from shmd.errors import GeometryError, SegmentLayoutError
-from shmd.layout import (
+from shmd.bus.layout import (
     _HEAD,
     ALL_TOPICS,
     HEADER_FIELDS_END,
@@ -49,6 +48,7 @@ from shmd.layout import (
     topic_mask,
     validate_header,
 )
+from shmd.errors import GeometryError, SegmentLayoutError
 
 capacities = st.integers(1, 24).map(lambda e: 1 << e)
 slot_sizes = st.integers(RECORD_HEADER_SIZE // 8 + 1, 1 << 14).map(lambda w: w * 8)

@@ -1,4 +1,4 @@
-"""Tests of shmd.logs: journal fields, targets, live level changes, the event contract."""
+"""Tests of shmd.daemons.logs: journal fields, targets, live level changes, the event contract."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from shmd import logs
+from shmd.daemons import logs
 
 REPO = Path(__file__).resolve().parent.parent
 JOURNAL_DOC = REPO / "docs" / "JOURNAL.md"
@@ -32,11 +32,8 @@ FIELD_RE = re.compile(r"[A-Z0-9][A-Z0-9_]{0,63}")
 
 
 @pytest.fixture(autouse=True)
-def clean_logging() -> Iterator[None]:
-    try:
-        yield
-    finally:
-        logs.reset_logging()
+def _every_test_cleans_logging(clean_logging: None) -> None:
+    """Every test here configures logging: each starts and ends with structlog's defaults."""
 
 
 @pytest.fixture
@@ -297,7 +294,7 @@ def test_auto_picks_journal_only_when_journal_stream_matches() -> None:
 
 _NAMESPACED = r"""
 import json, os, socket, struct, sys
-from shmd import logs
+from shmd.daemons import logs
 
 def parse(datagram):
     fields, data = {}, datagram
@@ -404,16 +401,17 @@ LOG_METHODS = {"debug": "debug", "info": "info", "warning": "warning", "error": 
 #: event's fields, plus the carrier call's keywords that are not parameters
 #: of the carrier itself (its ``**fields``).
 CARRIERS = {
-    # shmd.daemon.fail(log, event, err, status, **fields): log.error/exception(event, ...)
-    "fail": (1, ("daemon.py", "fail", "event")),
+    # shmd.daemons.process.fail(log, event, err, status, **fields): log.error/exception(event, ...)
+    "fail": (1, ("daemons/process.py", "fail", "event")),
     # raise ReaderExit(status, event, message, **fields): shm-reader's main logs it
-    "ReaderExit": (1, ("reader.py", "main", "exc.event")),
+    "ReaderExit": (1, ("daemons/reader.py", "main", "exc.event")),
 }
 #: Which process logs the events of each module (for the role sets).
 MODULE_ROLES = {
-    "writer.py": "writer", "publisher.py": "writer", "sources.py": "writer",
-    "reader.py": "reader", "subscriber.py": "reader", "sinks.py": "reader", "cli.py": "reader",
-    "daemon.py": "either", "config.py": "either", "sdnotify.py": "either",
+    "daemons/writer.py": "writer", "bus/publisher.py": "writer", "daemons/sources.py": "writer",
+    "daemons/reader.py": "reader", "bus/subscriber.py": "reader", "daemons/sinks.py": "reader",
+    "cli.py": "reader", "daemons/process.py": "either", "config/__init__.py": "either",
+    "daemons/sdnotify.py": "either",
 }
 
 
@@ -475,14 +473,14 @@ def _parameters(tree: ast.Module, name: str) -> set[str]:
 
 
 class _Module:
-    """One shmd/ module: its imports from shmd.logs and, per scope, its assignments."""
+    """One module under shmd/: its imports from shmd.daemons.logs, per scope its assignments."""
 
     def __init__(self, path: Path) -> None:
-        self.name = path.name
+        self.name = path.relative_to(SHMD_DIR).as_posix()  # e.g. "bus/publisher.py"
         self.tree = ast.parse(path.read_text(), str(path))
         self.imported: dict[str, str] = {}  # local name -> logs attribute
         for node in ast.walk(self.tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "shmd.logs":
+            if isinstance(node, ast.ImportFrom) and node.module == "shmd.daemons.logs":
                 for alias in node.names:
                     self.imported[alias.asname or alias.name] = alias.name
 
@@ -578,7 +576,8 @@ class _Module:
 def scan_shmd() -> Scan:
     """Read every log call in shmd/ (the logging module itself aside)."""
     scan = Scan()
-    modules = [_Module(p) for p in sorted(SHMD_DIR.glob("*.py")) if p.name != "logs.py"]
+    modules = [_Module(p) for p in sorted(SHMD_DIR.rglob("*.py"))
+               if p != SHMD_DIR / "daemons" / "logs.py"]
     carried: list[tuple[_Module, str, ast.Call, str]] = []
     for mod in modules:
         for fname, scope in _scopes(mod.tree):

@@ -1,4 +1,4 @@
-"""Tests of shmd.daemon: arguments, configuration loading, --check-config, logging set-up, exits.
+"""Tests of shmd.daemons.process: arguments, config loading, --check-config, logging, exits.
 
 Both daemons go through these functions at start-up, so most tests run the
 real ``shm-writer`` and ``shm-reader`` and look at their exit status,
@@ -8,20 +8,29 @@ stdout and stderr.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
 from daemons import Bus, program, running_bus, wait_until
 from structlog.testing import capture_logs
 
-from shmd import daemon, logs
-from shmd.config import load_config
+from shmd.config import EXIT_CONFIG, ConfigError, load_config
+from shmd.daemons import logs, process
 from shmd.errors import ShmdError
 
 ROLES = ["shm-writer", "shm-reader"]
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "shmd.yaml"
+    path.write_text(text)
+    return str(path)
 
 
 @pytest.fixture
@@ -173,7 +182,7 @@ def test_check_config_writes_to_the_given_stream(bus: Bus) -> None:
     """check_config prints the header, warnings and YAML to the stream it is given and returns 0."""
     cfg = load_config(bus.configure(control={"allowed_groups": ["shmd-test-no-such-group"]}))
     out = io.StringIO()
-    assert daemon.check_config(cfg, out) == daemon.EXIT_OK
+    assert process.check_config(cfg, out) == process.EXIT_OK
     text = out.getvalue()
     assert text.startswith(f"# configuration OK: {bus.config_path}\n# warning: ")
     assert yaml.safe_load(text)["segment"]["name"] == bus.segment
@@ -182,7 +191,7 @@ def test_check_config_writes_to_the_given_stream(bus: Bus) -> None:
 def test_fail_logs_a_known_error_without_traceback_and_exits() -> None:
     """fail() logs one event with the error text (no traceback for a ShmdError) and exits."""
     with capture_logs() as captured, pytest.raises(SystemExit) as info:
-        daemon.fail(logs.get_logger(), "start_failed",
+        process.fail(logs.get_logger(), "start_failed",
                     ShmdError("Failed to start since testing"), status=3, extra=1)
     assert info.value.code == 3
     assert captured == [{"event": "start_failed", "error": "Failed to start since testing",
@@ -195,25 +204,68 @@ def test_fail_keeps_the_traceback_of_a_bug() -> None:
         try:
             raise KeyError("bug")
         except KeyError as exc:
-            daemon.fail(logs.get_logger(), "crashed", exc)
-    assert info.value.code == daemon.EXIT_FAILURE
+            process.fail(logs.get_logger(), "crashed", exc)
+    assert info.value.code == process.EXIT_FAILURE
     assert captured[0]["event"] == "crashed" and captured[0]["exc_info"] is True
 
 
 def test_pid_alive() -> None:
     """pid_alive is true for a running process and false for a reaped one or a pid <= 0."""
-    assert daemon.pid_alive(os.getpid())
+    assert process.pid_alive(os.getpid())
     child = subprocess.Popen(["true"])
     child.wait()
-    assert not daemon.pid_alive(child.pid)
-    assert not daemon.pid_alive(0) and not daemon.pid_alive(-1)
+    assert not process.pid_alive(child.pid)
+    assert not process.pid_alive(0) and not process.pid_alive(-1)
 
 
 def test_base_parser_options() -> None:
     """The shared parser knows --config, --check-config and --log-target (with its choices)."""
-    p = daemon.base_parser("x", "y")
+    p = process.base_parser("x", "y")
     args = p.parse_args(["--config", "f.yaml", "--check-config", "--log-target", "json"])
     assert (args.config, args.check_config, args.log_target) == ("f.yaml", True, "json")
     assert p.parse_args([]).log_target is None
     with pytest.raises(SystemExit):
         p.parse_args(["--log-target", "syslog"])
+
+
+# ---------------------------------------------------------------------------
+# Exiting on a configuration error
+# ---------------------------------------------------------------------------
+
+
+def test_exit_on_config_error_logs_one_event_and_exits_78(tmp_path: Path,
+                                                          clean_logging: None) -> None:
+    """exit_on_config_error logs a config_error event with the location and exits 78."""
+    path = write(tmp_path, "segment:\n  capacity: 3\n")
+    logs.configure_logging("writer", level="info", target="json")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    with capture_logs() as captured, pytest.raises(SystemExit) as exited:
+        process.exit_on_config_error(info.value, role="writer")
+    assert exited.value.code == EXIT_CONFIG == 78
+    assert len(captured) == 1
+    event = captured[0]
+    assert event["event"] == "config_error" and event["log_level"] == "error"
+    assert (event["path"], event["line"], event["key"]) == (path, 2, "segment.capacity")
+    assert event["error"] == f"{path}:2: segment.capacity: must be a power of two (got 3)"
+
+
+def test_daemon_start_with_broken_config_prints_one_line_and_exits_78(tmp_path: Path) -> None:
+    """load_config_or_exit in a fresh process writes one JSON line, no traceback, exit 78."""
+    path = write(tmp_path, "segment:\n  policy: sometimes\n")
+    code = ("import sys\nfrom shmd.daemons.process import load_config_or_exit\n"
+            "load_config_or_exit(sys.argv[1], role='reader', instance='4')\n"
+            "print('not reached')\n")
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    child = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                           timeout=60, env=env, stdin=subprocess.DEVNULL, check=False)
+    assert child.returncode == 78, child.stderr
+    assert child.stdout == ""
+    assert "Traceback" not in child.stderr
+    lines = child.stderr.splitlines()
+    assert len(lines) == 1, child.stderr
+    event = json.loads(lines[0])
+    assert event["event"] == "config_error" and event["level"] == "error"
+    assert event["role"] == "reader" and event["instance"] == "4"
+    assert event["line"] == 2 and event["key"] == "segment.policy"
+    assert "must be one of drop-oldest | block" in event["error"]

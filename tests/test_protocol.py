@@ -1,4 +1,4 @@
-"""Tests for shmd.protocol: message encoding and strict decoding."""
+"""Tests for shmd.control.protocol: message encoding and strict decoding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmd.protocol import (
+from shmd.control.protocol import (
     ALL_TOPICS,
     MAX_REASON,
     MESSAGE_CLASSES,

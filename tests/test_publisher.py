@@ -1,4 +1,4 @@
-"""shmd.publisher: creating the bus, publishing, waking readers, the block policy."""
+"""shmd.bus.publisher: creating the bus, publishing, waking readers, the block policy."""
 
 from __future__ import annotations
 
@@ -24,9 +24,14 @@ from helpers import (
 )
 from structlog.testing import capture_logs
 
-from shmd import publisher as publisher_module
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
+from shmd.bus import publisher as publisher_module
+from shmd.bus.layout import R_PID, R_STATE, Policy, ReaderState, topic_mask
+from shmd.bus.loop import ReaderLoop
+from shmd.bus.publisher import EARLY_WAKE_MAX, Eviction, Publisher
+from shmd.bus.segment import Segment
+from shmd.bus.subscriber import RawRecord
 from shmd.errors import (
     GeometryError,
     PayloadTooLarge,
@@ -36,11 +41,6 @@ from shmd.errors import (
     SegmentExists,
     TopicError,
 )
-from shmd.layout import R_PID, R_STATE, Policy, ReaderState, topic_mask
-from shmd.publisher import EARLY_WAKE_MAX, Eviction, Publisher
-from shmd.reactor import ReaderLoop
-from shmd.segment import Segment
-from shmd.subscriber import RawRecord
 
 
 def payload(seq: int) -> bytes:

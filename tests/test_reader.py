@@ -1,4 +1,4 @@
-"""Tests of shmd.reader: shm-reader as a real process against a real shm-writer."""
+"""Tests of shmd.daemons.reader: shm-reader as a real process against a real shm-writer."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from daemons import (
     wait_until,
 )
 
-from shmd import logs, protocol, wire
+from shmd.bus.segment import Segment
 from shmd.config import load_config
-from shmd.reader import ReaderDaemon
-from shmd.segment import Segment
+from shmd.control import protocol, wire
+from shmd.daemons import logs
+from shmd.daemons.reader import ReaderDaemon
 
 SEQPACKET = socket.SOCK_SEQPACKET
 

@@ -1,4 +1,4 @@
-"""shmd.ring: ring arithmetic and record header encoding, checked as properties."""
+"""shmd.bus.ring: ring arithmetic and record header encoding, checked as properties."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shmd.errors import PayloadTooLarge, TopicError
-from shmd.layout import RECORD_HEADER_SIZE, TOPIC_MAX
-from shmd.ring import (
+from shmd.bus.layout import RECORD_HEADER_SIZE, TOPIC_MAX
+from shmd.bus.ring import (
     check_record,
     decode_record_header,
     encode_record_header,
@@ -20,6 +19,7 @@ from shmd.ring import (
     slot_stride,
     still_valid,
 )
+from shmd.errors import PayloadTooLarge, TopicError
 
 U64 = (1 << 64) - 1
 capacities = st.integers(1, 20).map(lambda e: 1 << e)

@@ -1,4 +1,4 @@
-"""Tests of shmd.sdnotify against a real notify socket and real inherited fds."""
+"""Tests of shmd.daemons.sdnotify against a real notify socket and real inherited fds."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from shmd import sdnotify
+from shmd.daemons import sdnotify
 
 REPO = Path(__file__).resolve().parent.parent
 UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
@@ -261,7 +261,7 @@ os.execve(sys.executable, [sys.executable, "-c", sys.argv[4]], env)
 
 _PROBE = r"""
 import fcntl, json, os
-from shmd import sdnotify
+from shmd.daemons import sdnotify
 groups = sdnotify.listen_fds()
 info = {fd: [os.fstat(fd).st_ino, bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)]
         for fds in groups.values() for fd in fds}

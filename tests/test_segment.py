@@ -1,4 +1,4 @@
-"""shmd.segment: creating, opening, mapping and tearing down shm segments."""
+"""shmd.bus.segment: creating, opening, mapping and tearing down shm segments."""
 
 from __future__ import annotations
 
@@ -17,14 +17,7 @@ from helpers import ChildEnd, Procs, fd_targets, in_dev_shm, maps_lines
 
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
-from shmd.errors import (
-    MutexNotWritable,
-    SegmentClosed,
-    SegmentExists,
-    SegmentLayoutError,
-    SegmentNotFound,
-)
-from shmd.layout import (
+from shmd.bus.layout import (
     LAYOUT_VERSION,
     MAGIC,
     OFF_VERSION,
@@ -33,7 +26,14 @@ from shmd.layout import (
     Policy,
     ReaderState,
 )
-from shmd.segment import Segment
+from shmd.bus.segment import Segment
+from shmd.errors import (
+    MutexNotWritable,
+    SegmentClosed,
+    SegmentExists,
+    SegmentLayoutError,
+    SegmentNotFound,
+)
 
 GEOMETRY = Geometry(capacity=8, slot_size=64, max_readers=4)
 
@@ -379,8 +379,8 @@ def test_open_after_the_name_is_gone(shm_name: str) -> None:
 _FULL_SHM_PROBE = """
 import json, os, sys
 from shmd.errors import SegmentError
-from shmd.layout import Geometry, Policy
-from shmd.segment import Segment
+from shmd.bus.layout import Geometry, Policy
+from shmd.bus.segment import Segment
 try:
     Segment.create(sys.argv[1], Geometry(1024, 4096, 4), Policy.DROP_OLDEST)
 except SegmentError as exc:

@@ -1,4 +1,4 @@
-"""Tests of shmd.sinks: each sink of a real shm-reader gets every record, in order."""
+"""Tests of shmd.daemons.sinks: each sink of a real shm-reader gets every record, in order."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from daemons import (
 )
 from structlog.testing import capture_logs
 
+from shmd.bus.segment import Segment
 from shmd.config import JournalSink
-from shmd.segment import Segment
-from shmd.sinks import JournalRecords
+from shmd.daemons.sinks import JournalRecords
 
 PAYLOAD_MAX = 256 - 32
 

@@ -1,4 +1,4 @@
-"""Tests of shmd.sources: records from each source reach real readers through a real shm-writer."""
+"""Tests of shmd.daemons.sources: each source's records reach real readers through shm-writer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""shmd.subscriber: attaching, reading in order, lapping, zero-copy, sleeping and waking."""
+"""shmd.bus.subscriber: attaching, reading in order, lapping, zero-copy, sleeping and waking."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ from helpers import (
 from structlog.testing import capture_logs
 
 from shmd._sys import libc
+from shmd.bus.layout import topic_mask
+from shmd.bus.publisher import Publisher
+from shmd.bus.segment import Segment
+from shmd.bus.subscriber import COPY_BATCH_BYTES, DEFER_CURSOR_MIN_CAPACITY, Subscriber
 from shmd.errors import (
     MutexNotWritable,
     ReaderEvicted,
@@ -33,10 +37,6 @@ from shmd.errors import (
     SegmentLayoutError,
     SegmentNotFound,
 )
-from shmd.layout import topic_mask
-from shmd.publisher import Publisher
-from shmd.segment import Segment
-from shmd.subscriber import COPY_BATCH_BYTES, DEFER_CURSOR_MIN_CAPACITY, Subscriber
 
 
 def payload(seq: int) -> bytes:

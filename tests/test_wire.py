@@ -1,4 +1,4 @@
-"""Tests for shmd.wire: framing and fd passing on real AF_UNIX sockets."""
+"""Tests for shmd.control.wire: framing and fd passing on real AF_UNIX sockets."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from helpers import is_open
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shmd import wire
 from shmd._sys.fd import OwnedFd
-from shmd.wire import (
+from shmd.control import wire
+from shmd.control.wire import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -528,7 +528,7 @@ def test_send_to_closed_peer_raises_peer_closed_without_sigpipe(type_name: str) 
         f"""
         import signal, socket, sys
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        from shmd.wire import SOCKET_TYPES, Connection, PeerClosed
+        from shmd.control.wire import SOCKET_TYPES, Connection, PeerClosed
         a, b = socket.socketpair(socket.AF_UNIX, SOCKET_TYPES[{type_name!r}])
         b.close()
         try:

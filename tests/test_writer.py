@@ -1,4 +1,4 @@
-"""Tests of shmd.writer: shm-writer as a real process on a real socket and /dev/shm segment."""
+"""Tests of shmd.daemons.writer: shm-writer as a real process on a real socket and segment."""
 
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ from daemons import (
     wait_until,
 )
 
-from shmd import logs, protocol, wire
+from shmd.bus.layout import ReaderState
+from shmd.bus.segment import Segment
 from shmd.config import load_config
-from shmd.layout import ReaderState
-from shmd.segment import Segment
-from shmd.writer import Writer
+from shmd.control import protocol, wire
+from shmd.daemons import logs
+from shmd.daemons.writer import Writer
 
 SEQPACKET = socket.SOCK_SEQPACKET
 

@@ -50,9 +50,9 @@ from benchmarks.harness import (
 )
 from shmd import Publisher, Subscriber
 from shmd._sys.fd import OwnedFd
+from shmd.bus.layout import RECORD_HEADER_SIZE, Policy
+from shmd.bus.segment import Segment
 from shmd.errors import SegmentNotFound
-from shmd.layout import RECORD_HEADER_SIZE, Policy
-from shmd.segment import Segment
 
 #: Records per publish_batch in throughput runs (bounded by half the ring).
 BATCH = 64

@@ -35,14 +35,7 @@ import structlog
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
 from shmd._sys.proc import pid_alive
-from shmd.errors import (
-    ReaderTableFull,
-    SegmentClosed,
-    SegmentExists,
-    SegmentLayoutError,
-    SegmentNotFound,
-)
-from shmd.layout import (
+from shmd.bus.layout import (
     ALL_TOPICS,
     OFF_BYTES_PUBLISHED,
     OFF_READERS,
@@ -70,10 +63,17 @@ from shmd.layout import (
     encode_name,
     entry_offset,
 )
-from shmd.ring import check_record, free_slots, runs
-from shmd.segment import Segment
+from shmd.bus.ring import check_record, free_slots, runs
+from shmd.bus.segment import Segment
+from shmd.errors import (
+    ReaderTableFull,
+    SegmentClosed,
+    SegmentExists,
+    SegmentLayoutError,
+    SegmentNotFound,
+)
 
-log = structlog.get_logger("shmd.publisher")
+log = structlog.get_logger("shmd.bus.publisher")
 
 _ONE = (1).to_bytes(8, "little")
 _SLEEP = R_SLEEP_SEQ // 4

@@ -20,8 +20,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
+from shmd.bus.layout import RECORD_HEADER, RECORD_HEADER_SIZE, TOPIC_MAX
 from shmd.errors import PayloadTooLarge, TopicError
-from shmd.layout import RECORD_HEADER, RECORD_HEADER_SIZE, TOPIC_MAX
 
 
 def slot_of(seq: int, capacity: int) -> int:

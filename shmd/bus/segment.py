@@ -1,8 +1,8 @@
 """The shared-memory segment: one shm fd, two mappings, the mutex and semaphore.
 
 :class:`Segment` owns the fd and both mappings and knows where every field
-lives; it has no policy.  :class:`~shmd.publisher.Publisher` and
-:class:`~shmd.subscriber.Subscriber` build the bus on top of it.
+lives; it has no policy.  :class:`~shmd.bus.publisher.Publisher` and
+:class:`~shmd.bus.subscriber.Subscriber` build the bus on top of it.
 
 Lifetimes follow the kernel's rules, and the three steps stay distinct:
 
@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
-from shmd.errors import SegmentClosed, SegmentError, SegmentLayoutError
-from shmd.layout import (
+from shmd.bus.layout import (
     HEADER_FIELDS_END,
     HEADER_SIZE,
     OFF_ACTIVE,
@@ -54,6 +53,7 @@ from shmd.layout import (
     entry_offset,
     validate_header,
 )
+from shmd.errors import SegmentClosed, SegmentError, SegmentLayoutError
 
 # memoryview.cast("Q") reads and writes native-endian words with one aligned
 # load or store, which is what makes the counters safe to share.  The spec

@@ -27,8 +27,7 @@ import structlog
 
 from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
-from shmd.errors import ReaderEvicted, SegmentClosed, SegmentLayoutError
-from shmd.layout import (
+from shmd.bus.layout import (
     ALL_TOPICS,
     R_CURSOR,
     R_DELIVERED,
@@ -43,10 +42,11 @@ from shmd.layout import (
     Policy,
     ReaderState,
 )
-from shmd.ring import plan_read, runs, slot_stride, still_valid
-from shmd.segment import Segment
+from shmd.bus.ring import plan_read, runs, slot_stride, still_valid
+from shmd.bus.segment import Segment
+from shmd.errors import ReaderEvicted, SegmentClosed, SegmentLayoutError
 
-log = structlog.get_logger("shmd.subscriber")
+log = structlog.get_logger("shmd.bus.subscriber")
 
 _STATE = R_STATE // 4
 _WRITE_SEQ = Segment.WRITE_SEQ
@@ -473,7 +473,7 @@ class Subscriber:
 
         The simple one-fd wait, in an epoll this subscriber makes at the
         first call and keeps until :meth:`close`; daemons use
-        :class:`shmd.reactor.ReaderLoop`, which watches further fds in the
+        :class:`shmd.bus.loop.ReaderLoop`, which watches further fds in the
         same epoll.
         """
         if self.eventfd is None:

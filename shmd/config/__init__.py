@@ -12,8 +12,9 @@ Every mistake in the file is a :class:`ConfigError` naming the file, the
     /etc/shmd/shmd.yaml:12: segment.slot_size: must be a multiple of 8 (got 1001)
 
 The daemons turn it into one log line and exit status :data:`EXIT_CONFIG`
-(78, ``EX_CONFIG``) through :func:`load_config_or_exit` /
-:func:`exit_on_config_error`; a user mistake never shows a traceback.
+(78, ``EX_CONFIG``) through :func:`shmd.daemons.process.load_config_or_exit`
+/ :func:`~shmd.daemons.process.exit_on_config_error`: this module never
+logs or exits, and a user mistake never shows a traceback.
 
 docs/CONFIGURATION.md lists every key, its type, default and whether a reload
 (SIGHUP) applies it live; :func:`diff_reloadable` is that table in code.
@@ -61,9 +62,7 @@ __all__ = [
     "config_to_dict",
     "default_config",
     "diff_reloadable",
-    "exit_on_config_error",
     "load_config",
-    "load_config_or_exit",
 ]
 
 DEFAULT_PATH = "/etc/shmd/shmd.yaml"
@@ -908,33 +907,6 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
         return default_config()
     text = _read(chosen)
     return _build(_parse_yaml(text, chosen), chosen)
-
-
-def exit_on_config_error(err: ConfigError, *, role: str,
-                         instance: str | None = None) -> NoReturn:
-    """Log ``err`` as one ``config_error`` event and exit with :data:`EXIT_CONFIG`.
-
-    If logging is not configured yet (the usual case: its settings live in
-    the file that failed) it is configured first with level info and target
-    auto, so under systemd the line lands in the journal with its fields.
-    """
-    from shmd import logs  # noqa: PLC0415 -- only needed on this exit path
-
-    if not logs.is_configured():
-        logs.configure_logging(role, level="info", target="auto", instance=instance)
-    logs.get_logger().error(logs.CONFIG_ERROR, path=err.path, line=err.line, key=err.key,
-                            error=str(err))
-    raise SystemExit(EXIT_CONFIG)
-
-
-def load_config_or_exit(path: str | os.PathLike[str] | None = None, *, role: str,
-                        instance: str | None = None,
-                        env: Mapping[str, str] | None = None) -> Config:
-    """:func:`load_config`, turning a :class:`ConfigError` into exit 78 (the daemons' start)."""
-    try:
-        return load_config(path, env=env)
-    except ConfigError as err:
-        exit_on_config_error(err, role=role, instance=instance)
 
 
 # --------------------------------------------------------------------------

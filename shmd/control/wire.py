@@ -1,7 +1,7 @@
 """Connection layer of the shmd control socket: frames and fd passing.
 
 This module knows nothing about what messages mean (that is
-:mod:`shmd.protocol`); it moves opaque frame bodies plus the fds that travel
+:mod:`shmd.control.protocol`); it moves opaque frame bodies plus the fds that travel
 with them, over AF_UNIX SOCK_SEQPACKET (one frame per datagram) or
 SOCK_STREAM (frames reassembled from arbitrary chunks).  The frame format is
 the same on both, so callers never need to know which one they hold.

@@ -9,21 +9,24 @@ the daemon back), 77 not permitted, 78 configuration error (the units set
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
 from typing import NoReturn, TextIO
 
 from structlog.typing import FilteringBoundLogger
 
-from shmd import logs
 from shmd._sys.proc import pid_alive
 from shmd.config import (
     DEFAULT_PATH,
     ENV_VAR,
     EXIT_CONFIG,
     Config,
+    ConfigError,
     config_to_dict,
-    load_config_or_exit,
+    load_config,
 )
+from shmd.daemons import logs
 from shmd.errors import ShmdError
 
 EXIT_OK = 0
@@ -48,6 +51,32 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="override logging.target (auto: journal under systemd, "
                         "console on a terminal, else JSON lines)")
     return p
+
+
+def exit_on_config_error(err: ConfigError, *, role: str,
+                         instance: str | None = None) -> NoReturn:
+    """Log ``err`` as one ``config_error`` event and exit with :data:`EXIT_CONFIG`.
+
+    If logging is not configured yet (the usual case: its settings live in
+    the file that failed) it is configured first with level info and target
+    auto, so under systemd the line lands in the journal with its fields.
+    """
+    if not logs.is_configured():
+        logs.configure_logging(role, level="info", target="auto", instance=instance)
+    logs.get_logger().error(logs.CONFIG_ERROR, path=err.path, line=err.line, key=err.key,
+                            error=str(err))
+    raise SystemExit(EXIT_CONFIG)
+
+
+def load_config_or_exit(path: str | os.PathLike[str] | None = None, *, role: str,
+                        instance: str | None = None,
+                        env: Mapping[str, str] | None = None) -> Config:
+    """:func:`load_config`, turning a :class:`ConfigError` into exit 78 (the daemons' start)."""
+    try:
+        return load_config(path, env=env)
+    except ConfigError as err:
+        exit_on_config_error(err, role=role, instance=instance)
+
 
 
 def load_or_exit(args: argparse.Namespace, role: str, instance: str | None = None) -> Config:

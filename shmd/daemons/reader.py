@@ -4,7 +4,7 @@ Connects to the writer's control socket (connecting may be what starts the
 writer, through socket activation), says Hello, receives its eventfd and the
 segment fd in the Welcome, maps the segment (control part read-write, since
 the process-shared mutex lives there and locking writes to it; the ring
-read-only), and runs :class:`~shmd.reactor.ReaderLoop` with the control
+read-only), and runs :class:`~shmd.bus.loop.ReaderLoop` with the control
 socket and a signal pipe in the same epoll.
 
 Exit statuses: 0 after draining once the writer cleared the active flag (or
@@ -24,10 +24,14 @@ import time
 
 from structlog.typing import FilteringBoundLogger
 
-from shmd import logs, protocol, sdnotify, wire
 from shmd._sys.fd import OwnedFd
+from shmd._sys.reactor import Reactor, SignalWakeup
+from shmd.bus.loop import LoopExit, ReaderLoop
+from shmd.bus.subscriber import RawRecord, Subscriber
 from shmd.config import Config, ReaderSettings
-from shmd.daemon import (
+from shmd.control import protocol, wire
+from shmd.daemons import logs, sdnotify
+from shmd.daemons.process import (
     EXIT_FAILURE,
     EXIT_NOPERMISSION,
     EXIT_OK,
@@ -36,10 +40,8 @@ from shmd.daemon import (
     load_or_exit,
     setup_logging,
 )
+from shmd.daemons.sinks import RecordSink, SinkError, make_sink
 from shmd.errors import ReaderEvicted, ShmdError
-from shmd.reactor import LoopExit, Reactor, ReaderLoop, SignalWakeup
-from shmd.sinks import RecordSink, SinkError, make_sink
-from shmd.subscriber import RawRecord, Subscriber
 
 SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
 _RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}

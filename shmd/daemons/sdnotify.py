@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import structlog
 import systemd.daemon
 
-from shmd.logs import SD_NOTIFY_FAILED
+from shmd.daemons.logs import SD_NOTIFY_FAILED
 
 __all__ = [
     "listen_fds",

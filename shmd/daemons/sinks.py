@@ -1,8 +1,8 @@
 """Where a reader's records go: journal, file, stdout, a child's stdin, or Python.
 
 A sink gets whole batches (``write(records)``) of ``(seq, timestamp_ns,
-topic, payload)`` tuples (:data:`~shmd.subscriber.RawRecord`; a
-:class:`~shmd.subscriber.Record` is one too) so that per-record work stays
+topic, payload)`` tuples (:data:`~shmd.bus.subscriber.RawRecord`; a
+:class:`~shmd.bus.subscriber.Record` is one too) so that per-record work stays
 in C-level loops where it can (``b"".join``).  A sink that can no longer
 take records raises :class:`SinkError`; the reader then exits non-zero and
 systemd's ``Restart=on-failure`` brings it back.
@@ -19,12 +19,12 @@ from typing import IO, BinaryIO, Protocol
 
 import structlog
 
+from shmd.bus.subscriber import RawRecord
 from shmd.config import ExecSink, FileSink, JournalSink, PythonSink, Sink, StdoutSink
+from shmd.daemons.sources import SourceError, load_callable
 from shmd.errors import ShmdError
-from shmd.sources import SourceError, load_callable
-from shmd.subscriber import RawRecord
 
-log = structlog.get_logger("shmd.sinks")
+log = structlog.get_logger("shmd.daemons.sinks")
 
 
 class SinkError(ShmdError):

@@ -21,11 +21,11 @@ from typing import Protocol
 import structlog
 
 from shmd._sys.fd import OwnedFd
+from shmd._sys.reactor import Reactor
 from shmd.config import FifoSource, PythonSource, Source, StdinSource, TickerSource
 from shmd.errors import ShmdError
-from shmd.reactor import Reactor
 
-log = structlog.get_logger("shmd.sources")
+log = structlog.get_logger("shmd.daemons.sources")
 
 _LEN = 4  # the length-prefix framing: u32 little-endian, then the payload
 

@@ -1,6 +1,6 @@
 """``shm-writer``: owns the segment, the readers' eventfds and the control listener.
 
-One thread, one epoll loop (:class:`~shmd.reactor.Reactor`).  Signal
+One thread, one epoll loop (:class:`~shmd._sys.reactor.Reactor`).  Signal
 handlers only queue the signal and wake the loop; the loop dispatches to
 ``handle_<signal>`` methods (gunicorn's arbiter).  Each connection is a
 :class:`Peer`: it must say Hello (a reader) or Publish (``shmctl publish``)
@@ -26,10 +26,15 @@ from dataclasses import dataclass, field, replace
 
 from structlog.typing import FilteringBoundLogger
 
-from shmd import logs, protocol, sdnotify, wire
 from shmd._sys.fd import OwnedFd
+from shmd._sys.reactor import Reactor, SignalWakeup
+from shmd.bus.layout import Geometry, Policy, ReaderEntry
+from shmd.bus.publisher import Publisher, ReaderHandle
+from shmd.bus.segment import Segment
 from shmd.config import Config, ConfigError, TickerSource, diff_reloadable, load_config
-from shmd.daemon import (
+from shmd.control import protocol, wire
+from shmd.daemons import logs, sdnotify
+from shmd.daemons.process import (
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_OK,
@@ -39,12 +44,8 @@ from shmd.daemon import (
     load_or_exit,
     setup_logging,
 )
+from shmd.daemons.sources import AnySource, PythonRecords, SourceError, TickerRecords, make_source
 from shmd.errors import PayloadTooLarge, ReaderTableFull, ShmdError
-from shmd.layout import Geometry, Policy, ReaderEntry
-from shmd.publisher import Publisher, ReaderHandle
-from shmd.reactor import Reactor, SignalWakeup
-from shmd.segment import Segment
-from shmd.sources import AnySource, PythonRecords, SourceError, TickerRecords, make_source
 
 SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
 LISTEN_FDNAME = "control"

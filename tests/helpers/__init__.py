@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from shmd._sys.fd import OwnedFd
-from shmd.layout import ALL_TOPICS, OFF_MUTEX
-from shmd.publisher import Publisher, ReaderHandle
-from shmd.reactor import ReaderLoop
-from shmd.segment import Segment
-from shmd.subscriber import RawRecord, Record, Subscriber
+from shmd.bus.layout import ALL_TOPICS, OFF_MUTEX
+from shmd.bus.loop import ReaderLoop
+from shmd.bus.publisher import Publisher, ReaderHandle
+from shmd.bus.segment import Segment
+from shmd.bus.subscriber import RawRecord, Record, Subscriber
 
 HERE = Path(__file__).resolve().parent
 DEV_SHM = Path("/dev/shm")

@@ -18,7 +18,7 @@ import sys
 
 import structlog
 
-from shmd.segment import Segment
+from shmd.bus.segment import Segment
 
 
 def main() -> int:

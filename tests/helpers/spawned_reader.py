@@ -17,8 +17,8 @@ import sys
 import structlog
 
 from shmd._sys.fd import OwnedFd
-from shmd.reactor import ReaderLoop
-from shmd.subscriber import RawRecord, Subscriber
+from shmd.bus.loop import ReaderLoop
+from shmd.bus.subscriber import RawRecord, Subscriber
 
 
 def main() -> int:

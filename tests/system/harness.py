@@ -655,8 +655,8 @@ class NamespacedSystemd:
             self.write_file("/etc/shmd/shmd.yaml", config.read_text())
         common = f'Environment="PYTHONPATH={DEV_TREE}" PYTHONDONTWRITEBYTECODE=1\n'
         for unit, module, program, args in (
-            ("shm-writer.service", "shmd.writer", "shm-writer", ""),
-            ("shm-reader@.service", "shmd.reader", "shm-reader", " --instance %i"),
+            ("shm-writer.service", "shmd.daemons.writer", "shm-writer", ""),
+            ("shm-reader@.service", "shmd.daemons.reader", "shm-reader", " --instance %i"),
         ):
             code = (f"import sys; from {module} import main; "
                     f"sys.argv[0] = '{program}'; sys.exit(main())")

@@ -41,8 +41,8 @@ from benchmarks.soak import (
 pytestmark = [
     pytest.mark.system,
     pytest.mark.skipif(
-        importlib.util.find_spec("shmd.writer") is None,
-        reason="shmd.writer does not exist yet",
+        importlib.util.find_spec("shmd.daemons.writer") is None,
+        reason="shmd.daemons.writer does not exist yet",
     ),
 ]
 

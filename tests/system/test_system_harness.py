@@ -155,8 +155,8 @@ def test_install_dev_tree_points_units_at_a_copy_of_the_checkout(
     systemd_ns.install_dev_tree(REPO)
     for unit in ("shm-writer.socket", "shm-writer.service", "shm-reader@1.service"):
         assert systemd_ns.show(unit, "LoadState")["LoadState"] == "loaded"
-    for unit, module in (("shm-writer.service", "shmd.writer"),
-                         ("shm-reader@1.service", "shmd.reader")):
+    for unit, module in (("shm-writer.service", "shmd.daemons.writer"),
+                         ("shm-reader@1.service", "shmd.daemons.reader")):
         props = systemd_ns.show(unit, "ExecStart", "Environment", "User")
         assert f"from {module} import main" in props["ExecStart"]
         assert f"PYTHONPATH={DEV_TREE}" in props["Environment"]
@@ -164,9 +164,10 @@ def test_install_dev_tree_points_units_at_a_copy_of_the_checkout(
     assert "--instance 1" in systemd_ns.show("shm-reader@1.service", "ExecStart")["ExecStart"]
     assert systemd_ns.run("getent", "passwd", "shmd").returncode == 0
     # The copy is the checkout's code, byte for byte, and user shmd imports it.
-    copied = systemd_ns.read_file(f"{DEV_TREE}/shmd/subscriber.py")
-    assert copied == (REPO / "shmd" / "subscriber.py").read_text()
+    copied = systemd_ns.read_file(f"{DEV_TREE}/shmd/bus/subscriber.py")
+    assert copied == (REPO / "shmd" / "bus" / "subscriber.py").read_text()
     done = systemd_ns.run("setpriv", "--reuid=shmd", "--regid=shmd", "--clear-groups",
                           "env", f"PYTHONPATH={DEV_TREE}", "PYTHONDONTWRITEBYTECODE=1",
-                          "python3", "-c", "import shmd.writer, shmd.reader; print(shmd.__file__)")
+                          "python3", "-c",
+                          "import shmd.daemons.writer, shmd.daemons.reader; print(shmd.__file__)")
     assert done.stdout.strip() == f"{DEV_TREE}/shmd/__init__.py"

@@ -17,9 +17,9 @@ from harness import DEV_TREE, NamespacedSystemd
 pytestmark = [
     pytest.mark.system,
     pytest.mark.skipif(
-        importlib.util.find_spec("shmd.writer") is None
-        or importlib.util.find_spec("shmd.reader") is None,
-        reason="shmd.writer/shmd.reader do not exist yet",
+        importlib.util.find_spec("shmd.daemons.writer") is None
+        or importlib.util.find_spec("shmd.daemons.reader") is None,
+        reason="shmd.writer/shmd.daemons.reader do not exist yet",
     ),
 ]
 
