@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from daemons import (
+from daemon_bus import (
     BIN,
     DEFAULT_TIMEOUT,
     Bus,

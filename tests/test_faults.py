@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 import yaml
-from daemons import Bus as ProcBus
-from daemons import (
+from daemon_bus import Bus as ProcBus
+from daemon_bus import (
     Daemon,
     assert_contiguous,
     program,

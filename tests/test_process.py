@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemons import Bus, program, running_bus, wait_until
+from daemon_bus import Bus, program, running_bus, wait_until
 from structlog.testing import capture_logs
 
 from shmd.config import EXIT_CONFIG, ConfigError, load_config

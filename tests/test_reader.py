@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from daemons import (
+from daemon_bus import (
     Bus,
     assert_contiguous,
     read_lines,

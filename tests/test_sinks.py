@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import (
+from daemon_bus import (
     Bus,
     Daemon,
     assert_contiguous,

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from daemons import (
+from daemon_bus import (
     Bus,
     Daemon,
     assert_contiguous,

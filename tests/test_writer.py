@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from daemons import (
+from daemon_bus import (
     Bus,
     assert_contiguous,
     program,

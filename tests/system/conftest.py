@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import NamespacedSystemd, preflight
+
+from testbed.nsystemd import NamespacedSystemd, preflight
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,8 +1,8 @@
 """Writer restarts through systemd's fd store, and a soak, under a real systemd.
 
 Three readers (``shm-reader@1..3``) with a ``python:`` sink that writes down
-every seq it delivers (tests/helpers/soak_sink.py) and a ``python:`` source
-with checksummed payloads (tests/helpers/soak_source.py), installed from the
+every seq it delivers (testbed/soak_sink.py) and a ``python:`` source
+with checksummed payloads (testbed/soak_source.py), installed from the
 checkout with the units' full sandbox.  What each test checks is what a
 reader's record and the journal say: contiguous seqs across a restart, lost
 counts equal to the gaps, the events each side logs.
@@ -10,21 +10,16 @@ counts equal to the gaps, the events each side logs.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import REPO, RUNTIME_DEBS, missing_debs
-from harness import NamespacedSystemd
 
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # benchmarks/ is not installed: imported from the checkout
-
-from benchmarks.soak import (
+from testbed.nsystemd import NamespacedSystemd
+from testbed.soak import (
     SOAK_DIR,
     WRITER,
     JournalTail,
@@ -38,13 +33,7 @@ from benchmarks.soak import (
     unit_states,
 )
 
-pytestmark = [
-    pytest.mark.system,
-    pytest.mark.skipif(
-        importlib.util.find_spec("shmd.daemons.writer") is None,
-        reason="shmd.daemons.writer does not exist yet",
-    ),
-]
+pytestmark = pytest.mark.system
 
 READERS = ("1", "2", "3")
 UNITS = tuple(f"shm-reader@{r}.service" for r in READERS)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, cached_preflight
-from harness import DEV_TREE, HOST_SHM, NamespacedSystemd, SystemdError
+
+from testbed.nsystemd import DEV_TREE, HOST_SHM, NamespacedSystemd, SystemdError
 
 pytestmark = pytest.mark.system
 

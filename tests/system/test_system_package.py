@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from harness import NamespacedSystemd
+
+from testbed.nsystemd import NamespacedSystemd
 
 pytestmark = pytest.mark.system
 
@@ -128,8 +128,6 @@ def test_services_are_hardened(installed: NamespacedSystemd, unit: str) -> None:
     assert float(match.group(2)) <= MAX_EXPOSURE, done.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("shmd.daemons.writer") is None,
-                    reason="shmd.daemons.writer does not exist yet")
 def test_writer_starts_from_the_package(installed: NamespacedSystemd) -> None:
     """systemctl start shm-writer brings the packaged writer to active (READY=1 received)."""
     installed.systemctl("start", "shm-writer.service")

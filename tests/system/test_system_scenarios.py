@@ -4,7 +4,6 @@ checkout running inside the units' full sandbox."""
 
 from __future__ import annotations
 
-import importlib.util
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -12,16 +11,10 @@ from typing import Any
 import pytest
 import yaml
 from conftest import REPO, RUNTIME_DEBS, missing_debs
-from harness import DEV_TREE, NamespacedSystemd
 
-pytestmark = [
-    pytest.mark.system,
-    pytest.mark.skipif(
-        importlib.util.find_spec("shmd.daemons.writer") is None
-        or importlib.util.find_spec("shmd.daemons.reader") is None,
-        reason="shmd.writer/shmd.daemons.reader do not exist yet",
-    ),
-]
+from testbed.nsystemd import DEV_TREE, NamespacedSystemd
+
+pytestmark = pytest.mark.system
 
 READERS = ("1", "2", "3")
 READER_UNITS = tuple(f"shm-reader@{r}.service" for r in READERS)

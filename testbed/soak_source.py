@@ -1,6 +1,6 @@
 """A ``python:`` source for fault tests and the soak: steady records, bursts on request.
 
-Configured as ``callable: "soak_source:steady_<rate>"`` (module ``__getattr__``
+Configured as ``callable: "testbed.soak_source:steady_<rate>"`` (module ``__getattr__``
 makes one source per rate, records per second), it publishes batches of
 ``BATCH`` records, each payload a CRC-32 (4 bytes, little-endian) of a body of
 random length, so that a reader can tell an intact record from a torn one
@@ -100,7 +100,7 @@ def make(rate: float) -> Callable[[Any], None]:
 
 
 def __getattr__(name: str) -> Callable[[Any], None]:
-    """``soak_source:steady_<rate>`` publishes about <rate> records a second."""
+    """``testbed.soak_source:steady_<rate>`` publishes about <rate> records a second."""
     prefix = "steady_"
     if not name.startswith(prefix) or not name[len(prefix):].isdigit():
         raise AttributeError(name)

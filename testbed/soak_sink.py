@@ -1,6 +1,6 @@
 """A ``python:`` sink for fault tests and the soak: it writes down every seq it is handed.
 
-Configured per reader instance as ``callable: "soak_sink:r<instance>"`` (module
+Configured per reader instance as ``callable: "testbed.soak_sink:r<instance>"`` (module
 ``__getattr__`` makes one recorder per name), it appends to
 ``$SHMD_SOAK_DIR/<instance>.log`` (default /var/lib/shmd-soak), one line per run
 of consecutive seqs in a batch::
@@ -84,7 +84,7 @@ _recorders: dict[str, Recorder] = {}
 
 
 def __getattr__(name: str) -> Recorder:
-    """``soak_sink:r<instance>`` is the recorder of that reader instance."""
+    """``testbed.soak_sink:r<instance>`` is the recorder of that reader instance."""
     if not name.startswith("r") or not name[1:]:
         raise AttributeError(name)
     if name not in _recorders:
