@@ -26,7 +26,7 @@ from helpers import (
 from structlog.testing import capture_logs
 
 from shmd._sys import libc
-from shmd.bus.layout import topic_mask
+from shmd.bus.layout import R_SLEEP_SEQ, topic_mask
 from shmd.bus.publisher import Publisher
 from shmd.bus.segment import Segment
 from shmd.bus.subscriber import COPY_BATCH_BYTES, DEFER_CURSOR_MIN_CAPACITY, Subscriber
@@ -488,13 +488,16 @@ def test_reader_process_blocked_in_wait_is_woken_by_a_record(
     child.expect("waiting")
     wait_until(asleep_and_unlocked(pub, handle.index), "the reader sleeps")
     if early:
+        u, (_, u0) = pub.segment.u, Segment.entry_words(handle.index)
+        announced = u[u0 + R_SLEEP_SEQ // 4]
         # What publish() does for a small record before it commits it: answer
         # the announcement and write the eventfd.  The ring is still empty.
-        pub._wake_sleepers(pub.segment.u[Segment.SLEEP_COUNT], 1 << 9)
-        assert not pub.segment.entry(handle.index).asleep
+        pub._wake_sleepers(u[Segment.SLEEP_COUNT], 1 << 9)
         # The reader wakes to nothing and announces a new sleep (without the
-        # re-sleep, wait() returned True here and read() found nothing).
-        wait_until(asleep_and_unlocked(pub, handle.index), "the reader sleeps again")
+        # re-sleep, wait() returned True here and read() found nothing).  Its
+        # sleep_seq says so: the flag alone may be set again before we look.
+        wait_until(lambda: u[u0 + R_SLEEP_SEQ // 4] != announced
+                   and asleep_and_unlocked(pub, handle.index)(), "the reader sleeps again")
     pub.publish(b"ping", topic=9)
     assert child.expect("woke") == "woke True [b'ping']"
     assert child.wait() == 0
