@@ -57,8 +57,13 @@ class Daemon:
     """A daemon subprocess whose JSON log lines are collected by a thread."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._pump, daemon=True)
@@ -75,8 +80,12 @@ class Daemon:
                 self.events.append(event)
                 self._cond.notify_all()
 
-    def wait_for(self, name: str, timeout: float = 60.0,
-                 where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    def wait_for(
+        self,
+        name: str,
+        timeout: float = 60.0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -135,9 +144,13 @@ def run(idle: float, records: int, reader_counts: list[int]) -> list[dict[str, A
             control, done = tmp / "control.fifo", tmp / "done"
             os.mkfifo(control)
             done.touch()
-            env = {**os.environ, "SHMD_CONFIG": str(_config(tmp, segment, readers)),
-                   "PYTHONPATH": os.pathsep.join([str(tmp), *sys.path]),
-                   "SHMD_BENCH_CONTROL": str(control), "SHMD_BENCH_DONE": str(done)}
+            env = {
+                **os.environ,
+                "SHMD_CONFIG": str(_config(tmp, segment, readers)),
+                "PYTHONPATH": os.pathsep.join([str(tmp), *sys.path]),
+                "SHMD_BENCH_CONTROL": str(control),
+                "SHMD_BENCH_DONE": str(done),
+            }
             py = sys.executable
             writer = Daemon([py, "-m", "shmd.daemons.writer"], env)
             procs = [writer]
@@ -170,17 +183,22 @@ def run(idle: float, records: int, reader_counts: list[int]) -> list[dict[str, A
                         rss.append(writer.status("VmRSS"))
                     ctl.write(b"0\n")
                 readers_idle = [a - b for a, b in zip(after[1:], before[1:], strict=True)]
-                rows.append({
-                    "readers": readers, "idle_seconds": round(elapsed, 2),
-                    "writer_idle_cpu_ms": (after[0] - before[0]) * 1000 / TICKS,
-                    "reader_idle_cpu_ms_max": max(readers_idle, default=0) * 1000 / TICKS,
-                    "reader_idle_cpu_ms_total": sum(readers_idle) * 1000 / TICKS,
-                    "writer_rss_kib_after_n": rss[0], "writer_rss_kib_after_6n": rss[1],
-                    "records_n": records,
-                    "writer_peak_rss_kib": writer.status("VmHWM"),
-                    "reader_peak_rss_kib_max": max((p.status("VmHWM") for p in procs[1:]),
-                                                   default=0),
-                })
+                rows.append(
+                    {
+                        "readers": readers,
+                        "idle_seconds": round(elapsed, 2),
+                        "writer_idle_cpu_ms": (after[0] - before[0]) * 1000 / TICKS,
+                        "reader_idle_cpu_ms_max": max(readers_idle, default=0) * 1000 / TICKS,
+                        "reader_idle_cpu_ms_total": sum(readers_idle) * 1000 / TICKS,
+                        "writer_rss_kib_after_n": rss[0],
+                        "writer_rss_kib_after_6n": rss[1],
+                        "records_n": records,
+                        "writer_peak_rss_kib": writer.status("VmHWM"),
+                        "reader_peak_rss_kib_max": max(
+                            (p.status("VmHWM") for p in procs[1:]), default=0
+                        ),
+                    }
+                )
             finally:
                 for p in reversed(procs):
                     p.stop()
@@ -193,23 +211,29 @@ def run(idle: float, records: int, reader_counts: list[int]) -> list[dict[str, A
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the rows."""
-    head = ("| readers | idle window | writer CPU while idle | reader CPU while idle (max / all) "
-            "| writer RSS after N / 6N records | writer peak RSS | reader peak RSS |\n"
-            "|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| readers | idle window | writer CPU while idle | reader CPU while idle (max / all) "
+        "| writer RSS after N / 6N records | writer peak RSS | reader peak RSS |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     body = "".join(
         f"| {r['readers']} | {r['idle_seconds']} s | {r['writer_idle_cpu_ms']:.0f} ms "
         f"| {r['reader_idle_cpu_ms_max']:.0f} / {r['reader_idle_cpu_ms_total']:.0f} ms "
         f"| {r['writer_rss_kib_after_n'] / 1024:.1f} / {r['writer_rss_kib_after_6n'] / 1024:.1f}"
         f" MiB (N = {r['records_n']}) | {r['writer_peak_rss_kib'] / 1024:.1f} MiB "
         f"| {r['reader_peak_rss_kib_max'] / 1024:.1f} MiB |\n"
-        for r in rows)
+        for r in rows
+    )
     return head + body + f"\nCPU time resolution: 1 clock tick = {1000 / TICKS:.0f} ms.\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.daemons", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.daemons",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--idle", type=float, default=10.0, help="idle window in seconds (10)")
     p.add_argument("--records", type=int, default=200_000, help="N (200000)")
     p.add_argument("--readers", default="1,64", help="reader counts (1,64)")

@@ -391,7 +391,7 @@ class RunDir:
 
 def shm_prefix(workdir: str) -> str:
     """Name prefix for this run's /dev/shm files: ``shmdb<random part of workdir>``."""
-    return "shmdb" + os.path.basename(workdir)[len(_RUN_DIR_PREFIX):]
+    return "shmdb" + os.path.basename(workdir)[len(_RUN_DIR_PREFIX) :]
 
 
 def sweep_stale() -> list[str]:
@@ -554,7 +554,12 @@ class _Child:
     """One spawned role process and the parent's end of its control pipe."""
 
     def __init__(
-        self, ctx: Any, label: str, role: Role, deadline: float, cpu: int | None = None,
+        self,
+        ctx: Any,
+        label: str,
+        role: Role,
+        deadline: float,
+        cpu: int | None = None,
     ) -> None:
         self.label = label
         self.conn, child_conn = ctx.Pipe(duplex=True)
@@ -608,18 +613,22 @@ def _take(child: _Child, expected: str) -> tuple[str, Any]:
             kind, payload = child.conn.recv()
         except EOFError:
             child.proc.join()
-            return (f"Failed to run {child.label} since it exited with code "
-                    f"{child.proc.exitcode}"), _NOTHING
+            return (
+                f"Failed to run {child.label} since it exited with code {child.proc.exitcode}"
+            ), _NOTHING
         if kind == "error":
             last = str(payload).strip().splitlines()[-1]
             return f"Failed to run {child.label} since it raised {last}\n{payload}", _NOTHING
         if kind != expected:
-            return (f"Failed to run {child.label} since it sent {kind!r} instead of "
-                    f"{expected!r}"), _NOTHING
+            return (
+                f"Failed to run {child.label} since it sent {kind!r} instead of {expected!r}"
+            ), _NOTHING
         return "", payload
     if child.proc.exitcode is not None:
-        return (f"Failed to run {child.label} since it exited with code "
-                f"{child.proc.exitcode} before sending {expected!r}"), _NOTHING
+        return (
+            f"Failed to run {child.label} since it exited with code "
+            f"{child.proc.exitcode} before sending {expected!r}"
+        ), _NOTHING
     return "", _NOTHING
 
 
@@ -929,11 +938,15 @@ def validate(case: Case, result: CaseResult) -> str:
 def metrics_for(case: Case, result: CaseResult) -> dict[str, float]:
     """Numbers of one valid run."""
     w, readers = result.writer, result.readers
-    rss = {"writer_rss_mib": w.peak_rss_kib / KIB,
-           "reader_rss_mib": max(r.peak_rss_kib for r in readers) / KIB}
+    rss = {
+        "writer_rss_mib": w.peak_rss_kib / KIB,
+        "reader_rss_mib": max(r.peak_rss_kib for r in readers) / KIB,
+    }
     # Transport counters (Reader.notes), summed over readers.
-    rss |= {f"note_{k}": float(sum(r.notes.get(k, 0) for r in readers))
-            for k in sorted({k for r in readers for k in r.notes})}
+    rss |= {
+        f"note_{k}": float(sum(r.notes.get(k, 0) for r in readers))
+        for k in sorted({k for r in readers for k in r.notes})
+    }
     if isinstance(case, LatencyCase):
         samples = [ns for r in readers for ns in r.latencies_ns]
         return {
@@ -1054,8 +1067,10 @@ def run_plan(
             record = run_one(impl, case, rep, timeout)
             runs.append(record)
             done += 1
-            progress(f"[{done}/{total}] {case.label} | {impl.name} | rep {rep + 1}: "
-                     f"{_progress_note(record)}")
+            progress(
+                f"[{done}/{total}] {case.label} | {impl.name} | rep {rep + 1}: "
+                f"{_progress_note(record)}"
+            )
 
 
 def _progress_note(record: RunRecord) -> str:
@@ -1065,8 +1080,9 @@ def _progress_note(record: RunRecord) -> str:
         return "ERROR: " + record.detail.splitlines()[0]
     m = record.metrics
     if "rec_per_s" in m:
-        return (f"{si(m['rec_per_s'])} rec/s per reader, "
-                f"writer {si(m['writer_cpu_ns'])} CPU ns/record")
+        return (
+            f"{si(m['rec_per_s'])} rec/s per reader, writer {si(m['writer_cpu_ns'])} CPU ns/record"
+        )
     return f"p50 {_us(m['p50_ns'])} µs, p99 {_us(m['p99_ns'])} µs"
 
 
@@ -1102,8 +1118,9 @@ class Report:
                 for metric in metrics:
                     s = self.spread_of(case.key, impl.name, metric.key)
                     if s is not None:
-                        rows.append({"case": case.key, "impl": impl.name,
-                                     "metric": metric.key, **asdict(s)})
+                        rows.append(
+                            {"case": case.key, "impl": impl.name, "metric": metric.key, **asdict(s)}
+                        )
         return rows
 
     def failed(self) -> list[RunRecord]:
@@ -1152,7 +1169,8 @@ def _ratio(report: Report, case_key: str, shmd: str, metric: Metric) -> str:
     peers = [
         (s.median, i.name)
         for i in report.impls
-        if i.kind == "peer" and not (copying and i.zero_copy)
+        if i.kind == "peer"
+        and not (copying and i.zero_copy)
         and (s := report.spread_of(case_key, i.name, metric.key)) is not None
     ]
     if mine is None or not peers:
@@ -1169,7 +1187,8 @@ def _table(
     """Markdown table: one row per (label, case key, metric), one column per impl."""
     keys = {key for _, key, _ in rows}
     columns = [
-        i for i in report.impls
+        i
+        for i in report.impls
         if any(report.runs_for(k, i.name) for k in keys) or (i.kind == "shmd" and not i.skipped)
     ]
     shmds = [i.name for i in report.impls if i.kind == "shmd"] or ["shmd"]
@@ -1177,8 +1196,7 @@ def _table(
         return []
     head = [first] + [f"{i.name} ({i.kind})" if i.kind != "peer" else i.name for i in columns]
     head += [f"{s} / best peer" for s in shmds]
-    out = [f"### {title}", "", "| " + " | ".join(head) + " |",
-           "|" + "---|" * len(head)]
+    out = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, key, metric in rows:
         cells = [label] + [_cell(report, key, i.name, metric) for i in columns]
         cells += [_ratio(report, key, s, metric) for s in shmds]
@@ -1192,7 +1210,7 @@ def _notes(report: Report) -> list[tuple[tuple[str, str, str], float]]:
     for r in report.runs:
         for k, v in r.metrics.items():
             if k.startswith("note_") and v:
-                key = (r.case_key, r.impl, k[len("note_"):])
+                key = (r.case_key, r.impl, k[len("note_") :])
                 totals[key] = totals.get(key, 0.0) + v
     return sorted(totals.items())
 
@@ -1225,21 +1243,31 @@ def render_markdown(report: Report) -> str:
         lines += ["## Throughput", ""]
         for metric in THROUGHPUT_METRICS:
             direction = "higher" if metric.higher_is_better else "lower"
-            lines += _table(report, f"{metric.title} — {direction} is better",
-                            [(c.label, c.key, metric) for c in throughput])
+            lines += _table(
+                report,
+                f"{metric.title} — {direction} is better",
+                [(c.label, c.key, metric) for c in throughput],
+            )
     latency = [c for c in report.cases if isinstance(c, LatencyCase)]
     if latency:
         lines += ["## Latency", ""]
         for case in latency:
-            lines += _table(report, f"{case.label} — lower is better",
-                            [(m.title, case.key, m) for m in LATENCY_METRICS], "percentile")
+            lines += _table(
+                report,
+                f"{case.label} — lower is better",
+                [(m.title, case.key, m) for m in LATENCY_METRICS],
+                "percentile",
+            )
     scale = [c for c in report.cases if isinstance(c, ThroughputCase) and c.series == "scale"]
     if scale:
         lines += ["## Scale (plotted in scale.svg)", ""]
         for metric in SCALE_METRICS:
             direction = "higher" if metric.higher_is_better else "lower"
-            lines += _table(report, f"{metric.title} — {direction} is better",
-                            [(c.label, c.key, metric) for c in scale])
+            lines += _table(
+                report,
+                f"{metric.title} — {direction} is better",
+                [(c.label, c.key, metric) for c in scale],
+            )
     return "\n".join(lines + _appendix(report))
 
 
@@ -1285,8 +1313,18 @@ class Chart:
     y_fmt: Callable[[float], str] = si
 
 
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf")
+PALETTE = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 
 def _nice_ceiling(value: float) -> float:
@@ -1302,8 +1340,10 @@ def _nice_ceiling(value: float) -> float:
 def _chart_body(chart: Chart, width: int, height: int) -> list[str]:
     left, right, top, bottom = 80, 170, 40, 50
     plot_w, plot_h = width - left - right, height - top - bottom
-    out = [f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15" '
-           f'font-weight="bold">{escape(chart.title)}</text>']
+    out = [
+        f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15" '
+        f'font-weight="bold">{escape(chart.title)}</text>'
+    ]
     points = {name: sorted(pts) for name, pts in chart.series.items() if pts}
     if not points:
         out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text>')
@@ -1321,32 +1361,49 @@ def _chart_body(chart: Chart, width: int, height: int) -> list[str]:
     def fy(y: float) -> float:
         return top + plot_h - y / y_max * plot_h
 
-    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" '
-               'fill="none" stroke="#444"/>')
+    out.append(
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>'
+    )
     for i in range(6):
         y = y_max * i / 5
-        out.append(f'<line x1="{left}" y1="{fy(y):.1f}" x2="{left + plot_w}" y2="{fy(y):.1f}" '
-                   'stroke="#ddd"/>')
-        out.append(f'<text x="{left - 6}" y="{fy(y) + 4:.1f}" text-anchor="end" '
-                   f'font-size="11">{escape(chart.y_fmt(y))}</text>')
+        out.append(
+            f'<line x1="{left}" y1="{fy(y):.1f}" x2="{left + plot_w}" y2="{fy(y):.1f}" '
+            'stroke="#ddd"/>'
+        )
+        out.append(
+            f'<text x="{left - 6}" y="{fy(y) + 4:.1f}" text-anchor="end" '
+            f'font-size="11">{escape(chart.y_fmt(y))}</text>'
+        )
     for x in xs:
-        out.append(f'<text x="{fx(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
-                   f'font-size="11">{x:g}</text>')
-    out.append(f'<text x="{left + plot_w / 2}" y="{height - 10}" text-anchor="middle" '
-               f'font-size="12">{escape(chart.x_label)}</text>')
-    out.append(f'<text x="16" y="{top + plot_h / 2}" text-anchor="middle" font-size="12" '
-               f'transform="rotate(-90 16 {top + plot_h / 2})">{escape(chart.y_label)}</text>')
+        out.append(
+            f'<text x="{fx(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
+            f'font-size="11">{x:g}</text>'
+        )
+    out.append(
+        f'<text x="{left + plot_w / 2}" y="{height - 10}" text-anchor="middle" '
+        f'font-size="12">{escape(chart.x_label)}</text>'
+    )
+    out.append(
+        f'<text x="16" y="{top + plot_h / 2}" text-anchor="middle" font-size="12" '
+        f'transform="rotate(-90 16 {top + plot_h / 2})">{escape(chart.y_label)}</text>'
+    )
     for n, (name, pts) in enumerate(points.items()):
         color = PALETTE[n % len(PALETTE)]
         coords = " ".join(f"{fx(x):.1f},{fy(y):.1f}" for x, y in pts)
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
-                   f'points="{coords}"><title>{escape(name)}</title></polyline>')
+        out.append(
+            f'<polyline fill="none" stroke="{color}" stroke-width="2" '
+            f'points="{coords}"><title>{escape(name)}</title></polyline>'
+        )
         for x, y in pts:
-            out.append(f'<circle cx="{fx(x):.1f}" cy="{fy(y):.1f}" r="3" fill="{color}">'
-                       f'<title>{escape(name)}: {x:g} → {escape(chart.y_fmt(y))}</title></circle>')
+            out.append(
+                f'<circle cx="{fx(x):.1f}" cy="{fy(y):.1f}" r="3" fill="{color}">'
+                f"<title>{escape(name)}: {x:g} → {escape(chart.y_fmt(y))}</title></circle>"
+            )
         ly = top + 14 + 18 * n
-        out.append(f'<line x1="{left + plot_w + 12}" y1="{ly - 4}" x2="{left + plot_w + 32}" '
-                   f'y2="{ly - 4}" stroke="{color}" stroke-width="2"/>')
+        out.append(
+            f'<line x1="{left + plot_w + 12}" y1="{ly - 4}" x2="{left + plot_w + 32}" '
+            f'y2="{ly - 4}" stroke="{color}" stroke-width="2"/>'
+        )
         out.append(f'<text x="{left + plot_w + 38}" y="{ly}" font-size="12">{escape(name)}</text>')
     return out
 
@@ -1354,9 +1411,11 @@ def _chart_body(chart: Chart, width: int, height: int) -> list[str]:
 def render_svg(charts: Sequence[Chart], width: int = 760, height: int = 360) -> str:
     """A standalone SVG document with the charts stacked vertically."""
     total = height * max(1, len(charts))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total}" '
-           f'viewBox="0 0 {width} {total}" font-family="sans-serif">',
-           f'<rect width="{width}" height="{total}" fill="white"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total}" '
+        f'viewBox="0 0 {width} {total}" font-family="sans-serif">',
+        f'<rect width="{width}" height="{total}" fill="white"/>',
+    ]
     for i, chart in enumerate(charts):
         out.append(f'<g transform="translate(0 {i * height})">')
         out += _chart_body(chart, width, height)
@@ -1369,8 +1428,10 @@ def scale_charts(report: Report) -> list[Chart]:
     """Records/s per reader and publish cost against the number of readers."""
     scale = [c for c in report.cases if isinstance(c, ThroughputCase) and c.series == "scale"]
     charts = []
-    for metric, y_label in ((SCALE_METRICS[0], "records/s per reader"),
-                            (SCALE_METRICS[1], "writer CPU ns per record")):
+    for metric, y_label in (
+        (SCALE_METRICS[0], "records/s per reader"),
+        (SCALE_METRICS[1], "writer CPU ns per record"),
+    ):
         series: dict[str, list[tuple[float, float]]] = {}
         for impl in report.impls:
             pts = [
@@ -1382,8 +1443,9 @@ def scale_charts(report: Report) -> list[Chart]:
                 series[impl.name] = pts
         payloads = sorted({c.payload for c in scale})
         size = ", ".join(fmt_size(p) for p in payloads)
-        charts.append(Chart(f"{metric.title} vs readers ({size} records)", "readers", y_label,
-                            series))
+        charts.append(
+            Chart(f"{metric.title} vs readers ({size} records)", "readers", y_label, series)
+        )
     return charts
 
 

@@ -85,7 +85,8 @@ def _int_list(text: str) -> list[int]:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers") from None
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} needs one or more positive integers")
     return values
@@ -99,43 +100,90 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
         description="Compare shmd with the IPC a Python user would otherwise pick for one "
-                    "producer and many local consumers. Every run uses fresh processes; "
-                    "repetitions are interleaved across implementations.",
+        "producer and many local consumers. Every run uses fresh processes; "
+        "repetitions are interleaved across implementations.",
         epilog="examples:\n"
-               "  python -m benchmarks.run --quick\n"
-               "  python -m benchmarks.run --peers zmq,iceoryx2,shmd --readers 1,4\n"
-               "  python -m benchmarks.run --quick --only latency --out /tmp/bench",
+        "  python -m benchmarks.run --quick\n"
+        "  python -m benchmarks.run --peers zmq,iceoryx2,shmd --readers 1,4\n"
+        "  python -m benchmarks.run --quick --only latency --out /tmp/bench",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true",
-                   help="a few seconds per case and 3 repetitions (default: full, 5)")
-    p.add_argument("--peers", type=_name_list, default=None,
-                   help="implementations to run, by name or name prefix, e.g. "
-                        "zmq,iceoryx2,unix,mp-queue,floor,shmd (default: all)")
-    p.add_argument("--readers", type=_int_list, default=[1, 4],
-                   help="reader counts of the throughput table (default 1,4)")
-    p.add_argument("--payloads", type=_int_list, default=[64, 4096, 1048576],
-                   help="record sizes in bytes (default 64,4096,1048576)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="directory for results.md, results.json, scale.svg "
-                        "(default: benchmarks/results)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few seconds per case and 3 repetitions (default: full, 5)",
+    )
+    p.add_argument(
+        "--peers",
+        type=_name_list,
+        default=None,
+        help="implementations to run, by name or name prefix, e.g. "
+        "zmq,iceoryx2,unix,mp-queue,floor,shmd (default: all)",
+    )
+    p.add_argument(
+        "--readers",
+        type=_int_list,
+        default=[1, 4],
+        help="reader counts of the throughput table (default 1,4)",
+    )
+    p.add_argument(
+        "--payloads",
+        type=_int_list,
+        default=[64, 4096, 1048576],
+        help="record sizes in bytes (default 64,4096,1048576)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="directory for results.md, results.json, scale.svg (default: benchmarks/results)",
+    )
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3 quick, 5 full)")
-    p.add_argument("--records", type=int, default=None,
-                   help="records per throughput run (default: by payload, see PERFORMANCE.md)")
-    p.add_argument("--latency-rate", type=int, default=1000,
-                   help="records/s of the latency case (default 1000)")
-    p.add_argument("--latency-count", type=int, default=None,
-                   help="records per latency run (default 1000 quick, 10000 full)")
-    p.add_argument("--scale-readers", type=_int_list, default=list(SCALE_READERS),
-                   help="reader counts of the scale series (default 1,2,4,8,16,32,64)")
-    p.add_argument("--scale-payload", type=int, default=64,
-                   help="record size of the scale series (default 64)")
-    p.add_argument("--scale-impls", type=_name_list, default=_name_list(DEFAULT_SCALE_IMPLS),
-                   help=f"implementations of the scale series (default {DEFAULT_SCALE_IMPLS})")
-    p.add_argument("--only", type=_name_list, default=list(PARTS),
-                   help="parts to run: throughput,latency,scale (default all)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds before a run is killed (default 120 quick, 600 full)")
+    p.add_argument(
+        "--records",
+        type=int,
+        default=None,
+        help="records per throughput run (default: by payload, see PERFORMANCE.md)",
+    )
+    p.add_argument(
+        "--latency-rate",
+        type=int,
+        default=1000,
+        help="records/s of the latency case (default 1000)",
+    )
+    p.add_argument(
+        "--latency-count",
+        type=int,
+        default=None,
+        help="records per latency run (default 1000 quick, 10000 full)",
+    )
+    p.add_argument(
+        "--scale-readers",
+        type=_int_list,
+        default=list(SCALE_READERS),
+        help="reader counts of the scale series (default 1,2,4,8,16,32,64)",
+    )
+    p.add_argument(
+        "--scale-payload", type=int, default=64, help="record size of the scale series (default 64)"
+    )
+    p.add_argument(
+        "--scale-impls",
+        type=_name_list,
+        default=_name_list(DEFAULT_SCALE_IMPLS),
+        help=f"implementations of the scale series (default {DEFAULT_SCALE_IMPLS})",
+    )
+    p.add_argument(
+        "--only",
+        type=_name_list,
+        default=list(PARTS),
+        help="parts to run: throughput,latency,scale (default all)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds before a run is killed (default 120 quick, 600 full)",
+    )
     p.add_argument("--list", action="store_true", help="list implementations and exit")
     return p
 
@@ -174,13 +222,16 @@ class UsageError(Exception):
 def _check_args(args: argparse.Namespace) -> None:
     bad_parts = [p for p in args.only if p not in PARTS]
     if bad_parts:
-        raise UsageError(f"Failed to choose parts since {', '.join(bad_parts)} is not one of "
-                         f"{', '.join(PARTS)}")
+        raise UsageError(
+            f"Failed to choose parts since {', '.join(bad_parts)} is not one of {', '.join(PARTS)}"
+        )
     too_small = [p for p in [*args.payloads, args.scale_payload] if p < MIN_PAYLOAD]
     if too_small:
-        raise UsageError(f"Failed to use payload {too_small[0]} since every record needs at "
-                         f"least {MIN_PAYLOAD} bytes (seq and send time at the head, seq at "
-                         "the tail)")
+        raise UsageError(
+            f"Failed to use payload {too_small[0]} since every record needs at "
+            f"least {MIN_PAYLOAD} bytes (seq and send time at the head, seq at "
+            "the tail)"
+        )
 
 
 def _choose_impls(selectors: list[str] | None) -> tuple[list[ImplInfo], list[Impl]]:
@@ -189,15 +240,18 @@ def _choose_impls(selectors: list[str] | None) -> tuple[list[ImplInfo], list[Imp
     names = [i.name for i in impls] + [m.name for m in missing]
     selected, unknown = _select(selectors, names) if selectors else (names, [])
     if unknown:
-        raise UsageError(f"Failed to select {', '.join(unknown)} since no implementation is "
-                         f"called that; known: {', '.join(names)}")
+        raise UsageError(
+            f"Failed to select {', '.join(unknown)} since no implementation is "
+            f"called that; known: {', '.join(names)}"
+        )
     infos: list[ImplInfo] = []
     usable: list[Impl] = []
     for impl in impls:
         if impl.name in selected:
             reason = impl.available()
-            infos.append(ImplInfo(impl.name, impl.kind, reason,
-                                  bool(getattr(impl, "zero_copy", False))))
+            infos.append(
+                ImplInfo(impl.name, impl.kind, reason, bool(getattr(impl, "zero_copy", False)))
+            )
             if reason is None:
                 usable.append(impl)
     return infos + [m for m in missing if m.name in selected], usable
@@ -237,10 +291,15 @@ def _plan(
             cases.append(case)
             plan += [(case, impl) for impl in usable if impl.name in scale_names]
     config: dict[str, object] = {
-        "quick": quick, "readers": args.readers, "payloads": args.payloads,
-        "latency_rate_hz": args.latency_rate, "latency_count": latency_count,
-        "scale_readers": args.scale_readers, "scale_payload": args.scale_payload,
-        "scale_impls": scale_names, "parts": args.only,
+        "quick": quick,
+        "readers": args.readers,
+        "payloads": args.payloads,
+        "latency_rate_hz": args.latency_rate,
+        "latency_count": latency_count,
+        "scale_readers": args.scale_readers,
+        "scale_payload": args.scale_payload,
+        "scale_impls": scale_names,
+        "parts": args.only,
     }
     return cases, plan, config
 
@@ -248,8 +307,9 @@ def _plan(
 def _write(out: Path, report: Report, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(report.to_json(), indent=1) + "\n",
-                                      encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps(report.to_json(), indent=1) + "\n", encoding="utf-8"
+    )
     if any(isinstance(c, ThroughputCase) and c.series == "scale" for c in report.cases):
         (out / "scale.svg").write_text(render_svg(scale_charts(report)), encoding="utf-8")
 
@@ -282,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (3 if args.quick else 5)
     timeout = args.timeout or (120.0 if args.quick else 600.0)
     cases, plan, config = _plan(args, usable)
-    config |= {"argv": list(sys.argv[1:] if argv is None else argv), "reps": reps,
-               "timeout_s": timeout}
+    config |= {
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "reps": reps,
+        "timeout_s": timeout,
+    }
     not_applicable: dict[tuple[str, str], str] = {}
     todo = applicable(plan, not_applicable)
     host = _host()

@@ -25,8 +25,9 @@ from testbed.soak import SoakResult, prepare, render, run_soak
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Boot the namespaced systemd, soak, print the table; 0 when all was accounted for."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split(
-        "\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--policy", choices=("block", "drop-oldest", "both"), default="both")
     parser.add_argument("--seed", type=int, default=1)
@@ -48,8 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare(ns)
         for policy in policies:
             log(f"soak: policy {policy}, {args.seconds:g} s")
-            res = run_soak(ns, policy=policy, seconds=args.seconds, seed=args.seed,
-                           readers=args.readers, rate=args.rate, log=log)
+            res = run_soak(
+                ns,
+                policy=policy,
+                seconds=args.seconds,
+                seed=args.seed,
+                readers=args.readers,
+                rate=args.rate,
+                log=log,
+            )
             results.append(res)
             print(render(res), flush=True)
             print(flush=True)
@@ -60,15 +68,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _as_dict(res: SoakResult) -> dict[str, Any]:
     return {
-        "policy": res.policy, "seconds": res.seconds, "seed": res.seed,
-        "published": res.published, "faults": dict(res.faults), "evictions": res.evictions,
-        "max_call_ms": res.max_call_ms, "recovery_s": res.recovery_s,
-        "peak_rss_kb": res.peak_rss_kb, "resources_start": res.resources_start,
-        "resources_end": res.resources_end, "problems": res.problems, "ok": res.ok,
-        "readers": [{k: getattr(v, k) for k in (
-            "instance", "processes", "delivered", "duplicates", "torn", "counted_lost",
-            "down_lost", "unexpected_lost", "accounting_errors", "max_gap_ns")}
-            for v in res.verdicts],
+        "policy": res.policy,
+        "seconds": res.seconds,
+        "seed": res.seed,
+        "published": res.published,
+        "faults": dict(res.faults),
+        "evictions": res.evictions,
+        "max_call_ms": res.max_call_ms,
+        "recovery_s": res.recovery_s,
+        "peak_rss_kb": res.peak_rss_kb,
+        "resources_start": res.resources_start,
+        "resources_end": res.resources_end,
+        "problems": res.problems,
+        "ok": res.ok,
+        "readers": [
+            {
+                k: getattr(v, k)
+                for k in (
+                    "instance",
+                    "processes",
+                    "delivered",
+                    "duplicates",
+                    "torn",
+                    "counted_lost",
+                    "down_lost",
+                    "unexpected_lost",
+                    "accounting_errors",
+                    "max_gap_ns",
+                )
+            }
+            for v in res.verdicts
+        ],
     }
 
 

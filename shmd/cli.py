@@ -97,22 +97,39 @@ def segment_status(seg: Segment) -> dict[str, Any]:
             ts = int.from_bytes(seg.ring[off + 8 : off + 16], "little")
             if seq == oldest and 0 < ts <= now:
                 lag_seconds = (now - ts) / 1e9
-        readers.append({
-            "index": e.index, "instance": e.name, "pid": e.pid, "alive": pid_alive(e.pid),
-            "state": e.state.name.lower(), "cursor": e.cursor, "lag": lag,
-            "lag_seconds": round(lag_seconds, 6), "delivered": e.delivered, "lost": e.lost,
-            "asleep": e.asleep,
-            "topics": "all" if e.topics == (1 << 64) - 1 else
-                      [t for t in range(64) if e.topics >> t & 1],
-            "idle_seconds": round(max(0, now - e.last_active_ns) / 1e9, 3),
-        })
+        readers.append(
+            {
+                "index": e.index,
+                "instance": e.name,
+                "pid": e.pid,
+                "alive": pid_alive(e.pid),
+                "state": e.state.name.lower(),
+                "cursor": e.cursor,
+                "lag": lag,
+                "lag_seconds": round(lag_seconds, 6),
+                "delivered": e.delivered,
+                "lost": e.lost,
+                "asleep": e.asleep,
+                "topics": "all"
+                if e.topics == (1 << 64) - 1
+                else [t for t in range(64) if e.topics >> t & 1],
+                "idle_seconds": round(max(0, now - e.last_active_ns) / 1e9, 3),
+            }
+        )
     return {
-        "segment": seg.name, "generation": h.generation, "active": h.active,
-        "writer_pid": h.writer_pid, "writer_alive": pid_alive(h.writer_pid),
-        "capacity": h.capacity, "slot_size": h.slot_size,
-        "policy": Policy(h.policy).label, "write_seq": h.write_seq,
-        "rate": seg.rate, "bytes_published": h.bytes_published,
-        "max_readers": h.max_readers, "size": g.segment_size,
+        "segment": seg.name,
+        "generation": h.generation,
+        "active": h.active,
+        "writer_pid": h.writer_pid,
+        "writer_alive": pid_alive(h.writer_pid),
+        "capacity": h.capacity,
+        "slot_size": h.slot_size,
+        "policy": Policy(h.policy).label,
+        "write_seq": h.write_seq,
+        "rate": seg.rate,
+        "bytes_published": h.bytes_published,
+        "max_readers": h.max_readers,
+        "size": g.segment_size,
         "created": h.created_ns / 1e9,
         "heartbeat_age": round((now - h.heartbeat_ns) / 1e9, 3) if h.heartbeat_ns else None,
         "readers": readers,
@@ -121,10 +138,11 @@ def segment_status(seg: Segment) -> dict[str, Any]:
 
 def render_status(st: dict[str, Any], colour: bool) -> str:
     """The human-readable status table."""
+
     def c(text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if colour else text
 
-    writer = (c("running", "32") if st["writer_alive"] else c("NOT RUNNING (stale segment)", "31"))
+    writer = c("running", "32") if st["writer_alive"] else c("NOT RUNNING (stale segment)", "31")
     active = c("yes", "32") if st["active"] else c("no (shutting down or shut down)", "33")
     lines = [
         f"segment     {st['segment']}  generation {st['generation']}",
@@ -135,8 +153,10 @@ def render_status(st: dict[str, Any], colour: bool) -> str:
         f"readers     {len(st['readers'])} of {st['max_readers']}",
     ]
     if st["readers"]:
-        head = (f"{'INSTANCE':<16} {'PID':>7} {'ALIVE':>5} {'CURSOR':>12} {'LAG':>8} "
-                f"{'LAG_S':>8} {'DELIVERED':>12} {'LOST':>10} {'ASLEEP':>6}")
+        head = (
+            f"{'INSTANCE':<16} {'PID':>7} {'ALIVE':>5} {'CURSOR':>12} {'LAG':>8} "
+            f"{'LAG_S':>8} {'DELIVERED':>12} {'LOST':>10} {'ASLEEP':>6}"
+        )
         lines += ["", c(head, "1")]
         for r in st["readers"]:
             alive = "yes" if r["alive"] else c("no", "31")
@@ -154,8 +174,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         seg = Segment.open(name=name, control_writable=False)
     except SegmentNotFound:
-        raise CliError(f"Failed to read segment {name!r} since it does not exist "
-                       "(is shm-writer running? see: systemctl status shm-writer)") from None
+        raise CliError(
+            f"Failed to read segment {name!r} since it does not exist "
+            "(is shm-writer running? see: systemctl status shm-writer)"
+        ) from None
     colour = _use_colour(sys.stdout)
     try:
         while True:
@@ -223,8 +245,13 @@ def cmd_tail(args: argparse.Namespace) -> int:
     logs.configure_logging("ctl", level="warning", target="console")
     base = cfg.reader.defaults
     topics: Any = "all" if not args.topic else tuple(sorted(set(args.topic)))
-    settings = ReaderSettings(topics=topics, start=args.start, sink=base.sink,
-                              stats_interval=3600.0, reconnect_timeout=args.timeout)
+    settings = ReaderSettings(
+        topics=topics,
+        start=args.start,
+        sink=base.sink,
+        stats_interval=3600.0,
+        reconnect_timeout=args.timeout,
+    )
     sink = PrintSink(args.format, args.n, sys.stdout)
     instance = args.instance or f"shmctl-{os.getpid()}"
     daemon = ReaderDaemon(cfg, settings, instance, logs.get_logger(), sink=sink)
@@ -259,13 +286,17 @@ def _stdin_payloads(framing: str) -> Any:
             if not head:
                 return
             if len(head) < 4:
-                raise CliError("Failed to read a frame since standard input ended inside "
-                               "its 4-byte length prefix")
+                raise CliError(
+                    "Failed to read a frame since standard input ended inside "
+                    "its 4-byte length prefix"
+                )
             n = int.from_bytes(head, "little")
             body = stream.read(n)
             if len(body) < n:
-                raise CliError(f"Failed to read a {n}-byte frame since standard input ended "
-                               f"after {len(body)} bytes")
+                raise CliError(
+                    f"Failed to read a {n}-byte frame since standard input ended "
+                    f"after {len(body)} bytes"
+                )
             yield body
     else:
         for line in stream:
@@ -277,12 +308,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     ctl = cfg.control
     sock_type = {"seqpacket": 5, "stream": 1}[ctl.type]
     try:
-        conn = wire.connect(ctl.socket, sock_type, timeout=ctl.handshake_timeout,
-                            max_message=ctl.max_message)
+        conn = wire.connect(
+            ctl.socket, sock_type, timeout=ctl.handshake_timeout, max_message=ctl.max_message
+        )
     except wire.WireError as exc:
         raise CliError(str(exc)) from None
-    payloads = (a.encode() for a in args.records) if args.records else _stdin_payloads(
-        args.framing)
+    payloads = (a.encode() for a in args.records) if args.records else _stdin_payloads(args.framing)
     sent = 0
     last_seq = None
     started = time.monotonic()
@@ -291,8 +322,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
     try:
         with conn:
             for payload in payloads:
-                conn.send(protocol.Publish(topic=args.topic, payload=payload).encode(),
-                          timeout=ctl.handshake_timeout)
+                conn.send(
+                    protocol.Publish(topic=args.topic, payload=payload).encode(),
+                    timeout=ctl.handshake_timeout,
+                )
                 frame = conn.recv(timeout=ctl.handshake_timeout)
                 with frame:
                     msg = protocol.decode(frame.body, len(frame.fds))
@@ -343,9 +376,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _run_demo(args.config, args.readers)
     with tempfile.TemporaryDirectory(prefix="shmd-demo-") as tmp:
         path = Path(tmp) / "demo.yaml"
-        path.write_text("# shmctl demo's own bus; see demo_config in shmd/cli.py\n"
-                        + yaml.safe_dump(demo_config(str(Path(tmp) / "control.sock"),
-                                                     os.getpid()), sort_keys=False))
+        path.write_text(
+            "# shmctl demo's own bus; see demo_config in shmd/cli.py\n"
+            + yaml.safe_dump(
+                demo_config(str(Path(tmp) / "control.sock"), os.getpid()), sort_keys=False
+            )
+        )
         return _run_demo(str(path), args.readers)
 
 
@@ -380,46 +416,76 @@ def _run_demo(config: str, readers_wanted: int) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """shmctl's parser (also used to test every subcommand's --help)."""
     p = argparse.ArgumentParser(
-        prog="shmctl", description="See and drive a running shmd bus.",
+        prog="shmctl",
+        description="See and drive a running shmd bus.",
         epilog="Every subcommand has --help with examples.",
     )
-    p.add_argument("--config", metavar="FILE",
-                   help="configuration file (default: $SHMD_CONFIG, else /etc/shmd/shmd.yaml)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $SHMD_CONFIG, else /etc/shmd/shmd.yaml)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text,
-                              epilog=EXAMPLES[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     s = add("status", "show the live segment: writer, ring, and one row per reader")
     s.add_argument("--segment", metavar="NAME", help="segment name (default: from the config)")
     s.add_argument("--json", action="store_true", help="one JSON document (per refresh)")
-    s.add_argument("--watch", type=float, metavar="SECONDS", nargs="?", const=1.0,
-                   help="redraw every SECONDS (default 1) until Ctrl-C")
+    s.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        nargs="?",
+        const=1.0,
+        help="redraw every SECONDS (default 1) until Ctrl-C",
+    )
 
     t = add("tail", "attach as a reader and print records as they arrive")
     t.add_argument("--format", choices=("text", "hex", "json"), default="text")
-    t.add_argument("--topic", type=int, action="append", metavar="ID",
-                   help="only this topic (repeatable; default: all)")
+    t.add_argument(
+        "--topic",
+        type=int,
+        action="append",
+        metavar="ID",
+        help="only this topic (repeatable; default: all)",
+    )
     t.add_argument("--from", dest="start", choices=("latest", "oldest"), default="latest")
     t.add_argument("-n", type=int, metavar="N", help="exit after N records")
     t.add_argument("--instance", help="reader instance name (default: shmctl-<pid>)")
-    t.add_argument("--timeout", type=float, default=5.0,
-                   help="seconds to wait for the writer's socket (default 5)")
+    t.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for the writer's socket (default 5)",
+    )
 
     pb = add("publish", "publish records from arguments or standard input")
     pb.add_argument("records", nargs="*", help="payloads (default: read standard input)")
     pb.add_argument("--topic", type=int, default=0, help="topic id 0..63 (default 0)")
-    pb.add_argument("--framing", choices=("newline", "length"), default="newline",
-                    help="standard input framing: lines, or u32 little-endian length prefixes")
+    pb.add_argument(
+        "--framing",
+        choices=("newline", "length"),
+        default="newline",
+        help="standard input framing: lines, or u32 little-endian length prefixes",
+    )
     pb.add_argument("-v", "--verbose", action="store_true", help="report the count and last seq")
 
     c = add("check-config", "validate a configuration file and print the effective settings")
     c.add_argument("file", nargs="?", help="the file (default: as --config)")
 
-    d = add("demo", "a writer and readers of a bus of their own in the foreground, "
-                    "logs on the terminal (--config: your configuration's bus instead)")
+    d = add(
+        "demo",
+        "a writer and readers of a bus of their own in the foreground, "
+        "logs on the terminal (--config: your configuration's bus instead)",
+    )
     d.add_argument("--readers", type=int, default=2, help="how many readers (default 2)")
     return p
 
@@ -435,8 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         if any(not 0 <= t <= 63 for t in topics):
             parser.error("--topic must be between 0 and 63")
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "status": cmd_status, "tail": cmd_tail, "publish": cmd_publish,
-        "check-config": cmd_check_config, "demo": cmd_demo,
+        "status": cmd_status,
+        "tail": cmd_tail,
+        "publish": cmd_publish,
+        "check-config": cmd_check_config,
+        "demo": cmd_demo,
     }
     try:
         return commands[args.command](args)

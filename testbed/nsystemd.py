@@ -230,8 +230,10 @@ def entry_matches(entry: Mapping[str, Any], unit: str | None, fields: Mapping[st
     entries are those its processes logged and those PID 1 logged about it,
     as with ``journalctl -u``.
     """
-    if unit is not None and entry.get("_SYSTEMD_UNIT") != unit and not (
-        entry.get("_PID") == "1" and entry.get("UNIT") == unit
+    if (
+        unit is not None
+        and entry.get("_SYSTEMD_UNIT") != unit
+        and not (entry.get("_PID") == "1" and entry.get("UNIT") == unit)
     ):
         return False
     return all(entry.get(key) == value for key, value in fields.items())
@@ -280,10 +282,25 @@ class NamespacedSystemd:
         # signal) and takes PID 1 of the namespace with it (--kill-child).
         launcher = 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"'
         argv = [
-            "sh", "-c", launcher, "sh", str(self._cgroup),
-            "setpriv", "--pdeathsig", "KILL",
-            "unshare", *NAMESPACES, "--propagation", "private", "--kill-child",
-            "sh", "-c", BOOT_SCRIPT, "boot", self.name, *masked,
+            "sh",
+            "-c",
+            launcher,
+            "sh",
+            str(self._cgroup),
+            "setpriv",
+            "--pdeathsig",
+            "KILL",
+            "unshare",
+            *NAMESPACES,
+            "--propagation",
+            "private",
+            "--kill-child",
+            "sh",
+            "-c",
+            BOOT_SCRIPT,
+            "boot",
+            self.name,
+            *masked,
         ]
         self._proc = subprocess.Popen(
             argv,
@@ -293,8 +310,11 @@ class NamespacedSystemd:
             start_new_session=True,
         )
         try:
-            self._pid = self.wait_for(self._find_systemd, deadline - time.monotonic(),
-                                      "systemd to exec as PID 1 of the namespace")
+            self._pid = self.wait_for(
+                self._find_systemd,
+                deadline - time.monotonic(),
+                "systemd to exec as PID 1 of the namespace",
+            )
             self.pidns = os.readlink(f"/proc/{self._pid}/ns/pid")
             # The private bus socket exists once PID 1 accepts systemctl.
             self.wait_for(
@@ -303,7 +323,10 @@ class NamespacedSystemd:
                 "systemd's private bus socket",
             )
             done = self.run(
-                "systemctl", "is-system-running", "--wait", check=False,
+                "systemctl",
+                "is-system-running",
+                "--wait",
+                check=False,
                 timeout=max(1.0, deadline - time.monotonic()),
             )
             state = done.stdout.strip()
@@ -451,8 +474,10 @@ class NamespacedSystemd:
             check=False,
         )
         result = subprocess.CompletedProcess(
-            argv, done.returncode,
-            done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"),
+            argv,
+            done.returncode,
+            done.stdout.decode(errors="replace"),
+            done.stderr.decode(errors="replace"),
         )
         if check and result.returncode != 0:
             raise SystemdError(
@@ -473,8 +498,13 @@ class NamespacedSystemd:
     def write_file(self, path: str, content: str | bytes, mode: int = 0o644) -> None:
         """Create or replace a file (and its parent directories) inside the container."""
         self.run(
-            "sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1"',
-            "write_file", path, f"{mode:o}", input=content,
+            "sh",
+            "-c",
+            'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1"',
+            "write_file",
+            path,
+            f"{mode:o}",
+            input=content,
         )
 
     def read_file(self, path: str) -> str:
@@ -526,8 +556,16 @@ class NamespacedSystemd:
         # polls its stdout and exits on hang-up), and timeout(1) bounds its
         # life in case we cannot.
         life = str(int(timeout) + 10)
-        argv = [*self._nsenter(), "timeout", life,
-                "journalctl", "--no-pager", "-o", "json", "--follow"]
+        argv = [
+            *self._nsenter(),
+            "timeout",
+            life,
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "json",
+            "--follow",
+        ]
         argv += ["--after-cursor", after_cursor] if after_cursor else ["--lines", "all"]
         deadline = time.monotonic() + timeout
         follow = subprocess.Popen(
@@ -577,9 +615,7 @@ class NamespacedSystemd:
                 raise TimeoutError(f"Failed to see {what} within {timeout}s")
             time.sleep(interval)
 
-    def wait_unit(
-        self, unit: str, timeout: float = 30.0, **expected: str
-    ) -> dict[str, str]:
+    def wait_unit(self, unit: str, timeout: float = 30.0, **expected: str) -> dict[str, str]:
         """Wait until a unit's properties (e.g. ActiveState="active") all match."""
 
         def matches() -> dict[str, str] | None:
@@ -604,7 +640,10 @@ class NamespacedSystemd:
         self.run("install", "-d", "-m", "0755", "/var/cache/shmd-test")
         self.write_file(inner, deb.read_bytes(), 0o644)
         return self.run(
-            "apt-get", "install", "-y", inner,
+            "apt-get",
+            "install",
+            "-y",
+            inner,
             timeout=300,
         )
 
@@ -628,8 +667,14 @@ class NamespacedSystemd:
         with tarfile.open(fileobj=buf, mode="w") as tar:
             for part in parts:
                 tar.add(repo / part, arcname=part, filter=readable)
-        self.run("sh", "-c", 'install -d -m 0755 "$1" && tar -x -C "$1" --no-same-owner',
-                 "copy_tree", dest, input=buf.getvalue())
+        self.run(
+            "sh",
+            "-c",
+            'install -d -m 0755 "$1" && tar -x -C "$1" --no-same-owner',
+            "copy_tree",
+            dest,
+            input=buf.getvalue(),
+        )
 
     def install_dev_tree(self, repo: Path, extra: Iterable[str] = ()) -> None:
         """Install units, sysusers, tmpfiles and config from a checkout, with drop-ins
@@ -645,8 +690,9 @@ class NamespacedSystemd:
             if unit_file.suffix in (".service", ".socket"):
                 self.write_file(f"/etc/systemd/system/{unit_file.name}", unit_file.read_text())
         packaging = repo / "packaging"
-        self.write_file("/etc/sysusers.d/shmd.conf",
-                        (packaging / "sysusers.d" / "shmd.conf").read_text())
+        self.write_file(
+            "/etc/sysusers.d/shmd.conf", (packaging / "sysusers.d" / "shmd.conf").read_text()
+        )
         tmpfiles = packaging / "tmpfiles.d" / "shmd.conf"
         if tmpfiles.exists():
             self.write_file("/etc/tmpfiles.d/shmd.conf", tmpfiles.read_text())
@@ -658,8 +704,10 @@ class NamespacedSystemd:
             ("shm-writer.service", "shmd.daemons.writer", "shm-writer", ""),
             ("shm-reader@.service", "shmd.daemons.reader", "shm-reader", " --instance %i"),
         ):
-            code = (f"import sys; from {module} import main; "
-                    f"sys.argv[0] = '{program}'; sys.exit(main())")
+            code = (
+                f"import sys; from {module} import main; "
+                f"sys.argv[0] = '{program}'; sys.exit(main())"
+            )
             self.write_file(
                 f"/etc/systemd/system/{unit}.d/dev-tree.conf",
                 f'[Service]\n{common}ExecStart=\nExecStart=/usr/bin/python3 -c "{code}"{args}\n',

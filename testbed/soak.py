@@ -75,17 +75,27 @@ def prepare(ns: NamespacedSystemd, repo: Path = REPO) -> None:
     (ProtectSystem=strict) would refuse.
     """
     ns.install_dev_tree(repo, extra=["testbed"])
-    conf = (f'[Service]\nEnvironment="PYTHONPATH={DEV_TREE}" SHMD_SOAK_DIR={SOAK_DIR}\n'
-            f"ReadWritePaths={SOAK_DIR}\n")
+    conf = (
+        f'[Service]\nEnvironment="PYTHONPATH={DEV_TREE}" SHMD_SOAK_DIR={SOAK_DIR}\n'
+        f"ReadWritePaths={SOAK_DIR}\n"
+    )
     for unit in (WRITER, "shm-reader@.service"):
         ns.write_file(f"/etc/systemd/system/{unit}.d/{DROP_IN}", conf)
     ns.run("install", "-d", "-o", "shmd", "-g", "shmd", "-m", "0755", SOAK_DIR)
     ns.systemctl("daemon-reload")
 
 
-def bus_config(segment: str, policy: str, readers: Sequence[str], *, rate: int = 1000,
-               capacity: int = CAPACITY, shutdown_grace: float = 10.0,
-               reconnect_grace: float = 15.0, **reader_overrides: dict[str, Any]) -> str:
+def bus_config(
+    segment: str,
+    policy: str,
+    readers: Sequence[str],
+    *,
+    rate: int = 1000,
+    capacity: int = CAPACITY,
+    shutdown_grace: float = 10.0,
+    reconnect_grace: float = 15.0,
+    **reader_overrides: dict[str, Any],
+) -> str:
     """The configuration of one soak (or fault test): python source and per-reader sinks
     (``r<N>={...}`` adds settings for reader N)."""
     instances: dict[str, Any] = {
@@ -94,16 +104,30 @@ def bus_config(segment: str, policy: str, readers: Sequence[str], *, rate: int =
     for name, extra in reader_overrides.items():
         instances[name.removeprefix("r")].update(extra)
     config = {
-        "segment": {"name": segment, "capacity": capacity, "slot_size": 256,
-                    "max_readers": 16, "policy": policy, "block_timeout": BLOCK_TIMEOUT,
-                    "mutex_timeout": 0.5},
-        "writer": {"source": {"type": "python", "callable": f"testbed.soak_source:steady_{rate}"},
-                   "shutdown_grace": shutdown_grace, "status_interval": 1.0,
-                   "reconnect_grace": reconnect_grace},
-        "reader": {"defaults": {"start": "latest", "stats_interval": 1.0,
-                                "reconnect_timeout": 15.0,
-                                "sink": {"type": "journal", "summary_rate": 0.0}},
-                   "instances": instances},
+        "segment": {
+            "name": segment,
+            "capacity": capacity,
+            "slot_size": 256,
+            "max_readers": 16,
+            "policy": policy,
+            "block_timeout": BLOCK_TIMEOUT,
+            "mutex_timeout": 0.5,
+        },
+        "writer": {
+            "source": {"type": "python", "callable": f"testbed.soak_source:steady_{rate}"},
+            "shutdown_grace": shutdown_grace,
+            "status_interval": 1.0,
+            "reconnect_grace": reconnect_grace,
+        },
+        "reader": {
+            "defaults": {
+                "start": "latest",
+                "stats_interval": 1.0,
+                "reconnect_timeout": 15.0,
+                "sink": {"type": "journal", "summary_rate": 0.0},
+            },
+            "instances": instances,
+        },
         "logging": {"level": "info", "target": "auto"},
     }
     return yaml.safe_dump(config, sort_keys=False)
@@ -139,8 +163,12 @@ class JournalTail:
 
     def events(self, name: str, since: int = 0, **fields: str) -> list[dict[str, Any]]:
         """Entries of shmd event ``name`` (from index ``since``) with these SHMD_ fields."""
-        return [e for e in self.entries[since:] if e.get("SHMD_EVENT") == name
-                and all(e.get(f"SHMD_{k.upper()}") == v for k, v in fields.items())]
+        return [
+            e
+            for e in self.entries[since:]
+            if e.get("SHMD_EVENT") == name
+            and all(e.get(f"SHMD_{k.upper()}") == v for k, v in fields.items())
+        ]
 
 
 class Attachments:
@@ -151,7 +179,7 @@ class Attachments:
         self.seen = 0
 
     def update(self, entries: list[dict[str, Any]]) -> None:
-        for e in entries[self.seen:]:
+        for e in entries[self.seen :]:
             if e.get("_SYSTEMD_UNIT") != WRITER:
                 continue
             event, reader = e.get("SHMD_EVENT"), e.get("SHMD_READER")
@@ -160,7 +188,8 @@ class Attachments:
             if event == "reader_attached":
                 self.pid[reader] = e.get("SHMD_PID")
             elif event in ("reader_detached", "reader_lost") and self.pid.get(reader) == e.get(
-                    "SHMD_PID"):
+                "SHMD_PID"
+            ):
                 self.pid[reader] = None
         self.seen = len(entries)
 
@@ -266,13 +295,19 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return not (self.duplicates or self.torn or self.unexpected_lost
-                    or self.accounting_errors)
+        return not (self.duplicates or self.torn or self.unexpected_lost or self.accounting_errors)
 
 
-def verify(instance: str, procs: list[Process], *, policy: str, published: int,
-           reports: dict[str, list[tuple[int, int]]], starts: dict[str, int],
-           ended_by_fault: set[str]) -> Verdict:
+def verify(
+    instance: str,
+    procs: list[Process],
+    *,
+    policy: str,
+    published: int,
+    reports: dict[str, list[tuple[int, int]]],
+    starts: dict[str, int],
+    ended_by_fault: set[str],
+) -> Verdict:
     """Account for every seq of one reader instance.
 
     ``reports``: per pid, the (seq, lost) pairs of its stats/drained/exiting
@@ -291,9 +326,14 @@ def verify(instance: str, procs: list[Process], *, policy: str, published: int,
             v.first = proc.runs[0].first
         if prev is not None:
             _between(v, prev, proc, ended_by_fault)
-        _inside(v, proc, policy, reports.get(proc.pid, []),
-                start=starts.get(proc.pid, proc.runs[0].first),
-                killed=proc.pid in ended_by_fault)
+        _inside(
+            v,
+            proc,
+            policy,
+            reports.get(proc.pid, []),
+            start=starts.get(proc.pid, proc.runs[0].first),
+            killed=proc.pid in ended_by_fault,
+        )
         prev = proc
     if prev is not None:
         v.last = prev.runs[-1].last
@@ -313,8 +353,15 @@ def _between(v: Verdict, prev: Process, proc: Process, ended_by_fault: set[str])
         v.unexpected_lost += gap
 
 
-def _inside(v: Verdict, proc: Process, policy: str, reports: list[tuple[int, int]], *,
-            start: int, killed: bool) -> None:
+def _inside(
+    v: Verdict,
+    proc: Process,
+    policy: str,
+    reports: list[tuple[int, int]],
+    *,
+    start: int,
+    killed: bool,
+) -> None:
     """Records missing inside one process, checked against what it reported lost."""
     missing = proc.runs[0].first - start  # lost before its first record
     for a, b in itertools.pairwise(proc.runs):
@@ -329,7 +376,8 @@ def _inside(v: Verdict, proc: Process, policy: str, reports: list[tuple[int, int
         if seen != lost:
             v.accounting_errors.append(
                 f"pid {proc.pid} reported lost={lost} at seq {seq}, but {seen} records below "
-                "it are missing from its sink")
+                "it are missing from its sink"
+            )
         counted = max(counted, lost)
     if policy == "block":
         v.unexpected_lost += missing  # nothing may be lost inside a process
@@ -372,8 +420,17 @@ class SoakResult:
 class Soak:
     """One soak run on a prepared, booted systemd."""
 
-    def __init__(self, ns: NamespacedSystemd, *, policy: str, seconds: float, seed: int,
-                 readers: int = 8, rate: int = 1000, log: Any = None) -> None:
+    def __init__(
+        self,
+        ns: NamespacedSystemd,
+        *,
+        policy: str,
+        seconds: float,
+        seed: int,
+        readers: int = 8,
+        rate: int = 1000,
+        log: Any = None,
+    ) -> None:
         self.ns = ns
         self.policy = policy
         self.seconds = seconds
@@ -409,8 +466,12 @@ class Soak:
         writer has every reader process attached."""
         exclude = set(gone)
         try:
-            return self.ns.wait_for(lambda: self._steady(exclude), STEADY_TIMEOUT,
-                                    f"the bus whole again after {what}", interval=0.2)
+            return self.ns.wait_for(
+                lambda: self._steady(exclude),
+                STEADY_TIMEOUT,
+                f"the bus whole again after {what}",
+                interval=0.2,
+            )
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.diagnosis()}") from None
 
@@ -418,16 +479,26 @@ class Soak:
         """Unit states, attachments and the last shmd events (for a failure message)."""
         assert self.tail is not None
         states = unit_states(self.ns, self.units)
-        lines = [f"units: {({u: (s['ActiveState'], s['MainPID']) for u, s in states.items()})}",
-                 f"writer has attached: {self.attachments.pid}"]
+        lines = [
+            f"units: { ({u: (s['ActiveState'], s['MainPID']) for u, s in states.items()}) }",
+            f"writer has attached: {self.attachments.pid}",
+        ]
         routine = ("stats", "soak_source", "records", None)
-        interesting = [e for e in self.tail.entries
-                       if e.get("SHMD_EVENT") not in routine or e.get("_PID") == "1"]
+        interesting = [
+            e
+            for e in self.tail.entries
+            if e.get("SHMD_EVENT") not in routine or e.get("_PID") == "1"
+        ]
         for e in interesting[-50:]:
-            fields = {k[5:].lower(): v for k, v in e.items()
-                      if k.startswith("SHMD_") and k not in ("SHMD_EVENT", "SHMD_ROLE")}
-            lines.append(f"  {e.get('_SYSTEMD_UNIT') or e.get('UNIT')} {e.get('_PID')} "
-                         f"{e.get('SHMD_EVENT') or e.get('MESSAGE')} {fields}")
+            fields = {
+                k[5:].lower(): v
+                for k, v in e.items()
+                if k.startswith("SHMD_") and k not in ("SHMD_EVENT", "SHMD_ROLE")
+            }
+            lines.append(
+                f"  {e.get('_SYSTEMD_UNIT') or e.get('UNIT')} {e.get('_PID')} "
+                f"{e.get('SHMD_EVENT') or e.get('MESSAGE')} {fields}"
+            )
         return "\n".join(lines)
 
     def _size(self, path: str) -> int:
@@ -470,9 +541,12 @@ class Soak:
                 time.sleep(held)
                 size = self._size(f"{SOAK_DIR}/{r}.log")
                 self.ns.systemctl("kill", "--signal=CONT", unit)
-                outcome = self.ns.wait_for(lambda: self._after_stop(r, pid, size),
-                                           STEADY_TIMEOUT, f"reader {r} reading after SIGCONT",
-                                           interval=0.2)
+                outcome = self.ns.wait_for(
+                    lambda: self._after_stop(r, pid, size),
+                    STEADY_TIMEOUT,
+                    f"reader {r} reading after SIGCONT",
+                    interval=0.2,
+                )
                 if outcome == "evicted":
                     gone.add(pid)
                 self.log(f"reader_stop {r} (pid {pid}) for {held:.1f} s: {outcome}")
@@ -488,12 +562,25 @@ class Soak:
             self.bursts += 1
             count = CAPACITY * self.rng.randrange(2, 21)
             # Written aside and renamed: the source must never read half a number.
-            self.ns.run("sh", "-c", 'echo "$1" > "$2.new" && mv "$2.new" "$2"', "burst",
-                        str(count), f"{SOAK_DIR}/burst-{self.bursts}")
+            self.ns.run(
+                "sh",
+                "-c",
+                'echo "$1" > "$2.new" && mv "$2.new" "$2"',
+                "burst",
+                str(count),
+                f"{SOAK_DIR}/burst-{self.bursts}",
+            )
             self.ns.wait_for(
-                lambda: self.ns.run("test", "-e", f"{SOAK_DIR}/burst-{self.bursts}.done",
-                                    check=False).returncode == 0,
-                STEADY_TIMEOUT, f"burst {self.bursts} of {count} records", interval=0.2)
+                lambda: (
+                    self.ns.run(
+                        "test", "-e", f"{SOAK_DIR}/burst-{self.bursts}.done", check=False
+                    ).returncode
+                    == 0
+                ),
+                STEADY_TIMEOUT,
+                f"burst {self.bursts} of {count} records",
+                interval=0.2,
+            )
             self.log(f"burst of {count} records")
         states = self.wait_steady(kind, gone)
         self.result.faults[kind] += 1
@@ -506,8 +593,10 @@ class Soak:
     def run(self) -> SoakResult:
         ns = self.ns
         reset(ns, self.readers)
-        ns.write_file("/etc/shmd/shmd.yaml",
-                      bus_config(self.segment, self.policy, self.readers, rate=self.rate))
+        ns.write_file(
+            "/etc/shmd/shmd.yaml",
+            bus_config(self.segment, self.policy, self.readers, rate=self.rate),
+        )
         self.tail = JournalTail(ns)
         try:
             ns.systemctl("start", *(reader_unit(r) for r in self.readers))
@@ -543,11 +632,12 @@ class Soak:
         cleared = tail.events("active_cleared")
         res.published = int(cleared[-1]["SHMD_SEQ"]) if cleared else 0
         created = tail.events("segment_created")
-        res.generations = len({e["SHMD_GENERATION"] for e in created} | {
-            e["SHMD_GENERATION"] for e in tail.events("segment_adopted")})
+        res.generations = len(
+            {e["SHMD_GENERATION"] for e in created}
+            | {e["SHMD_GENERATION"] for e in tail.events("segment_adopted")}
+        )
         if res.generations != 1:
-            res.problems.append(f"{res.generations} generations (a stored segment was not "
-                                "adopted)")
+            res.problems.append(f"{res.generations} generations (a stored segment was not adopted)")
         evicted = {e["SHMD_PID"] for e in tail.events("reader_evicted")}
         res.evictions = len(evicted)
         for e in tail.events("soak_source"):
@@ -565,21 +655,40 @@ class Soak:
         for e in tail.events("exiting"):
             status = e.get("SHMD_STATUS")
             if status not in (None, "0") and e.get("_PID") not in evicted:
-                res.problems.append(f"reader {e.get('SHMD_INSTANCE')} pid {e.get('_PID')} "
-                                    f"exited {status}: {e.get('SHMD_REASON')} "
-                                    f"{e.get('SHMD_ERROR', '')}")
+                res.problems.append(
+                    f"reader {e.get('SHMD_INSTANCE')} pid {e.get('_PID')} "
+                    f"exited {status}: {e.get('SHMD_REASON')} "
+                    f"{e.get('SHMD_ERROR', '')}"
+                )
         for r in self.readers:
             text = self.ns.run("cat", f"{SOAK_DIR}/{r}.log", check=False).stdout
-            res.verdicts.append(verify(r, parse_log(text), policy=self.policy,
-                                       published=res.published, reports=reports, starts=starts,
-                                       ended_by_fault=self.killed | evicted))
+            res.verdicts.append(
+                verify(
+                    r,
+                    parse_log(text),
+                    policy=self.policy,
+                    published=res.published,
+                    reports=reports,
+                    starts=starts,
+                    ended_by_fault=self.killed | evicted,
+                )
+            )
 
 
-def run_soak(ns: NamespacedSystemd, *, policy: str, seconds: float, seed: int = 1,
-             readers: int = 8, rate: int = 1000, log: Any = None) -> SoakResult:
+def run_soak(
+    ns: NamespacedSystemd,
+    *,
+    policy: str,
+    seconds: float,
+    seed: int = 1,
+    readers: int = 8,
+    rate: int = 1000,
+    log: Any = None,
+) -> SoakResult:
     """Run one soak on a booted systemd on which :func:`prepare` ran."""
-    return Soak(ns, policy=policy, seconds=seconds, seed=seed, readers=readers, rate=rate,
-                log=log).run()
+    return Soak(
+        ns, policy=policy, seconds=seconds, seed=seed, readers=readers, rate=rate, log=log
+    ).run()
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -599,8 +708,8 @@ def render(res: SoakResult) -> str:
         f"down), {unexpected} unexpected; duplicates: "
         f"{sum(v.duplicates for v in res.verdicts)}; torn: {sum(v.torn for v in res.verdicts)}",
         f"* maximum writer stall (longest source publish call): {res.max_call_ms:.1f} ms; "
-        "longest recovery per fault: " + ", ".join(
-            f"{k} {v:.1f} s" for k, v in sorted(res.recovery_s.items())),
+        "longest recovery per fault: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(res.recovery_s.items())),
         "",
         "| process | delivered | processes | lost counted | lost while down | unexpected "
         "lost | duplicates | torn | max commit gap | peak RSS | fds start/end | maps start/end |",
@@ -612,13 +721,13 @@ def render(res: SoakResult) -> str:
         s, e = res.resources_start.get(unit, (0, 0)), res.resources_end.get(unit, (0, 0))
         return f"{rss:.1f} MiB | {s[0]}/{e[0]} | {s[1]}/{e[1]}"
 
-    lines.append(f"| shm-writer | {res.published} published | | | | | | | | "
-                 f"{res_cols(WRITER)} |")
+    lines.append(f"| shm-writer | {res.published} published | | | | | | | | {res_cols(WRITER)} |")
     for v in res.verdicts:
         lines.append(
             f"| shm-reader@{v.instance} | {v.delivered} | {v.processes} | {v.counted_lost} | "
             f"{v.down_lost} | {v.unexpected_lost} | {v.duplicates} | {v.torn} | "
-            f"{v.max_gap_ns / 1e6:.0f} ms | {res_cols(reader_unit(v.instance))} |")
+            f"{v.max_gap_ns / 1e6:.0f} ms | {res_cols(reader_unit(v.instance))} |"
+        )
     for v in res.verdicts:
         lines += [f"* reader {v.instance}: {err}" for err in v.accounting_errors]
     lines += [f"* problem: {p}" for p in res.problems]

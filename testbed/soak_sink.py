@@ -43,8 +43,9 @@ class Recorder:
 
     def _write(self, text: str) -> None:
         if self.fd < 0:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                              0o644)
+            self.fd = os.open(
+                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
             os.write(self.fd, f"S {os.getpid()}\n".encode())
         os.write(self.fd, text.encode())
 

@@ -66,8 +66,9 @@ def make(rate: float) -> Callable[[Any], None]:
             published += len(records)
 
         def report(event: str = "soak_source") -> None:
-            log.info(event, published=published, bursts=bursts,
-                     max_call_ms=round(max_call * 1000, 3))
+            log.info(
+                event, published=published, bursts=bursts, max_call_ms=round(max_call * 1000, 3)
+            )
 
         while not ctx.stopping.is_set():
             publish([payload(rng) for _ in range(BATCH)])
@@ -102,6 +103,6 @@ def make(rate: float) -> Callable[[Any], None]:
 def __getattr__(name: str) -> Callable[[Any], None]:
     """``testbed.soak_source:steady_<rate>`` publishes about <rate> records a second."""
     prefix = "steady_"
-    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+    if not name.startswith(prefix) or not name[len(prefix) :].isdigit():
         raise AttributeError(name)
-    return make(float(name[len(prefix):]))
+    return make(float(name[len(prefix) :]))

@@ -38,8 +38,17 @@ DEFAULT_TIMEOUT = 20.0
 BIN = Path(sys.executable).parent
 # Environment a daemon must not inherit from the test run (it would change
 # where it logs, where its socket comes from or which file it reads).
-_SCRUB = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "JOURNAL_STREAM",
-          "SHMD_CONFIG", "SHMD_INSTANCE", "WATCHDOG_USEC", "WATCHDOG_PID")
+_SCRUB = (
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "JOURNAL_STREAM",
+    "SHMD_CONFIG",
+    "SHMD_INSTANCE",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+)
 
 
 def program(name: str) -> list[str]:
@@ -69,21 +78,29 @@ def matches(event: Mapping[str, Any], name: str, fields: Mapping[str, Any]) -> b
 class Daemon:
     """One subprocess; its stderr lines become ``events`` (JSON) or stay in ``lines``."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, env: Mapping[str, str],
-                 stdin: int | IO[bytes] | None = subprocess.DEVNULL,
-                 stdout: int | IO[bytes] | None = subprocess.DEVNULL,
-                 cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+        stdout: int | IO[bytes] | None = subprocess.DEVNULL,
+        cwd: str | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
-        self.proc = subprocess.Popen(self.argv, env=dict(env), stdin=stdin, stdout=stdout,
-                                     stderr=subprocess.PIPE, cwd=cwd)
+        self.proc = subprocess.Popen(
+            self.argv, env=dict(env), stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, cwd=cwd
+        )
         self.events: list[dict[str, Any]] = []
         #: Every stderr line, JSON or not, in order (tracebacks land here).
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._eof = False
-        self._thread = threading.Thread(target=self._read_stderr, name=f"stderr-{name}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._read_stderr, name=f"stderr-{name}", daemon=True
+        )
         self._thread.start()
 
     @property
@@ -135,8 +152,9 @@ class Daemon:
         with self._cond:
             return "\n".join(self.lines)
 
-    def wait_for(self, name: str, timeout: float = DEFAULT_TIMEOUT, *, since: int = 0,
-                 **fields: Any) -> dict[str, Any]:
+    def wait_for(
+        self, name: str, timeout: float = DEFAULT_TIMEOUT, *, since: int = 0, **fields: Any
+    ) -> dict[str, Any]:
         """Block until an event named ``name`` with these fields is logged; return it.
 
         Fails at once when the process's stderr closes without one (it
@@ -154,12 +172,14 @@ class Daemon:
                 if self._eof:
                     raise AssertionError(
                         f"{self.name} (pid {self.pid}) ended without logging {name} {fields}; "
-                        f"status {self.proc.poll()}; stderr:\n{self.stderr_locked()}")
+                        f"status {self.proc.poll()}; stderr:\n{self.stderr_locked()}"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(
                         f"{self.name} (pid {self.pid}) did not log {name} {fields} within "
-                        f"{timeout:g} s; stderr:\n{self.stderr_locked()}")
+                        f"{timeout:g} s; stderr:\n{self.stderr_locked()}"
+                    )
                 self._cond.wait(left)
 
     def stderr_locked(self) -> str:
@@ -183,8 +203,10 @@ class Daemon:
         try:
             status = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} (pid {self.pid}) did not exit within "
-                                 f"{timeout:g} s; stderr:\n{self.stderr()}") from None
+            raise AssertionError(
+                f"{self.name} (pid {self.pid}) did not exit within "
+                f"{timeout:g} s; stderr:\n{self.stderr()}"
+            ) from None
         self._thread.join(timeout)
         return status
 
@@ -211,9 +233,12 @@ def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in over.items():
         old = out.get(key)
-        retyped = (key in ("source", "sink") and isinstance(value, Mapping)
-                   and isinstance(old, dict) and value.get("type", old.get("type"))
-                   != old.get("type"))
+        retyped = (
+            key in ("source", "sink")
+            and isinstance(value, Mapping)
+            and isinstance(old, dict)
+            and value.get("type", old.get("type")) != old.get("type")
+        )
         if isinstance(value, Mapping) and isinstance(old, dict) and not retyped:
             out[key] = merge(out[key], value)
         else:
@@ -221,8 +246,12 @@ def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT,
-               what: str = "the condition", interval: float = 0.01) -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = DEFAULT_TIMEOUT,
+    what: str = "the condition",
+    interval: float = 0.01,
+) -> Any:
     """Poll ``predicate`` until it returns something true, with a deadline; return that."""
     deadline = time.monotonic() + timeout
     while True:
@@ -250,9 +279,9 @@ def read_frames(path: Path) -> list[bytes]:
     pos = 0
     while pos < len(data):
         assert len(data) - pos >= 4, f"a truncated length prefix at byte {pos} of {path}"
-        n = int.from_bytes(data[pos:pos + 4], "little")
+        n = int.from_bytes(data[pos : pos + 4], "little")
         assert len(data) - pos - 4 >= n, f"a truncated frame at byte {pos} of {path}"
-        out.append(data[pos + 4:pos + 4 + n])
+        out.append(data[pos + 4 : pos + 4 + n])
         pos += 4 + n
     return out
 
@@ -292,14 +321,20 @@ class Bus:
         self.config_path = self.dir / "shmd.yaml"
         self.processes: list[Daemon] = []
         self.settings: dict[str, Any] = {
-            "segment": {"name": self.segment, "capacity": 256, "slot_size": 256,
-                        "max_readers": 8},
-            "control": {"socket": self.socket, "allowed_groups": [],
-                        "handshake_timeout": 2.0},
-            "writer": {"source": {"type": "ticker", "rate": 100.0},
-                       "shutdown_grace": 5.0, "status_interval": 0.5},
-            "reader": {"defaults": {"sink": {"type": "journal", "summary_rate": 0.0},
-                                    "stats_interval": 60.0, "reconnect_timeout": 5.0}},
+            "segment": {"name": self.segment, "capacity": 256, "slot_size": 256, "max_readers": 8},
+            "control": {"socket": self.socket, "allowed_groups": [], "handshake_timeout": 2.0},
+            "writer": {
+                "source": {"type": "ticker", "rate": 100.0},
+                "shutdown_grace": 5.0,
+                "status_interval": 0.5,
+            },
+            "reader": {
+                "defaults": {
+                    "sink": {"type": "journal", "summary_rate": 0.0},
+                    "stats_interval": 60.0,
+                    "reconnect_timeout": 5.0,
+                }
+            },
             "logging": {"level": "info", "target": "json"},
         }
         self.env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
@@ -316,8 +351,10 @@ class Bus:
         # Never let a test's daemon near the real bus: its segment and socket
         # must be this test's own.
         if data["segment"]["name"] != self.segment or data["control"]["socket"] != self.socket:
-            raise AssertionError(f"Failed to write {path} since it names another segment or "
-                                 f"socket than this test's: {data['segment']}, {data['control']}")
+            raise AssertionError(
+                f"Failed to write {path} since it names another segment or "
+                f"socket than this test's: {data['segment']}, {data['control']}"
+            )
         # Written to a new file then renamed, so a daemon re-reading it on
         # SIGHUP never sees half a file.
         tmp = path.with_name(path.name + ".new")
@@ -339,13 +376,15 @@ class Bus:
         self.processes.append(d)
         return d
 
-    def writer(self, *args: str, config: Path | None = None, wait_ready: bool = True,
-               **kwargs: Any) -> Daemon:
+    def writer(
+        self, *args: str, config: Path | None = None, wait_ready: bool = True, **kwargs: Any
+    ) -> Daemon:
         """Start shm-writer on the bus's configuration; by default wait for listener_ready."""
         if config is None:
             config = self.config_path if self.config_path.exists() else self.configure()
-        d = self.spawn("shm-writer", [*program("shm-writer"), "--config", str(config), *args],
-                       **kwargs)
+        d = self.spawn(
+            "shm-writer", [*program("shm-writer"), "--config", str(config), *args], **kwargs
+        )
         if wait_ready:
             d.wait_for("listener_ready")
         return d
@@ -361,15 +400,23 @@ class Bus:
             data["reader"]["defaults"]["sink"] = dict(sink)
         return self.write_yaml(self.dir / f"reader-{instance}.yaml", data)
 
-    def reader(self, instance: str, *args: str, wait_attached: bool = True,
-               config: Path | None = None, popen: Mapping[str, Any] | None = None,
-               **settings: Any) -> Daemon:
+    def reader(
+        self,
+        instance: str,
+        *args: str,
+        wait_attached: bool = True,
+        config: Path | None = None,
+        popen: Mapping[str, Any] | None = None,
+        **settings: Any,
+    ) -> Daemon:
         """Start shm-reader --instance ``instance``; by default wait for ``attached``."""
         if config is None:
             config = self.reader_config(instance, **settings)
-        d = self.spawn(f"shm-reader@{instance}",
-                       [*program("shm-reader"), "--config", str(config), "--instance", instance,
-                        *args], **(popen or {}))
+        d = self.spawn(
+            f"shm-reader@{instance}",
+            [*program("shm-reader"), "--config", str(config), "--instance", instance, *args],
+            **(popen or {}),
+        )
         if wait_attached:
             d.wait_for("attached")
         return d

@@ -66,8 +66,7 @@ from benchmarks.harness import (  # noqa: E402
 )
 from benchmarks.peers import floor, iceoryx2_peer, mp_queue, unix_sock, zmq_ipc  # noqa: E402
 
-ALL_IMPLS = [*zmq_ipc.IMPLS, *iceoryx2_peer.IMPLS, *unix_sock.IMPLS, *mp_queue.IMPLS,
-             *floor.IMPLS]
+ALL_IMPLS = [*zmq_ipc.IMPLS, *iceoryx2_peer.IMPLS, *unix_sock.IMPLS, *mp_queue.IMPLS, *floor.IMPLS]
 SHM_DIR = Path("/dev/shm")
 
 
@@ -92,8 +91,9 @@ def _spawned_children() -> set[int]:
 
 
 @pytest.fixture
-def clean_run(tmp_path_factory: pytest.TempPathFactory,
-              monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def clean_run(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
     """Runs get a private temp dir; asserts no role process, run file or fd is left behind.
 
     Yields that temp dir. Every RunDir made in this process is recorded, so its
@@ -319,9 +319,12 @@ def test_epoll_floor_reads_a_record_sent_between_its_look_and_its_drain(
     chan = impl.prepare(case, str(tmp_path))
 
     def side(c: floor.ShmChannel) -> floor.ShmChannel:  # each end closes its own fds
-        return replace(c, memfd=PassFd(os.dup(c.memfd.fd)),
-                       wake=[PassFd(os.dup(f.fd)) for f in c.wake],
-                       credit=[PassFd(os.dup(f.fd)) for f in c.credit])
+        return replace(
+            c,
+            memfd=PassFd(os.dup(c.memfd.fd)),
+            wake=[PassFd(os.dup(f.fd)) for f in c.wake],
+            credit=[PassFd(os.dup(f.fd)) for f in c.credit],
+        )
 
     writer, reader = impl.open_writer(side(chan), case), impl.open_reader(side(chan), case, 0)
     impl.cleanup(chan)
@@ -349,11 +352,15 @@ def test_epoll_floor_reads_a_record_sent_between_its_look_and_its_drain(
     assert got == bytes(record)
 
 
-@pytest.mark.parametrize("impl,case", [
-    (floor.EventfdPingPong(), LatencyCase(rate_hz=0, count=500)),
-    # 50 us apart: records land while the reader is awake and while it goes to sleep.
-    (floor.ShmEventfdEpoll(), LatencyCase(rate_hz=20_000, count=4000)),
-], ids=["pingpong-back-to-back", "shm-epoll-20k"])
+@pytest.mark.parametrize(
+    "impl,case",
+    [
+        (floor.EventfdPingPong(), LatencyCase(rate_hz=0, count=500)),
+        # 50 us apart: records land while the reader is awake and while it goes to sleep.
+        (floor.ShmEventfdEpoll(), LatencyCase(rate_hz=20_000, count=4000)),
+    ],
+    ids=["pingpong-back-to-back", "shm-epoll-20k"],
+)
 def test_latency_only_floors_decline_throughput_and_deliver_their_latency_case(
     impl: Any, case: LatencyCase, clean_run: Path
 ) -> None:
@@ -367,12 +374,15 @@ def test_latency_only_floors_decline_throughput_and_deliver_their_latency_case(
 # --------------------------------------------------------------------------- faults
 
 
-@pytest.mark.parametrize("fault,expected", [
-    ("drop", "expected record 5 but got head seq 6"),
-    ("duplicate", "expected record 6 but got head seq 5"),
-    ("tail", "expected record 5 but got head seq 5, tail seq"),
-    ("short", "record 5 has 4095 bytes instead of 4096"),
-])
+@pytest.mark.parametrize(
+    "fault,expected",
+    [
+        ("drop", "expected record 5 but got head seq 6"),
+        ("duplicate", "expected record 6 but got head seq 5"),
+        ("tail", "expected record 5 but got head seq 5, tail seq"),
+        ("short", "record 5 has 4095 bytes instead of 4096"),
+    ],
+)
 def test_a_damaged_record_makes_the_run_invalid(fault: str, expected: str, clean_run: Path) -> None:
     """A dropped, duplicated, torn or truncated record is caught by the reader's check."""
     case = ThroughputCase(2, 4096, 50, queue_depth(4096))
@@ -382,8 +392,9 @@ def test_a_damaged_record_makes_the_run_invalid(fault: str, expected: str, clean
     assert record.metrics == {}
 
 
-@pytest.mark.parametrize("impl", [HangingUnix(), HangingIceoryx2(), HangingShm()],
-                         ids=lambda i: i.name)
+@pytest.mark.parametrize(
+    "impl", [HangingUnix(), HangingIceoryx2(), HangingShm()], ids=lambda i: i.name
+)
 def test_a_hung_run_is_killed_at_the_deadline_and_cleaned_up(impl: Any, clean_run: Path) -> None:
     """A reader that never returns makes the run fail at its timeout, with nothing left over."""
     skip_if_unavailable(impl)
@@ -411,8 +422,11 @@ def _running(pid: int) -> bool:
 
 def _children_of(pid: int) -> set[int]:
     """Running children of ``pid``."""
-    return {int(e) for e in os.listdir("/proc")
-            if e.isdigit() and _running(int(e)) and (_state_and_ppid(int(e)) or ("", 0))[1] == pid}
+    return {
+        int(e)
+        for e in os.listdir("/proc")
+        if e.isdigit() and _running(int(e)) and (_state_and_ppid(int(e)) or ("", 0))[1] == pid
+    }
 
 
 def _poll(condition: Any, seconds: float, what: str) -> None:
@@ -465,10 +479,17 @@ def test_reader_notes_are_summed_into_the_run_and_listed(clean_run: Path) -> Non
     record = run_one(CountingUnix(), case, 0, timeout=60)
     assert record.status == "ok", record.detail
     assert record.metrics["note_recv_calls"] == 3 * 40
-    report = Report({}, {"reps": 1}, [ImplInfo("counting-unix", "peer", None)], [case],
-                    [record, replace(record, rep=1)], {})
-    assert "- counting-unix, throughput readers=3 payload=64: recv_calls = 240" \
-        in render_markdown(report)
+    report = Report(
+        {},
+        {"reps": 1},
+        [ImplInfo("counting-unix", "peer", None)],
+        [case],
+        [record, replace(record, rep=1)],
+        {},
+    )
+    assert "- counting-unix, throughput readers=3 payload=64: recv_calls = 240" in render_markdown(
+        report
+    )
 
 
 def test_a_crashing_role_is_reported_with_its_error(clean_run: Path) -> None:
@@ -486,10 +507,27 @@ def test_quick_run_writes_consistent_tables_json_and_plot(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_run: Path
 ) -> None:
     """main() runs interleaved repetitions and writes matching Markdown, JSON and SVG."""
-    argv = ["--quick", "--peers", "unix-stream,floor,shmd-zc", "--readers", "1,2",
-            "--payloads", "64", "--reps", "2", "--records", "300", "--latency-count", "100",
-            "--scale-readers", "1,2", "--scale-impls", "floor-shm-eventfd",
-            "--out", str(tmp_path)]
+    argv = [
+        "--quick",
+        "--peers",
+        "unix-stream,floor,shmd-zc",
+        "--readers",
+        "1,2",
+        "--payloads",
+        "64",
+        "--reps",
+        "2",
+        "--records",
+        "300",
+        "--latency-count",
+        "100",
+        "--scale-readers",
+        "1,2",
+        "--scale-impls",
+        "floor-shm-eventfd",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench_run.main(argv) == 0
     out = capsys.readouterr()
     markdown = (tmp_path / "results.md").read_text()
@@ -510,14 +548,17 @@ def test_quick_run_writes_consistent_tables_json_and_plot(
     assert [r["rep"] for r in runs] == [0] * pairs + [1] * pairs
     first = [(r["case_key"], r["impl"]) for r in runs[:pairs]]
     assert first == [(r["case_key"], r["impl"]) for r in runs[pairs:]]
-    assert first[:2] == [("throughput readers=1 payload=64", "unix-stream"),
-                         ("throughput readers=1 payload=64", "floor-shm-eventfd")]
+    assert first[:2] == [
+        ("throughput readers=1 payload=64", "unix-stream"),
+        ("throughput readers=1 payload=64", "floor-shm-eventfd"),
+    ]
 
     # The summary medians are the medians of the runs.
     summary = {(s["case"], s["impl"], s["metric"]): s for s in data["summary"]}
     key = ("throughput readers=2 payload=64", "unix-stream", "rec_per_s")
-    values = sorted(r["metrics"]["rec_per_s"] for r in runs
-                    if (r["case_key"], r["impl"]) == key[:2])
+    values = sorted(
+        r["metrics"]["rec_per_s"] for r in runs if (r["case_key"], r["impl"]) == key[:2]
+    )
     assert summary[key]["median"] == pytest.approx(sum(values) / 2)
     assert summary[key]["low"] == values[0] and summary[key]["high"] == values[1]
     # ... and the table shows them.
@@ -542,10 +583,29 @@ def test_the_documented_command_runs_from_the_checkout(tmp_path: Path) -> None:
     # only, 50 records, one repetition; a few seconds.  --timeout makes the benchmark kill
     # a stuck run itself (its children die with it) well before subprocess.run would.
     peer = "floor-eventfd-pingpong"
-    argv = ["--quick", "--only", "latency", "--peers", peer, "--latency-count", "50",
-            "--reps", "1", "--timeout", "30", "--out", str(tmp_path)]
-    done = subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=90, check=False)
+    argv = [
+        "--quick",
+        "--only",
+        "latency",
+        "--peers",
+        peer,
+        "--latency-count",
+        "50",
+        "--reps",
+        "1",
+        "--timeout",
+        "30",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert peer in done.stdout and "Latency" in done.stdout, done.stdout
     report = (tmp_path / "results.md").read_text()
@@ -564,13 +624,30 @@ def test_the_documented_command_runs_from_the_checkout(tmp_path: Path) -> None:
 
 
 def test_an_invalid_run_is_loud_and_fails_main(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
     clean_run: Path,
 ) -> None:
     """A run with a bad record shows INVALID in the table and on stderr, and main returns 1."""
     monkeypatch.setattr(bench_run, "PEER_MODULES", ((__name__, "faulty", "peer"),))
-    argv = ["--quick", "--peers", "faulty-drop", "--readers", "1", "--payloads", "64",
-            "--reps", "1", "--records", "50", "--only", "throughput", "--out", str(tmp_path)]
+    argv = [
+        "--quick",
+        "--peers",
+        "faulty-drop",
+        "--readers",
+        "1",
+        "--payloads",
+        "64",
+        "--reps",
+        "1",
+        "--records",
+        "50",
+        "--only",
+        "throughput",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench_run.main(argv) == 1
     out = capsys.readouterr()
     assert "**INVALID**" in out.out
@@ -581,19 +658,35 @@ def test_an_invalid_run_is_loud_and_fails_main(
 
 
 def test_a_missing_peer_is_skipped_with_its_reason(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
     clean_run: Path,
 ) -> None:
     """An uninstalled package or an absent module is a printed skip, not a failure."""
-    monkeypatch.setattr(bench_run, "PEER_MODULES", (
-        (__name__, "test", "peer"), ("benchmarks.peers.not_there", "ghost", "shmd")))
+    monkeypatch.setattr(
+        bench_run,
+        "PEER_MODULES",
+        ((__name__, "test", "peer"), ("benchmarks.peers.not_there", "ghost", "shmd")),
+    )
     assert bench_run.main(["--list"]) == 0
     listing = capsys.readouterr().out
     assert "unavailable" in listing and "skipped: frobnicate is not installed" in listing
     assert "ghost" in listing and "benchmarks/peers/not_there.py does not exist yet" in listing
 
-    argv = ["--quick", "--peers", "unavailable,ghost,floor-eventfd", "--reps", "1",
-            "--latency-count", "50", "--only", "latency", "--out", str(tmp_path)]
+    argv = [
+        "--quick",
+        "--peers",
+        "unavailable,ghost,floor-eventfd",
+        "--reps",
+        "1",
+        "--latency-count",
+        "50",
+        "--only",
+        "latency",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench_run.main(argv) == 0
     out = capsys.readouterr()
     assert "skip unavailable: frobnicate is not installed" in out.err
@@ -601,12 +694,15 @@ def test_a_missing_peer_is_skipped_with_its_reason(
     assert "- ghost: benchmarks/peers/not_there.py does not exist yet" in out.out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--payloads", "8"], "Failed to use payload 8 since every record needs at least 24"),
-    (["--peers", "nope"], "Failed to select nope since no implementation is called that"),
-    (["--only", "speed"], "Failed to choose parts since speed is not one of"),
-    (["--readers", "0"], "needs one or more positive integers"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--payloads", "8"], "Failed to use payload 8 since every record needs at least 24"),
+        (["--peers", "nope"], "Failed to select nope since no implementation is called that"),
+        (["--only", "speed"], "Failed to choose parts since speed is not one of"),
+        (["--readers", "0"], "needs one or more positive integers"),
+    ],
+)
 def test_usage_mistakes_exit_2_without_a_traceback(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -654,7 +750,8 @@ def _report(values: dict[str, list[float]], kinds: dict[str, str]) -> Report:
     case = ThroughputCase(1, 64, 10, 8)
     runs = [
         RunRecord(case.key, impl, rep, "ok", "", {"rec_per_s": v, "writer_cpu_ns": 1e6 / v})
-        for impl, vs in values.items() for rep, v in enumerate(vs)
+        for impl, vs in values.items()
+        for rep, v in enumerate(vs)
     ]
     impls = [ImplInfo(name, cast(Kind, kind), None) for name, kind in kinds.items()]
     return Report({}, {"quick": True, "reps": 2}, impls, [case], runs, {})
@@ -667,8 +764,9 @@ def test_ratio_is_shmd_over_the_best_peer_never_a_floor() -> None:
         {"a": "peer", "b": "peer", "f": "floor", "shmd": "shmd"},
     )
     markdown = render_markdown(report)
-    rate_row = next(line for line in markdown.splitlines() if line.startswith("| 1 reader")
-                    and "315" in line)
+    rate_row = next(
+        line for line in markdown.splitlines() if line.startswith("| 1 reader") and "315" in line
+    )
     # shmd 315 / b 210 for records/s (higher is better) ...
     assert rate_row.endswith("| 1.50x vs b |"), rate_row
     cost_rows = [line for line in markdown.splitlines() if line.startswith("| 1 reader")]
@@ -686,8 +784,14 @@ def test_a_pinned_role_runs_on_its_cpu_only() -> None:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            _role_main(child_end, lambda ctl: sorted(os.sched_getaffinity(0)), (),
-                       time.monotonic() + 30, os.getppid(), cpus[1])
+            _role_main(
+                child_end,
+                lambda ctl: sorted(os.sched_getaffinity(0)),
+                (),
+                time.monotonic() + 30,
+                os.getppid(),
+                cpus[1],
+            )
         finally:
             os._exit(0)
     try:
@@ -703,10 +807,16 @@ def test_a_copying_shmd_is_compared_with_copying_peers_only() -> None:
     """A copying shmd's ratio ignores zero-copy peers; a zero-copy shmd's counts them."""
     case = ThroughputCase(1, 1 << 20, 10, 8)
     values = {"cp": 100.0, "zc": 1000.0, "shmd": 150.0, "shmd-zc": 1200.0}
-    runs = [RunRecord(case.key, impl, 0, "ok", "", {"rec_per_s": v, "writer_cpu_ns": 1e6 / v})
-            for impl, v in values.items()]
-    impls = [ImplInfo("cp", "peer", None), ImplInfo("zc", "peer", None, zero_copy=True),
-             ImplInfo("shmd", "shmd", None), ImplInfo("shmd-zc", "shmd", None, zero_copy=True)]
+    runs = [
+        RunRecord(case.key, impl, 0, "ok", "", {"rec_per_s": v, "writer_cpu_ns": 1e6 / v})
+        for impl, v in values.items()
+    ]
+    impls = [
+        ImplInfo("cp", "peer", None),
+        ImplInfo("zc", "peer", None, zero_copy=True),
+        ImplInfo("shmd", "shmd", None),
+        ImplInfo("shmd-zc", "shmd", None, zero_copy=True),
+    ]
     markdown = render_markdown(Report({}, {"quick": True, "reps": 1}, impls, [case], runs, {}))
     rate_row = next(line for line in markdown.splitlines() if line.startswith("| 1 reader"))
     assert rate_row.endswith("| 1.50x vs cp | 1.20x vs zc |"), rate_row
@@ -719,14 +829,19 @@ def test_an_invalid_repetition_hides_the_cells_numbers() -> None:
     report.runs.append(RunRecord(case.key, "a", 2, "invalid", "reader 0: expected record 3", {}))
     markdown = render_markdown(report)
     assert "| 1 reader, 64 B | **INVALID** |" in markdown
-    assert "- **INVALID** throughput readers=1 payload=64 | a | rep 3: reader 0: expected" \
-        in markdown
+    assert (
+        "- **INVALID** throughput readers=1 payload=64 | a | rep 3: reader 0: expected" in markdown
+    )
 
 
 def test_svg_chart_draws_each_series_and_survives_no_data() -> None:
     """render_svg() is well-formed SVG with one polyline per non-empty series."""
-    chart = Chart("t <&>", "readers", "records/s", {
-        "shmd": [(1, 100.0), (2, 90.0), (64, 10.0)], "floor": [(1, 200.0)], "empty": []})
+    chart = Chart(
+        "t <&>",
+        "readers",
+        "records/s",
+        {"shmd": [(1, 100.0), (2, 90.0), (64, 10.0)], "floor": [(1, 200.0)], "empty": []},
+    )
     root = ET.fromstring(render_svg([chart, Chart("nothing", "x", "y", {})]))
     ns = "{http://www.w3.org/2000/svg}"
     lines = root.findall(f".//{ns}polyline")

@@ -35,8 +35,18 @@ from shmd.bus.segment import Segment
 from shmd.config import config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
-STATUS_KEYS = {"generation", "active", "writer_pid", "writer_alive", "capacity", "slot_size",
-               "policy", "write_seq", "rate", "readers"}
+STATUS_KEYS = {
+    "generation",
+    "active",
+    "writer_pid",
+    "writer_alive",
+    "capacity",
+    "slot_size",
+    "policy",
+    "write_seq",
+    "rate",
+    "readers",
+}
 READER_KEYS = {"instance", "pid", "alive", "cursor", "lag", "delivered", "lost", "asleep"}
 SUBCOMMANDS = ("status", "tail", "publish", "check-config", "demo")
 
@@ -60,22 +70,39 @@ def bus() -> Iterator[Bus]:
 @pytest.fixture
 def quiet(bus: Bus) -> Bus:
     """A bus with a small ring (8 x 64 B) and no ticker: only ``shmctl publish`` publishes."""
-    bus.configure(segment={"capacity": 8, "slot_size": 64},
-                  writer={"source": {"type": "ticker", "rate": 0.0}, "status_interval": 0.1})
+    bus.configure(
+        segment={"capacity": 8, "slot_size": 64},
+        writer={"source": {"type": "ticker", "rate": 0.0}, "status_interval": 0.1},
+    )
     return bus
 
 
-def run(bus: Bus, *args: str, stdin: bytes | None = None, config: bool = True,
-        env: dict[str, str] | None = None, timeout: float = 20.0,
-        ) -> subprocess.CompletedProcess[str]:
+def run(
+    bus: Bus,
+    *args: str,
+    stdin: bytes | None = None,
+    config: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 20.0,
+) -> subprocess.CompletedProcess[str]:
     """Run ``shmctl [--config <bus config>] ARGS`` to completion (killed on timeout)."""
     argv = [*shmctl(), *(["--config", str(bus.config_path)] if config else []), *args]
     # subprocess.run kills and reaps the child itself when the timeout expires.
-    done = subprocess.run(argv, input=stdin, capture_output=True, env=env or bus.env,
-                          cwd=REPO, timeout=timeout, check=False)
-    return subprocess.CompletedProcess(done.args, done.returncode,
-                                       done.stdout.decode("utf-8", "replace"),
-                                       done.stderr.decode("utf-8", "replace"))
+    done = subprocess.run(
+        argv,
+        input=stdin,
+        capture_output=True,
+        env=env or bus.env,
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+    )
+    return subprocess.CompletedProcess(
+        done.args,
+        done.returncode,
+        done.stdout.decode("utf-8", "replace"),
+        done.stderr.decode("utf-8", "replace"),
+    )
 
 
 def ok(done: subprocess.CompletedProcess[str]) -> str:
@@ -86,8 +113,9 @@ def ok(done: subprocess.CompletedProcess[str]) -> str:
 
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     """Assert exit 1 with one ``shmctl: error:`` line and no traceback; return the message."""
-    assert done.returncode == 1, (f"{done.args} exited {done.returncode}, not 1:\n"
-                                  f"{done.stdout}\n{done.stderr}")
+    assert done.returncode == 1, (
+        f"{done.args} exited {done.returncode}, not 1:\n{done.stdout}\n{done.stderr}"
+    )
     assert "Traceback" not in done.stderr, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{done.stderr}"
@@ -101,8 +129,7 @@ def status(bus: Bus) -> dict[str, Any]:
     return doc
 
 
-def wait_status(bus: Bus, predicate: Callable[[dict[str, Any]], bool],
-                what: str) -> dict[str, Any]:
+def wait_status(bus: Bus, predicate: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
     """Run ``shmctl status --json`` until its document satisfies ``predicate``."""
     last: list[dict[str, Any]] = []
 
@@ -143,8 +170,9 @@ class Stdout:
         self.tail = ""  # an unterminated last line at EOF (a write cut short)
         self._cond = threading.Condition()
         self._eof = False
-        self._thread = threading.Thread(target=self._read, daemon=True,
-                                        name=f"stdout-{daemon.name}")
+        self._thread = threading.Thread(
+            target=self._read, daemon=True, name=f"stdout-{daemon.name}"
+        )
         self._thread.start()
 
     def _read(self) -> None:
@@ -166,8 +194,9 @@ class Stdout:
                 self._eof = True
                 self._cond.notify_all()
 
-    def wait(self, predicate: Callable[[list[str]], bool], what: str,
-             timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+    def wait(
+        self, predicate: Callable[[list[str]], bool], what: str, timeout: float = DEFAULT_TIMEOUT
+    ) -> list[str]:
         """Block until ``predicate(lines)`` holds; the lines so far."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -178,7 +207,8 @@ class Stdout:
                     raise AssertionError(
                         f"{self.daemon.name} (pid {self.daemon.pid}): {what} did not happen "
                         f"before {why}; stdout: {self.lines[-20:]}; stderr:\n"
-                        f"{self.daemon.stderr()}")
+                        f"{self.daemon.stderr()}"
+                    )
                 self._cond.wait(left)
             return list(self.lines)
 
@@ -191,8 +221,12 @@ class Stdout:
 
 def background(bus: Bus, name: str, *args: str) -> tuple[Daemon, Stdout]:
     """Start ``shmctl --config <bus config> ARGS`` in the background, stdout piped."""
-    d = bus.spawn(name, [*shmctl(), "--config", str(bus.config_path), *args],
-                  stdout=subprocess.PIPE, cwd=str(REPO))
+    d = bus.spawn(
+        name,
+        [*shmctl(), "--config", str(bus.config_path), *args],
+        stdout=subprocess.PIPE,
+        cwd=str(REPO),
+    )
     return d, Stdout(d)
 
 
@@ -227,9 +261,14 @@ def test_status_json_lists_writer_and_every_reader(quiet: Bus) -> None:
     created = writer.wait_for("segment_created")
     r1, r2 = bus.file_reader("1"), bus.file_reader("2")
     publish(bus, "a", "b", "c")
-    st = wait_status(bus, lambda s: len(s["readers"]) == 2 and all(
-        r["delivered"] == 3 and r["asleep"] for r in s["readers"]),
-        "both readers delivering 3 records and going back to sleep")
+    st = wait_status(
+        bus,
+        lambda s: (
+            len(s["readers"]) == 2
+            and all(r["delivered"] == 3 and r["asleep"] for r in s["readers"])
+        ),
+        "both readers delivering 3 records and going back to sleep",
+    )
     assert st.keys() >= STATUS_KEYS
     assert st["segment"] == bus.segment
     assert st["generation"] == created["generation"]
@@ -260,8 +299,11 @@ def test_status_table_shows_writer_ring_and_reader_rows(quiet: Bus) -> None:
     generation = writer.wait_for("segment_created")["generation"]
     r1, r2 = bus.file_reader("1"), bus.file_reader("2")
     publish(bus, "x", "y")
-    wait_status(bus, lambda s: len(s["readers"]) == 2 and all(
-        r["delivered"] == 2 for r in s["readers"]), "both readers delivering 2 records")
+    wait_status(
+        bus,
+        lambda s: len(s["readers"]) == 2 and all(r["delivered"] == 2 for r in s["readers"]),
+        "both readers delivering 2 records",
+    )
     text = ok(run(bus, "status"))
     assert "\x1b[" not in text, "colour codes on a pipe"
     assert re.search(rf"segment\s+{re.escape(bus.segment)}\s+generation {generation}\n", text)
@@ -270,15 +312,33 @@ def test_status_table_shows_writer_ring_and_reader_rows(quiet: Bus) -> None:
     assert re.search(r"published\s+2 records\s+\d+\.\d/s\n", text), text
     assert re.search(r"readers\s+2 of 8\n", text), text
     header = next(line for line in text.splitlines() if line.startswith("INSTANCE"))
-    assert header.split() == ["INSTANCE", "PID", "ALIVE", "CURSOR", "LAG", "LAG_S",
-                              "DELIVERED", "LOST", "ASLEEP"]
-    table = {line.split()[0]: line.split() for line in text.splitlines()
-             if line.split() and line.split()[0] in {"1", "2"}}
+    assert header.split() == [
+        "INSTANCE",
+        "PID",
+        "ALIVE",
+        "CURSOR",
+        "LAG",
+        "LAG_S",
+        "DELIVERED",
+        "LOST",
+        "ASLEEP",
+    ]
+    table = {
+        line.split()[0]: line.split()
+        for line in text.splitlines()
+        if line.split() and line.split()[0] in {"1", "2"}
+    }
     assert set(table) == {"1", "2"}, text
     for name, proc in (("1", r1), ("2", r2)):
         _instance, pid, alive, cursor, lag, _lag_s, delivered, lost, _asleep = table[name]
-        assert (pid, alive, cursor, lag, delivered, lost) == (str(proc.pid), "yes", "2", "0",
-                                                              "2", "0")
+        assert (pid, alive, cursor, lag, delivered, lost) == (
+            str(proc.pid),
+            "yes",
+            "2",
+            "0",
+            "2",
+            "0",
+        )
 
 
 def test_status_shows_the_writers_publish_rate(bus: Bus) -> None:
@@ -300,8 +360,9 @@ def test_status_lag_grows_while_a_reader_is_stopped(quiet: Bus) -> None:
     bus = quiet
     bus.writer()
     reader = bus.file_reader("1")
-    wait_status(bus, lambda s: rows(s).get("1", {}).get("asleep") is True,
-                "reader 1 asleep in its loop")
+    wait_status(
+        bus, lambda s: rows(s).get("1", {}).get("asleep") is True, "reader 1 asleep in its loop"
+    )
     reader.send(signal.SIGSTOP)
     try:
         wait_until(lambda: proc_state(reader.pid) == "T", what="reader 1 stopped")
@@ -348,8 +409,10 @@ def test_status_watch_json_repeats_until_sigint(quiet: Bus) -> None:
     watch, out = background(bus, "shmctl status --watch", "status", "--watch", "0.2", "--json")
     out.wait(lambda lines: len(lines) >= 1, "a first document")
     publish(bus, "seen")
-    out.wait(lambda lines: any(json.loads(line)["write_seq"] == 1 for line in lines),
-             "a document showing the published record")
+    out.wait(
+        lambda lines: any(json.loads(line)["write_seq"] == 1 for line in lines),
+        "a document showing the published record",
+    )
     lines = out.wait(lambda lines: len(lines) >= 3, "three documents")
     watch.send(signal.SIGINT)
     assert watch.wait_exit() == 0, watch.stderr()
@@ -394,7 +457,7 @@ def test_status_of_another_layout_version_fails_in_one_line(bus: Bus) -> None:
     # what a newer shmd would have left in /dev/shm.  The bus unlinks it.
     seg = Segment.create(bus.segment, Geometry(8, 64, 1), Policy.DROP_OLDEST)
     try:
-        seg.control[OFF_VERSION:OFF_VERSION + 4] = (LAYOUT_VERSION + 1).to_bytes(4, "little")
+        seg.control[OFF_VERSION : OFF_VERSION + 4] = (LAYOUT_VERSION + 1).to_bytes(4, "little")
     finally:
         seg.close()
     assert shm_path(bus.segment).exists()
@@ -435,14 +498,26 @@ def test_tail_json_format_prints_one_document_per_record(quiet: Bus) -> None:
     bus = quiet
     bus.writer()
     before = time.monotonic_ns()
-    ok(run(bus, "publish", "--topic", "7", "--framing", "length",
-           stdin=frame(b"text") + frame(b"\xff\x00bin")))
+    ok(
+        run(
+            bus,
+            "publish",
+            "--topic",
+            "7",
+            "--framing",
+            "length",
+            stdin=frame(b"text") + frame(b"\xff\x00bin"),
+        )
+    )
     after = time.monotonic_ns()
     out = ok(run(bus, "tail", "--from", "oldest", "-n", "2", "--format", "json"))
     docs = [json.loads(line) for line in out.splitlines()]
     assert len(docs) == 2
     assert {k: docs[0][k] for k in ("seq", "topic", "payload")} == {
-        "seq": 0, "topic": 7, "payload": "text"}
+        "seq": 0,
+        "topic": 7,
+        "payload": "text",
+    }
     assert (docs[1]["seq"], docs[1]["topic"]) == (1, 7)
     assert "payload" not in docs[1]
     assert base64.b64decode(docs[1]["payload_base64"]) == b"\xff\x00bin"
@@ -459,11 +534,28 @@ def test_tail_topic_option_prints_only_those_topics(quiet: Bus) -> None:
     publish(bus, "c", topic=1)
     out = ok(run(bus, "tail", "--from", "oldest", "--topic", "1", "-n", "2", "--format", "json"))
     assert [(d["seq"], d["topic"], d["payload"]) for d in map(json.loads, out.splitlines())] == [
-        (0, 1, "a"), (2, 1, "c")]
-    out = ok(run(bus, "tail", "--from", "oldest", "--topic", "3", "--topic", "2", "-n", "1",
-                 "--format", "json"))
+        (0, 1, "a"),
+        (2, 1, "c"),
+    ]
+    out = ok(
+        run(
+            bus,
+            "tail",
+            "--from",
+            "oldest",
+            "--topic",
+            "3",
+            "--topic",
+            "2",
+            "-n",
+            "1",
+            "--format",
+            "json",
+        )
+    )
     assert [(d["seq"], d["topic"], d["payload"]) for d in map(json.loads, out.splitlines())] == [
-        (1, 2, "b")]
+        (1, 2, "b")
+    ]
 
 
 def test_tail_from_latest_skips_records_already_published(quiet: Bus) -> None:
@@ -530,11 +622,16 @@ def test_publish_arguments_reach_a_reader_in_order_with_their_topic(quiet: Bus) 
     done = run(bus, "publish", "--topic", "5", "-v", "one", "two", "three")
     ok(done)
     assert "published 3 records, last seq 2" in done.stderr
-    wait_until(lambda: read_lines(bus.out("1")) == ["one", "two", "three"],
-               what="reader 1 writing the three records")
+    wait_until(
+        lambda: read_lines(bus.out("1")) == ["one", "two", "three"],
+        what="reader 1 writing the three records",
+    )
     out = ok(run(bus, "tail", "--from", "oldest", "-n", "3", "--format", "json"))
     assert [(d["seq"], d["topic"], d["payload"]) for d in map(json.loads, out.splitlines())] == [
-        (0, 5, "one"), (1, 5, "two"), (2, 5, "three")]
+        (0, 5, "one"),
+        (1, 5, "two"),
+        (2, 5, "three"),
+    ]
 
 
 def test_publish_reads_newline_framed_stdin(quiet: Bus) -> None:
@@ -544,8 +641,10 @@ def test_publish_reads_newline_framed_stdin(quiet: Bus) -> None:
     # Subscribed to topic 4 only: what arrives was published on topic 4.
     bus.file_reader("1", topics=[4])
     ok(run(bus, "publish", "--topic", "4", stdin=b"l1\nl2\n\nl4"))
-    wait_until(lambda: read_lines(bus.out("1")) == ["l1", "l2", "", "l4"],
-               what="reader 1 writing the four lines")
+    wait_until(
+        lambda: read_lines(bus.out("1")) == ["l1", "l2", "", "l4"],
+        what="reader 1 writing the four lines",
+    )
 
 
 def test_publish_reads_length_framed_stdin(quiet: Bus) -> None:
@@ -554,10 +653,20 @@ def test_publish_reads_length_framed_stdin(quiet: Bus) -> None:
     bus.writer()
     bus.file_reader("1", framing="length", topics=[9])
     payloads = [b"with\nnewline", b"", b"\x00\xff" * 8]
-    ok(run(bus, "publish", "--framing", "length", "--topic", "9",
-           stdin=b"".join(map(frame, payloads))))
-    wait_until(lambda: read_frames(bus.out("1")) == payloads,
-               what="reader 1 writing the three frames")
+    ok(
+        run(
+            bus,
+            "publish",
+            "--framing",
+            "length",
+            "--topic",
+            "9",
+            stdin=b"".join(map(frame, payloads)),
+        )
+    )
+    wait_until(
+        lambda: read_frames(bus.out("1")) == payloads, what="reader 1 writing the three frames"
+    )
 
 
 def test_publish_truncated_length_frame_fails_after_the_good_ones(quiet: Bus) -> None:
@@ -565,8 +674,9 @@ def test_publish_truncated_length_frame_fails_after_the_good_ones(quiet: Bus) ->
     bus = quiet
     bus.writer()
     bus.file_reader("1")
-    message = one_line_error(run(bus, "publish", "--framing", "length",
-                                 stdin=frame(b"fine") + b"\x05\x00\x00\x00ab"))
+    message = one_line_error(
+        run(bus, "publish", "--framing", "length", stdin=frame(b"fine") + b"\x05\x00\x00\x00ab")
+    )
     assert "5-byte frame" in message and "after 2 bytes" in message, message
     wait_until(lambda: read_lines(bus.out("1")) == ["fine"], what="reader 1 writing 'fine'")
     assert status(bus)["write_seq"] == 1
@@ -623,8 +733,9 @@ def test_check_config_reports_a_mistake_as_the_daemons_do(bus: Bus) -> None:
     bad.write_text("segment:\n  name: /shmd-test-never\n  capacity: 1000\n")
     message = one_line_error(run(bus, "check-config", str(bad), config=False))
     assert re.fullmatch(rf"{re.escape(str(bad))}:3: segment\.capacity: .+", message), message
-    writer = bus.spawn("shm-writer", [*program("shm-writer"), "--config", str(bad),
-                                      "--check-config"])
+    writer = bus.spawn(
+        "shm-writer", [*program("shm-writer"), "--config", str(bad), "--check-config"]
+    )
     assert writer.wait_exit() == 78
     assert writer.wait_for("config_error")["error"] == message
 
@@ -647,10 +758,19 @@ def test_top_level_help_lists_every_subcommand(bus: Bus) -> None:
         assert re.search(rf"^\s+{re.escape(command)}\s", text, re.MULTILINE), (command, text)
 
 
-@pytest.mark.parametrize("args", [
-    [], ["frobnicate"], ["status", "--bogus"], ["status", "--watch", "soon"],
-    ["tail", "--topic", "99"], ["tail", "--format", "xml"], ["publish", "--topic", "-1", "x"],
-], ids=lambda a: " ".join(a) or "nothing")
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["status", "--bogus"],
+        ["status", "--watch", "soon"],
+        ["tail", "--topic", "99"],
+        ["tail", "--format", "xml"],
+        ["publish", "--topic", "-1", "x"],
+    ],
+    ids=lambda a: " ".join(a) or "nothing",
+)
 def test_usage_errors_exit_2(bus: Bus, args: list[str]) -> None:
     """A usage mistake prints argparse's usage line and exits 2, without a traceback."""
     done = run(bus, *args, config=False)
@@ -669,10 +789,15 @@ class Demo:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         # The demo's children are not ours to reap: it waits for them itself.
         # Anything of its process group still there afterwards is killed by pgid.
-        self.proc = subprocess.Popen([*shmctl(), *argv, "demo"],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*shmctl(), *argv, "demo"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._pump = threading.Thread(target=self._read, daemon=True)
@@ -696,7 +821,8 @@ class Demo:
                 left = deadline - time.monotonic()
                 assert left > 0 and self.proc.poll() is None, (
                     f"no line matching {pattern!r}; status {self.proc.poll()}; output:\n"
-                    + self.text())
+                    + self.text()
+                )
                 self._cond.wait(min(left, 0.5))
 
     def interrupt(self) -> int:
@@ -704,8 +830,10 @@ class Demo:
         # The demo installs its SIGINT and SIGTERM forwarders together, SIGTERM
         # last; Python itself catches SIGINT from the start, so SigCgt's SIGTERM
         # bit is what says the forwarder is in place.
-        wait_until(lambda: caught_signals(self.proc.pid) & (1 << (signal.SIGTERM - 1)),
-                   what="the demo installing its signal handlers")
+        wait_until(
+            lambda: caught_signals(self.proc.pid) & (1 << (signal.SIGTERM - 1)),
+            what="the demo installing its signal handlers",
+        )
         os.kill(self.proc.pid, signal.SIGINT)
         status = self.proc.wait(timeout=15)
         self._pump.join(5)
@@ -743,7 +871,8 @@ def demos() -> Iterator[Callable[[list[str], dict[str, str]], Demo]]:
 
 
 def test_demo_runs_a_writer_and_two_readers_and_stops_all_on_sigint(
-        quiet: Bus, demos: Callable[[list[str], dict[str, str]], Demo]) -> None:
+    quiet: Bus, demos: Callable[[list[str], dict[str, str]], Demo]
+) -> None:
     """demo shows a writer's and two readers' logs; SIGINT to it stops them all with status 0."""
     bus = quiet
     demo = demos(["--config", str(quiet.config_path)], quiet.env)
@@ -766,7 +895,8 @@ def test_demo_runs_a_writer_and_two_readers_and_stops_all_on_sigint(
 
 
 def test_demo_without_config_runs_its_own_bus_in_whole_lines(
-        bus: Bus, demos: Callable[[list[str], dict[str, str]], Demo]) -> None:
+    bus: Bus, demos: Callable[[list[str], dict[str, str]], Demo]
+) -> None:
     """demo alone runs a bus of its own (no warnings, nothing left), each log line whole."""
     env = {k: v for k, v in bus.env.items() if k != "SHMD_CONFIG"}
     env["PYTHONUNBUFFERED"] = "1"  # each print() part is then a write(2) of its own

@@ -73,25 +73,30 @@ def test_empty_file_gives_the_builtin_defaults(tmp_path: Path) -> None:
 def test_comment_only_file_and_null_sections_give_defaults(tmp_path: Path) -> None:
     """A file of comments, or sections left empty (null), yields the defaults."""
     assert load_text(tmp_path, "# nothing here\n") == default_config()
-    assert load_text(tmp_path, "segment:\ncontrol:\nwriter:\nreader:\nlogging:\n") \
-        == default_config()
+    assert (
+        load_text(tmp_path, "segment:\ncontrol:\nwriter:\nreader:\nlogging:\n") == default_config()
+    )
 
 
 def test_missing_keys_keep_their_defaults(tmp_path: Path) -> None:
     """Keys not given keep their defaults while the given ones apply."""
-    cfg = load_text(tmp_path, """
+    cfg = load_text(
+        tmp_path,
+        """
         segment:
           capacity: 8
         logging: {level: debug}
-    """)
+    """,
+    )
     assert cfg.segment.capacity == 8
     assert cfg.segment.slot_size == 4096
     assert cfg.logging.level == "debug" and cfg.logging.target == "auto"
     assert cfg.writer == default_config().writer
 
 
-def test_missing_default_path_gives_builtin_defaults(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_default_path_gives_builtin_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without --config or SHMD_CONFIG a missing default file means the built-in defaults."""
     monkeypatch.setattr(cfgmod, "DEFAULT_PATH", str(tmp_path / "absent.yaml"))
     cfg = load_config(env={})
@@ -110,14 +115,17 @@ def test_existing_default_path_is_read(tmp_path: Path, monkeypatch: pytest.Monke
 def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
     """A file named by --config or SHMD_CONFIG that does not exist is a ConfigError."""
     missing = str(tmp_path / "nope.yaml")
-    calls: list[Callable[[], object]] = [lambda: load_config(missing, env={}),
-                                         lambda: load_config(env={"SHMD_CONFIG": missing})]
+    calls: list[Callable[[], object]] = [
+        lambda: load_config(missing, env={}),
+        lambda: load_config(env={"SHMD_CONFIG": missing}),
+    ]
     for call in calls:
         with pytest.raises(ConfigError) as info:
             call()
         assert info.value.path == missing
-        assert str(info.value) == (f"{missing}: Failed to read the configuration since the "
-                                   f"file does not exist")
+        assert str(info.value) == (
+            f"{missing}: Failed to read the configuration since the file does not exist"
+        )
 
 
 def test_env_var_selects_the_file_and_path_argument_wins(tmp_path: Path) -> None:
@@ -129,8 +137,9 @@ def test_env_var_selects_the_file_and_path_argument_wins(tmp_path: Path) -> None
     assert load_config(Path(from_arg), env={}).source_path == from_arg
 
 
-def test_env_var_from_the_process_environment(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_var_from_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without an env argument, SHMD_CONFIG is read from os.environ."""
     path = write(tmp_path, "segment: {capacity: 64}\n")
     monkeypatch.setenv("SHMD_CONFIG", path)
@@ -201,7 +210,8 @@ def test_unreadable_file_is_an_error_saying_so() -> None:
         # (a fork, not an exec: the interpreter may live where nobody cannot go).
         assert _load_as_nobody(path) == (
             f"{path}: Failed to read the configuration since uid 65534 may not read it "
-            f"(permission denied)")
+            f"(permission denied)"
+        )
     finally:
         shutil.rmtree(workdir)
 
@@ -230,8 +240,11 @@ def test_shipped_example_spells_out_every_default() -> None:
     assert not missing, f"config/shmd.yaml does not show {sorted(missing)}"
     assert dataclasses.replace(cfg.reader, instances=()) == default_config().reader
     assert (cfg.segment, cfg.control, cfg.writer, cfg.logging) == (
-        default_config().segment, default_config().control, default_config().writer,
-        default_config().logging)
+        default_config().segment,
+        default_config().control,
+        default_config().writer,
+        default_config().logging,
+    )
     assert cfg.reader_settings("1").topics == (0, 1)
 
 
@@ -245,7 +258,7 @@ def test_every_line_of_the_shipped_example_is_commented_nearby() -> None:
         start = i
         while start > 0 and lines[start - 1].strip():
             start -= 1
-        paragraph = lines[start: i + 1]
+        paragraph = lines[start : i + 1]
         assert any("#" in p for p in paragraph), f"line {i + 1} has no comment: {line!r}"
 
 
@@ -259,8 +272,9 @@ def test_configuration_doc_names_every_key_and_its_example_loads(tmp_path: Path)
         assert f"`{leaf}`" in text, f"docs/CONFIGURATION.md does not describe {leaf}"
     example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     cfg = load_text(tmp_path, example)
-    assert cfg.reader_settings("archive").sink == FileSink(path="/var/lib/shmd/archive.bin",
-                                                           framing="length")
+    assert cfg.reader_settings("archive").sink == FileSink(
+        path="/var/lib/shmd/archive.bin", framing="length"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -270,12 +284,15 @@ def test_configuration_doc_names_every_key_and_its_example_loads(tmp_path: Path)
 
 def test_error_message_names_file_line_and_key(tmp_path: Path) -> None:
     """A bad value reads '<file>:<line>: <dotted key>: <reason> (got <value>)'."""
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
         # comment
         segment:
           name: /x
           slot_size: 1001
-    """)
+    """,
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
     err = info.value
@@ -285,32 +302,56 @@ def test_error_message_names_file_line_and_key(tmp_path: Path) -> None:
 
 BAD = [
     # (yaml, line, key, fragment of the reason)
-    ("segment:\n  capacity: true\n", 2, "segment.capacity",
-     "must be an integer (got boolean true)"),
+    (
+        "segment:\n  capacity: true\n",
+        2,
+        "segment.capacity",
+        "must be an integer (got boolean true)",
+    ),
     ("segment:\n  capacity: 1000\n", 2, "segment.capacity", "must be a power of two (got 1000)"),
     ("segment:\n  capacity: 1\n", 2, "segment.capacity", "between 2 and 16777216 (got 1)"),
     ("segment:\n  capacity: 33554432\n", 2, "segment.capacity", "between 2 and 16777216"),
     ("segment:\n  slot_size: 32\n", 2, "segment.slot_size", "between 40 and 1073741824"),
-    ("segment:\n  capacity: 16777216\n  slot_size: 4096\n", 3, "segment.slot_size",
-     "capacity * slot_size must be at most 16 GiB"),
-    ("segment:\n  capacity: 2\n  slot_size: \"4096\"\n", 3, "segment.slot_size",
-     "must be an integer (got string '4096')"),
+    (
+        "segment:\n  capacity: 16777216\n  slot_size: 4096\n",
+        3,
+        "segment.slot_size",
+        "capacity * slot_size must be at most 16 GiB",
+    ),
+    (
+        'segment:\n  capacity: 2\n  slot_size: "4096"\n',
+        3,
+        "segment.slot_size",
+        "must be an integer (got string '4096')",
+    ),
     ("segment:\n  name: shmd-bus\n", 2, "segment.name", "one slash followed by a name"),
     ("segment:\n  name: /a/b\n", 2, "segment.name", "one slash followed by a name"),
     ("segment:\n  name: /\n", 2, "segment.name", "one slash followed by a name"),
     (f"segment:\n  name: /{'x' * 255}\n", 2, "segment.name", "at most 255 bytes"),
     ("segment:\n  max_readers: 0\n", 2, "segment.max_readers", "between 1 and 1024"),
     ("segment:\n  max_readers: 1025\n", 2, "segment.max_readers", "between 1 and 1024"),
-    ("segment:\n  policy: newest\n", 2, "segment.policy",
-     "must be one of drop-oldest | block (got string 'newest')"),
-    ("segment:\n  block_timeout: 0\n", 2, "segment.block_timeout",
-     "must be greater than 0 (got 0)"),
+    (
+        "segment:\n  policy: newest\n",
+        2,
+        "segment.policy",
+        "must be one of drop-oldest | block (got string 'newest')",
+    ),
+    (
+        "segment:\n  block_timeout: 0\n",
+        2,
+        "segment.block_timeout",
+        "must be greater than 0 (got 0)",
+    ),
     ("segment:\n  mutex_timeout: -1\n", 2, "segment.mutex_timeout", "greater than 0"),
     ("segment:\n  mutex_timeout: .nan\n", 2, "segment.mutex_timeout", "finite number"),
     ("segment:\n  block_timeout: .inf\n", 2, "segment.block_timeout", "finite number"),
     ("segment:\n  block_timeout: 90000\n", 2, "segment.block_timeout", "between 0 and 86400"),
-    ("segment:\n  unlink_on_exit: 1\n", 2, "segment.unlink_on_exit",
-     "must be true or false (got integer 1)"),
+    (
+        "segment:\n  unlink_on_exit: 1\n",
+        2,
+        "segment.unlink_on_exit",
+        "must be true or false (got integer 1)",
+    ),
     ("segment:\n  sizee: 3\n", 2, "segment.sizee", "unknown key"),
     ("segment: [1, 2]\n", 1, "segment", "must be a mapping (got a list)"),
     ("control:\n  socket: run/shmd.sock\n", 2, "control.socket", "must be an absolute path"),
@@ -319,57 +360,133 @@ BAD = [
     ("control:\n  mode: 660\n", 2, "control.mode", "write it in octal like 0o660"),
     ("control:\n  mode: rw-rw----\n", 2, "control.mode", "octal permission mode"),
     ("control:\n  mode: true\n", 2, "control.mode", "octal permission mode"),
-    ("control:\n  allowed_groups: shmd\n", 2, "control.allowed_groups",
-     "must be a list of names or numeric ids"),
-    ("control:\n  allowed_users:\n    - alice\n    - yes\n", 4, "control.allowed_users[1]",
-     "must be a name or a numeric id (got boolean true)"),
+    (
+        "control:\n  allowed_groups: shmd\n",
+        2,
+        "control.allowed_groups",
+        "must be a list of names or numeric ids",
+    ),
+    (
+        "control:\n  allowed_users:\n    - alice\n    - yes\n",
+        4,
+        "control.allowed_users[1]",
+        "must be a name or a numeric id (got boolean true)",
+    ),
     ("control:\n  allowed_users: [-1]\n", 2, "control.allowed_users[0]", "between 0 and"),
-    ("control:\n  allowed_users: [\"a b\"]\n", 2, "control.allowed_users[0]",
-     "not a valid user or group name"),
+    (
+        'control:\n  allowed_users: ["a b"]\n',
+        2,
+        "control.allowed_users[0]",
+        "not a valid user or group name",
+    ),
     ("control:\n  handshake_timeout: 0\n", 2, "control.handshake_timeout", "greater than 0"),
     ("control:\n  max_message: 100\n", 2, "control.max_message", "between 1024 and"),
-    ("writer:\n  source:\n    type: socket\n", 3, "writer.source.type",
-     "ticker | fifo | stdin | python"),
-    ("writer:\n  source:\n    type: fifo\n    rate: 3\n    path: /run/f\n", 4,
-     "writer.source.rate", "unknown key for source type fifo"),
+    (
+        "writer:\n  source:\n    type: socket\n",
+        3,
+        "writer.source.type",
+        "ticker | fifo | stdin | python",
+    ),
+    (
+        "writer:\n  source:\n    type: fifo\n    rate: 3\n    path: /run/f\n",
+        4,
+        "writer.source.rate",
+        "unknown key for source type fifo",
+    ),
     ("writer:\n  source:\n    type: fifo\n", 2, "writer.source", "path is required here"),
-    ("writer:\n  source:\n    type: fifo\n    path: /run/f\n    framing: lines\n", 5,
-     "writer.source.framing", "newline | length"),
-    ("writer:\n  source:\n    type: python\n    callable: mod.func\n", 4,
-     "writer.source.callable", "'package.module:function'"),
+    (
+        "writer:\n  source:\n    type: fifo\n    path: /run/f\n    framing: lines\n",
+        5,
+        "writer.source.framing",
+        "newline | length",
+    ),
+    (
+        "writer:\n  source:\n    type: python\n    callable: mod.func\n",
+        4,
+        "writer.source.callable",
+        "'package.module:function'",
+    ),
     ("writer:\n  source:\n    rate: -1\n", 3, "writer.source.rate", "between 0 and"),
     ("writer:\n  source:\n    topic: 64\n", 3, "writer.source.topic", "between 0 and 63"),
     ("writer:\n  status_interval: 0\n", 2, "writer.status_interval", "greater than 0"),
     ("writer:\n  shutdown_grace: -0.5\n", 2, "writer.shutdown_grace", "between 0 and"),
-    ("reader:\n  defaults:\n    topics: [0, 0]\n", 3, "reader.defaults.topics[1]",
-     "topic 0 is listed twice"),
-    ("reader:\n  defaults:\n    topics: []\n", 3, "reader.defaults.topics",
-     "non-empty list of topic ids"),
-    ("reader:\n  defaults:\n    topics: some\n", 3, "reader.defaults.topics",
-     "must be \"all\" or a non-empty list"),
-    ("reader:\n  defaults:\n    topics: [1, 99]\n", 3, "reader.defaults.topics[1]",
-     "must be a topic id 0..63 (got integer 99)"),
+    (
+        "reader:\n  defaults:\n    topics: [0, 0]\n",
+        3,
+        "reader.defaults.topics[1]",
+        "topic 0 is listed twice",
+    ),
+    (
+        "reader:\n  defaults:\n    topics: []\n",
+        3,
+        "reader.defaults.topics",
+        "non-empty list of topic ids",
+    ),
+    (
+        "reader:\n  defaults:\n    topics: some\n",
+        3,
+        "reader.defaults.topics",
+        'must be "all" or a non-empty list',
+    ),
+    (
+        "reader:\n  defaults:\n    topics: [1, 99]\n",
+        3,
+        "reader.defaults.topics[1]",
+        "must be a topic id 0..63 (got integer 99)",
+    ),
     ("reader:\n  defaults:\n    start: middle\n", 3, "reader.defaults.start", "latest | oldest"),
-    ("reader:\n  defaults:\n    sink:\n      type: exec\n      command: []\n", 5,
-     "reader.defaults.sink.command", "non-empty list of strings"),
-    ("reader:\n  defaults:\n    sink:\n      type: exec\n      command: [ls, 3]\n", 5,
-     "reader.defaults.sink.command[1]", "must be a string (got integer 3)"),
-    ("reader:\n  defaults:\n    sink:\n      type: file\n      path: out.bin\n", 5,
-     "reader.defaults.sink.path", "absolute path"),
-    ("reader:\n  defaults:\n    sink:\n      type: stdout\n      summary_rate: 2\n", 5,
-     "reader.defaults.sink.summary_rate", "unknown key for sink type stdout"),
-    ("reader:\n  defaults:\n    stats_interval: 0\n", 3, "reader.defaults.stats_interval",
-     "greater than 0"),
-    ("reader:\n  instances:\n    a/b: {}\n", 3, "reader.instances.a/b",
-     "instance name 'a/b' must be"),
+    (
+        "reader:\n  defaults:\n    sink:\n      type: exec\n      command: []\n",
+        5,
+        "reader.defaults.sink.command",
+        "non-empty list of strings",
+    ),
+    (
+        "reader:\n  defaults:\n    sink:\n      type: exec\n      command: [ls, 3]\n",
+        5,
+        "reader.defaults.sink.command[1]",
+        "must be a string (got integer 3)",
+    ),
+    (
+        "reader:\n  defaults:\n    sink:\n      type: file\n      path: out.bin\n",
+        5,
+        "reader.defaults.sink.path",
+        "absolute path",
+    ),
+    (
+        "reader:\n  defaults:\n    sink:\n      type: stdout\n      summary_rate: 2\n",
+        5,
+        "reader.defaults.sink.summary_rate",
+        "unknown key for sink type stdout",
+    ),
+    (
+        "reader:\n  defaults:\n    stats_interval: 0\n",
+        3,
+        "reader.defaults.stats_interval",
+        "greater than 0",
+    ),
+    (
+        "reader:\n  instances:\n    a/b: {}\n",
+        3,
+        "reader.instances.a/b",
+        "instance name 'a/b' must be",
+    ),
     ("reader:\n  instances: [1]\n", 2, "reader.instances", "must be a mapping of instance"),
-    ("reader:\n  instances:\n    x:\n      topics: [7, 70]\n", 4, "reader.instances.x.topics[1]",
-     "topic id 0..63"),
+    (
+        "reader:\n  instances:\n    x:\n      topics: [7, 70]\n",
+        4,
+        "reader.instances.x.topics[1]",
+        "topic id 0..63",
+    ),
     ("reader:\n  default: {}\n", 2, "reader.default", "did you mean 'defaults'?"),
     ("logging:\n  level: verbose\n", 2, "logging.level", "debug | info | warning | error"),
     ("logging:\n  target: syslog\n", 2, "logging.target", "auto | journal | console | json"),
-    ("logging:\n  level: info\n  level: debug\n", 3, "logging.level",
-     "duplicate key (first given on line 2)"),
+    (
+        "logging:\n  level: info\n  level: debug\n",
+        3,
+        "logging.level",
+        "duplicate key (first given on line 2)",
+    ),
     ("segmnt: {}\n", 1, "segmnt", "did you mean 'segment'?"),
     ("segment: {capacity: 4}\nsegment: {capacity: 8}\n", 2, "segment", "duplicate key"),
     ("base: &b {level: info}\nlogging:\n  <<: *b\n", 3, "logging", "merge keys"),
@@ -377,10 +494,12 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("text", "line", "key", "fragment"), BAD,
-                         ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    ("text", "line", "key", "fragment"), BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)]
+)
 def test_invalid_values_are_rejected_with_their_location(
-        tmp_path: Path, text: str, line: int, key: str | None, fragment: str) -> None:
+    tmp_path: Path, text: str, line: int, key: str | None, fragment: str
+) -> None:
     """Each impossible value is a ConfigError at the key's line naming its dotted path."""
     err = error_for(tmp_path, text)
     assert (err.line, err.key) == (line, key), str(err)
@@ -388,13 +507,16 @@ def test_invalid_values_are_rejected_with_their_location(
     assert str(err).startswith(f"{tmp_path / 'shmd.yaml'}:{line}: ")
 
 
-@pytest.mark.parametrize(("text", "line"), [
-    ("segment:\n  capacity: [1\n", 3),
-    ("segment:\n\tcapacity: 4\n", 2),
-    ("a: 1\n---\nb: 2\n", 2),
-    ("x: !!python/object:os.system 1\n", 1),
-    ("segment:\n  name: \"unterminated\n", 3),
-])
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("segment:\n  capacity: [1\n", 3),
+        ("segment:\n\tcapacity: 4\n", 2),
+        ("a: 1\n---\nb: 2\n", 2),
+        ("x: !!python/object:os.system 1\n", 1),
+        ('segment:\n  name: "unterminated\n', 3),
+    ],
+)
 def test_yaml_syntax_errors_carry_their_line(tmp_path: Path, text: str, line: int) -> None:
     """Broken YAML (and unsafe tags, several documents) is a ConfigError with its line."""
     err = error_for(tmp_path, text)
@@ -408,7 +530,7 @@ def test_root_must_be_a_mapping(tmp_path: Path) -> None:
     assert "must be a mapping of sections (got a list)" in str(err)
 
 
-@pytest.mark.parametrize("written", ["0o660", "0660", "\"0660\"", "'0o660'", "432"])
+@pytest.mark.parametrize("written", ["0o660", "0660", '"0660"', "'0o660'", "432"])
 def test_socket_mode_accepts_octal_spellings(tmp_path: Path, written: str) -> None:
     """control.mode accepts 0o660, 0660, "0660" and the decimal 432 alike."""
     assert load_text(tmp_path, f"control:\n  mode: {written}\n").control.mode == 0o660
@@ -433,28 +555,38 @@ def test_config_is_frozen() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("{}", TickerSource()),
-    ("{rate: 2.5, topic: 3}", TickerSource(rate=2.5, topic=3)),
-    ("{type: fifo, path: /run/shmd/p.fifo}", FifoSource(path="/run/shmd/p.fifo")),
-    ("{type: fifo, path: /p, framing: length, topic: 63}",
-     FifoSource(path="/p", framing="length", topic=63)),
-    ("{type: stdin, framing: length}", StdinSource(framing="length")),
-    ("{type: python, callable: 'pkg.mod:make.source'}",
-     PythonSource(callable="pkg.mod:make.source")),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{}", TickerSource()),
+        ("{rate: 2.5, topic: 3}", TickerSource(rate=2.5, topic=3)),
+        ("{type: fifo, path: /run/shmd/p.fifo}", FifoSource(path="/run/shmd/p.fifo")),
+        (
+            "{type: fifo, path: /p, framing: length, topic: 63}",
+            FifoSource(path="/p", framing="length", topic=63),
+        ),
+        ("{type: stdin, framing: length}", StdinSource(framing="length")),
+        (
+            "{type: python, callable: 'pkg.mod:make.source'}",
+            PythonSource(callable="pkg.mod:make.source"),
+        ),
+    ],
+)
 def test_every_source_form_parses(tmp_path: Path, text: str, expected: object) -> None:
     """Each writer.source form gives its typed dataclass with defaults filled in."""
     assert load_text(tmp_path, f"writer:\n  source: {text}\n").writer.source == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("{type: journal, summary_rate: 0}", JournalSink(summary_rate=0.0)),
-    ("{type: file, path: /var/lib/shmd/out}", FileSink(path="/var/lib/shmd/out")),
-    ("{type: stdout, framing: length}", StdoutSink(framing="length")),
-    ("{type: exec, command: [/usr/bin/wc, -c]}", ExecSink(command=("/usr/bin/wc", "-c"))),
-    ("{type: python, callable: 'a:b'}", PythonSink(callable="a:b")),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{type: journal, summary_rate: 0}", JournalSink(summary_rate=0.0)),
+        ("{type: file, path: /var/lib/shmd/out}", FileSink(path="/var/lib/shmd/out")),
+        ("{type: stdout, framing: length}", StdoutSink(framing="length")),
+        ("{type: exec, command: [/usr/bin/wc, -c]}", ExecSink(command=("/usr/bin/wc", "-c"))),
+        ("{type: python, callable: 'a:b'}", PythonSink(callable="a:b")),
+    ],
+)
 def test_every_sink_form_parses(tmp_path: Path, text: str, expected: object) -> None:
     """Each reader sink form gives its typed dataclass with defaults filled in."""
     cfg = load_text(tmp_path, f"reader:\n  defaults:\n    sink: {text}\n")
@@ -463,7 +595,9 @@ def test_every_sink_form_parses(tmp_path: Path, text: str, expected: object) -> 
 
 def test_instances_deep_merge_over_defaults(tmp_path: Path) -> None:
     """Instance overrides merge over reader.defaults; a same-type sink merges key by key."""
-    cfg = load_text(tmp_path, """
+    cfg = load_text(
+        tmp_path,
+        """
         reader:
           defaults:
             topics: [1, 2]
@@ -476,7 +610,8 @@ def test_instances_deep_merge_over_defaults(tmp_path: Path) -> None:
             three:
               sink: {type: stdout}
             four:
-    """)
+    """,
+    )
     one = cfg.reader_settings("1")
     assert one.topics == (5,) and one.start == "oldest"
     assert one.sink == FileSink(path="/var/a", framing="length")
@@ -490,7 +625,9 @@ def test_instances_deep_merge_over_defaults(tmp_path: Path) -> None:
 
 def test_error_in_merged_instance_points_at_the_override(tmp_path: Path) -> None:
     """A key that is valid in the defaults but wrong in an instance is reported at the instance."""
-    err = error_for(tmp_path, """\
+    err = error_for(
+        tmp_path,
+        """\
         reader:
           defaults:
             sink: {type: journal, summary_rate: 1}
@@ -499,20 +636,24 @@ def test_error_in_merged_instance_points_at_the_override(tmp_path: Path) -> None
               sink:
                 type: file
                 summary_rate: 1
-    """)
+    """,
+    )
     assert (err.key, err.line) == ("reader.instances.7.sink.summary_rate", 8), str(err)
     assert "unknown key for sink type file" in err.message
 
 
 def test_instance_with_a_different_sink_type_drops_the_default_sink_keys(tmp_path: Path) -> None:
     """A sink of another type replaces the default sink whole instead of merging its keys."""
-    cfg = load_text(tmp_path, """
+    cfg = load_text(
+        tmp_path,
+        """
         reader:
           defaults:
             sink: {type: journal, summary_rate: 5}
           instances:
             x: {sink: {type: file, path: /tmp/x}}
-    """)
+    """,
+    )
     assert cfg.reader_settings("x").sink == FileSink(path="/tmp/x")
 
 
@@ -531,11 +672,14 @@ def test_topic_mask_follows_topics(tmp_path: Path) -> None:
 def test_allowed_ids_resolve_and_unknown_names_only_warn(tmp_path: Path) -> None:
     """Names resolve to ids, numbers pass through, and an unknown group is a warning."""
     missing = "shmd-test-no-such-group"
-    cfg = load_text(tmp_path, f"""
+    cfg = load_text(
+        tmp_path,
+        f"""
         control:
           allowed_users: [root, 1234, "4321"]
           allowed_groups: [root, {missing}, 77]
-    """)
+    """,
+    )
     assert cfg.control.allowed_users == ("root", 1234, 4321)
     assert cfg.control.allowed_uids == frozenset({0, 1234, 4321})
     assert cfg.control.allowed_gids == frozenset({grp.getgrnam("root").gr_gid, 77})
@@ -584,15 +728,27 @@ def test_config_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
 def test_diff_reloadable_separates_live_and_refused_keys(tmp_path: Path) -> None:
     """Live keys (level, allowed ids, ticker rate, status interval) are split from the rest."""
     old = load_text(tmp_path, "writer: {source: {rate: 1}}\n")
-    new = load_config(write(tmp_path, """
+    new = load_config(
+        write(
+            tmp_path,
+            """
         logging: {level: debug}
         control: {allowed_users: [12], allowed_groups: [], max_message: 4096}
         writer: {source: {rate: 50}, status_interval: 3}
         segment: {capacity: 8}
-    """, "new.yaml"), env={})
+    """,
+            "new.yaml",
+        ),
+        env={},
+    )
     live, refused = diff_reloadable(old, new)
-    assert live == ("control.allowed_groups", "control.allowed_users", "logging.level",
-                    "writer.source.rate", "writer.status_interval")
+    assert live == (
+        "control.allowed_groups",
+        "control.allowed_users",
+        "logging.level",
+        "writer.source.rate",
+        "writer.status_interval",
+    )
     assert refused == ("control.max_message", "segment.capacity")
     assert diff_reloadable(old, old) == ((), ())
 
@@ -609,8 +765,9 @@ def test_diff_reloadable_refuses_a_source_type_change(tmp_path: Path) -> None:
 def test_diff_reloadable_names_reader_instance_keys(tmp_path: Path) -> None:
     """A new reader instance shows up as its own dotted keys among the refused changes."""
     old = load_text(tmp_path, "")
-    new = load_config(write(tmp_path, "reader: {instances: {'5': {start: oldest}}}\n",
-                            "n.yaml"), env={})
+    new = load_config(
+        write(tmp_path, "reader: {instances: {'5': {start: oldest}}}\n", "n.yaml"), env={}
+    )
     live, refused = diff_reloadable(old, new)
     assert live == ()
     assert "reader.instances.5.start" in refused

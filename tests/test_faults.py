@@ -122,8 +122,7 @@ def raw_attach(bus: ProcBus, instance: str) -> tuple[wire.Connection, Subscriber
     msg = protocol.decode(frame.body, len(fds))
     assert isinstance(msg, protocol.Welcome), msg
     os.close(fds[2])  # the lifeline: this reader does not care when the writer goes
-    sub = Subscriber.attach(index=msg.reader_index, fd=OwnedFd(fds[1]),
-                            eventfd=OwnedFd(fds[0]))
+    sub = Subscriber.attach(index=msg.reader_index, fd=OwnedFd(fds[1]), eventfd=OwnedFd(fds[0]))
     return conn, sub
 
 
@@ -144,12 +143,14 @@ def announce_sleep_raw(sub: Subscriber) -> None:
 
 
 def test_mutex_hog_costs_the_writer_one_timeout_and_is_named(
-    world: ProcBus, procs: Procs,
+    world: ProcBus,
+    procs: Procs,
 ) -> None:
     """A reader that locks the shared mutex and never unlocks costs publishing nothing; the
     next reader-table change names it in one mutex_stalled line; all recovers once it is killed."""
-    world.configure(segment={"mutex_timeout": 0.5},
-                    writer={"source": {"type": "ticker", "rate": 100.0}})
+    world.configure(
+        segment={"mutex_timeout": 0.5}, writer={"source": {"type": "ticker", "rate": 100.0}}
+    )
     w = world.writer()
     healthy = world.file_reader("healthy")
     receives_more(world, "healthy", 5)
@@ -171,7 +172,10 @@ def test_mutex_hog_costs_the_writer_one_timeout_and_is_named(
     late = world.file_reader("late")  # a reader-table change meets the hog
     stalled = w.wait_for("mutex_stalled", DEADLINE, since=mark)
     assert (stalled["holder_tid"], stalled["holder_pid"], stalled["reader"]) == (
-        child.pid, child.pid, "hog")
+        child.pid,
+        child.pid,
+        "hog",
+    )
     receives_more(world, "late", 5)
     assert len(w.find("mutex_stalled", since=mark)) == 1  # one line per stall
     assert child.kill() == -signal.SIGKILL
@@ -179,8 +183,11 @@ def test_mutex_hog_costs_the_writer_one_timeout_and_is_named(
     assert w.wait_for("mutex_recovered", DEADLINE, since=mark)["stalled"] > 0
     # Whoever locks first after the kill (the writer, or either reader
     # announcing a sleep) gets EOWNERDEAD and repairs the table.
-    died = wait_until(lambda: [e for d in (w, healthy, late) for e in d.find("mutex_owner_died")],
-                      DEADLINE, what="somebody repairing the mutex the hog died holding")
+    died = wait_until(
+        lambda: [e for d in (w, healthy, late) for e in d.find("mutex_owner_died")],
+        DEADLINE,
+        what="somebody repairing the mutex the hog died holding",
+    )
     assert died[0]["role"] in ("writer", "reader")
     receives_more(world, "healthy", 20)
     w.terminate()
@@ -190,7 +197,9 @@ def test_mutex_hog_costs_the_writer_one_timeout_and_is_named(
 
 @pytest.mark.parametrize("tamper", [False, True], ids=["full-counter", "full-and-blocking"])
 def test_an_eventfd_nobody_drains_never_blocks_the_writer(
-    world: ProcBus, procs: Procs, tamper: bool,
+    world: ProcBus,
+    procs: Procs,
+    tamper: bool,
 ) -> None:
     """A reader asleep with its eventfd counter at the maximum (even with O_NONBLOCK cleared
     on the file description it shares with the writer) cannot make the writer block."""
@@ -233,8 +242,10 @@ def test_a_stopped_reader_under_drop_oldest_loses_exactly_what_it_reports(
     """A SIGSTOPped reader holds nobody up; after SIGCONT its lost count (stats, drained and
     the writer's overrun) equals the records missing from its output, and the others miss none."""
     cap = 16
-    world.configure(segment={"capacity": cap, "policy": "drop-oldest"},
-                    writer={"source": {"type": "ticker", "rate": 200.0}})
+    world.configure(
+        segment={"capacity": cap, "policy": "drop-oldest"},
+        writer={"source": {"type": "ticker", "rate": 200.0}},
+    )
     w = world.writer()
     stopped = world.file_reader("stopped", stats_interval=0.2)
     world.file_reader("fine")
@@ -293,8 +304,10 @@ def checking_reader(pub: Publisher, index: int) -> Callable[[ChildEnd], None]:
 
         ch.send("ready")
         result = ReaderLoop(sub, check).run()
-        ch.send(f"exit {result.name} {sub.delivered} {sub.lost} {state['bad']} "
-                f"{state['missing']} {state['dup']} {state['next']}")
+        ch.send(
+            f"exit {result.name} {sub.delivered} {sub.lost} {state['bad']} "
+            f"{state['missing']} {state['dup']} {state['next']}"
+        )
 
     return body
 
@@ -358,7 +371,9 @@ def test_writers_killed_mid_record_never_deliver_it_torn(shm_name: str, procs: P
 
 @pytest.mark.parametrize("topics", [ALL_TOPICS, topic_mask([0])], ids=["all", "filtered"])
 def test_reader_lapped_while_copying_drops_positions_not_seqs(
-    bus: Bus, monkeypatch: pytest.MonkeyPatch, topics: int,
+    bus: Bus,
+    monkeypatch: pytest.MonkeyPatch,
+    topics: int,
 ) -> None:
     """A writer that laps a reader between its read plan and its copy leaves records of the
     next lap in the slots it copies: they are dropped as lost, never delivered early (and
@@ -370,7 +385,11 @@ def test_reader_lapped_while_copying_drops_positions_not_seqs(
     real_read_runs = Subscriber._read_runs
 
     def lapping_read_runs(
-        self: Subscriber, src: mmap.mmap | memoryview, start: int, end: int, tmask: int | None,
+        self: Subscriber,
+        src: mmap.mmap | memoryview,
+        start: int,
+        end: int,
+        tmask: int | None,
     ) -> tuple[list[RawRecord], int]:
         monkeypatch.setattr(Subscriber, "_read_runs", real_read_runs)  # once
         first = pub.write_seq
@@ -404,8 +423,9 @@ def test_64_readers_churning_leak_nothing_in_the_writer(world: ProcBus, procs: P
     """64 readers at a time attaching and leaving (Detach or just hanging up), 320 in all,
     while the writer publishes: its table, fds and mappings end as they began."""
     children, per_child, rounds = 8, 8, 5
-    world.configure(segment={"max_readers": 72},
-                    writer={"source": {"type": "ticker", "rate": 500.0}})
+    world.configure(
+        segment={"max_readers": 72}, writer={"source": {"type": "ticker", "rate": 500.0}}
+    )
     w = world.writer()
     world.file_reader("steady")
     receives_more(world, "steady", 10)
@@ -419,8 +439,10 @@ def test_64_readers_churning_leak_nothing_in_the_writer(world: ProcBus, procs: P
             for i, (conn, sub) in enumerate(pairs):
                 delivered += len(sub.read_batch())  # the mapping works
                 if (rnd + i) % 2:
-                    conn.send(protocol.Detach(protocol.DetachCode.NORMAL, "churn").encode(),
-                              timeout=DEADLINE)
+                    conn.send(
+                        protocol.Detach(protocol.DetachCode.NORMAL, "churn").encode(),
+                        timeout=DEADLINE,
+                    )
                 conn.close()
                 sub.close()
         ch.send(f"done {delivered}")
@@ -432,8 +454,11 @@ def test_64_readers_churning_leak_nothing_in_the_writer(world: ProcBus, procs: P
     total = children * per_child * rounds
 
     def gone() -> bool:
-        left = [e for e in w.find("reader_detached") + w.find("reader_lost")
-                if e["reader"].startswith("c")]
+        left = [
+            e
+            for e in w.find("reader_detached") + w.find("reader_lost")
+            if e["reader"].startswith("c")
+        ]
         return len(left) >= total
 
     wait_until(gone, DEADLINE, what=f"the writer seeing all {total} churning readers leave")
@@ -457,30 +482,45 @@ def test_64_readers_churning_leak_nothing_in_the_writer(world: ProcBus, procs: P
 
 #: Header fields a hostile or corrupt segment may claim anything in: (offset, struct format).
 HEADER_FIELDS = {
-    "version": (OFF_VERSION, "<I"), "control_size": (OFF_CONTROL_SIZE, "<I"),
-    "capacity": (OFF_CAPACITY, "<I"), "slot_size": (OFF_SLOT_SIZE, "<I"),
-    "policy": (OFF_POLICY, "<I"), "max_readers": (OFF_MAX_READERS, "<I"),
-    "ring_offset": (OFF_RING_OFFSET, "<Q"), "segment_size": (OFF_SEGMENT_SIZE, "<Q"),
-    "write_seq": (OFF_WRITE_SEQ, "<Q"), "reserve_seq": (OFF_RESERVE_SEQ, "<Q"),
+    "version": (OFF_VERSION, "<I"),
+    "control_size": (OFF_CONTROL_SIZE, "<I"),
+    "capacity": (OFF_CAPACITY, "<I"),
+    "slot_size": (OFF_SLOT_SIZE, "<I"),
+    "policy": (OFF_POLICY, "<I"),
+    "max_readers": (OFF_MAX_READERS, "<I"),
+    "ring_offset": (OFF_RING_OFFSET, "<Q"),
+    "segment_size": (OFF_SEGMENT_SIZE, "<Q"),
+    "write_seq": (OFF_WRITE_SEQ, "<Q"),
+    "reserve_seq": (OFF_RESERVE_SEQ, "<Q"),
 }
 GEOMETRY = Geometry(8, 64, 4)
 
 
 def _near(value: int) -> st.SearchStrategy[int]:
     """Values a corruption likes: near the real one, powers of two, extremes, anything."""
-    return st.one_of(st.integers(max(0, value - 2), value + 2),
-                     st.sampled_from([0, 1, 4096, 1 << 24, 1 << 31, (1 << 32) - 1, 1 << 62,
-                                      (1 << 64) - 1]),
-                     st.integers(0, (1 << 64) - 1))
+    return st.one_of(
+        st.integers(max(0, value - 2), value + 2),
+        st.sampled_from([0, 1, 4096, 1 << 24, 1 << 31, (1 << 32) - 1, 1 << 62, (1 << 64) - 1]),
+        st.integers(0, (1 << 64) - 1),
+    )
 
 
 @st.composite
 def corruptions(draw: st.DrawFn) -> tuple[dict[str, int], int | None, int, bytes, bytes]:
     """Header fields to overwrite, a size to cut the object to, a reader entry index and its
     bytes, and bytes to write over the start of the ring."""
-    real = {"version": 1, "control_size": GEOMETRY.control_size, "capacity": 8,
-            "slot_size": 64, "policy": 1, "max_readers": 4, "ring_offset": GEOMETRY.ring_offset,
-            "segment_size": GEOMETRY.segment_size, "write_seq": 0, "reserve_seq": 0}
+    real = {
+        "version": 1,
+        "control_size": GEOMETRY.control_size,
+        "capacity": 8,
+        "slot_size": 64,
+        "policy": 1,
+        "max_readers": 4,
+        "ring_offset": GEOMETRY.ring_offset,
+        "segment_size": GEOMETRY.segment_size,
+        "write_seq": 0,
+        "reserve_seq": 0,
+    }
     fields = draw(st.sets(st.sampled_from(sorted(HEADER_FIELDS)), max_size=3))
     values = {f: draw(_near(real[f]), label=f) for f in sorted(fields)}
     if draw(st.booleans()):  # counters a reader will believe
@@ -501,8 +541,7 @@ def fuzz_segment_open(name: str, examples: int) -> None:
     """Open hostile segments by name and read from them: only SegmentLayoutError may come out
     (ReaderEvicted for an entry that is not attached)."""
 
-    @settings(max_examples=examples, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=examples, database=None, suppress_health_check=list(HealthCheck))
     @given(corruptions())
     def one(case: tuple[dict[str, int], int | None, int, bytes, bytes]) -> None:
         values, size, index, entry, ring = case
@@ -511,8 +550,9 @@ def fuzz_segment_open(name: str, examples: int) -> None:
             fd = seg.fileno()
             for field, value in values.items():
                 off, fmt = HEADER_FIELDS[field]
-                os.pwrite(fd, struct.pack(fmt, value & ((1 << (8 * struct.calcsize(fmt))) - 1)),
-                          off)
+                os.pwrite(
+                    fd, struct.pack(fmt, value & ((1 << (8 * struct.calcsize(fmt))) - 1)), off
+                )
             if 0 <= index < GEOMETRY.max_readers:
                 os.pwrite(fd, entry, 256 + 128 * index)
             os.pwrite(fd, ring, GEOMETRY.ring_offset)
@@ -551,7 +591,8 @@ def fuzz_segment_open(name: str, examples: int) -> None:
 
 
 def test_hostile_segment_headers_give_a_clear_error_and_never_crash(
-    shm_name: str, procs: Procs,
+    shm_name: str,
+    procs: Procs,
 ) -> None:
     """Segments whose header claims impossible capacities, slot sizes, offsets or counters
     (and objects cut short) give SegmentLayoutError on open or read, never a wild access:
@@ -563,27 +604,94 @@ def test_hostile_segment_headers_give_a_clear_error_and_never_crash(
 # -- hostile input: the configuration ---------------------------------------------------------
 
 #: Every key the configuration knows, anywhere: random trees use them, and others.
-CONFIG_KEYS = sorted({
-    "segment", "control", "writer", "reader", "logging", "name", "capacity", "slot_size",
-    "max_readers", "policy", "block_timeout", "unlink_on_exit", "mutex_timeout", "socket",
-    "type", "mode", "allowed_users", "allowed_groups", "handshake_timeout", "max_message",
-    "source", "rate", "topic", "path", "framing", "callable", "shutdown_grace",
-    "status_interval", "reconnect_grace", "defaults", "instances", "topics", "start", "sink",
-    "stats_interval", "reconnect_timeout", "summary_rate", "command", "level", "target",
-})
+CONFIG_KEYS = sorted(
+    {
+        "segment",
+        "control",
+        "writer",
+        "reader",
+        "logging",
+        "name",
+        "capacity",
+        "slot_size",
+        "max_readers",
+        "policy",
+        "block_timeout",
+        "unlink_on_exit",
+        "mutex_timeout",
+        "socket",
+        "type",
+        "mode",
+        "allowed_users",
+        "allowed_groups",
+        "handshake_timeout",
+        "max_message",
+        "source",
+        "rate",
+        "topic",
+        "path",
+        "framing",
+        "callable",
+        "shutdown_grace",
+        "status_interval",
+        "reconnect_grace",
+        "defaults",
+        "instances",
+        "topics",
+        "start",
+        "sink",
+        "stats_interval",
+        "reconnect_timeout",
+        "summary_rate",
+        "command",
+        "level",
+        "target",
+    }
+)
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
+    st.none(),
+    st.booleans(),
+    st.integers(-(1 << 70), 1 << 70),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["drop-oldest", "block", "ticker", "fifo", "stdin", "python", "journal",
-                     "file", "stdout", "exec", "all", "latest", "oldest", "seqpacket", "stream",
-                     "0660", "0o660", "/shmd-bus", "/run/x.sock", "m:f", "shmd", "root", "info"]),
+    st.sampled_from(
+        [
+            "drop-oldest",
+            "block",
+            "ticker",
+            "fifo",
+            "stdin",
+            "python",
+            "journal",
+            "file",
+            "stdout",
+            "exec",
+            "all",
+            "latest",
+            "oldest",
+            "seqpacket",
+            "stream",
+            "0660",
+            "0o660",
+            "/shmd-bus",
+            "/run/x.sock",
+            "m:f",
+            "shmd",
+            "root",
+            "info",
+        ]
+    ),
     st.text(max_size=12),
 )
 TREES = st.recursive(
     SCALARS,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(CONFIG_KEYS) | st.text(max_size=6) | st.integers(0, 9), inner,
-        max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(CONFIG_KEYS) | st.text(max_size=6) | st.integers(0, 9),
+            inner,
+            max_size=5,
+        )
+    ),
     max_leaves=40,
 )
 
@@ -602,8 +710,11 @@ def _load_text(data: bytes) -> None:
 
 
 @settings(max_examples=300)
-@given(st.dictionaries(st.sampled_from(CONFIG_KEYS[:5]) | st.sampled_from(CONFIG_KEYS),
-                       TREES, max_size=5))
+@given(
+    st.dictionaries(
+        st.sampled_from(CONFIG_KEYS[:5]) | st.sampled_from(CONFIG_KEYS), TREES, max_size=5
+    )
+)
 def test_random_yaml_trees_give_a_config_or_a_config_error(tree: dict[str, Any]) -> None:
     """Any YAML tree of known and unknown keys and values loads or raises ConfigError."""
     _load_text(yaml.safe_dump(tree).encode())
@@ -622,8 +733,10 @@ def test_random_bytes_give_a_config_or_a_config_error(data: bytes) -> None:
         ("a: " + "[" * 5000 + "]" * 5000, "nested deeper than Python"),
         ("[" * 5000, "nested deeper than Python"),
         ("a: " + "{b: " * 3000 + "1" + "}" * 3000, "nested deeper than Python"),
-        ("control:\n  allowed_users: &u [root]\nreader:\n  defaults:\n    topics: *u\n",
-         "anchors and aliases"),
+        (
+            "control:\n  allowed_users: &u [root]\nreader:\n  defaults:\n    topics: *u\n",
+            "anchors and aliases",
+        ),
     ],
     ids=["deep-lists", "deep-unclosed", "deep-mappings", "alias"],
 )
@@ -660,8 +773,20 @@ def in_private_mounts(world: ProcBus, name: str, script: str, *args: str) -> Any
         pytest.skip("needs root and unshare(1) for a private mount namespace")
     config = world.config_path if world.config_path.exists() else world.configure()
     wrapper = f'{script} || exit 77; shift {len(args)}; exec "$@"'
-    argv = [unshare, "--mount", "--propagation", "private", "sh", "-c", wrapper, "sh", *args,
-            *program("shm-writer"), "--config", str(config)]
+    argv = [
+        unshare,
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        wrapper,
+        "sh",
+        *args,
+        *program("shm-writer"),
+        "--config",
+        str(config),
+    ]
     return world.spawn(name, argv)
 
 
@@ -682,17 +807,21 @@ def test_a_full_dev_shm_at_start_is_one_clear_line_and_exit_1(world: ProcBus) ->
     size it needed and exits 1, leaving nothing behind."""
     world.configure(segment={"capacity": 1024, "slot_size": 4096})
     size = Geometry(1024, 4096, 8).segment_size
-    d = in_private_mounts(world, "shm-writer (full /dev/shm)",
-                          "mount -t tmpfs -o size=64k shmd-test-full /dev/shm")
+    d = in_private_mounts(
+        world, "shm-writer (full /dev/shm)", "mount -t tmpfs -o size=64k shmd-test-full /dev/shm"
+    )
     failed = expect_start_failed(d)
-    assert failed["error"] == (f"Failed to reserve {size} bytes for segment {world.segment!r} "
-                               "since /dev/shm has no room for it")
+    assert failed["error"] == (
+        f"Failed to reserve {size} bytes for segment {world.segment!r} "
+        "since /dev/shm has no room for it"
+    )
     assert not Path(world.socket).exists()
 
 
 @pytest.mark.parametrize("missing", [False, True], ids=["read-only", "missing"])
 def test_an_unusable_socket_directory_is_one_clear_line_and_exit_1(
-    world: ProcBus, missing: bool,
+    world: ProcBus,
+    missing: bool,
 ) -> None:
     """A control socket directory that is read-only, or missing under a read-only parent,
     stops the writer with one start_failed line saying so; its segment is removed again."""
@@ -700,13 +829,19 @@ def test_an_unusable_socket_directory_is_one_clear_line_and_exit_1(
     ro.mkdir()
     world.socket = str(ro / "sub" / "ctl.sock") if missing else str(ro / "ctl.sock")
     world.configure(control={"socket": world.socket})
-    d = in_private_mounts(world, "shm-writer (read-only socket dir)",
-                          'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1"', str(ro))
+    d = in_private_mounts(
+        world,
+        "shm-writer (read-only socket dir)",
+        'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1"',
+        str(ro),
+    )
     failed = expect_start_failed(d)
     prefix = f"Failed to bind the control socket {world.socket} since "
     if missing:
-        assert failed["error"] == (f"{prefix}its directory {ro / 'sub'} is missing and cannot "
-                                   "be created (Read-only file system)")
+        assert failed["error"] == (
+            f"{prefix}its directory {ro / 'sub'} is missing and cannot "
+            "be created (Read-only file system)"
+        )
     else:
         assert failed["error"].startswith(prefix)
         assert "read-only file system" in failed["error"].lower()
@@ -715,7 +850,8 @@ def test_an_unusable_socket_directory_is_one_clear_line_and_exit_1(
 
 
 def test_an_unreadable_configuration_is_one_config_error_and_exit_78(
-    world: ProcBus, procs: Procs,
+    world: ProcBus,
+    procs: Procs,
 ) -> None:
     """A writer whose user may not read its configuration logs one config_error line
     naming the file and uid and exits 78, with no traceback (run as nobody in a fork)."""
@@ -751,6 +887,12 @@ def test_an_unreadable_configuration_is_one_config_error_and_exit_78(
     assert len(lines) == 1, lines
     event = json.loads(lines[0])
     assert (event["event"], event["path"], event["line"], event["key"]) == (
-        "config_error", str(path), None, None)
-    assert event["error"] == (f"{path}: Failed to read the configuration since uid 65534 may "
-                              "not read it (permission denied)")
+        "config_error",
+        str(path),
+        None,
+        None,
+    )
+    assert event["error"] == (
+        f"{path}: Failed to read the configuration since uid 65534 may "
+        "not read it (permission denied)"
+    )

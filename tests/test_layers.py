@@ -22,8 +22,15 @@ ALLOWED: dict[str, set[str]] = {
     "shmd.control": {"shmd.errors", "shmd._sys"},
     "shmd.config": {"shmd.errors", "shmd._sys", "shmd.bus", "shmd.control"},
     "shmd.daemons": {"shmd.errors", "shmd._sys", "shmd.bus", "shmd.control", "shmd.config"},
-    "shmd.cli": {"shmd.errors", "shmd._sys", "shmd.bus", "shmd.control", "shmd.config",
-                 "shmd.daemons", "shmd"},
+    "shmd.cli": {
+        "shmd.errors",
+        "shmd._sys",
+        "shmd.bus",
+        "shmd.control",
+        "shmd.config",
+        "shmd.daemons",
+        "shmd",
+    },
     "shmd": {"shmd.errors", "shmd.bus"},
 }
 
@@ -68,9 +75,11 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 def test_module_imports_only_its_own_layer_and_those_below(path: Path) -> None:
     """No import of a module reaches a layer above (or beside) its own."""
     own = layer_of(module_name(path))
-    bad = [f"{module_name(path)}:{line} imports {name}"
-           for line, name in imports(path)
-           if (target := layer_of(name)) != own and target not in ALLOWED[own]]
+    bad = [
+        f"{module_name(path)}:{line} imports {name}"
+        for line, name in imports(path)
+        if (target := layer_of(name)) != own and target not in ALLOWED[own]
+    ]
     assert bad == []
 
 
@@ -88,7 +97,8 @@ def test_config_never_exits_or_logs() -> None:
             if isinstance(node, ast.Name | ast.Attribute):
                 name = node.id if isinstance(node, ast.Name) else node.attr
                 assert name not in ("SystemExit", "exit", "_exit"), (
-                    f"{path}:{node.lineno} exits the process")
+                    f"{path}:{node.lineno} exits the process"
+                )
         assert not [name for _, name in imports(path) if name.startswith("shmd.daemons")]
         assert "structlog" not in path.read_text(), f"{path} logs"
 

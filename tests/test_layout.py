@@ -57,9 +57,11 @@ reader_counts = st.integers(1, MAX_READERS)
 
 def small_geometry() -> st.SearchStrategy[Geometry]:
     """Valid geometries whose ring stays within MAX_SEGMENT."""
-    return st.tuples(capacities, slot_sizes, reader_counts).filter(
-        lambda t: t[0] * t[1] <= MAX_SEGMENT
-    ).map(lambda t: Geometry(*t))
+    return (
+        st.tuples(capacities, slot_sizes, reader_counts)
+        .filter(lambda t: t[0] * t[1] <= MAX_SEGMENT)
+        .map(lambda t: Geometry(*t))
+    )
 
 
 # -- Geometry ------------------------------------------------------------------------
@@ -77,16 +79,20 @@ def test_geometry_sizes_are_page_aligned_and_fit(g: Geometry) -> None:
     assert g.max_payload == g.slot_size - RECORD_HEADER_SIZE > 0
 
 
-@given(st.integers(-(1 << 40), 1 << 40).filter(lambda c: not (2 <= c <= MAX_CAPACITY)
-                                              or c & (c - 1)))
+@given(
+    st.integers(-(1 << 40), 1 << 40).filter(lambda c: not (2 <= c <= MAX_CAPACITY) or c & (c - 1))
+)
 def test_geometry_rejects_bad_capacity(capacity: int) -> None:
     """A capacity that is not a power of two in range raises GeometryError naming it."""
     with pytest.raises(GeometryError, match=f"capacity {capacity} is not a power of two"):
         Geometry(capacity, 64, 1)
 
 
-@given(st.integers(-(1 << 40), 1 << 40).filter(
-    lambda s: s % 8 or not RECORD_HEADER_SIZE + 8 <= s <= MAX_SLOT_SIZE))
+@given(
+    st.integers(-(1 << 40), 1 << 40).filter(
+        lambda s: s % 8 or not RECORD_HEADER_SIZE + 8 <= s <= MAX_SLOT_SIZE
+    )
+)
 def test_geometry_rejects_bad_slot_size(slot_size: int) -> None:
     """A slot size that is unaligned, too small for a header or absurd raises GeometryError."""
     with pytest.raises(GeometryError, match=f"slot size {slot_size} is not a multiple of 8"):
@@ -128,9 +134,10 @@ def test_geometry_smallest_is_two_pages() -> None:
 def test_layout_offsets_match_the_struct() -> None:
     """The named offsets are where the header struct puts its fields, and areas do not overlap."""
     g = Geometry(16, 128, 4)
-    raw = encode_header(g, generation=5, writer_pid=42, policy=Policy.BLOCK, created_ns=1,
-                        write_seq=1000)
-    assert raw[OFF_MAGIC:OFF_MAGIC + 8] == MAGIC
+    raw = encode_header(
+        g, generation=5, writer_pid=42, policy=Policy.BLOCK, created_ns=1, write_seq=1000
+    )
+    assert raw[OFF_MAGIC : OFF_MAGIC + 8] == MAGIC
     assert struct.unpack_from("<I", raw, OFF_VERSION)[0] == LAYOUT_VERSION
     assert struct.unpack_from("<I", raw, OFF_ACTIVE)[0] == 1
     assert struct.unpack_from("<I", raw, OFF_CAPACITY)[0] == 16
@@ -142,18 +149,34 @@ def test_layout_offsets_match_the_struct() -> None:
         assert off % 8 == 0  # single-copy atomic u64 loads and stores
 
 
-@given(small_geometry(), st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 32) - 1),
-       st.sampled_from(Policy), st.integers(0, (1 << 63)))
-def test_header_round_trip(g: Geometry, generation: int, pid: int, policy: Policy,
-                           write_seq: int) -> None:
+@given(
+    small_geometry(),
+    st.integers(0, (1 << 64) - 1),
+    st.integers(0, (1 << 32) - 1),
+    st.sampled_from(Policy),
+    st.integers(0, (1 << 63)),
+)
+def test_header_round_trip(
+    g: Geometry, generation: int, pid: int, policy: Policy, write_seq: int
+) -> None:
     """A header encoded for a geometry decodes to the same fields and validates to it."""
-    raw = encode_header(g, generation=generation, writer_pid=pid, policy=policy,
-                        created_ns=123, write_seq=write_seq)
+    raw = encode_header(
+        g, generation=generation, writer_pid=pid, policy=policy, created_ns=123, write_seq=write_seq
+    )
     h = decode_header(raw)
     assert (h.magic, h.version, h.generation, h.writer_pid, h.active) == (
-        MAGIC, LAYOUT_VERSION, generation, pid, True)
+        MAGIC,
+        LAYOUT_VERSION,
+        generation,
+        pid,
+        True,
+    )
     assert (h.capacity, h.slot_size, h.max_readers, h.policy) == (
-        g.capacity, g.slot_size, g.max_readers, policy)
+        g.capacity,
+        g.slot_size,
+        g.max_readers,
+        policy,
+    )
     assert h.write_seq == h.reserve_seq == write_seq
     assert validate_header(h, g.segment_size) == g
 
@@ -173,9 +196,17 @@ u64 = st.integers(0, (1 << 64) - 1)
 
 
 _FIELD_VALUES = {
-    "magic": st.binary(min_size=8, max_size=8), "version": u32, "control_size": u32,
-    "capacity": u32, "slot_size": u32, "policy": u32, "max_readers": u32,
-    "ring_offset": u64, "segment_size": u64, "write_seq": u64, "reserve_seq": u64,
+    "magic": st.binary(min_size=8, max_size=8),
+    "version": u32,
+    "control_size": u32,
+    "capacity": u32,
+    "slot_size": u32,
+    "policy": u32,
+    "max_readers": u32,
+    "ring_offset": u64,
+    "segment_size": u64,
+    "write_seq": u64,
+    "reserve_seq": u64,
 }
 
 
@@ -184,12 +215,20 @@ def corrupted_headers(draw: st.DrawFn) -> tuple[bytes, int]:
     """A valid header with random fields replaced, and a segment size near the right one."""
     g = draw(small_geometry())
     write_seq = draw(st.integers(0, 1 << 62))
-    h = decode_header(encode_header(g, generation=1, writer_pid=1, policy=Policy.BLOCK,
-                                    created_ns=0, write_seq=write_seq))
+    h = decode_header(
+        encode_header(
+            g, generation=1, writer_pid=1, policy=Policy.BLOCK, created_ns=0, write_seq=write_seq
+        )
+    )
     h = dataclasses.replace(h, reserve_seq=write_seq + draw(st.integers(0, 8)))
     corrupt = draw(st.sets(st.sampled_from(sorted(_FIELD_VALUES))))
-    h = dataclasses.replace(h, **{f: draw(_FIELD_VALUES[f], label=f)  # type: ignore[arg-type]
-                                  for f in sorted(corrupt)})
+    h = dataclasses.replace(
+        h,
+        **{
+            f: draw(_FIELD_VALUES[f], label=f)  # type: ignore[arg-type]
+            for f in sorted(corrupt)
+        },
+    )
     raw = _HEAD.pack(*(getattr(h, f.name) for f in dataclasses.fields(Header)))
     return raw, max(0, g.segment_size + draw(st.integers(-2 * PAGE_SIZE, 2 * PAGE_SIZE)))
 
@@ -208,15 +247,21 @@ def test_corrupted_headers_are_validated_without_overreach(case: tuple[bytes, in
     back = decode_header(raw)
     assert back.magic == MAGIC and back.version == LAYOUT_VERSION and back.policy in (0, 1)
     assert (back.control_size, back.ring_offset, back.segment_size) == (
-        got.control_size, got.ring_offset, got.segment_size)
+        got.control_size,
+        got.ring_offset,
+        got.segment_size,
+    )
     assert got.segment_size <= actual
     assert 0 <= back.reserve_seq - back.write_seq <= got.capacity
 
 
 def _valid_header(**changes: object) -> Header:
     g = Geometry(8, 64, 2)
-    h = decode_header(encode_header(g, generation=1, writer_pid=1, policy=Policy.DROP_OLDEST,
-                                    created_ns=0, write_seq=100))
+    h = decode_header(
+        encode_header(
+            g, generation=1, writer_pid=1, policy=Policy.DROP_OLDEST, created_ns=0, write_seq=100
+        )
+    )
     return dataclasses.replace(h, **changes)  # type: ignore[arg-type]
 
 
@@ -237,8 +282,9 @@ SIZE = Geometry(8, 64, 2).segment_size
         ({"reserve_seq": 109}, SIZE, r"counters are inconsistent \(write 100, reserve 109\)"),
     ],
 )
-def test_validate_header_names_what_is_wrong(changes: dict[str, object], actual: int,
-                                             message: str) -> None:
+def test_validate_header_names_what_is_wrong(
+    changes: dict[str, object], actual: int, message: str
+) -> None:
     """Each kind of bad header gives SegmentLayoutError saying what is wrong with which value."""
     with pytest.raises(SegmentLayoutError, match=message):
         validate_header(_valid_header(**changes), actual)
@@ -272,18 +318,32 @@ def test_entry_round_trip_through_the_table_offsets() -> None:
     buf = bytearray(OFF_READERS + 3 * READER_ENTRY_SIZE)
     off = entry_offset(2)
     assert off == OFF_READERS + 2 * READER_ENTRY_SIZE
-    struct.pack_into("<IIQQQQIIQQ32sQ", buf, off, 1, 77, 10, 9, 1, 5, 1, 0, 0b110, 3,
-                     encode_name("reader-1"), 4)
+    struct.pack_into(
+        "<IIQQQQIIQQ32sQ", buf, off, 1, 77, 10, 9, 1, 5, 1, 0, 0b110, 3, encode_name("reader-1"), 4
+    )
     e = decode_entry(bytes(buf), 2)
-    assert (e.index, e.state, e.pid, e.cursor, e.delivered, e.lost, e.asleep, e.topics,
-            e.name, e.token) == (2, ReaderState.ATTACHED, 77, 10, 9, 1, True, 0b110,
-                                 "reader-1", 4)
+    assert (
+        e.index,
+        e.state,
+        e.pid,
+        e.cursor,
+        e.delivered,
+        e.lost,
+        e.asleep,
+        e.topics,
+        e.name,
+        e.token,
+    ) == (2, ReaderState.ATTACHED, 77, 10, 9, 1, True, 0b110, "reader-1", 4)
 
 
-@pytest.mark.parametrize(("sleep_seq", "wake_seq", "asleep"),
-                         [(0, 0, False), (1, 0, True), (7, 7, False), (0, 0xFFFFFFFF, True)])
+@pytest.mark.parametrize(
+    ("sleep_seq", "wake_seq", "asleep"),
+    [(0, 0, False), (1, 0, True), (7, 7, False), (0, 0xFFFFFFFF, True)],
+)
 def test_entry_is_asleep_while_its_announcement_is_unanswered(
-    sleep_seq: int, wake_seq: int, asleep: bool,
+    sleep_seq: int,
+    wake_seq: int,
+    asleep: bool,
 ) -> None:
     """An entry reads as asleep exactly while sleep_seq differs from wake_seq."""
     buf = bytearray(OFF_READERS + READER_ENTRY_SIZE)

@@ -41,8 +41,11 @@ def shared(shm_name: str) -> Iterator[Shared]:
         mm = mmap.mmap(fd, mmap.PAGESIZE)
     finally:
         os.close(fd)
-    s = Shared(mm, libc.Pinned(mm, 0, libc.MUTEX_AREA, "test mutex"),
-               libc.Pinned(mm, libc.MUTEX_AREA, libc.SEM_AREA, "test semaphore"))
+    s = Shared(
+        mm,
+        libc.Pinned(mm, 0, libc.MUTEX_AREA, "test mutex"),
+        libc.Pinned(mm, libc.MUTEX_AREA, libc.SEM_AREA, "test semaphore"),
+    )
     libc.mutex_init_robust(s.mutex.address)
     libc.sem_init(s.sem.address)
     try:
@@ -89,8 +92,11 @@ def test_shm_open_fd_is_close_on_exec(shm_name: str) -> None:
 
 def test_shm_open_missing_name_says_the_writer_may_be_down(shm_name: str) -> None:
     """Opening a name that does not exist raises SegmentNotFound asking whether the writer runs."""
-    with pytest.raises(SegmentNotFound, match=r"no segment of that name exists \(is the writer "
-                                              r"running\?\)"):
+    with pytest.raises(
+        SegmentNotFound,
+        match=r"no segment of that name exists \(is the writer "
+        r"running\?\)",
+    ):
         libc.shm_open(shm_name, os.O_RDONLY)
 
 
@@ -119,8 +125,10 @@ def test_pinning_read_only_memory_raises_mutex_not_writable(shm_name: str) -> No
     fd = libc.shm_open(shm_name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
     try:
         os.ftruncate(fd, mmap.PAGESIZE)
-        with (mmap.mmap(fd, mmap.PAGESIZE, prot=mmap.PROT_READ) as ro,
-              pytest.raises(MutexNotWritable, match="must be mapped read-write")):
+        with (
+            mmap.mmap(fd, mmap.PAGESIZE, prot=mmap.PROT_READ) as ro,
+            pytest.raises(MutexNotWritable, match="must be mapped read-write"),
+        ):
             libc.Pinned(ro, 0, libc.MUTEX_AREA, "shared mutex")
     finally:
         os.close(fd)
@@ -147,15 +155,18 @@ def test_lock_and_unlock(shared: Shared) -> None:
     """An unowned mutex is acquired with every kind of timeout and can be unlocked again."""
     for timeout in (None, 0, 0.5):
         assert libc.mutex_lock(shared.mutex.address, timeout) is libc.LockResult.ACQUIRED
-        assert libc.mutex_owner_tid(shared.mm[:libc.MUTEX_AREA], 0) == os.getpid()
+        assert libc.mutex_owner_tid(shared.mm[: libc.MUTEX_AREA], 0) == os.getpid()
         libc.mutex_unlock(shared.mutex.address)
-        assert libc.mutex_owner_tid(shared.mm[:libc.MUTEX_AREA], 0) == 0
+        assert libc.mutex_owner_tid(shared.mm[: libc.MUTEX_AREA], 0) == 0
 
 
 def test_unlock_without_holding_raises(shared: Shared) -> None:
     """Unlocking a robust mutex this thread does not hold raises MutexError, not silence."""
-    with pytest.raises(MutexError, match=r"^Failed to unlock the shared mutex since this thread "
-                                         r"does not hold it$"):
+    with pytest.raises(
+        MutexError,
+        match=r"^Failed to unlock the shared mutex since this thread "
+        r"does not hold it$",
+    ):
         libc.mutex_unlock(shared.mutex.address)
 
 
@@ -163,7 +174,7 @@ def test_lock_held_by_another_process_times_out(shared: Shared, procs: Procs) ->
     """While another live process holds the mutex, try-lock and timed lock report TIMEOUT."""
     child = procs.fork(hold_mutex(shared))
     pid = int(child.expect("locked").split()[1])
-    assert libc.mutex_owner_tid(shared.mm[:libc.MUTEX_AREA], 0) == pid
+    assert libc.mutex_owner_tid(shared.mm[: libc.MUTEX_AREA], 0) == pid
     assert libc.mutex_lock(shared.mutex.address, 0) is libc.LockResult.TIMEOUT
     t0 = time.monotonic()
     assert libc.mutex_lock(shared.mutex.address, 0.05) is libc.LockResult.TIMEOUT
@@ -178,7 +189,9 @@ def test_lock_held_by_another_process_times_out(shared: Shared, procs: Procs) ->
 
 @pytest.mark.parametrize("timeout", [None, 0, 5.0])
 def test_owner_killed_while_holding_gives_owner_died(
-    shared: Shared, procs: Procs, timeout: float | None,
+    shared: Shared,
+    procs: Procs,
+    timeout: float | None,
 ) -> None:
     """A SIGKILLed holder's mutex goes to the next locker as OWNER_DIED, then works normally."""
     child = procs.fork(hold_mutex(shared))
@@ -192,7 +205,8 @@ def test_owner_killed_while_holding_gives_owner_died(
 
 
 def test_unlock_without_consistent_makes_the_mutex_unrecoverable(
-    shared: Shared, procs: Procs,
+    shared: Shared,
+    procs: Procs,
 ) -> None:
     """If a locker skips pthread_mutex_consistent, every later lock raises MutexUnrecoverable."""
     child = procs.fork(hold_mutex(shared))
@@ -247,4 +261,3 @@ def test_semaphore_wakes_another_process(shared: Shared, procs: Procs) -> None:
     libc.sem_post(shared.sem.address)
     child.expect("woken")
     assert child.wait() == 0
-

@@ -40,8 +40,10 @@ def _every_test_cleans_logging(clean_logging: None) -> None:
 def sent() -> list[dict[str, str]]:
     """Journal entries captured in place of journald, configured for the writer role."""
     entries: list[dict[str, str]] = []
-    assert logs.configure_logging("writer", level="info", target="journal",
-                                  sender=entries.append) == "journal"
+    assert (
+        logs.configure_logging("writer", level="info", target="journal", sender=entries.append)
+        == "journal"
+    )
     return entries
 
 
@@ -52,8 +54,16 @@ def sent() -> list[dict[str, str]]:
 
 def test_journal_fields_of_an_event() -> None:
     """An event dict becomes SHMD_* fields, PRIORITY, SYSLOG_IDENTIFIER and a readable MESSAGE."""
-    fields = logs.journal_fields({"event": "reader_attached", "reader": "1", "pid": 123,
-                                  "generation": 7, "level": "info", "role": "writer"})
+    fields = logs.journal_fields(
+        {
+            "event": "reader_attached",
+            "reader": "1",
+            "pid": 123,
+            "generation": 7,
+            "level": "info",
+            "role": "writer",
+        }
+    )
     assert fields == {
         "MESSAGE": "reader_attached reader=1 pid=123 generation=7",
         "PRIORITY": "6",
@@ -66,9 +76,10 @@ def test_journal_fields_of_an_event() -> None:
     }
 
 
-@pytest.mark.parametrize(("level", "priority"), [("debug", "7"), ("info", "6"),
-                                                 ("warning", "4"), ("error", "3"),
-                                                 ("critical", "2")])
+@pytest.mark.parametrize(
+    ("level", "priority"),
+    [("debug", "7"), ("info", "6"), ("warning", "4"), ("error", "3"), ("critical", "2")],
+)
 def test_priority_follows_the_level(level: str, priority: str) -> None:
     """PRIORITY is the syslog priority of the event's level."""
     assert logs.journal_fields({"event": "x", "level": level})["PRIORITY"] == priority
@@ -92,19 +103,31 @@ def test_colliding_keys_keep_both_values() -> None:
 
 def test_values_are_rendered_as_text() -> None:
     """bytes become hex, booleans true/false, everything else str(); MESSAGE quotes spaces."""
-    fields = logs.journal_fields({"event": "e", "raw": b"\x00\xff", "ok": True, "ratio": 0.5,
-                                  "why": "peer hung up", "empty": ""})
+    fields = logs.journal_fields(
+        {
+            "event": "e",
+            "raw": b"\x00\xff",
+            "ok": True,
+            "ratio": 0.5,
+            "why": "peer hung up",
+            "empty": "",
+        }
+    )
     assert fields["SHMD_RAW"] == "00ff" and fields["SHMD_OK"] == "true"
     assert fields["SHMD_RATIO"] == "0.5" and fields["SHMD_WHY"] == "peer hung up"
     assert fields["MESSAGE"] == 'e raw=00ff ok=true ratio=0.5 why="peer hung up" empty=""'
 
 
-META = {"event", "level", "role", "timestamp", "exception", "code_file", "code_line",
-        "code_func"}
+META = {"event", "level", "role", "timestamp", "exception", "code_file", "code_line", "code_func"}
 
 
-@given(st.dictionaries(st.text(min_size=1, max_size=80).filter(lambda k: k not in META),
-                       st.integers() | st.text(), max_size=8))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=80).filter(lambda k: k not in META),
+        st.integers() | st.text(),
+        max_size=8,
+    )
+)
 def test_every_field_name_is_valid_for_journald(extra: dict[str, object]) -> None:
     """Whatever the keys, every field name matches journald's rules and no key is lost."""
     event = {"event": "e", "level": "info", "role": "reader", **extra}
@@ -112,8 +135,9 @@ def test_every_field_name_is_valid_for_journald(extra: dict[str, object]) -> Non
     for name in fields:
         assert FIELD_RE.fullmatch(name), name
     assert len(fields) == 5 + len(extra)
-    assert sorted(fields[n] for n in fields if n.startswith("SHMD_")
-                  and n not in ("SHMD_EVENT", "SHMD_ROLE")) == sorted(map(str, extra.values()))
+    assert sorted(
+        fields[n] for n in fields if n.startswith("SHMD_") and n not in ("SHMD_EVENT", "SHMD_ROLE")
+    ) == sorted(map(str, extra.values()))
 
 
 # ---------------------------------------------------------------------------
@@ -124,7 +148,8 @@ def test_every_field_name_is_valid_for_journald(extra: dict[str, object]) -> Non
 def test_journal_target_sends_fields_with_the_call_site(sent: list[dict[str, str]]) -> None:
     """Logging under the journal target hands the sender the fields and the caller's location."""
     log = logs.get_logger(reader="2")
-    log.warning(logs.READER_LOST, pid=77, reason="hang-up"); line = sys._getframe().f_lineno  # noqa: E702
+    line = sys._getframe().f_lineno + 1  # the warning's line, next
+    log.warning(logs.READER_LOST, pid=77, reason="hang-up")
     assert len(sent) == 1
     fields = sent[0]
     assert fields["SHMD_EVENT"] == "reader_lost" and fields["PRIORITY"] == "4"
@@ -139,8 +164,9 @@ def test_journal_target_sends_fields_with_the_call_site(sent: list[dict[str, str
 def test_reader_role_binds_its_instance() -> None:
     """A reader's events carry SHMD_INSTANCE and the shm-reader identifier."""
     entries: list[dict[str, str]] = []
-    logs.configure_logging("reader", level="info", target="journal", instance="3",
-                           sender=entries.append)
+    logs.configure_logging(
+        "reader", level="info", target="journal", instance="3", sender=entries.append
+    )
     logs.get_logger().info(logs.STATS, records=10, lost=0)
     (fields,) = entries
     assert fields["SYSLOG_IDENTIFIER"] == "shm-reader" and fields["SHMD_ROLE"] == "reader"
@@ -177,8 +203,7 @@ def test_capture_logs_sees_events_with_their_context(sent: list[dict[str, str]])
     """structlog's capture_logs records our events and bound keys instead of sending them."""
     with capture_logs() as captured:
         logs.get_logger(reader="5").info(logs.DRAINED, records=3)
-    assert captured == [{"event": "drained", "reader": "5", "records": 3,
-                         "log_level": "info"}]
+    assert captured == [{"event": "drained", "reader": "5", "records": 3, "log_level": "info"}]
     assert sent == []
 
 
@@ -334,20 +359,37 @@ def test_default_sender_speaks_journald_native_protocol() -> None:
     """Through libsystemd, an event arrives at journald's socket as the expected fields."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) to mount a private /run")
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
-                           capture_output=True, check=False, timeout=30)
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "true"],
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
     if probe.returncode != 0:
         pytest.skip(f"mount namespaces are not permitted here: {probe.stderr.decode().strip()}")
     # A tmpfs over /run, private to this one process tree: journald's socket
     # path can be bound without touching the host's /run.
     child = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount -t tmpfs shmd-test /run && exec "$0" -c "$1"', sys.executable, _NAMESPACED],
-        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
-        cwd=str(REPO))
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs shmd-test /run && exec "$0" -c "$1"',
+            sys.executable,
+            _NAMESPACED,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=str(REPO),
+    )
     assert child.returncode == 0, child.stderr
-    assert child.stderr.startswith("Failed to send a log entry to the journal since "), \
-        child.stderr
+    assert child.stderr.startswith("Failed to send a log entry to the journal since "), child.stderr
     assert child.stderr.rstrip().endswith("before_socket n=1")
     fields = json.loads(child.stdout)
     assert fields["MESSAGE"] == 'reader_lost reader=9 reason="two\\nlines"'
@@ -362,10 +404,23 @@ def test_default_sender_speaks_journald_native_protocol() -> None:
 # ---------------------------------------------------------------------------
 
 BRIEFED = {
-    "writer": ["config_loaded", "config_error", "segment_created", "segment_adopted",
-               "segment_unlinked", "listener_ready", "reader_connected", "reader_refused",
-               "reader_attached", "reader_detached", "reader_lost", "overrun", "reload",
-               "active_cleared", "shutdown_complete"],
+    "writer": [
+        "config_loaded",
+        "config_error",
+        "segment_created",
+        "segment_adopted",
+        "segment_unlinked",
+        "listener_ready",
+        "reader_connected",
+        "reader_refused",
+        "reader_attached",
+        "reader_detached",
+        "reader_lost",
+        "overrun",
+        "reload",
+        "active_cleared",
+        "shutdown_complete",
+    ],
     "reader": ["attached", "stats", "writer_inactive", "drained", "writer_lost", "exiting"],
     "either": ["mutex_owner_died"],
 }
@@ -393,8 +448,14 @@ def test_journal_doc_describes_every_event() -> None:
 # ---------------------------------------------------------------------------
 
 #: Log method -> the level it logs at (structlog's names, as _METHOD_LEVEL).
-LOG_METHODS = {"debug": "debug", "info": "info", "warning": "warning", "error": "error",
-               "exception": "error", "critical": "critical"}
+LOG_METHODS = {
+    "debug": "debug",
+    "info": "info",
+    "warning": "warning",
+    "error": "error",
+    "exception": "error",
+    "critical": "critical",
+}
 #: Calls (of a bare name) that carry an event name to a log call somewhere else:
 #: name -> (position of the event argument, (module, function, event expression)
 #: of the log call that logs it).  That log call's own keywords are the
@@ -408,9 +469,15 @@ CARRIERS = {
 }
 #: Which process logs the events of each module (for the role sets).
 MODULE_ROLES = {
-    "daemons/writer.py": "writer", "bus/publisher.py": "writer", "daemons/sources.py": "writer",
-    "daemons/reader.py": "reader", "bus/subscriber.py": "reader", "daemons/sinks.py": "reader",
-    "cli.py": "reader", "daemons/process.py": "either", "config/__init__.py": "either",
+    "daemons/writer.py": "writer",
+    "bus/publisher.py": "writer",
+    "daemons/sources.py": "writer",
+    "daemons/reader.py": "reader",
+    "bus/subscriber.py": "reader",
+    "daemons/sinks.py": "reader",
+    "cli.py": "reader",
+    "daemons/process.py": "either",
+    "config/__init__.py": "either",
     "daemons/sdnotify.py": "either",
 }
 
@@ -462,8 +529,10 @@ def _parameters(tree: ast.Module, name: str) -> set[str]:
     for node in ast.walk(tree):
         func: ast.FunctionDef | None = None
         if isinstance(node, ast.ClassDef) and node.name == name:
-            func = next((n for n in node.body
-                         if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+            func = next(
+                (n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"),
+                None,
+            )
         elif isinstance(node, ast.FunctionDef) and node.name == name:
             func = node
         if func is not None:
@@ -486,8 +555,12 @@ class _Module:
 
     def constant(self, expr: ast.expr) -> str | None:
         """The logs attribute ``expr`` names (``logs.X`` or an imported ``X``), if any."""
-        if (isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name)
-                and expr.value.id == "logs" and expr.attr.isupper()):
+        if (
+            isinstance(expr, ast.Attribute)
+            and isinstance(expr.value, ast.Name)
+            and expr.value.id == "logs"
+            and expr.attr.isupper()
+        ):
             return expr.attr
         if isinstance(expr, ast.Name) and expr.id in self.imported:
             return self.imported[expr.id]
@@ -498,7 +571,8 @@ class _Module:
         values = []
         for node in _own_nodes(scope):
             if isinstance(node, ast.Assign) and any(
-                    isinstance(t, ast.Name) and t.id == name for t in node.targets):
+                isinstance(t, ast.Name) and t.id == name for t in node.targets
+            ):
                 values.append(node.value)
         return values
 
@@ -557,16 +631,23 @@ class _Module:
                     return None
                 keys.add(k.value)
         for node in _own_nodes(scope):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "update" and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id == expr.id):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "update"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == expr.id
+            ):
                 if node.args or any(k.arg is None for k in node.keywords):
                     return None
                 keys |= {k.arg for k in node.keywords if k.arg is not None}
-            if (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store)
-                    and isinstance(node.value, ast.Name) and node.value.id == expr.id):
-                if not (isinstance(node.slice, ast.Constant)
-                        and isinstance(node.slice.value, str)):
+            if (
+                isinstance(node, ast.Subscript)
+                and isinstance(node.ctx, ast.Store)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == expr.id
+            ):
+                if not (isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
                     return None
                 keys.add(node.slice.value)
         return keys or None
@@ -576,8 +657,9 @@ class _Module:
 def scan_shmd() -> Scan:
     """Read every log call in shmd/ (the logging module itself aside)."""
     scan = Scan()
-    modules = [_Module(p) for p in sorted(SHMD_DIR.rglob("*.py"))
-               if p != SHMD_DIR / "daemons" / "logs.py"]
+    modules = [
+        _Module(p) for p in sorted(SHMD_DIR.rglob("*.py")) if p != SHMD_DIR / "daemons" / "logs.py"
+    ]
     carried: list[tuple[_Module, str, ast.Call, str]] = []
     for mod in modules:
         for fname, scope in _scopes(mod.tree):
@@ -609,8 +691,9 @@ def scan_shmd() -> Scan:
                     if k.arg is None:
                         keys = mod.spread_keys(scope, k.value)
                         if keys is None:
-                            scan.problems.append(f"{where}: cannot tell the keys of "
-                                                 f"**{ast.unparse(k.value)}")
+                            scan.problems.append(
+                                f"{where}: cannot tell the keys of **{ast.unparse(k.value)}"
+                            )
                         else:
                             fields |= keys
                 role = MODULE_ROLES.get(mod.name, "")
@@ -623,8 +706,12 @@ def scan_shmd() -> Scan:
         if len(node.args) <= position:
             scan.problems.append(f"{where}: {callee}() without its event argument")
             continue
-        events = mod.events(mod.tree if fname == "<module>" else next(
-            s for n, s in _scopes(mod.tree) if n == fname), node.args[position])
+        events = mod.events(
+            mod.tree
+            if fname == "<module>"
+            else next(s for n, s in _scopes(mod.tree) if n == fname),
+            node.args[position],
+        )
         if events is None:
             scan.problems.append(f"{where}: {callee}() with an event the scan cannot resolve")
             continue
@@ -637,8 +724,9 @@ def scan_shmd() -> Scan:
         extra = {k.arg for k in node.keywords if k.arg is not None and k.arg not in own}
         # No levels: a carried event's level is chosen at run time (ReaderExit's
         # by its status), so only direct calls are checked against Level: lines.
-        scan.calls.append(LogCall(where, events, set(), fields | extra,
-                                  MODULE_ROLES.get(mod.name, "")))
+        scan.calls.append(
+            LogCall(where, events, set(), fields | extra, MODULE_ROLES.get(mod.name, ""))
+        )
     return scan
 
 
@@ -662,9 +750,11 @@ def journal_doc() -> dict[str, DocEvent]:
             continue
         level = re.search(r"^Level: (.*?)(?:\n\n|\Z)", chunk, flags=re.MULTILINE | re.DOTALL)
         # "- `key`: meaning" or "- `key`, `other`: what both are"
-        keys = {key for bullet in re.findall(r"^- ((?:`[a-z_]+`(?:, )?)+):", chunk,
-                                             flags=re.MULTILINE)
-                for key in re.findall(r"`([a-z_]+)`", bullet)}
+        keys = {
+            key
+            for bullet in re.findall(r"^- ((?:`[a-z_]+`(?:, )?)+):", chunk, flags=re.MULTILINE)
+            for key in re.findall(r"`([a-z_]+)`", bullet)
+        }
         sections[heading.group(1)] = DocEvent(part, level.group(1) if level else "", keys)
     return sections
 
@@ -682,10 +772,17 @@ def test_every_logged_event_is_in_the_contract_and_documented() -> None:
     """Each event name shmd/ logs (literal or logs constant) has a ### section and is in EVENTS."""
     documented = journal_doc()
     scan = scan_shmd()
-    missing = sorted(f"{name} ({call.where})" for call in scan.calls for name in call.events
-                     if name not in documented or name not in logs.EVENTS)
-    missing += sorted(f"{name} ({where})" for name, where in scan.referenced.items()
-                      if name not in documented or name not in logs.EVENTS)
+    missing = sorted(
+        f"{name} ({call.where})"
+        for call in scan.calls
+        for name in call.events
+        if name not in documented or name not in logs.EVENTS
+    )
+    missing += sorted(
+        f"{name} ({where})"
+        for name, where in scan.referenced.items()
+        if name not in documented or name not in logs.EVENTS
+    )
     assert missing == []
 
 
@@ -702,36 +799,57 @@ def test_journal_doc_lists_exactly_the_fields_each_event_logs() -> None:
     for call in scan_shmd().calls:
         for name in call.events:
             logged.setdefault(name, set()).update(call.fields)
-    wrong = {name: {"undocumented": sorted(keys - documented[name].fields),
-                    "not logged": sorted(documented[name].fields - keys)}
-             for name, keys in logged.items()
-             if name in documented and keys != documented[name].fields}
+    wrong = {
+        name: {
+            "undocumented": sorted(keys - documented[name].fields),
+            "not logged": sorted(documented[name].fields - keys),
+        }
+        for name, keys in logged.items()
+        if name in documented and keys != documented[name].fields
+    }
     assert wrong == {}
 
 
 def test_journal_doc_names_the_levels_each_event_is_logged_at() -> None:
     """An event's Level: line names every level its log calls use."""
     documented = journal_doc()
-    wrong = sorted(f"{name} at {level} ({call.where})" for call in scan_shmd().calls
-                   for name in call.events for level in call.levels
-                   if name in documented
-                   and not re.search(rf"\b{level}\b", documented[name].level))
+    wrong = sorted(
+        f"{name} at {level} ({call.where})"
+        for call in scan_shmd().calls
+        for name in call.events
+        for level in call.levels
+        if name in documented and not re.search(rf"\b{level}\b", documented[name].level)
+    )
     assert wrong == []
 
 
 def test_events_are_sorted_into_the_roles_that_log_them() -> None:
     """Role sets and doc parts agree with which daemon's modules log each event."""
     both = logs.COMMON_EVENTS | (logs.WRITER_EVENTS & logs.READER_EVENTS)
-    allowed = {"writer": logs.WRITER_EVENTS | logs.COMMON_EVENTS,
-               "reader": logs.READER_EVENTS | logs.COMMON_EVENTS, "either": both}
-    wrong = sorted(f"{name} logged by the {call.role} ({call.where})"
-                   for call in scan_shmd().calls for name in call.events
-                   if name not in allowed.get(call.role, set()))
+    allowed = {
+        "writer": logs.WRITER_EVENTS | logs.COMMON_EVENTS,
+        "reader": logs.READER_EVENTS | logs.COMMON_EVENTS,
+        "either": both,
+    }
+    wrong = sorted(
+        f"{name} logged by the {call.role} ({call.where})"
+        for call in scan_shmd().calls
+        for name in call.events
+        if name not in allowed.get(call.role, set())
+    )
     assert wrong == []
-    parts = {"writer": logs.WRITER_EVENTS - both, "reader": logs.READER_EVENTS - both,
-             "either": both}
+    parts = {
+        "writer": logs.WRITER_EVENTS - both,
+        "reader": logs.READER_EVENTS - both,
+        "either": both,
+    }
     for name, section in journal_doc().items():
         part = section.part.lower()
-        role = "writer" if "writer" in part else "reader" if "reader" in part else (
-            "either" if "either" in part else "")
+        role = (
+            "writer"
+            if "writer" in part
+            else "reader"
+            if "reader" in part
+            else ("either" if "either" in part else "")
+        )
         assert name in parts.get(role, set()), f"{name} is under {section.part!r}"

@@ -36,8 +36,10 @@ def test_reader_loop_needs_an_eventfd(bus: Bus) -> None:
     """A subscriber without an eventfd cannot drive a ReaderLoop."""
     pub = bus.publisher()
     handle = pub.add_reader("r", os.getpid())
-    with Subscriber.attach(index=handle.index, fd=pub.segment.fileno()) as sub, \
-            pytest.raises(ValueError, match="subscriber has no eventfd"):
+    with (
+        Subscriber.attach(index=handle.index, fd=pub.segment.fileno()) as sub,
+        pytest.raises(ValueError, match="subscriber has no eventfd"),
+    ):
         ReaderLoop(sub, print)
 
 
@@ -175,8 +177,11 @@ def collect(sub: Subscriber, **kwargs: object) -> list[Record]:
     """Run aiter_records to its end (bounded by a deadline) and return every record."""
 
     async def main() -> list[Record]:
-        return [r async for batch in aiter_records(sub, **kwargs)  # type: ignore[arg-type]
-                for r in batch]
+        return [
+            r
+            async for batch in aiter_records(sub, **kwargs)  # type: ignore[arg-type]
+            for r in batch
+        ]
 
     async def bounded() -> list[Record]:
         return await asyncio.wait_for(main(), 20)
@@ -220,6 +225,8 @@ def test_aiter_records_needs_an_eventfd(bus: Bus) -> None:
     """aiter_records on a subscriber without an eventfd raises ValueError."""
     pub = bus.publisher()
     handle = pub.add_reader("r", os.getpid())
-    with Subscriber.attach(index=handle.index, fd=pub.segment.fileno()) as sub, \
-            pytest.raises(ValueError, match="has no eventfd"):
+    with (
+        Subscriber.attach(index=handle.index, fd=pub.segment.fileno()) as sub,
+        pytest.raises(ValueError, match="has no eventfd"),
+    ):
         collect(sub)

@@ -40,14 +40,16 @@ def bus() -> Iterator[Bus]:
         yield b
 
 
-def run(bus: Bus, name: str, *args: str, env: dict[str, str] | None = None
-        ) -> subprocess.CompletedProcess[str]:
+def run(
+    bus: Bus, name: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a daemon to completion (only for runs that end by themselves)."""
     argv = [*program(name), *args]
     if name == "shm-reader" and not any(a.startswith("--instance") for a in args):
         argv += ["--instance", "1"]
-    return subprocess.run(argv, env=env or bus.env, capture_output=True, text=True,
-                          timeout=30, check=False)
+    return subprocess.run(
+        argv, env=env or bus.env, capture_output=True, text=True, timeout=30, check=False
+    )
 
 
 BROKEN = """\
@@ -133,8 +135,10 @@ def test_check_config_lists_warnings(bus: Bus) -> None:
     path = bus.configure(control={"allowed_groups": ["shmd-test-no-such-group"]})
     done = run(bus, "shm-writer", "--config", str(path), "--check-config")
     assert done.returncode == 0, done.stderr
-    assert "# warning: control.allowed_groups: group 'shmd-test-no-such-group' does not exist" \
+    assert (
+        "# warning: control.allowed_groups: group 'shmd-test-no-such-group' does not exist"
         in done.stdout
+    )
 
 
 def test_daemon_logs_config_loaded_and_each_warning_at_start(bus: Bus) -> None:
@@ -155,10 +159,13 @@ def test_daemon_logs_config_loaded_and_each_warning_at_start(bus: Bus) -> None:
 def test_log_target_option_overrides_the_file(bus: Bus) -> None:
     """--log-target console replaces the file's json target: stderr is no longer JSON lines."""
     path = bus.configure()
-    w = bus.spawn("shm-writer", [*program("shm-writer"), "--config", str(path),
-                                 "--log-target", "console"])
-    wait_until(lambda: any("listener_ready" in line for line in w.lines),
-               what="a listener_ready console line")
+    w = bus.spawn(
+        "shm-writer", [*program("shm-writer"), "--config", str(path), "--log-target", "console"]
+    )
+    wait_until(
+        lambda: any("listener_ready" in line for line in w.lines),
+        what="a listener_ready console line",
+    )
     w.terminate()
     assert w.wait_exit() == 0
     assert not w.events  # nothing parsed as JSON
@@ -191,11 +198,22 @@ def test_check_config_writes_to_the_given_stream(bus: Bus) -> None:
 def test_fail_logs_a_known_error_without_traceback_and_exits() -> None:
     """fail() logs one event with the error text (no traceback for a ShmdError) and exits."""
     with capture_logs() as captured, pytest.raises(SystemExit) as info:
-        process.fail(logs.get_logger(), "start_failed",
-                    ShmdError("Failed to start since testing"), status=3, extra=1)
+        process.fail(
+            logs.get_logger(),
+            "start_failed",
+            ShmdError("Failed to start since testing"),
+            status=3,
+            extra=1,
+        )
     assert info.value.code == 3
-    assert captured == [{"event": "start_failed", "error": "Failed to start since testing",
-                         "extra": 1, "log_level": "error"}]
+    assert captured == [
+        {
+            "event": "start_failed",
+            "error": "Failed to start since testing",
+            "extra": 1,
+            "log_level": "error",
+        }
+    ]
 
 
 def test_fail_keeps_the_traceback_of_a_bug() -> None:
@@ -233,8 +251,9 @@ def test_base_parser_options() -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_exit_on_config_error_logs_one_event_and_exits_78(tmp_path: Path,
-                                                          clean_logging: None) -> None:
+def test_exit_on_config_error_logs_one_event_and_exits_78(
+    tmp_path: Path, clean_logging: None
+) -> None:
     """exit_on_config_error logs a config_error event with the location and exits 78."""
     path = write(tmp_path, "segment:\n  capacity: 3\n")
     logs.configure_logging("writer", level="info", target="json")
@@ -253,12 +272,21 @@ def test_exit_on_config_error_logs_one_event_and_exits_78(tmp_path: Path,
 def test_daemon_start_with_broken_config_prints_one_line_and_exits_78(tmp_path: Path) -> None:
     """load_config_or_exit in a fresh process writes one JSON line, no traceback, exit 78."""
     path = write(tmp_path, "segment:\n  policy: sometimes\n")
-    code = ("import sys\nfrom shmd.daemons.process import load_config_or_exit\n"
-            "load_config_or_exit(sys.argv[1], role='reader', instance='4')\n"
-            "print('not reached')\n")
+    code = (
+        "import sys\nfrom shmd.daemons.process import load_config_or_exit\n"
+        "load_config_or_exit(sys.argv[1], role='reader', instance='4')\n"
+        "print('not reached')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
-    child = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
-                           timeout=60, env=env, stdin=subprocess.DEVNULL, check=False)
+    child = subprocess.run(
+        [sys.executable, "-c", code, path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     assert child.returncode == 78, child.stderr
     assert child.stdout == ""
     assert "Traceback" not in child.stderr

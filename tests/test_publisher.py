@@ -59,12 +59,17 @@ def events(logs: Sequence[MutableMapping[str, Any]], name: str) -> list[MutableM
 def test_create_initialises_the_segment(shm_name: str) -> None:
     """create() makes an active segment owned by this pid with the asked geometry and policy."""
     with capture_logs() as logs:
-        pub = Publisher.create(shm_name, capacity=16, slot_size=128, max_readers=3,
-                               policy="block")
+        pub = Publisher.create(shm_name, capacity=16, slot_size=128, max_readers=3, policy="block")
     try:
         h = pub.segment.header()
         assert (h.active, h.writer_pid, h.capacity, h.slot_size, h.max_readers, h.policy) == (
-            True, os.getpid(), 16, 128, 3, Policy.BLOCK)
+            True,
+            os.getpid(),
+            16,
+            128,
+            3,
+            Policy.BLOCK,
+        )
         assert pub.policy is Policy.BLOCK and pub.write_seq == 0
         assert events(logs, "segment_created")[0]["generation"] == pub.generation
     finally:
@@ -85,7 +90,9 @@ def test_create_initialises_the_segment(shm_name: str) -> None:
     ],
 )
 def test_impossible_geometry_is_refused_and_leaves_nothing(
-    shm_name: str, kwargs: dict[str, int], message: str,
+    shm_name: str,
+    kwargs: dict[str, int],
+    message: str,
 ) -> None:
     """Zero or absurd sizes raise GeometryError naming the value; /dev/shm gets no entry."""
     before = set(os.listdir("/dev/shm"))
@@ -103,7 +110,8 @@ def test_unknown_policy_is_refused(shm_name: str) -> None:
 
 
 def test_a_live_writers_segment_is_refused_and_a_dead_ones_replaced(
-    shm_name: str, procs: Procs,
+    shm_name: str,
+    procs: Procs,
 ) -> None:
     """create() refuses a running writer's segment and replaces it once that writer is SIGKILLed."""
 
@@ -129,7 +137,8 @@ def test_a_live_writers_segment_is_refused_and_a_dead_ones_replaced(
         assert pub.generation != old_generation
         assert events(logs, "segment_stale")[0]["writer_pid"] == child.pid
         assert [n for n in os.listdir("/dev/shm") if n == shm_name.lstrip("/")] == [
-            shm_name.lstrip("/")]
+            shm_name.lstrip("/")
+        ]
     finally:
         pub.close()
 
@@ -177,8 +186,7 @@ def test_a_closed_publisher_refuses_to_publish(bus: Bus) -> None:
     handle = pub.add_reader("r", os.getpid())
     pub.close()
     assert handle.eventfd.closed
-    for call in (lambda: pub.publish(b"x"), lambda: pub.reserve(1),
-                 lambda: pub.add_reader("s", 1)):
+    for call in (lambda: pub.publish(b"x"), lambda: pub.reserve(1), lambda: pub.add_reader("s", 1)):
         with pytest.raises(SegmentClosed, match="publisher was closed"):
             call()
 
@@ -194,7 +202,11 @@ def test_publish_assigns_consecutive_seqs(bus: Bus) -> None:
     assert pub.publish_batch([b"b", bytearray(b"c"), memoryview(b"d")], topic=4) == 3
     assert pub.publish_batch([]) == 3
     assert [(r.seq, r.topic, r.payload) for r in sub.read()] == [
-        (0, 3, b"a"), (1, 4, b"b"), (2, 4, b"c"), (3, 4, b"d")]
+        (0, 3, b"a"),
+        (1, 4, b"b"),
+        (2, 4, b"c"),
+        (3, 4, b"d"),
+    ]
     h = pub.segment.header()
     assert (h.write_seq, h.reserve_seq, h.bytes_published) == (4, 4, 4)
 
@@ -202,8 +214,11 @@ def test_publish_assigns_consecutive_seqs(bus: Bus) -> None:
 def test_payload_too_large_names_both_sizes_and_publishes_nothing(bus: Bus) -> None:
     """A record over the slot's room raises PayloadTooLarge naming both sizes; nothing commits."""
     pub = bus.publisher(slot_size=64)
-    with pytest.raises(PayloadTooLarge, match=r"Failed to publish a 33-byte record since a slot "
-                                              r"holds at most 32 bytes of payload \(slot size 64"):
+    with pytest.raises(
+        PayloadTooLarge,
+        match=r"Failed to publish a 33-byte record since a slot "
+        r"holds at most 32 bytes of payload \(slot size 64",
+    ):
         pub.publish(b"x" * 33)
     with pytest.raises(PayloadTooLarge):
         pub.publish_batch([b"ok", b"x" * 33])
@@ -283,7 +298,10 @@ def test_reserve_batch_commits_every_slot_at_once(bus: Bus) -> None:
     assert sub.read() == []  # reserved, not committed
     assert res.commit() == 2
     assert [(r.seq, r.topic, r.payload) for r in sub.read()] == [
-        (0, 2, b"rec0"), (1, 2, b"rec1"), (2, 2, b"rec2")]
+        (0, 2, b"rec0"),
+        (1, 2, b"rec1"),
+        (2, 2, b"rec2"),
+    ]
     abandoned = pub.reserve_batch(2, 4)
     abandoned.abandon()
     assert pub.segment.reserve_seq == pub.segment.write_seq == 3
@@ -328,7 +346,12 @@ def test_add_reader_start_positions(bus: Bus) -> None:
         h = pub.add_reader(f"r{i}", 4242, topics=0b110, start=start)
         e = pub.segment.entry(h.index)
         assert (e.state, e.cursor, e.pid, e.topics, e.name) == (
-            ReaderState.ATTACHED, cursor, 4242, 0b110, f"r{i}")
+            ReaderState.ATTACHED,
+            cursor,
+            4242,
+            0b110,
+            f"r{i}",
+        )
     with pytest.raises(ValueError, match="start 'newest' is not latest, oldest or a cursor"):
         pub.add_reader("bad", 1, start="newest")
 
@@ -402,7 +425,8 @@ def test_awake_reader_costs_no_eventfd_write(bus: Bus) -> None:
 
 
 def test_a_reader_woken_before_the_commit_is_woken_again_after_it(
-    bus: Bus, monkeypatch: pytest.MonkeyPatch,
+    bus: Bus,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """publish() wakes sleepers before it writes a small record; a reader that looks too soon
     finds nothing, announces again, and the commit's own check wakes it a second time."""
@@ -427,7 +451,8 @@ def test_a_reader_woken_before_the_commit_is_woken_again_after_it(
 
 
 def test_big_records_wake_after_the_commit_only(
-    bus: Bus, monkeypatch: pytest.MonkeyPatch,
+    bus: Bus,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A record longer than EARLY_WAKE_MAX is committed before its wake-up is written."""
     pub = bus.publisher(capacity=4, slot_size=EARLY_WAKE_MAX + 64)
@@ -511,7 +536,8 @@ def test_deactivate_clears_active_and_wakes_everyone(bus: Bus) -> None:
 
 
 def test_holder_killed_with_the_mutex_is_repaired_and_the_bus_goes_on(
-    bus: Bus, procs: Procs,
+    bus: Bus,
+    procs: Procs,
 ) -> None:
     """After a SIGKILLed holder, the writer gets OWNER_DIED, repairs the table, logs it, goes on."""
     pub = bus.publisher(max_readers=4)
@@ -576,7 +602,9 @@ def test_a_stuck_mutex_holder_does_not_stop_publishing(bus: Bus, procs: Procs) -
 
 
 def test_block_policy_one_writer_four_reader_processes(
-    bus: Bus, procs: Procs, monkeypatch: pytest.MonkeyPatch,
+    bus: Bus,
+    procs: Procs,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Under block, 4 reader processes each get all 200k records in order; the writer waits."""
     n, readers = 200_000, 4
@@ -599,8 +627,7 @@ def test_block_policy_one_writer_four_reader_processes(
 
             ch.send("ready")
             result = ReaderLoop(sub, check).run()
-            ch.send(f"exit {result.name} {state['next']} {state['bad']} {sub.lost} "
-                    f"{sub.delivered}")
+            ch.send(f"exit {result.name} {state['next']} {state['bad']} {sub.lost} {sub.delivered}")
 
         children.append(procs.fork(body))
     for child in children:
@@ -643,7 +670,9 @@ def test_block_policy_checks_space_again_for_a_reader_that_starts_behind(bus: Bu
 
 
 def test_block_policy_evicts_a_stopped_reader_and_goes_on(
-    bus: Bus, procs: Procs, monkeypatch: pytest.MonkeyPatch,
+    bus: Bus,
+    procs: Procs,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A stopped reader is evicted after block_timeout, reads ReaderEvicted; the writer goes on."""
     cap, timeout = 8, 0.3

@@ -210,8 +210,10 @@ def test_evicted_reader_exits_1_and_the_others_lose_nothing(bus: Bus) -> None:
     """Under policy block a stopped reader is evicted (reader_lost) and exits 1 once resumed."""
     # 16 slots at 50/s and 0.5 s of patience: a reader must be stuck for 0.8 s
     # to be evicted, far longer than a busy machine delays the one that is not.
-    bus.configure(segment={"capacity": 16, "policy": "block", "block_timeout": 0.5},
-                  writer={"source": {"rate": 50.0}})
+    bus.configure(
+        segment={"capacity": 16, "policy": "block", "block_timeout": 0.5},
+        writer={"source": {"rate": 50.0}},
+    )
     w = bus.writer()
     stuck = bus.file_reader("stuck")
     fine = bus.file_reader("fine")
@@ -223,8 +225,9 @@ def test_evicted_reader_exits_1_and_the_others_lose_nothing(bus: Bus) -> None:
         stuck.send(signal.SIGCONT)
     assert stuck.wait_exit() == 1
     exiting = stuck.wait_for("exiting")
-    assert exiting["status"] == 1 and "evicted" in (exiting.get("reason", "") + exiting.get(
-        "error", "")), exiting
+    assert exiting["status"] == 1 and "evicted" in (
+        exiting.get("reason", "") + exiting.get("error", "")
+    ), exiting
     target = ticks(bus, "fine")[-1] + 20
     wait_until(lambda: ticks_reach(bus, "fine", target), what="ticks after the eviction")
     w.terminate()
@@ -296,7 +299,8 @@ class JournalCapture:
     def wait_for(self, event: str, timeout: float = 10.0) -> dict[str, str]:
         with self._cond:
             ok = self._cond.wait_for(
-                lambda: any(e["SHMD_EVENT"] == event for e in self.entries), timeout)
+                lambda: any(e["SHMD_EVENT"] == event for e in self.entries), timeout
+            )
             assert ok, f"no {event} journal entry within {timeout} s: {self.entries}"
             return next(e for e in self.entries if e["SHMD_EVENT"] == event)
 
@@ -308,8 +312,12 @@ def test_reader_events_map_to_journal_fields(bus: Bus) -> None:
     w = bus.writer()
     cfg = load_config(bus.reader_config("j"))
     journal = JournalCapture()
-    assert logs.configure_logging("reader", level="info", target="journal", instance="j",
-                                  sender=journal) == "journal"
+    assert (
+        logs.configure_logging(
+            "reader", level="info", target="journal", instance="j", sender=journal
+        )
+        == "journal"
+    )
     daemon = ReaderDaemon(cfg, cfg.reader_settings("j"), "j", logs.get_logger())
     failures: list[BaseException] = []
 

@@ -116,7 +116,8 @@ def test_oldest_present_never_negative(reserve_seq: int, cap: int) -> None:
 
 @given(capacities, st.lists(st.tuples(st.booleans(), st.integers(1, 70)), max_size=60))
 def test_model_reader_sees_every_record_once_or_counts_it_lost(
-    cap: int, steps: list[tuple[bool, int]],
+    cap: int,
+    steps: list[tuple[bool, int]],
 ) -> None:
     """Simulated publish/read interleavings: delivered + lost == published, in order, no repeats."""
     write_seq = 0
@@ -144,11 +145,17 @@ def test_record_header_round_trip(seq: int, ts: int, length: int, topic: int) ->
     assert decode_record_header(b"pad" + raw, 3) == (seq, ts, length, topic)
 
 
-@given(st.integers(5, 64).map(lambda w: w * 8),
-       st.lists(st.tuples(seqs, st.integers(0, U64), st.integers(0, 1 << 20),
-                          st.integers(0, TOPIC_MAX)), min_size=1, max_size=8))
+@given(
+    st.integers(5, 64).map(lambda w: w * 8),
+    st.lists(
+        st.tuples(seqs, st.integers(0, U64), st.integers(0, 1 << 20), st.integers(0, TOPIC_MAX)),
+        min_size=1,
+        max_size=8,
+    ),
+)
 def test_slot_stride_decodes_what_encode_wrote(
-    slot_size: int, records: list[tuple[int, int, int, int]],
+    slot_size: int,
+    records: list[tuple[int, int, int, int]],
 ) -> None:
     """slot_stride unpacks the header of every slot of a run, as decode_record_header does."""
     buf = bytearray(slot_size * len(records))
@@ -162,8 +169,11 @@ def test_slot_stride_decodes_what_encode_wrote(
 
 def test_check_record_names_both_sizes() -> None:
     """A payload over the slot's room raises PayloadTooLarge naming payload and slot sizes."""
-    with pytest.raises(PayloadTooLarge, match=r"a 33-byte record .* at most 32 bytes of payload "
-                                              r"\(slot size 64 minus the 32-byte record header"):
+    with pytest.raises(
+        PayloadTooLarge,
+        match=r"a 33-byte record .* at most 32 bytes of payload "
+        r"\(slot size 64 minus the 32-byte record header",
+    ):
         check_record(33, 0, 32)
     check_record(32, TOPIC_MAX, 32)
 

@@ -51,8 +51,8 @@ class NotifyReceiver:
     def recv(self, timeout: float = 10.0) -> Datagram:
         self.sock.settimeout(timeout)
         data, ancdata, flags, _ = self.sock.recvmsg(
-            4096, socket.CMSG_SPACE(16 * 4) + socket.CMSG_SPACE(UCRED.size),
-            socket.MSG_CMSG_CLOEXEC)
+            4096, socket.CMSG_SPACE(16 * 4) + socket.CMSG_SPACE(UCRED.size), socket.MSG_CMSG_CLOEXEC
+        )
         msg = Datagram(data.decode())
         self.received.append(msg)
         for level, kind, payload in ancdata:
@@ -86,8 +86,9 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyReceiver]:
         rx.close()
 
 
-def test_everything_is_a_noop_without_notify_socket(receiver: NotifyReceiver,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_everything_is_a_noop_without_notify_socket(
+    receiver: NotifyReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without NOTIFY_SOCKET every call returns False and nothing is sent anywhere."""
     monkeypatch.delenv("NOTIFY_SOCKET")
     r, w = os.pipe()
@@ -213,23 +214,25 @@ def test_send_failure_is_logged_not_raised(monkeypatch: pytest.MonkeyPatch) -> N
         shutil.rmtree(workdir)
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({}, None),
-    ({"WATCHDOG_USEC": "3000000"}, 3.0),
-    ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "{me}"}, 0.5),
-    ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "1"}, None),
-    ({"WATCHDOG_USEC": "0"}, None),
-    ({"WATCHDOG_USEC": "soon"}, None),
-    ({"WATCHDOG_USEC": "100", "WATCHDOG_PID": "x"}, None),
-])
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"WATCHDOG_USEC": "3000000"}, 3.0),
+        ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "{me}"}, 0.5),
+        ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "1"}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({"WATCHDOG_USEC": "100", "WATCHDOG_PID": "x"}, None),
+    ],
+)
 def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
     """watchdog_interval() follows sd_watchdog_enabled: positive usec, and our pid if named."""
     env = {k: v.replace("{me}", str(os.getpid())) for k, v in env.items()}
     assert sdnotify.watchdog_interval(env) == expected
 
 
-def test_watchdog_interval_reads_the_process_environment(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_watchdog_interval_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without an env argument the process environment is read."""
     monkeypatch.setenv("WATCHDOG_USEC", "20000000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
@@ -273,8 +276,14 @@ print(json.dumps({"groups": groups, "info": info,
 def _run_activated(fds: list[int], names: str, pid: str = "self") -> dict[str, object]:
     child = subprocess.run(
         [sys.executable, "-c", _BOOT, ",".join(map(str, fds)), names, pid, _PROBE],
-        pass_fds=fds, capture_output=True, text=True, timeout=60, check=False,
-        stdin=subprocess.DEVNULL, cwd=str(REPO))
+        pass_fds=fds,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=str(REPO),
+    )
     assert child.returncode == 0, child.stderr
     result: dict[str, object] = json.loads(child.stdout)
     return result

@@ -55,8 +55,12 @@ def test_create_writes_a_valid_header_and_maps_two_parts(shm_name: str) -> None:
     """A created segment validates, and the creator maps control and ring read-write."""
     with create(shm_name, write_seq=1000) as seg:
         h = seg.header()
-        assert (h.magic, h.version, h.writer_pid, h.active) == (MAGIC, LAYOUT_VERSION,
-                                                                os.getpid(), True)
+        assert (h.magic, h.version, h.writer_pid, h.active) == (
+            MAGIC,
+            LAYOUT_VERSION,
+            os.getpid(),
+            True,
+        )
         assert seg.write_seq == seg.reserve_seq == 1000
         assert os.fstat(seg.fileno()).st_size == GEOMETRY.segment_size
         assert perms(maps_lines(shm_name)) == {0: "rw-s", GEOMETRY.ring_offset: "rw-s"}
@@ -110,8 +114,9 @@ def test_open_maps_the_ring_read_only(shm_name: str) -> None:
 def test_control_mapped_read_only_cannot_lock(shm_name: str) -> None:
     """Locking through a read-only control mapping raises MutexNotWritable, not a SIGSEGV."""
     with create(shm_name), Segment.open(name=shm_name, control_writable=False) as ro:
-        with pytest.raises(MutexNotWritable, match="shared mutex since it lives in memory "
-                                                   "mapped read-only"):
+        with pytest.raises(
+            MutexNotWritable, match="shared mutex since it lives in memory mapped read-only"
+        ):
             ro.lock(0.1)
         with pytest.raises(MutexNotWritable, match="shared semaphore"):
             ro.sem_post()
@@ -141,8 +146,12 @@ def test_semaphore_through_the_segment(shm_name: str) -> None:
 def test_info_lists_attached_entries_only(shm_name: str) -> None:
     """info() reports attached and evicted entries, never free ones."""
     with create(shm_name) as seg:
-        for index, state in [(0, ReaderState.ATTACHED), (1, ReaderState.FREE),
-                             (2, ReaderState.EVICTED), (3, ReaderState.ATTACHED)]:
+        for index, state in [
+            (0, ReaderState.ATTACHED),
+            (1, ReaderState.FREE),
+            (2, ReaderState.EVICTED),
+            (3, ReaderState.ATTACHED),
+        ]:
             _, u0 = Segment.entry_words(index)
             seg.u[u0 + R_STATE // 4] = state
         assert [e.index for e in seg.info().readers] == [0, 2, 3]
@@ -200,7 +209,8 @@ def test_close_with_a_live_zero_copy_view_defers_munmap(shm_name: str) -> None:
 
 
 def test_another_process_keeps_reading_after_unlink_and_close(
-    shm_name: str, procs: Procs,
+    shm_name: str,
+    procs: Procs,
 ) -> None:
     """A spawned process that opened the name shares the memory after unlink and our close."""
     seg = create(shm_name)
@@ -238,6 +248,7 @@ def test_fork_child_writes_are_visible_to_the_parent(shm_name: str, procs: Procs
     """A forked child shares the parent's mapping: its stores show up in the parent and back."""
     seg = create(shm_name)
     try:
+
         def body(ch: ChildEnd) -> None:
             seg.ring[0:5] = b"child"
             seg.q[Segment.HEARTBEAT_NS] = 4242
@@ -293,8 +304,11 @@ def test_open_by_fd_of_a_pipe_is_refused() -> None:
     r, w = os.pipe()
     try:
         owned = OwnedFd(r)
-        with pytest.raises(SegmentLayoutError, match=r"Failed to attach to fd \d+ since it is "
-                                                     r"not a shm object"):
+        with pytest.raises(
+            SegmentLayoutError,
+            match=r"Failed to attach to fd \d+ since it is "
+            r"not a shm object",
+        ):
             Segment.open(fd=owned)
         assert owned.closed
     finally:
@@ -326,8 +340,11 @@ def _corrupt(name: str, what: str) -> None:
     ("what", "message"),
     [
         ("magic", r"magic is b'NOTSHMD!', not b'SHMDBUS1' \(not an shmd segment\)"),
-        ("version", rf"layout version {LAYOUT_VERSION + 1}, and this shmd reads version "
-                    rf"{LAYOUT_VERSION} \(upgrade or restart the other side\)"),
+        (
+            "version",
+            rf"layout version {LAYOUT_VERSION + 1}, and this shmd reads version "
+            rf"{LAYOUT_VERSION} \(upgrade or restart the other side\)",
+        ),
     ],
 )
 def test_open_refuses_a_foreign_header(shm_name: str, what: str, message: str) -> None:
@@ -346,8 +363,10 @@ def test_open_refuses_an_object_too_small_for_the_header(shm_name: str) -> None:
     fd = OwnedFd(libc.shm_open(shm_name, os.O_RDWR | os.O_CREAT | os.O_EXCL))
     with fd:
         os.ftruncate(fd.fileno(), 100)
-    with pytest.raises(SegmentLayoutError, match=f"'{shm_name}' since it is 100 bytes, too small "
-                                                 "for the 256-byte header"):
+    with pytest.raises(
+        SegmentLayoutError,
+        match=f"'{shm_name}' since it is 100 bytes, too small for the 256-byte header",
+    ):
         Segment.open(name=shm_name)
     assert maps_lines(shm_name) == []
 
@@ -358,8 +377,10 @@ def test_open_refuses_a_header_claiming_more_than_the_object(shm_name: str) -> N
     fd = OwnedFd(libc.shm_open(shm_name, os.O_RDWR))
     with fd:
         os.ftruncate(fd.fileno(), GEOMETRY.ring_offset)  # cut the ring off
-    with pytest.raises(SegmentLayoutError, match=f"is {GEOMETRY.ring_offset} bytes but its header "
-                                                 f"claims {GEOMETRY.segment_size}"):
+    with pytest.raises(
+        SegmentLayoutError,
+        match=f"is {GEOMETRY.ring_offset} bytes but its header claims {GEOMETRY.segment_size}",
+    ):
         Segment.open(name=shm_name)
 
 
@@ -367,9 +388,12 @@ def test_open_after_the_name_is_gone(shm_name: str) -> None:
     """Opening an unlinked name raises SegmentNotFound asking whether the writer runs."""
     create(shm_name).close()
     Segment.unlink_name(shm_name)
-    with pytest.raises(SegmentNotFound, match=f"Failed to open shared-memory segment "
-                                              rf"'{shm_name}' since no segment of that name "
-                                              r"exists \(is the writer running\?\)"):
+    with pytest.raises(
+        SegmentNotFound,
+        match=f"Failed to open shared-memory segment "
+        rf"'{shm_name}' since no segment of that name "
+        r"exists \(is the writer running\?\)",
+    ):
         Segment.open(name=shm_name)
     assert not in_dev_shm(shm_name)
 
@@ -392,7 +416,8 @@ else:
 
 
 def test_create_on_a_full_dev_shm_fails_at_once_and_leaves_nothing(
-    shm_name: str, procs: Procs,
+    shm_name: str,
+    procs: Procs,
 ) -> None:
     """posix_fallocate makes a too-small /dev/shm a SegmentError at creation, with no leftover."""
     # The host's /dev/shm cannot be shrunk for a test, so the child gets a
@@ -400,11 +425,23 @@ def test_create_on_a_full_dev_shm_fails_at_once_and_leaves_nothing(
     unshare = shutil.which("unshare")
     if unshare is None or os.geteuid() != 0:
         pytest.skip("needs root and unshare(1) for a private 1 MiB /dev/shm")
-    script = ('mount -t tmpfs -o size=1m shmd-test /dev/shm || exit 77; '
-              'exec "$0" -c "$1" "$2"')
-    proc = procs.spawn([unshare, "--mount", "--propagation", "private", "sh", "-c", script,
-                        sys.executable, _FULL_SHM_PROBE, shm_name],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    script = 'mount -t tmpfs -o size=1m shmd-test /dev/shm || exit 77; exec "$0" -c "$1" "$2"'
+    proc = procs.spawn(
+        [
+            unshare,
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            sys.executable,
+            _FULL_SHM_PROBE,
+            shm_name,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     out, err = proc.communicate(timeout=30)
     if proc.returncode == 77 or b"unshare failed" in err:
         pytest.skip(f"cannot mount a private tmpfs here: {err.decode().strip()}")
@@ -413,6 +450,7 @@ def test_create_on_a_full_dev_shm_fails_at_once_and_leaves_nothing(
     assert result["error"] == "SegmentError"
     assert result["message"] == (
         f"Failed to reserve {Geometry(1024, 4096, 4).segment_size} bytes for segment "
-        f"{shm_name!r} since /dev/shm has no room for it")
+        f"{shm_name!r} since /dev/shm has no room for it"
+    )
     assert result["left"] == []
     assert not in_dev_shm(shm_name)  # and the host's /dev/shm never saw it

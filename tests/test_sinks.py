@@ -41,8 +41,10 @@ def fifo_writer(bus: Bus) -> tuple[Path, Daemon]:
     """A writer whose records come from a FIFO with length framing (exact bytes)."""
     fifo = bus.dir / "publish.fifo"
     # A FIFO read becomes one batch: the ring holds the biggest burst written here.
-    bus.configure(segment={"capacity": 1024},
-                  writer={"source": {"type": "fifo", "path": str(fifo), "framing": "length"}})
+    bus.configure(
+        segment={"capacity": 1024},
+        writer={"source": {"type": "fifo", "path": str(fifo), "framing": "length"}},
+    )
     return fifo, bus.writer()
 
 
@@ -138,12 +140,17 @@ def test_file_sink_appends_every_record_in_order(bus: Bus, framing: str) -> None
     payloads = [p for p in PAYLOADS if b"\n" not in p] if framing == "lines" else PAYLOADS
     publish(fifo, payloads)
     if framing == "lines":
+
         def got() -> list[bytes]:
-            return [line.encode("latin-1") for line in
-                    out.read_bytes()[len(old):].decode("latin-1").split("\n")[:-1]]
+            return [
+                line.encode("latin-1")
+                for line in out.read_bytes()[len(old) :].decode("latin-1").split("\n")[:-1]
+            ]
     else:
+
         def got() -> list[bytes]:
             return read_frames(out)[1:]
+
     wait_until(lambda: len(got()) >= len(payloads), what="every record in the file")
     shutdown(w, r)
     assert out.read_bytes().startswith(old)
@@ -168,8 +175,9 @@ def test_file_sink_that_cannot_open_its_file_exits_1_before_attaching(bus: Bus) 
 def test_stdout_sink_writes_every_record(bus: Bus, framing: str) -> None:
     """The stdout sink writes each record to the reader's standard output."""
     fifo, w = fifo_writer(bus)
-    r = bus.reader("o", sink={"type": "stdout", "framing": framing},
-                   popen={"stdout": subprocess.PIPE})
+    r = bus.reader(
+        "o", sink={"type": "stdout", "framing": framing}, popen={"stdout": subprocess.PIPE}
+    )
     payloads = [p for p in PAYLOADS if b"\n" not in p] if framing == "lines" else PAYLOADS
     publish(fifo, payloads)
     w.terminate()
@@ -194,8 +202,10 @@ def test_exec_sink_pipes_every_record_to_the_child(bus: Bus) -> None:
     r = bus.reader("e", sink={"type": "exec", "command": ["sh", "-c", f"cat > '{out}'"]})
     payloads = [p for p in PAYLOADS if b"\n" not in p]
     publish(fifo, payloads)
-    wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= len(payloads),
-               what="every record through cat")
+    wait_until(
+        lambda: out.exists() and out.read_bytes().count(b"\n") >= len(payloads),
+        what="every record through cat",
+    )
     shutdown(w, r)
     assert out.read_bytes() == b"".join(p + b"\n" for p in payloads)
     assert not r.find("sink_child_failed")
@@ -222,8 +232,9 @@ def test_exec_sink_with_a_missing_program_exits_1_before_attaching(bus: Bus) -> 
     missing = str(bus.dir / "no-such-program")
     r = bus.reader("e", wait_attached=False, sink={"type": "exec", "command": [missing]})
     assert r.wait_exit() == 1
-    assert (f"Failed to start the exec sink '{missing}' since No such file or directory"
-            in r.stderr())
+    assert (
+        f"Failed to start the exec sink '{missing}' since No such file or directory" in r.stderr()
+    )
     assert "Traceback" not in r.stderr() and not r.find("attached")
 
 
@@ -298,8 +309,9 @@ def test_python_sink_that_raises_makes_the_reader_exit_1(bus: Bus) -> None:
     r = python_sink_reader(bus, "shmd_test_sink:failing")
     assert r.wait_exit() == 1
     failed = r.wait_for("sink_failed")
-    assert failed["error"] == ("Failed to hand records to shmd_test_sink:failing since it "
-                               "raised ValueError: nope")
+    assert failed["error"] == (
+        "Failed to hand records to shmd_test_sink:failing since it raised ValueError: nope"
+    )
     assert r.wait_for("exiting")["reason"] == "sink_failed"
     w.terminate()
     assert w.wait_exit() == 0
@@ -311,8 +323,9 @@ def test_python_sink_whose_close_raises_is_reported_without_traceback(bus: Bus) 
     r = python_sink_reader(bus, "shmd_test_sink:BAD_CLOSE")
     shutdown(w, r)
     failed = r.wait_for("sink_failed")
-    assert failed["error"] == ("Failed to close shmd_test_sink:BAD_CLOSE since it raised "
-                               "RuntimeError: cannot close")
+    assert failed["error"] == (
+        "Failed to close shmd_test_sink:BAD_CLOSE since it raised RuntimeError: cannot close"
+    )
     assert failed["level"] == "warning"
     assert "Traceback" not in r.stderr()
 

@@ -54,8 +54,10 @@ def received(bus: Bus, instance: str, framing: str) -> list[bytes]:
 
 
 def wait_received(bus: Bus, instance: str, framing: str, count: int) -> list[bytes]:
-    wait_until(lambda: len(received(bus, instance, framing)) >= count,
-               what=f"{count} records in {instance}'s file")
+    wait_until(
+        lambda: len(received(bus, instance, framing)) >= count,
+        what=f"{count} records in {instance}'s file",
+    )
     return received(bus, instance, framing)
 
 
@@ -63,8 +65,10 @@ def fifo_bus(bus: Bus, framing: str) -> tuple[Path, Daemon, Daemon]:
     """A writer with a FIFO source and one file reader with the matching framing."""
     fifo = bus.dir / "publish.fifo"
     # A FIFO read becomes one batch: the ring holds the biggest burst written here.
-    bus.configure(segment={"capacity": 1024},
-                  writer={"source": {"type": "fifo", "path": str(fifo), "framing": framing}})
+    bus.configure(
+        segment={"capacity": 1024},
+        writer={"source": {"type": "fifo", "path": str(fifo), "framing": framing}},
+    )
     w = bus.writer()
     assert fifo.is_fifo()
     r = bus.file_reader("1", framing="length" if framing == "length" else "lines")
@@ -125,7 +129,8 @@ def test_fifo_length_framing_delivers_binary_records_exactly(bus: Bus) -> None:
 
 @pytest.mark.parametrize("framing", ["newline", "length"])
 def test_fifo_frame_larger_than_a_slot_is_refused_and_its_neighbours_arrive(
-        bus: Bus, framing: str) -> None:
+    bus: Bus, framing: str
+) -> None:
     """A frame longer than a slot is dropped with frame_refused; the frames around it arrive."""
     fifo, w, r = fifo_bus(bus, framing)
     big = b"B" * (PAYLOAD_MAX + 1)
@@ -160,8 +165,9 @@ def test_fifo_producer_dying_mid_frame_loses_only_that_frame(bus: Bus, framing: 
         data = length_frames(whole) + (100).to_bytes(4, "little") + b"only 12 byte"
     else:
         data = b"".join(p + b"\n" for p in whole) + b"no newline yet"
-    producer = subprocess.run([sys.executable, "-c", PRODUCER, str(fifo), data.hex()],
-                              check=False, timeout=10)
+    producer = subprocess.run(
+        [sys.executable, "-c", PRODUCER, str(fifo), data.hex()], check=False, timeout=10
+    )
     assert producer.returncode == -signal.SIGKILL
     truncated = w.wait_for("frame_truncated", source="fifo")
     assert truncated["bytes"] == (16 if framing == "length" else 14)
@@ -180,8 +186,9 @@ def test_fifo_path_that_is_not_a_fifo_stops_the_writer_with_a_clear_error(bus: B
     w = bus.writer(wait_ready=False)
     assert w.wait_exit() == 1
     failed = w.wait_for("start_failed")
-    assert failed["error"] == (f"Failed to use {path} as the FIFO source since it exists and "
-                               "is not a FIFO")
+    assert failed["error"] == (
+        f"Failed to use {path} as the FIFO source since it exists and is not a FIFO"
+    )
     assert "Traceback" not in w.stderr()
     assert not bus.segment_exists() and not os.path.lexists(bus.socket)
 
@@ -191,8 +198,9 @@ def test_fifo_path_that_is_not_a_fifo_stops_the_writer_with_a_clear_error(bus: B
 
 def test_stdin_source_publishes_until_eof_then_shuts_down_cleanly(bus: Bus) -> None:
     """Lines on stdin become records; EOF (mid-frame) ends the source and the writer exits 0."""
-    bus.configure(segment={"capacity": 1024},
-                  writer={"source": {"type": "stdin", "framing": "newline"}})
+    bus.configure(
+        segment={"capacity": 1024}, writer={"source": {"type": "stdin", "framing": "newline"}}
+    )
     # Our own pipe, whose read end (and open file description) we keep: the
     # writer must give it back blocking, as it found it.
     rfd, wfd = os.pipe()
@@ -267,8 +275,10 @@ def python_bus(bus: Bus, spec: str, **segment: object) -> tuple[Path, Daemon, Da
     go = bus.dir / "go.fifo"
     os.mkfifo(go)
     bus.env["SHMD_TEST_GO"] = str(go)
-    bus.configure(segment={"capacity": 1024, **segment},
-                  writer={"source": {"type": "python", "callable": spec}})
+    bus.configure(
+        segment={"capacity": 1024, **segment},
+        writer={"source": {"type": "python", "callable": spec}},
+    )
     w = bus.writer()
     r = bus.file_reader("1")
     return go, w, r
@@ -336,6 +346,7 @@ def test_python_source_that_cannot_be_imported_stops_the_writer(bus: Bus) -> Non
     assert w.wait_exit() == 1
     failed = w.wait_for("start_failed")
     assert failed["error"].startswith(
-        "Failed to load 'shmd_no_such_mod:fn' since ModuleNotFoundError:")
+        "Failed to load 'shmd_no_such_mod:fn' since ModuleNotFoundError:"
+    )
     assert "Traceback" not in w.stderr()
     assert not bus.segment_exists() and not os.path.lexists(bus.socket)

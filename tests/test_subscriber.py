@@ -57,8 +57,7 @@ def test_attach_by_fd_and_by_name_read_the_same_records(bus: Bus) -> None:
         pub.publish_batch([payload(i) for i in range(5)], topic=7)
         after = time.monotonic_ns()
         got = by_fd.read()
-        assert [(r.seq, r.topic, r.payload) for r in got] == [
-            (i, 7, payload(i)) for i in range(5)]
+        assert [(r.seq, r.topic, r.payload) for r in got] == [(i, 7, payload(i)) for i in range(5)]
         assert all(before <= r.timestamp_ns <= after for r in got)
         assert by_name.read() == got
 
@@ -67,9 +66,12 @@ def test_attach_after_the_writer_is_gone(shm_name: str) -> None:
     """Attaching by name after the writer unlinked its segment gives a SegmentNotFound to act on."""
     with Publisher.create(shm_name):
         pass
-    with pytest.raises(SegmentNotFound, match=rf"Failed to open shared-memory segment "
-                                              rf"'{shm_name}' since no segment of that name "
-                                              r"exists \(is the writer running\?\)"):
+    with pytest.raises(
+        SegmentNotFound,
+        match=rf"Failed to open shared-memory segment "
+        rf"'{shm_name}' since no segment of that name "
+        r"exists \(is the writer running\?\)",
+    ):
         Subscriber.attach(index=0, name=shm_name)
 
 
@@ -82,26 +84,35 @@ def test_attach_to_an_index_outside_the_table(bus: Bus) -> None:
 
 
 def test_spawned_reader_attaches_by_name_with_an_eventfd_over_a_socket(
-    bus: Bus, procs: Procs,
+    bus: Bus,
+    procs: Procs,
 ) -> None:
     """An exec'd reader gets its eventfd by SCM_RIGHTS, maps by name, sleeps, wakes, drains."""
     pub = bus.publisher(capacity=16)
     handle = pub.add_reader("spawned", os.getpid())
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        proc = procs.python("spawned_reader.py", pub.name, str(theirs.fileno()),
-                            pass_fds=[theirs.fileno()], stdout=subprocess.PIPE)
+        proc = procs.python(
+            "spawned_reader.py",
+            pub.name,
+            str(theirs.fileno()),
+            pass_fds=[theirs.fileno()],
+            stdout=subprocess.PIPE,
+        )
         theirs.close()
-        socket.send_fds(ours, [f"{handle.index} {handle.token}".encode()],
-                        [handle.eventfd.fileno()])
+        socket.send_fds(
+            ours, [f"{handle.index} {handle.token}".encode()], [handle.eventfd.fileno()]
+        )
     out = procs.lines(proc, "spawned reader")
     out.expect("ready")
     wait_until(asleep_and_unlocked(pub, handle.index), "the spawned reader sleeps")
     pub.publish(b"one", topic=3)
     pub.publish_batch([b"two", b"three"], topic=4)
     assert [out.expect("record") for _ in range(3)] == [
-        f"record 0 3 {b'one'.hex()}", f"record 1 4 {b'two'.hex()}",
-        f"record 2 4 {b'three'.hex()}"]
+        f"record 0 3 {b'one'.hex()}",
+        f"record 1 4 {b'two'.hex()}",
+        f"record 2 4 {b'three'.hex()}",
+    ]
     pub.deactivate()
     assert out.expect("exit") == "exit DRAINED 3 0"
     assert proc.wait(timeout=20) == 0
@@ -464,8 +475,10 @@ def test_wait_needs_an_eventfd(bus: Bus) -> None:
     """A subscriber without an eventfd cannot wait and says so."""
     pub = bus.publisher()
     handle = pub.add_reader("r", os.getpid())
-    with Subscriber.attach(index=handle.index, fd=pub.segment.fileno()) as sub, \
-            pytest.raises(ValueError, match="has no eventfd"):
+    with (
+        Subscriber.attach(index=handle.index, fd=pub.segment.fileno()) as sub,
+        pytest.raises(ValueError, match="has no eventfd"),
+    ):
         sub.wait(0)
 
 
@@ -496,8 +509,12 @@ def test_reader_process_blocked_in_wait_is_woken_by_a_record(
         # The reader wakes to nothing and announces a new sleep (without the
         # re-sleep, wait() returned True here and read() found nothing).  Its
         # sleep_seq says so: the flag alone may be set again before we look.
-        wait_until(lambda: u[u0 + R_SLEEP_SEQ // 4] != announced
-                   and asleep_and_unlocked(pub, handle.index)(), "the reader sleeps again")
+        wait_until(
+            lambda: (
+                u[u0 + R_SLEEP_SEQ // 4] != announced and asleep_and_unlocked(pub, handle.index)()
+            ),
+            "the reader sleeps again",
+        )
     pub.publish(b"ping", topic=9)
     assert child.expect("woke") == "woke True [b'ping']"
     assert child.wait() == 0

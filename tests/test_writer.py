@@ -46,8 +46,16 @@ def bus() -> Iterator[Bus]:
 
 def activate_cmd(bus: Bus, listen: str, *extra: str) -> list[str]:
     """systemd-socket-activate running shm-writer on ``listen`` (systemd's own tool)."""
-    return ["systemd-socket-activate", *extra, "-l", listen, "--fdname=control",
-            "-E", f"SHMD_CONFIG={bus.config_path}", *program("shm-writer")]
+    return [
+        "systemd-socket-activate",
+        *extra,
+        "-l",
+        listen,
+        "--fdname=control",
+        "-E",
+        f"SHMD_CONFIG={bus.config_path}",
+        *program("shm-writer"),
+    ]
 
 
 def recv_message(sock: socket.socket, timeout: float = 5.0) -> protocol.Message | None:
@@ -64,7 +72,7 @@ def recv_message(sock: socket.socket, timeout: float = 5.0) -> protocol.Message 
     for fd in fds:
         os.close(fd)
     length, n_fds = wire.decode_header(data, 1 << 17)
-    return protocol.decode(data[wire.HEADER_SIZE:wire.HEADER_SIZE + length], n_fds)
+    return protocol.decode(data[wire.HEADER_SIZE : wire.HEADER_SIZE + length], n_fds)
 
 
 def raw_client(bus: Bus) -> socket.socket:
@@ -98,12 +106,19 @@ def keeps_receiving(bus: Bus, instance: str, more: int = 20, timeout: float = 10
     """The reader's file keeps growing: ``more`` ticks past the last one it holds now."""
     numbers = tick_numbers(read_lines(bus.out(instance)))
     target = (numbers[-1] if numbers else 0) + more
-    wait_until(lambda: ticks_reach(bus, instance, target), timeout,
-               what=f"{instance} reaching {target}")
+    wait_until(
+        lambda: ticks_reach(bus, instance, target), timeout, what=f"{instance} reaching {target}"
+    )
 
 
-def stop_and_check_all_ticks(bus: Bus, writer: Any, readers: dict[str, Any], *,
-                             only_ticks: bool = True, timeout: float = 10.0) -> None:
+def stop_and_check_all_ticks(
+    bus: Bus,
+    writer: Any,
+    readers: dict[str, Any],
+    *,
+    only_ticks: bool = True,
+    timeout: float = 10.0,
+) -> None:
     """SIGTERM the writer; every reader exits 0 having received every tick since it attached."""
     # ``only_ticks``: the ticker published everything, so tick N has seq N-1.
     writer.terminate()
@@ -165,8 +180,7 @@ def test_writer_refuses_a_socket_another_process_listens_on(bus: Bus) -> None:
 def test_writer_under_systemd_socket_activate(bus: Bus) -> None:
     """Under systemd-socket-activate the writer serves on the inherited listener."""
     bus.configure()
-    act = bus.spawn("systemd-socket-activate",
-                    activate_cmd(bus, bus.socket, "--seqpacket"))
+    act = bus.spawn("systemd-socket-activate", activate_cmd(bus, bus.socket, "--seqpacket"))
     wait_until(lambda: os.path.exists(bus.socket), what="the activation socket")
     # The first connection is what starts the writer.
     r = bus.file_reader("1")
@@ -222,7 +236,7 @@ def test_stream_control_socket_serves_readers_too(bus: Bus) -> None:
         assert r_, "no answer to a bad frame on the stream socket"
         data = client.recv(4096)
         length, _ = wire.decode_header(data, 4096)
-        refuse = protocol.decode(data[wire.HEADER_SIZE:wire.HEADER_SIZE + length], 0)
+        refuse = protocol.decode(data[wire.HEADER_SIZE : wire.HEADER_SIZE + length], 0)
         assert isinstance(refuse, protocol.Refuse) and "magic" in refuse.reason
     finally:
         client.close()
@@ -262,7 +276,8 @@ def test_sigterm_stops_writer_and_every_reader_cleanly(bus: Bus) -> None:
     names = w.names()
     assert names.index("active_cleared") < names.index("shutdown_complete")
     assert max(i for i, n in enumerate(names) if n == "reader_detached") < names.index(
-        "shutdown_complete")
+        "shutdown_complete"
+    )
     assert not w.find("reader_lost")
     assert not bus.segment_exists()
     assert not os.path.lexists(bus.socket)
@@ -425,24 +440,69 @@ def hello_body(instance: str, version: int = protocol.PROTOCOL_VERSION) -> bytes
 
 # name, datagram, fds to send with it, expected refuse code, words of the reason
 BAD_MESSAGES: list[tuple[str, bytes, int, protocol.RefuseCode, str]] = [
-    ("bad magic", wire.HEADER.pack(0x1234, 0, 4, 0, 0) + b"abcd", 0,
-     protocol.RefuseCode.BAD_MESSAGE, "magic is 0x1234"),
-    ("oversized", frame(b"x" * 2000), 0,
-     protocol.RefuseCode.BAD_MESSAGE, "2000 bytes, more than max_message 1024"),
-    ("truncated", wire.HEADER.pack(wire.MAGIC, 0, 100, 0, 0) + b"0123456789", 0,
-     protocol.RefuseCode.BAD_MESSAGE, "header says 100 body bytes but the datagram carries 10"),
-    ("short body", frame(b"\x01\x00"), 0,
-     protocol.RefuseCode.BAD_MESSAGE, "shorter than the 4-byte type/version prefix"),
-    ("wrong version", frame(hello_body("v2", version=2)), 0,
-     protocol.RefuseCode.VERSION, "protocol version 2 but this side speaks 1"),
-    ("unknown type", frame(b"\x63\x00\x01\x00"), 0,
-     protocol.RefuseCode.BAD_MESSAGE, "its type 99 is unknown"),
-    ("fds with a hello", frame(hello_body("fds"), 1), 1,
-     protocol.RefuseCode.BAD_MESSAGE, "came with it but a Hello carries exactly 0"),
-    ("bad instance name", frame(hello_body("x")[:-1] + b"/"), 0,
-     protocol.RefuseCode.BAD_MESSAGE, "instance name '/' does not match"),
-    ("a writer's message", frame(protocol.PublishAck(seq=1).encode()), 0,
-     protocol.RefuseCode.BAD_MESSAGE, "a PublishAck is not for the writer"),
+    (
+        "bad magic",
+        wire.HEADER.pack(0x1234, 0, 4, 0, 0) + b"abcd",
+        0,
+        protocol.RefuseCode.BAD_MESSAGE,
+        "magic is 0x1234",
+    ),
+    (
+        "oversized",
+        frame(b"x" * 2000),
+        0,
+        protocol.RefuseCode.BAD_MESSAGE,
+        "2000 bytes, more than max_message 1024",
+    ),
+    (
+        "truncated",
+        wire.HEADER.pack(wire.MAGIC, 0, 100, 0, 0) + b"0123456789",
+        0,
+        protocol.RefuseCode.BAD_MESSAGE,
+        "header says 100 body bytes but the datagram carries 10",
+    ),
+    (
+        "short body",
+        frame(b"\x01\x00"),
+        0,
+        protocol.RefuseCode.BAD_MESSAGE,
+        "shorter than the 4-byte type/version prefix",
+    ),
+    (
+        "wrong version",
+        frame(hello_body("v2", version=2)),
+        0,
+        protocol.RefuseCode.VERSION,
+        "protocol version 2 but this side speaks 1",
+    ),
+    (
+        "unknown type",
+        frame(b"\x63\x00\x01\x00"),
+        0,
+        protocol.RefuseCode.BAD_MESSAGE,
+        "its type 99 is unknown",
+    ),
+    (
+        "fds with a hello",
+        frame(hello_body("fds"), 1),
+        1,
+        protocol.RefuseCode.BAD_MESSAGE,
+        "came with it but a Hello carries exactly 0",
+    ),
+    (
+        "bad instance name",
+        frame(hello_body("x")[:-1] + b"/"),
+        0,
+        protocol.RefuseCode.BAD_MESSAGE,
+        "instance name '/' does not match",
+    ),
+    (
+        "a writer's message",
+        frame(protocol.PublishAck(seq=1).encode()),
+        0,
+        protocol.RefuseCode.BAD_MESSAGE,
+        "a PublishAck is not for the writer",
+    ),
 ]
 
 
@@ -556,8 +616,9 @@ def test_flooding_peer_is_dropped_and_logged(bus: Bus) -> None:
     except (BrokenPipeError, ConnectionResetError):
         pass  # dropped: what this test wants
     except TimeoutError:
-        raise AssertionError(f"the writer stopped reading the flood after {sent} messages "
-                             "without dropping it") from None
+        raise AssertionError(
+            f"the writer stopped reading the flood after {sent} messages without dropping it"
+        ) from None
     finally:
         flood.close()
     dropped = w.wait_for("reader_error", 30, pid=os.getpid())
@@ -661,7 +722,8 @@ class JournalCapture:
     def wait_for(self, event: str, timeout: float = 10.0) -> dict[str, str]:
         with self._cond:
             ok = self._cond.wait_for(
-                lambda: any(e["SHMD_EVENT"] == event for e in self.entries), timeout)
+                lambda: any(e["SHMD_EVENT"] == event for e in self.entries), timeout
+            )
             assert ok, f"no {event} journal entry within {timeout} s: {self.entries}"
             return next(e for e in self.entries if e["SHMD_EVENT"] == event)
 
@@ -676,8 +738,10 @@ def test_writer_events_map_to_journal_fields(bus: Bus) -> None:
     # shm-reader attaches, then SIGTERM to this process starts the termination flow.
     cfg = load_config(bus.configure(writer={"shutdown_grace": 3.0}))
     journal = JournalCapture()
-    assert logs.configure_logging("writer", level="info", target="journal",
-                                  sender=journal) == "journal"
+    assert (
+        logs.configure_logging("writer", level="info", target="journal", sender=journal)
+        == "journal"
+    )
     writer = Writer(cfg, logs.get_logger(), str(bus.config_path))
     failures: list[BaseException] = []
     readers: list[Any] = []

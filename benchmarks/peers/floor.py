@@ -119,8 +119,9 @@ def ponger_role(
             # An eventfd adds up unread writes: a lost or doubled ping shows up as a value
             # that is not a fresh stamp (a sum of two stamps lies in the future).
             if not previous < stamp <= t:
-                error = (f"record {seq}: eventfd value {stamp} is not a stamp between "
-                         f"{previous} and {t}")
+                error = (
+                    f"record {seq}: eventfd value {stamp} is not a stamp between {previous} and {t}"
+                )
                 done = seq
                 break
             if seq == 0:
@@ -131,8 +132,18 @@ def ponger_role(
         cpu = time.process_time_ns() - cpu0
     finally:
         chan.close()
-    return ReaderStats(index, not error, f"reader {index}: {error}" if error else "", done,
-                       done * 8, t_first, t_last, cpu, vm_hwm_kib(), latencies[:done])
+    return ReaderStats(
+        index,
+        not error,
+        f"reader {index}: {error}" if error else "",
+        done,
+        done * 8,
+        t_first,
+        t_last,
+        cpu,
+        vm_hwm_kib(),
+        latencies[:done],
+    )
 
 
 class EventfdPingPong:
@@ -159,8 +170,9 @@ class EventfdPingPong:
             raise
         chan = PingPongChannel(ping, pong)
         try:
-            return run_roles(Role(pinger_role, (chan, case)),
-                             [Role(ponger_role, (chan, case, 0))], timeout)
+            return run_roles(
+                Role(pinger_role, (chan, case)), [Role(ponger_role, (chan, case, 0))], timeout
+            )
         finally:
             chan.close()
 
@@ -206,7 +218,7 @@ class _ShmWriter:
         if seq - self._floor >= slots:
             self._wait_for_space(seq)
         offset = (seq % slots) * payload
-        self._map[offset:offset + payload] = record
+        self._map[offset : offset + payload] = record
         self._sent = seq + 1
         # The eventfd write is a syscall taking a kernel spinlock: it orders the slot
         # store above before the reader's eventfd read returns, on any architecture.
@@ -250,7 +262,7 @@ class _ShmReader:
         payload = self._chan.payload
         offset = (self._seq % self._chan.slots) * payload
         self._seq += 1
-        return self._view[offset:offset + payload]
+        return self._view[offset : offset + payload]
 
     def close(self) -> None:
         self._view.release()
@@ -269,7 +281,7 @@ class _CountingShmWriter(_ShmWriter):
     def __init__(self, chan: ShmChannel) -> None:
         super().__init__(chan)
         ring = chan.slots * chan.payload
-        self._count = memoryview(self._map)[ring:ring + _COUNT_SIZE].cast("Q")
+        self._count = memoryview(self._map)[ring : ring + _COUNT_SIZE].cast("Q")
 
     def send(self, record: bytearray) -> None:
         # The base class's send() with the count stored, written out: a hook would add a
@@ -278,7 +290,7 @@ class _CountingShmWriter(_ShmWriter):
         if seq - self._floor >= slots:
             self._wait_for_space(seq)
         offset = (seq % slots) * payload
-        self._map[offset:offset + payload] = record
+        self._map[offset : offset + payload] = record
         # x86-64 keeps stores in order, so a reader that sees the count sees the slot
         # (this floor is measured there; it is a yardstick, not a portable protocol).
         self._sent = self._count[0] = seq + 1
@@ -296,7 +308,7 @@ class _EpollShmReader(_ShmReader):
     def __init__(self, chan: ShmChannel, index: int) -> None:
         super().__init__(chan, index)
         ring = chan.slots * chan.payload
-        self._count = self._view[ring:ring + _COUNT_SIZE].cast("Q")
+        self._count = self._view[ring : ring + _COUNT_SIZE].cast("Q")
         self._known = 0  # records the writer's count said were sent, at our last look
         self._epoll = select.epoll(1)
         self._epoll.register(self._wake, select.EPOLLIN)
@@ -324,7 +336,7 @@ class _EpollShmReader(_ShmReader):
         payload = self._chan.payload
         offset = (seq % self._chan.slots) * payload
         self._seq = seq + 1
-        return self._view[offset:offset + payload]
+        return self._view[offset : offset + payload]
 
     def close(self) -> None:
         self._epoll.close()

@@ -53,8 +53,9 @@ try:
 
     MISSING = None
 except ImportError as exc:  # optional: the impl reports itself unavailable
-    MISSING = (f"iceoryx2 is not installed ({exc}; pip install 'iceoryx2>=0.10,<0.11', "
-               "or the bench extra)")
+    MISSING = (
+        f"iceoryx2 is not installed ({exc}; pip install 'iceoryx2>=0.10,<0.11', or the bench extra)"
+    )
 
 
 #: Longest a reader sleeps before it looks for samples without a wake-up.
@@ -76,29 +77,35 @@ def _node(chan: IoxChannel) -> Any:
     config = iox2.config.default()
     config.global_cfg.prefix = iox2.FileName.new(chan.prefix)
     config.global_cfg.root_path = iox2.Path.new(chan.root + "/")
-    return (iox2.NodeBuilder.new()
-            .config(config)
-            .signal_handling_mode(iox2.SignalHandlingMode.Disabled)
-            .create(iox2.ServiceType.Ipc))
+    return (
+        iox2.NodeBuilder.new()
+        .config(config)
+        .signal_handling_mode(iox2.SignalHandlingMode.Disabled)
+        .create(iox2.ServiceType.Ipc)
+    )
 
 
 def _pubsub(node: Any, chan: IoxChannel) -> Any:
-    return (node.service_builder(iox2.ServiceName.new(chan.service))
-            .publish_subscribe(iox2.Slice[ctypes.c_uint8])
-            .max_publishers(1)
-            .max_subscribers(chan.readers)
-            .max_nodes(chan.readers + 1)
-            .history_size(0)
-            .subscriber_max_buffer_size(chan.depth)
-            .enable_safe_overflow(False))
+    return (
+        node.service_builder(iox2.ServiceName.new(chan.service))
+        .publish_subscribe(iox2.Slice[ctypes.c_uint8])
+        .max_publishers(1)
+        .max_subscribers(chan.readers)
+        .max_nodes(chan.readers + 1)
+        .history_size(0)
+        .subscriber_max_buffer_size(chan.depth)
+        .enable_safe_overflow(False)
+    )
 
 
 def _event(node: Any, chan: IoxChannel, purpose: str) -> Any:
-    return (node.service_builder(iox2.ServiceName.new(f"{chan.service}/{purpose}"))
-            .event()
-            .max_notifiers(chan.readers + 1)
-            .max_listeners(chan.readers + 1)
-            .max_nodes(chan.readers + 1))
+    return (
+        node.service_builder(iox2.ServiceName.new(f"{chan.service}/{purpose}"))
+        .event()
+        .max_notifiers(chan.readers + 1)
+        .max_listeners(chan.readers + 1)
+        .max_nodes(chan.readers + 1)
+    )
 
 
 class _IoxWriter:
@@ -106,11 +113,13 @@ class _IoxWriter:
         self._chan = chan
         self._node = _node(chan)
         self._service = _pubsub(self._node, chan).create()
-        self._publisher = (self._service.publisher_builder()
-                           .initial_max_slice_len(chan.payload)
-                           .allocation_strategy(iox2.AllocationStrategy.Static)
-                           .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
-                           .create())
+        self._publisher = (
+            self._service.publisher_builder()
+            .initial_max_slice_len(chan.payload)
+            .allocation_strategy(iox2.AllocationStrategy.Static)
+            .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
+            .create()
+        )
         self._wake = _event(self._node, chan, "data").create().notifier_builder().create()
         self._hello = _event(self._node, chan, "hello").create().listener_builder().create()
         self._source: bytearray | None = None
@@ -141,8 +150,9 @@ class _IoxWriter:
         dst = sample.payload_ptr
         if self._chan.zero_copy:
             ctypes.memmove(dst, self._source_addr, HEAD.size)
-            ctypes.memmove(dst + payload - TAIL.size, self._source_addr + payload - TAIL.size,
-                           TAIL.size)
+            ctypes.memmove(
+                dst + payload - TAIL.size, self._source_addr + payload - TAIL.size, TAIL.size
+            )
         else:
             ctypes.memmove(dst, self._source_addr, payload)
         sample.assume_init().send()
@@ -223,8 +233,15 @@ class Iceoryx2Impl(StreamImpl):
     def prepare(self, case: Case, workdir: str) -> IoxChannel:
         # iceoryx2's own directory tree goes straight into the run directory (short
         # paths: its event files are unix sockets, limited to 107 bytes).
-        return IoxChannel(shm_prefix(workdir) + "_", workdir, "shmd-bench", case.readers,
-                          case.depth, case.payload, self.zero_copy)
+        return IoxChannel(
+            shm_prefix(workdir) + "_",
+            workdir,
+            "shmd-bench",
+            case.readers,
+            case.depth,
+            case.payload,
+            self.zero_copy,
+        )
 
     def cleanup(self, channel: IoxChannel) -> None:
         # Clean exits leave the per-prefix global_mgmt file; SIGKILLed ports leave data

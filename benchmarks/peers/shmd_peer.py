@@ -79,13 +79,16 @@ def _capacity(depth: int) -> int:
     return cap
 
 
-def writer_role(
-    ctl: RoleControl, chan: ShmdChannel, case: Case, zero_copy: bool
-) -> WriterStats:
+def writer_role(ctl: RoleControl, chan: ShmdChannel, case: Case, zero_copy: bool) -> WriterStats:
     """Create the segment, attach the readers' entries, publish every record."""
-    pub = Publisher.create(chan.name, capacity=chan.capacity, slot_size=chan.slot_size,
-                           max_readers=max(1, case.readers), policy=Policy.BLOCK,
-                           block_timeout=60.0)
+    pub = Publisher.create(
+        chan.name,
+        capacity=chan.capacity,
+        slot_size=chan.slot_size,
+        max_readers=max(1, case.readers),
+        policy=Policy.BLOCK,
+        block_timeout=60.0,
+    )
     try:
         for i, fd in enumerate(chan.eventfds):
             pub.add_reader(f"bench{i}", os.getpid(), eventfd=OwnedFd(os.dup(fd.fd)))
@@ -119,8 +122,12 @@ def _batched(pub: Publisher, payload: int, records: int, batch: int) -> tuple[in
     publish_batch = pub.publish_batch
     t_start = now()
     for start in range(0, records, batch):
-        publish_batch([pack_head(seq, now()) + middle + pack_tail(seq)
-                       for seq in range(start, min(start + batch, records))])
+        publish_batch(
+            [
+                pack_head(seq, now()) + middle + pack_tail(seq)
+                for seq in range(start, min(start + batch, records))
+            ]
+        )
     return t_start, now()
 
 
@@ -180,8 +187,11 @@ def reader_role(
             if not t_first:
                 t_first = t
             for _seq, _ts, _topic, record in batch:
-                if (len(record) != payload or unpack_head(record, 0)[0] != expected
-                        or unpack_tail(record, tail)[0] != expected):
+                if (
+                    len(record) != payload
+                    or unpack_head(record, 0)[0] != expected
+                    or unpack_tail(record, tail)[0] != expected
+                ):
                     error = check(record, expected, payload)
                     break
                 if latency:
@@ -194,9 +204,18 @@ def reader_role(
                 sub.release()
         t_last = now()
         cpu = time.process_time_ns() - cpu0
-        stats = ReaderStats(index, not error, f"reader {index}: {error}" if error else "",
-                            expected, expected * payload, t_first, t_last, cpu, vm_hwm_kib(),
-                            latencies[:expected])
+        stats = ReaderStats(
+            index,
+            not error,
+            f"reader {index}: {error}" if error else "",
+            expected,
+            expected * payload,
+            t_first,
+            t_last,
+            cpu,
+            vm_hwm_kib(),
+            latencies[:expected],
+        )
         ctl.result(stats)
     finally:
         epoll.close()
@@ -229,15 +248,20 @@ class ShmdImpl:
         # removes it should the whole harness be SIGKILLed.
         rundir = RunDir()
         try:
-            chan = ShmdChannel(f"/{shm_prefix(rundir.path)}-{uuid.uuid4().hex[:8]}",
-                               _capacity(case.depth), slot,
-                               [PassFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-                                for _ in range(case.readers)])
+            chan = ShmdChannel(
+                f"/{shm_prefix(rundir.path)}-{uuid.uuid4().hex[:8]}",
+                _capacity(case.depth),
+                slot,
+                [
+                    PassFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+                    for _ in range(case.readers)
+                ],
+            )
             try:
-                readers = [Role(reader_role, (chan, case, i, self.zero_copy))
-                           for i in range(case.readers)]
-                return run_roles(Role(writer_role, (chan, case, self.zero_copy)), readers,
-                                 timeout)
+                readers = [
+                    Role(reader_role, (chan, case, i, self.zero_copy)) for i in range(case.readers)
+                ]
+                return run_roles(Role(writer_role, (chan, case, self.zero_copy)), readers, timeout)
             finally:
                 chan.close()
                 # A writer killed by the harness (timeout, failure) cannot unlink.

@@ -58,8 +58,9 @@ class _UnixWriter:
             conn, _ = self._listener.accept()
             conn.settimeout(None)
             if self._chan.flavour == "seqpacket":
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                _seqpacket_sndbuf(self._chan.payload))
+                conn.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, _seqpacket_sndbuf(self._chan.payload)
+                )
             self._conns.append(conn)
         self._listener.close()
         self._listener = None
@@ -138,13 +139,16 @@ class UnixSocketImpl(StreamImpl):
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, wanted)
                 granted = probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             if granted < case.payload + 4096:
-                return (f"a {case.payload} B seqpacket record exceeds the send buffer the kernel "
-                        f"grants ({granted} B; raise net.core.wmem_max)")
+                return (
+                    f"a {case.payload} B seqpacket record exceeds the send buffer the kernel "
+                    f"grants ({granted} B; raise net.core.wmem_max)"
+                )
         return super().supports(case)
 
     def prepare(self, case: Case, workdir: str) -> UnixChannel:
-        return UnixChannel(os.path.join(workdir, "writer.sock"), self.flavour, case.readers,
-                           case.payload)
+        return UnixChannel(
+            os.path.join(workdir, "writer.sock"), self.flavour, case.readers, case.payload
+        )
 
     def cleanup(self, channel: UnixChannel) -> None:
         # The writer unlinks its path once every reader is connected; after a crash the

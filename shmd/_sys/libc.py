@@ -157,13 +157,17 @@ _PTHREAD_PROCESS_SHARED = 1
 _PTHREAD_MUTEX_ROBUST = 1
 _PTHREAD_MUTEX_ERRORCHECK = 2
 
-for _fn in ("pthread_mutex_lock", "pthread_mutex_trylock", "pthread_mutex_unlock",
-            "pthread_mutex_consistent", "pthread_mutex_destroy"):
+for _fn in (
+    "pthread_mutex_lock",
+    "pthread_mutex_trylock",
+    "pthread_mutex_unlock",
+    "pthread_mutex_consistent",
+    "pthread_mutex_destroy",
+):
     getattr(_libc, _fn).argtypes = [ctypes.c_void_p]
     getattr(_libc, _fn).restype = ctypes.c_int
 _libc.pthread_mutex_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-_libc.pthread_mutex_clocklock.argtypes = [ctypes.c_void_p, ctypes.c_int,
-                                          ctypes.POINTER(_Timespec)]
+_libc.pthread_mutex_clocklock.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
 _libc.pthread_mutexattr_init.argtypes = [ctypes.c_void_p]
 _libc.pthread_mutexattr_destroy.argtypes = [ctypes.c_void_p]
 _libc.pthread_mutexattr_setpshared.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -185,8 +189,10 @@ class LockResult(enum.Enum):
 
 
 _MUTEX_LOCK_ERRORS: dict[int, tuple[type[ShmdError], str]] = {
-    ENOTRECOVERABLE: (MutexUnrecoverable,
-                      "a previous owner died holding it and it was never made consistent"),
+    ENOTRECOVERABLE: (
+        MutexUnrecoverable,
+        "a previous owner died holding it and it was never made consistent",
+    ),
     E.EINVAL: (MutexError, "it is not an initialised mutex (corrupt segment?)"),
     E.EDEADLK: (MutexError, "this thread already holds it"),
     E.EAGAIN: (MutexError, "the maximum number of recursive locks was exceeded"),
@@ -244,8 +250,9 @@ def mutex_lock(address: int, timeout: float | None) -> LockResult:
         # Uncontended (nearly always): one trylock, no deadline to build.
         rc = _libc.pthread_mutex_trylock(addr)
         if rc == E.EBUSY:
-            rc = _libc.pthread_mutex_clocklock(addr, CLOCK_MONOTONIC,
-                                               ctypes.byref(_deadline(timeout)))
+            rc = _libc.pthread_mutex_clocklock(
+                addr, CLOCK_MONOTONIC, ctypes.byref(_deadline(timeout))
+            )
             if rc == E.ETIMEDOUT:
                 return LockResult.TIMEOUT
     if rc == 0:
@@ -375,7 +382,9 @@ if _machine == "x86_64":
     #: fence() as two calls a hot path can make inline (saving the call to
     #: fence() itself, ~1 us cold): the first, then the second.
     FENCE_PAIR: tuple[Callable[[], object], Callable[[], object]] = (
-        _barrier_acquire, _barrier_release)
+        _barrier_acquire,
+        _barrier_release,
+    )
 
 else:  # pragma: no cover - exercised on non-x86 machines only
     _fence_mutex = ctypes.create_string_buffer(64)

@@ -79,8 +79,12 @@ class SignalWakeup:
     signal numbers from the pipe and calls ``dispatch(signum)``.
     """
 
-    def __init__(self, reactor: Reactor, signals: list[signal.Signals],
-                 dispatch: Callable[[signal.Signals], None]) -> None:
+    def __init__(
+        self,
+        reactor: Reactor,
+        signals: list[signal.Signals],
+        dispatch: Callable[[signal.Signals], None],
+    ) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._r, self._w = OwnedFd(r), OwnedFd(w)
         self._reactor = reactor

@@ -145,14 +145,21 @@ class Geometry:
 
     def __post_init__(self) -> None:
         c, s, r = self.capacity, self.slot_size, self.max_readers
-        if (isinstance(c, bool) or not isinstance(c, int) or not 2 <= c <= MAX_CAPACITY
-                or c & (c - 1)):
+        if (
+            isinstance(c, bool)
+            or not isinstance(c, int)
+            or not 2 <= c <= MAX_CAPACITY
+            or c & (c - 1)
+        ):
             raise GeometryError(
                 f"Failed to lay out the segment since capacity {c!r} is not a power of two "
                 f"between 2 and {MAX_CAPACITY}"
             )
-        if isinstance(s, bool) or not isinstance(s, int) or s % 8 or not (
-            RECORD_HEADER_SIZE + 8 <= s <= MAX_SLOT_SIZE
+        if (
+            isinstance(s, bool)
+            or not isinstance(s, int)
+            or s % 8
+            or not (RECORD_HEADER_SIZE + 8 <= s <= MAX_SLOT_SIZE)
         ):
             raise GeometryError(
                 f"Failed to lay out the segment since slot size {s!r} is not a multiple of 8 "
@@ -222,14 +229,35 @@ class Header:
 
 
 def encode_header(
-    geometry: Geometry, *, generation: int, writer_pid: int, policy: Policy, created_ns: int,
+    geometry: Geometry,
+    *,
+    generation: int,
+    writer_pid: int,
+    policy: Policy,
+    created_ns: int,
     write_seq: int = 0,
 ) -> bytes:
     """The header bytes a writer stores at offset 0 of a new segment (active = 1)."""
     return _HEAD.pack(
-        MAGIC, LAYOUT_VERSION, geometry.control_size, generation, writer_pid, 1,
-        geometry.capacity, geometry.slot_size, int(policy), geometry.max_readers, created_ns,
-        geometry.ring_offset, geometry.segment_size, write_seq, write_seq, 0, 0, 0, 0,
+        MAGIC,
+        LAYOUT_VERSION,
+        geometry.control_size,
+        generation,
+        writer_pid,
+        1,
+        geometry.capacity,
+        geometry.slot_size,
+        int(policy),
+        geometry.max_readers,
+        created_ns,
+        geometry.ring_offset,
+        geometry.segment_size,
+        write_seq,
+        write_seq,
+        0,
+        0,
+        0,
+        0,
     )
 
 
@@ -321,8 +349,9 @@ def decode_entry(buf: bytes | memoryview, index: int) -> ReaderEntry:
     except ValueError:
         state = ReaderState.FREE
     name = f[10].split(b"\0", 1)[0].decode("utf-8", "replace")
-    return ReaderEntry(index, state, f[1], f[2], f[3], f[4], f[5], f[6] != f[7], f[8], f[9],
-                       name, f[11])
+    return ReaderEntry(
+        index, state, f[1], f[2], f[3], f[4], f[5], f[6] != f[7], f[8], f[9], name, f[11]
+    )
 
 
 def encode_name(name: str) -> bytes:

@@ -38,8 +38,13 @@ class ReaderLoop:
     """
 
     def __init__(
-        self, sub: Subscriber, on_records: Callable[[list[RawRecord]], None], *,
-        reactor: Reactor | None = None, batch: int = 4096, copy: bool = True,
+        self,
+        sub: Subscriber,
+        on_records: Callable[[list[RawRecord]], None],
+        *,
+        reactor: Reactor | None = None,
+        batch: int = 4096,
+        copy: bool = True,
         tick: Callable[[], float | None] | None = None,
     ) -> None:
         if sub.eventfd is None:
@@ -111,7 +116,10 @@ class ReaderLoop:
 
 
 async def aiter_records(
-    sub: Subscriber, *, batch: int = 4096, copy: bool = True,
+    sub: Subscriber,
+    *,
+    batch: int = 4096,
+    copy: bool = True,
 ) -> AsyncIterator[list[Record]]:
     """Batches of records for asyncio code; ends once the writer went inactive and all is read.
 

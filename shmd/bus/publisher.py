@@ -145,7 +145,12 @@ class Publisher:
     """
 
     def __init__(
-        self, segment: Segment, policy: Policy, *, block_timeout: float, mutex_timeout: float,
+        self,
+        segment: Segment,
+        policy: Policy,
+        *,
+        block_timeout: float,
+        mutex_timeout: float,
     ) -> None:
         self.segment = segment
         self.geometry = segment.geometry
@@ -196,9 +201,17 @@ class Publisher:
 
     @classmethod
     def create(
-        cls, name: str, *, capacity: int = 1024, slot_size: int = 4096, max_readers: int = 64,
-        policy: Policy | str = Policy.DROP_OLDEST, block_timeout: float = 1.0,
-        mutex_timeout: float = 0.5, mode: int = 0o600, replace_stale: bool = True,
+        cls,
+        name: str,
+        *,
+        capacity: int = 1024,
+        slot_size: int = 4096,
+        max_readers: int = 64,
+        policy: Policy | str = Policy.DROP_OLDEST,
+        block_timeout: float = 1.0,
+        mutex_timeout: float = 0.5,
+        mode: int = 0o600,
+        replace_stale: bool = True,
     ) -> Publisher:
         """Create segment ``name``.
 
@@ -218,14 +231,26 @@ class Publisher:
             cls._remove_stale(name)
             seg = Segment.create(name, geometry, policy, mode=mode)
         pub = cls(seg, policy, block_timeout=block_timeout, mutex_timeout=mutex_timeout)
-        log.info("segment_created", segment=name, generation=seg.generation,
-                 capacity=capacity, slot_size=slot_size, max_readers=max_readers,
-                 policy=policy.label, size=geometry.segment_size)
+        log.info(
+            "segment_created",
+            segment=name,
+            generation=seg.generation,
+            capacity=capacity,
+            slot_size=slot_size,
+            max_readers=max_readers,
+            policy=policy.label,
+            size=geometry.segment_size,
+        )
         return pub
 
     @classmethod
     def adopt(
-        cls, name: str, fd: OwnedFd, *, block_timeout: float = 1.0, mutex_timeout: float = 0.5,
+        cls,
+        name: str,
+        fd: OwnedFd,
+        *,
+        block_timeout: float = 1.0,
+        mutex_timeout: float = 0.5,
         mode: int = 0o600,
     ) -> Publisher:
         """Take over a segment a previous writer left (its fd, from systemd's fd store).
@@ -241,8 +266,9 @@ class Publisher:
         their cursors.  Raises a :class:`~shmd.errors.ShmdError` when the
         stored segment is unusable: the caller then starts a new generation.
         """
-        old: Segment | None = Segment.open(fd=fd, control_writable=True, ring_writable=True,
-                                           populate=True)
+        old: Segment | None = Segment.open(
+            fd=fd, control_writable=True, ring_writable=True, populate=True
+        )
         assert old is not None
         try:
             header = old.header()
@@ -269,8 +295,14 @@ class Publisher:
                 seg, old = old, None
                 seg.name = name
             else:
-                seg = Segment.create(name, old.geometry, policy, mode=mode,
-                                     generation=header.generation, write_seq=header.write_seq)
+                seg = Segment.create(
+                    name,
+                    old.geometry,
+                    policy,
+                    mode=mode,
+                    generation=header.generation,
+                    write_seq=header.write_seq,
+                )
                 try:
                     _copy_state(old, seg)
                 except BaseException:
@@ -287,9 +319,15 @@ class Publisher:
                 old.close()
         pub = cls(seg, policy, block_timeout=block_timeout, mutex_timeout=mutex_timeout)
         pub._take_over(header)
-        log.info("segment_adopted", segment=name, generation=seg.generation, seq=pub.write_seq,
-                 in_place=in_place, discarded=header.reserve_seq - header.write_seq,
-                 readers=sum(1 for e in seg.entries() if e.state == ReaderState.ATTACHED))
+        log.info(
+            "segment_adopted",
+            segment=name,
+            generation=seg.generation,
+            seq=pub.write_seq,
+            in_place=in_place,
+            discarded=header.reserve_seq - header.write_seq,
+            readers=sum(1 for e in seg.entries() if e.state == ReaderState.ATTACHED),
+        )
         return pub
 
     def _take_over(self, header: Header) -> None:
@@ -322,8 +360,9 @@ class Publisher:
             eventfd.close()
             return None
         q0, u0 = Segment.entry_words(index)
-        handle = ReaderHandle(index, entry.name, entry.pid, entry.topics, entry.token, eventfd,
-                              q0, u0)
+        handle = ReaderHandle(
+            index, entry.name, entry.pid, entry.topics, entry.token, eventfd, q0, u0
+        )
         self.readers[index] = handle
         self._readers_changed()
         self._room_until = min(self._room_until, entry.cursor + self.geometry.capacity)
@@ -381,8 +420,9 @@ class Publisher:
             raise SegmentExists(
                 f"Failed to create segment {name!r} since writer pid {pid} is running and owns it"
             )
-        log.warning("segment_stale", segment=name, writer_pid=pid,
-                    reason="its writer is gone; replacing it")
+        log.warning(
+            "segment_stale", segment=name, writer_pid=pid, reason="its writer is gone; replacing it"
+        )
         Segment.unlink_name(name)
 
     @property
@@ -459,17 +499,26 @@ class Publisher:
                 tid = self.segment.mutex_owner()
                 pid = _tgid(tid)
                 reader = next((h.name for h in self.readers.values() if h.pid == pid), None)
-                log.warning("mutex_stalled", segment=self.name, holder_tid=tid, holder_pid=pid,
-                            reader=reader, timeout=timeout,
-                            action="changing the reader table without the mutex until it is free "
-                                   "again (publishing never takes it)")
+                log.warning(
+                    "mutex_stalled",
+                    segment=self.name,
+                    holder_tid=tid,
+                    holder_pid=pid,
+                    reader=reader,
+                    timeout=timeout,
+                    action="changing the reader table without the mutex until it is free "
+                    "again (publishing never takes it)",
+                )
             return False
         if result is libc.LockResult.OWNER_DIED:
             self._repair()
         if stalled:
             assert self._stalled_since is not None
-            log.info("mutex_recovered", segment=self.name,
-                     stalled=round(time.monotonic() - self._stalled_since, 3))
+            log.info(
+                "mutex_recovered",
+                segment=self.name,
+                stalled=round(time.monotonic() - self._stalled_since, 3),
+            )
             self._stalled_since = None
         return True
 
@@ -486,8 +535,11 @@ class Publisher:
         freed = []
         for i in range(self.geometry.max_readers):
             _, u0 = Segment.entry_words(i)
-            if (seg.u[u0 + R_STATE // 4] != ReaderState.FREE and i not in self.readers
-                    and not pid_alive(seg.u[u0 + R_PID // 4])):
+            if (
+                seg.u[u0 + R_STATE // 4] != ReaderState.FREE
+                and i not in self.readers
+                and not pid_alive(seg.u[u0 + R_PID // 4])
+            ):
                 seg.u[u0 + R_STATE // 4] = ReaderState.FREE
                 freed.append(i)
         log.warning("mutex_owner_died", role="writer", segment=self.name, freed_entries=freed)
@@ -495,7 +547,12 @@ class Publisher:
     # -- readers ---------------------------------------------------------------------------
 
     def add_reader(
-        self, name: str, pid: int, *, topics: int = ALL_TOPICS, start: str | int = "latest",
+        self,
+        name: str,
+        pid: int,
+        *,
+        topics: int = ALL_TOPICS,
+        start: str | int = "latest",
         eventfd: OwnedFd | None = None,
     ) -> ReaderHandle:
         """Take a free table entry for a reader and make its eventfd.
@@ -516,14 +573,21 @@ class Publisher:
         elif isinstance(start, int):
             cursor = min(max(start, 0, self._seq - self.geometry.capacity), self._seq)
         else:
-            raise ValueError(f"Failed to add reader {name!r} since start {start!r} is not "
-                             "latest, oldest or a cursor")
+            raise ValueError(
+                f"Failed to add reader {name!r} since start {start!r} is not "
+                "latest, oldest or a cursor"
+            )
         efd = eventfd or OwnedFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
         locked = self._lock(self.mutex_timeout)
         try:
-            index = next((i for i in range(self.geometry.max_readers)
-                          if seg.u[Segment.entry_words(i)[1] + R_STATE // 4] == ReaderState.FREE),
-                         None)
+            index = next(
+                (
+                    i
+                    for i in range(self.geometry.max_readers)
+                    if seg.u[Segment.entry_words(i)[1] + R_STATE // 4] == ReaderState.FREE
+                ),
+                None,
+            )
             if index is None:
                 efd.close()
                 raise ReaderTableFull(
@@ -640,7 +704,9 @@ class Publisher:
         return self.publish(payload, topic)
 
     def publish_batch(
-        self, payloads: Sequence[bytes | bytearray | memoryview], topic: int = 0,
+        self,
+        payloads: Sequence[bytes | bytearray | memoryview],
+        topic: int = 0,
     ) -> int:
         """Publish records in order with one commit; returns the last one's seq."""
         self._check_open()
@@ -687,26 +753,40 @@ class Publisher:
         self._commit(seq, nbytes, 1 << topic)
 
     def _write_dense(  # noqa: PLR0917 - private, called from one place
-        self, seq: int, ts: int, topic: int,
-        payloads: Sequence[bytes | bytearray | memoryview], lengths: list[int],
-        longest: int, pad: int,
+        self,
+        seq: int,
+        ts: int,
+        topic: int,
+        payloads: Sequence[bytes | bytearray | memoryview],
+        lengths: list[int],
+        longest: int,
+        pad: int,
     ) -> None:
         ring, mask, slot = self.segment.ring, self._mask, self._slot
         packer = _slot_packer(longest, pad)
         # Blobs stay small: a large one is a fresh mmap in malloc, whose page
         # faults cost more than the copy.
         chunk = max(1, _DENSE_BLOB // slot)
-        for first, count in _chunked(runs(seq, seq + len(payloads), self.geometry.capacity),
-                                     chunk):
+        for first, count in _chunked(runs(seq, seq + len(payloads), self.geometry.capacity), chunk):
             i = first - seq
-            blob = b"".join(map(packer.pack, range(first, first + count), repeat(ts),
-                                lengths[i : i + count], repeat(topic), repeat(0), repeat(0),
-                                payloads[i : i + count]))
+            blob = b"".join(
+                map(
+                    packer.pack,
+                    range(first, first + count),
+                    repeat(ts),
+                    lengths[i : i + count],
+                    repeat(topic),
+                    repeat(0),
+                    repeat(0),
+                    payloads[i : i + count],
+                )
+            )
             off = (first & mask) * slot
             ring[off : off + len(blob)] = blob
 
-    def _write_loop(self, seq: int, ts: int, topic: int,
-                    payloads: Sequence[bytes | bytearray | memoryview]) -> None:
+    def _write_loop(
+        self, seq: int, ts: int, topic: int, payloads: Sequence[bytes | bytearray | memoryview]
+    ) -> None:
         ring, mask, slot, pack = self.segment.ring, self._mask, self._slot, self._pack
         for p in payloads:
             off = (seq & mask) * slot
@@ -740,8 +820,9 @@ class Publisher:
         self._check_open()
         check_record(size, topic, self._max_payload)
         if not 1 <= count <= self.geometry.capacity:
-            raise ValueError(f"Failed to reserve {count} slots since the ring has "
-                             f"{self.geometry.capacity}")
+            raise ValueError(
+                f"Failed to reserve {count} slots since the ring has {self.geometry.capacity}"
+            )
         if self._block:
             self._wait_for_space(count)
         seq = self._seq
@@ -783,8 +864,10 @@ class Publisher:
 
     def _readers_changed(self) -> None:
         """Rebuild the wake table from ``readers``; call it before closing any eventfd."""
-        self._wake_table = [(h.u0 + _SLEEP, h.u0 + _WAKE, h.topics, h.eventfd.fileno(), h)
-                            for h in self.readers.values()]
+        self._wake_table = [
+            (h.u0 + _SLEEP, h.u0 + _WAKE, h.topics, h.eventfd.fileno(), h)
+            for h in self.readers.values()
+        ]
         # The next commit looks at every entry: whoever was waiting for a
         # topic is found again there.
         self._waiting = []
@@ -838,9 +921,14 @@ class Publisher:
         os.set_blocking(fd, False)
         if (h.index, h.token) not in self._tampered:
             self._tampered.add((h.index, h.token))
-            log.warning("eventfd_tampered", segment=self.name, reader=h.name,
-                        pid=h.pid, index=h.index,
-                        error="the reader cleared O_NONBLOCK on its eventfd; restored")
+            log.warning(
+                "eventfd_tampered",
+                segment=self.name,
+                reader=h.name,
+                pid=h.pid,
+                index=h.index,
+                error="the reader cleared O_NONBLOCK on its eventfd; restored",
+            )
 
     def _write_eventfd(self, h: ReaderHandle) -> None:
         fd = h.eventfd.fileno()
@@ -906,9 +994,12 @@ class Publisher:
             # semaphore like any reader that advances.  (One that is not
             # asleep yet cannot fall asleep now: prepare_sleep sees
             # write_seq past its cursor and withdraws.)
-            behind = [h for h in self.readers.values()
-                      if seg.u[h.u0 + _SLEEP] != seg.u[h.u0 + _WAKE]
-                      and free_slots(self._seq, seg.q[h.q0 + R_CURSOR // 8], cap) < n]
+            behind = [
+                h
+                for h in self.readers.values()
+                if seg.u[h.u0 + _SLEEP] != seg.u[h.u0 + _WAKE]
+                and free_slots(self._seq, seg.q[h.q0 + R_CURSOR // 8], cap) < n
+            ]
             if behind:
                 self._answer(behind)
             remaining = deadline - time.monotonic()
@@ -927,8 +1018,11 @@ class Publisher:
     def _evict_laggards(self, n: int) -> None:
         cap = self.geometry.capacity
         seg = self.segment
-        laggards = [h for h in self.readers.values()
-                    if free_slots(self._seq, seg.q[h.q0 + R_CURSOR // 8], cap) < n]
+        laggards = [
+            h
+            for h in self.readers.values()
+            if free_slots(self._seq, seg.q[h.q0 + R_CURSOR // 8], cap) < n
+        ]
         for h in laggards:
             cursor = seg.q[h.q0 + R_CURSOR // 8]
             seg.u[h.u0 + R_STATE // 4] = ReaderState.EVICTED
@@ -936,8 +1030,15 @@ class Publisher:
             self._readers_changed()
             ev = Eviction(h.index, h.name, h.pid, cursor, self._seq)
             self.evictions.append(ev)
-            log.warning("reader_evicted", segment=self.name, reader=h.name, pid=h.pid,
-                        seq=cursor, write_seq=self._seq, timeout=self.block_timeout)
+            log.warning(
+                "reader_evicted",
+                segment=self.name,
+                reader=h.name,
+                pid=h.pid,
+                seq=cursor,
+                write_seq=self._seq,
+                timeout=self.block_timeout,
+            )
             self._answer([h])
             h.eventfd.close()
 

@@ -35,7 +35,11 @@ def oldest_present(reserve_seq: int, capacity: int) -> int:
 
 
 def plan_read(
-    cursor: int, write_seq: int, reserve_seq: int, capacity: int, limit: int,
+    cursor: int,
+    write_seq: int,
+    reserve_seq: int,
+    capacity: int,
+    limit: int,
 ) -> tuple[int, int, int]:
     """Records ``[start, end)`` to read from ``cursor``, at most ``limit`` of them.
 

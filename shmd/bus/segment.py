@@ -93,8 +93,14 @@ class Segment:
     """
 
     def __init__(
-        self, fd: OwnedFd, name: str | None, geometry: Geometry, *, control_writable: bool,
-        ring_writable: bool, populate: bool = False,
+        self,
+        fd: OwnedFd,
+        name: str | None,
+        geometry: Geometry,
+        *,
+        control_writable: bool,
+        ring_writable: bool,
+        populate: bool = False,
     ) -> None:
         self.name = name
         self.geometry = geometry
@@ -106,13 +112,13 @@ class Segment:
         self._mutex: libc.Pinned | None = None
         self._sem: libc.Pinned | None = None
         try:
-            self._control = _map(fd.fileno(), geometry.control_size, 0, control_writable,
-                                 populate)
+            self._control = _map(fd.fileno(), geometry.control_size, 0, control_writable, populate)
             # The ring is a second mapping of the same fd at a page-aligned
             # offset, so that readers can map it PROT_READ: a reader's stray
             # write faults in that reader, and nobody else sees a thing.
-            self._ring_map = _map(fd.fileno(), geometry.ring_size, geometry.ring_offset,
-                                  ring_writable, populate)
+            self._ring_map = _map(
+                fd.fileno(), geometry.ring_size, geometry.ring_offset, ring_writable, populate
+            )
         except OSError as exc:
             self.close()
             raise SegmentError(f"Failed to map the segment since {exc.strerror}") from None
@@ -125,8 +131,14 @@ class Segment:
 
     @classmethod
     def create(
-        cls, name: str, geometry: Geometry, policy: Policy, *, mode: int = 0o600,
-        generation: int | None = None, write_seq: int = 0,
+        cls,
+        name: str,
+        geometry: Geometry,
+        policy: Policy,
+        *,
+        mode: int = 0o600,
+        generation: int | None = None,
+        write_seq: int = 0,
     ) -> Segment:
         """Create, size, reserve and initialise a new segment named ``name``.
 
@@ -144,14 +156,14 @@ class Segment:
             try:
                 os.posix_fallocate(fd.fileno(), 0, geometry.segment_size)
             except OSError as exc:
-                reason = ("/dev/shm has no room for it" if exc.errno == errno.ENOSPC
-                          else exc.strerror)
+                reason = (
+                    "/dev/shm has no room for it" if exc.errno == errno.ENOSPC else exc.strerror
+                )
                 raise SegmentError(
                     f"Failed to reserve {geometry.segment_size} bytes for segment {name!r} "
                     f"since {reason}"
                 ) from None
-            seg = cls(fd, name, geometry, control_writable=True, ring_writable=True,
-                      populate=True)
+            seg = cls(fd, name, geometry, control_writable=True, ring_writable=True, populate=True)
         except BaseException:
             fd.close()
             libc.shm_unlink(name)
@@ -167,8 +179,12 @@ class Segment:
     def _initialise(self, policy: Policy, generation: int | None, write_seq: int) -> None:
         now = time.time_ns()
         head = encode_header(
-            self.geometry, generation=generation if generation is not None else now,
-            writer_pid=os.getpid(), policy=policy, created_ns=now, write_seq=write_seq,
+            self.geometry,
+            generation=generation if generation is not None else now,
+            writer_pid=os.getpid(),
+            policy=policy,
+            created_ns=now,
+            write_seq=write_seq,
         )
         # Everything but the magic first; the magic last, so that an opener
         # racing with us sees "not an shmd segment" rather than half a header.
@@ -180,8 +196,13 @@ class Segment:
 
     @classmethod
     def open(
-        cls, *, name: str | None = None, fd: int | OwnedFd | None = None,
-        control_writable: bool = True, ring_writable: bool = False, populate: bool = False,
+        cls,
+        *,
+        name: str | None = None,
+        fd: int | OwnedFd | None = None,
+        control_writable: bool = True,
+        ring_writable: bool = False,
+        populate: bool = False,
     ) -> Segment:
         """Map an existing segment by name or by an fd received from the writer.
 
@@ -205,8 +226,14 @@ class Segment:
             owned = OwnedFd(os.dup(fd))
         try:
             geometry = cls._read_geometry(owned.fileno(), name)
-            return cls(owned, name, geometry, control_writable=control_writable,
-                       ring_writable=ring_writable, populate=populate)
+            return cls(
+                owned,
+                name,
+                geometry,
+                control_writable=control_writable,
+                ring_writable=ring_writable,
+                populate=populate,
+            )
         except BaseException:
             owned.close()
             raise
@@ -253,8 +280,9 @@ class Segment:
 
     def info(self) -> SegmentInfo:
         """Header, geometry and attached readers."""
-        return SegmentInfo(self.name, self.header(), self.geometry,
-                           [e for e in self.entries() if e.state != 0])
+        return SegmentInfo(
+            self.name, self.header(), self.geometry, [e for e in self.entries() if e.state != 0]
+        )
 
     @property
     def generation(self) -> int:

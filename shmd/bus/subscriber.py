@@ -84,7 +84,11 @@ DEGRADED_SLEEP = 0.05
 
 
 def _drop_lapped(
-    out: list[RawRecord], start: int, end: int, cut: int, everything: bool,
+    out: list[RawRecord],
+    start: int,
+    end: int,
+    cut: int,
+    everything: bool,
 ) -> list[RawRecord]:
     """The records of a batch read ``[start, end)`` that the writer did not lap.
 
@@ -106,8 +110,13 @@ class Subscriber:
     """One reader attached to a segment through its reader-table entry."""
 
     def __init__(
-        self, segment: Segment, index: int, eventfd: OwnedFd | None = None, *,
-        token: int | None = None, mutex_timeout: float = 0.5,
+        self,
+        segment: Segment,
+        index: int,
+        eventfd: OwnedFd | None = None,
+        *,
+        token: int | None = None,
+        mutex_timeout: float = 0.5,
     ) -> None:
         if not 0 <= index < segment.geometry.max_readers:
             raise SegmentLayoutError(
@@ -156,12 +165,19 @@ class Subscriber:
 
     @classmethod
     def attach(
-        cls, *, index: int, fd: int | OwnedFd | None = None, name: str | None = None,
-        eventfd: OwnedFd | None = None, token: int | None = None, mutex_timeout: float = 0.5,
+        cls,
+        *,
+        index: int,
+        fd: int | OwnedFd | None = None,
+        name: str | None = None,
+        eventfd: OwnedFd | None = None,
+        token: int | None = None,
+        mutex_timeout: float = 0.5,
     ) -> Subscriber:
         """Map a segment (by received fd or by name) and take over table entry ``index``."""
-        seg = Segment.open(name=name, fd=fd, control_writable=True, ring_writable=False,
-                           populate=True)
+        seg = Segment.open(
+            name=name, fd=fd, control_writable=True, ring_writable=False, populate=True
+        )
         try:
             return cls(seg, index, eventfd, token=token, mutex_timeout=mutex_timeout)
         except BaseException:
@@ -213,7 +229,11 @@ class Subscriber:
         return [new(Record, t) for t in self.read_batch(limit, copy=copy)]
 
     def read_batch(  # noqa: PLR0912, PLR0915 - flat on purpose: each call costs, cold, after a sleep
-        self, limit: int = 4096, *, copy: bool = True, hold: bool = False,
+        self,
+        limit: int = 4096,
+        *,
+        copy: bool = True,
+        hold: bool = False,
     ) -> list[RawRecord]:
         """As :meth:`read`, as plain ``(seq, timestamp_ns, topic, payload)`` tuples.
 
@@ -273,8 +293,11 @@ class Subscriber:
             seq, ts, length, topic = _HEAD(ring, base)
             bad = start if seq != start else -1
             base += RECORD_HEADER_SIZE
-            out: list[RawRecord] = ([(seq, ts, topic, src[base : base + length])]
-                                    if everything or tmask >> topic & 1 else [])
+            out: list[RawRecord] = (
+                [(seq, ts, topic, src[base : base + length])]
+                if everything or tmask >> topic & 1
+                else []
+            )
         else:
             out, bad = self._read_runs(src, start, end, tmask if not everything else None)
         if not _TSO:
@@ -309,7 +332,11 @@ class Subscriber:
         return out
 
     def _read_runs(
-        self, src: mmap.mmap | memoryview, start: int, end: int, tmask: int | None,
+        self,
+        src: mmap.mmap | memoryview,
+        start: int,
+        end: int,
+        tmask: int | None,
     ) -> tuple[list[RawRecord], int]:
         """Records ``[start, end)`` (of topics in ``tmask``, None: all), and the
         first seq whose slot held another record (-1: none)."""
@@ -318,8 +345,13 @@ class Subscriber:
         out: list[RawRecord] = []
         bad = -1
         # Most reads do not wrap the ring: one run, without a generator.
-        pieces = (runs(start, end, self._cap) if (start & mask) + end - start > self._cap
-                  else ((start, end - start),) if end > start else ())
+        pieces = (
+            runs(start, end, self._cap)
+            if (start & mask) + end - start > self._cap
+            else ((start, end - start),)
+            if end > start
+            else ()
+        )
         for first, count in pieces:
             base = (first & mask) * slot
             # One C-level pass decodes every header of the run.
@@ -333,11 +365,16 @@ class Subscriber:
                 bad = first
             starts = range(base + hdr, base + count * slot, slot)
             if tmask is None:
-                out += [(h[0], h[1], h[3], src[o : o + h[2]])
-                        for h, o in zip(heads, starts, strict=True)]
+                out += [
+                    (h[0], h[1], h[3], src[o : o + h[2]])
+                    for h, o in zip(heads, starts, strict=True)
+                ]
             else:
-                out += [(h[0], h[1], h[3], src[o : o + h[2]])
-                        for h, o in zip(heads, starts, strict=True) if tmask >> h[3] & 1]
+                out += [
+                    (h[0], h[1], h[3], src[o : o + h[2]])
+                    for h, o in zip(heads, starts, strict=True)
+                    if tmask >> h[3] & 1
+                ]
         return out, bad
 
     def release(self) -> None:
@@ -356,8 +393,11 @@ class Subscriber:
         Between that read and now the writer may have evicted us and given
         the entry to another reader: our cursor must not land in its entry.
         """
-        if (not self.segment.closed and self._u[self._state_at] == _ATTACHED
-                and self._q[self._token_at] == self._token):
+        if (
+            not self.segment.closed
+            and self._u[self._state_at] == _ATTACHED
+            and self._q[self._token_at] == self._token
+        ):
             self._publish_cursor()
         else:
             # Closed (close() already stored a left cursor; held slots went

@@ -91,8 +91,10 @@ MAX_RATE = 1_000_000.0
 MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change" to the kernel
 # The reader instance names the control protocol accepts (shm-reader@NAME).
 INSTANCE_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,31}")
-CALLABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-                         r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+CALLABLE_RE = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+    r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+)
 
 Policy: TypeAlias = Literal["drop-oldest", "block"]
 SocketType: TypeAlias = Literal["seqpacket", "stream"]
@@ -112,8 +114,14 @@ class ConfigError(ShmdError):
     (None for file-level problems) and ``message`` the bare reason.
     """
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
-                 key: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        key: str | None = None,
+    ) -> None:
         self.message = message
         self.path = path
         self.line = line
@@ -303,8 +311,9 @@ class Config:
         return self.reader.defaults
 
 
-def _resolve_ids(entries: Iterable[IdEntry], *, kind: Literal["user", "group"],
-                 warnings: list[str]) -> frozenset[int]:
+def _resolve_ids(
+    entries: Iterable[IdEntry], *, kind: Literal["user", "group"], warnings: list[str]
+) -> frozenset[int]:
     ids: set[int] = set()
     for entry in entries:
         if isinstance(entry, int):
@@ -316,8 +325,10 @@ def _resolve_ids(entries: Iterable[IdEntry], *, kind: Literal["user", "group"],
             else:
                 ids.add(grp.getgrnam(entry).gr_gid)
         except KeyError:
-            warnings.append(f"control.allowed_{kind}s: {kind} {entry!r} does not exist "
-                            f"(yet); it is ignored until a reload finds it")
+            warnings.append(
+                f"control.allowed_{kind}s: {kind} {entry!r} does not exist "
+                f"(yet); it is ignored until a reload finds it"
+            )
     return frozenset(ids)
 
 
@@ -325,11 +336,17 @@ def _resolved_control(control: ControlConfig, warnings: list[str] | None = None)
     sink: list[str] = [] if warnings is None else warnings
     uids = _resolve_ids(control.allowed_users, kind="user", warnings=sink)
     gids = _resolve_ids(control.allowed_groups, kind="group", warnings=sink)
-    return ControlConfig(socket=control.socket, type=control.type, mode=control.mode,
-                         allowed_users=control.allowed_users,
-                         allowed_groups=control.allowed_groups,
-                         handshake_timeout=control.handshake_timeout,
-                         max_message=control.max_message, allowed_uids=uids, allowed_gids=gids)
+    return ControlConfig(
+        socket=control.socket,
+        type=control.type,
+        mode=control.mode,
+        allowed_users=control.allowed_users,
+        allowed_groups=control.allowed_groups,
+        handshake_timeout=control.handshake_timeout,
+        max_message=control.max_message,
+        allowed_uids=uids,
+        allowed_gids=gids,
+    )
 
 
 def default_config() -> Config:
@@ -370,8 +387,7 @@ def _describe(value: Any) -> str:
     for shape, text in shapes:
         if isinstance(value, shape):
             return text
-    scalars: tuple[tuple[type, str], ...] = ((str, "string"), (int, "integer"),
-                                             (float, "number"))
+    scalars: tuple[tuple[type, str], ...] = ((str, "string"), (int, "integer"), (float, "number"))
     for scalar, text in scalars:
         if isinstance(value, scalar):
             return f"{text} {value!r}"
@@ -401,8 +417,11 @@ class _Builder:
         # expand here into 9**9 nodes (a "billion laughs").  No setting
         # needs an alias: refuse the first one.
         if id(node) in self._seen:
-            self.fail("YAML anchors and aliases (& and *) are not supported; write the value "
-                      "out", line, key or None)
+            self.fail(
+                "YAML anchors and aliases (& and *) are not supported; write the value out",
+                line,
+                key or None,
+            )
         self._seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             if node.tag != _MAP_TAG:
@@ -411,26 +430,38 @@ class _Builder:
             for knode, vnode in node.value:
                 kline = knode.start_mark.line + 1
                 if knode.tag == _MERGE_TAG:
-                    self.fail("YAML merge keys (<<) are not supported; shared reader "
-                              "settings belong in reader.defaults", kline, key or None)
+                    self.fail(
+                        "YAML merge keys (<<) are not supported; shared reader "
+                        "settings belong in reader.defaults",
+                        kline,
+                        key or None,
+                    )
                 if not isinstance(knode, yaml.ScalarNode):
                     self.fail("a key must be a plain string", kline, key or None)
                 raw = self.construct(knode)
                 if isinstance(raw, bool) or not isinstance(raw, str | int):
-                    self.fail(f"a key must be a plain string (got {_describe(raw)})",
-                              kline, key or None)
+                    self.fail(
+                        f"a key must be a plain string (got {_describe(raw)})", kline, key or None
+                    )
                 name = str(raw)
                 child = f"{key}.{name}" if key else name
                 if name in items:
-                    self.fail(f"duplicate key (first given on line {items[name].line})",
-                              kline, child)
+                    self.fail(
+                        f"duplicate key (first given on line {items[name].line})", kline, child
+                    )
                 items[name] = self.tree(vnode, child, kline)
             return _Node(items, key, line)
         if isinstance(node, yaml.SequenceNode):
             if node.tag != _SEQ_TAG:
                 self.fail(f"unsupported YAML tag {node.tag}", line, key or None)
-            return _Node([self.tree(item, f"{key}[{i}]", item.start_mark.line + 1)
-                          for i, item in enumerate(node.value)], key, line)
+            return _Node(
+                [
+                    self.tree(item, f"{key}[{i}]", item.start_mark.line + 1)
+                    for i, item in enumerate(node.value)
+                ],
+                key,
+                line,
+            )
         return _Node(self.construct(node), key, line)
 
 
@@ -445,20 +476,28 @@ def _parse_yaml(text: str, path: str) -> _Node:
         tree = _Builder(loader, path).tree(root, "", root.start_mark.line + 1)
     except RecursionError:
         # PyYAML's composer and tree() recurse once per nesting level.
-        raise ConfigError("Failed to parse YAML since it is nested deeper than Python's "
-                          "recursion limit (a configuration needs a few levels)",
-                          path=path) from None
+        raise ConfigError(
+            "Failed to parse YAML since it is nested deeper than Python's "
+            "recursion limit (a configuration needs a few levels)",
+            path=path,
+        ) from None
     except yaml.reader.ReaderError as exc:
         line = text[: max(0, exc.position)].count("\n") + 1
         char = exc.character if isinstance(exc.character, int) else ord(exc.character)
-        raise ConfigError(f"Failed to parse YAML since it contains the character "
-                          f"U+{char:04X}, which YAML does not allow", path=path,
-                          line=line) from None
+        raise ConfigError(
+            f"Failed to parse YAML since it contains the character "
+            f"U+{char:04X}, which YAML does not allow",
+            path=path,
+            line=line,
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(f"Failed to parse YAML since {problem}", path=path,
-                          line=None if mark is None else mark.line + 1) from None
+        raise ConfigError(
+            f"Failed to parse YAML since {problem}",
+            path=path,
+            line=None if mark is None else mark.line + 1,
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"Failed to parse YAML since {exc}", path=path) from None
     finally:
@@ -467,8 +506,11 @@ def _parse_yaml(text: str, path: str) -> _Node:
     if tree.value is None:
         return _Node({}, "", tree.line)
     if not isinstance(tree.value, dict):
-        raise ConfigError(f"the file must be a mapping of sections (got {_describe(tree)})",
-                          path=path, line=tree.line)
+        raise ConfigError(
+            f"the file must be a mapping of sections (got {_describe(tree)})",
+            path=path,
+            line=tree.line,
+        )
     return tree
 
 
@@ -480,8 +522,15 @@ def _parse_yaml(text: str, path: str) -> _Node:
 class _Map:
     """One mapping of the file, read key by key with type checks."""
 
-    def __init__(self, b: _Builder, node: _Node | None, key: str,
-                 allowed: Iterable[str], *, context: str = "") -> None:
+    def __init__(
+        self,
+        b: _Builder,
+        node: _Node | None,
+        key: str,
+        allowed: Iterable[str],
+        *,
+        context: str = "",
+    ) -> None:
         self.b = b
         self.key = key
         self.line = node.line if node is not None else None
@@ -497,8 +546,11 @@ class _Map:
             if name not in allowed:
                 hint = difflib.get_close_matches(name, allowed, n=1)
                 also = f"; did you mean {hint[0]!r}?" if hint else ""
-                b.fail(f"unknown key{context} (known keys: {', '.join(allowed)}){also}",
-                       child.line, child.key)
+                b.fail(
+                    f"unknown key{context} (known keys: {', '.join(allowed)}){also}",
+                    child.line,
+                    child.key,
+                )
         self.items = items
 
     def node(self, name: str) -> _Node | None:
@@ -521,8 +573,15 @@ class _Map:
             self._bad(n, f"must be between {lo} and {hi} (got {v})")
         return v
 
-    def float_(self, name: str, default: float, *, lo: float, hi: float = MAX_SECONDS,
-               lo_open: bool = False) -> float:
+    def float_(
+        self,
+        name: str,
+        default: float,
+        *,
+        lo: float,
+        hi: float = MAX_SECONDS,
+        lo_open: bool = False,
+    ) -> float:
         n = self.items.get(name)
         if n is None:
             return default
@@ -576,23 +635,34 @@ class _Map:
     def callable_(self, name: str) -> str:
         value = self.str_(name, None)
         if not CALLABLE_RE.fullmatch(value):
-            self._bad(self.items[name],
-                      f"must look like 'package.module:function' (got {value!r})")
+            self._bad(self.items[name], f"must look like 'package.module:function' (got {value!r})")
         return value
 
 
 def _segment(b: _Builder, node: _Node | None) -> SegmentConfig:
     d = SegmentConfig()
-    m = _Map(b, node, "segment", ["name", "capacity", "slot_size", "max_readers", "policy",
-                                  "block_timeout", "unlink_on_exit", "mutex_timeout"])
+    m = _Map(
+        b,
+        node,
+        "segment",
+        [
+            "name",
+            "capacity",
+            "slot_size",
+            "max_readers",
+            "policy",
+            "block_timeout",
+            "unlink_on_exit",
+            "mutex_timeout",
+        ],
+    )
     name = m.str_("name", d.name)
     if m.has("name"):
         n = m.items["name"]
         if not name.startswith("/") or "/" in name[1:] or len(name) < 2:
             m._bad(n, f"must be one slash followed by a name without slashes (got {name!r})")
         if len(name.encode()) > MAX_SEGMENT_NAME:
-            m._bad(n, f"must be at most {MAX_SEGMENT_NAME} bytes long "
-                      f"(got {len(name.encode())})")
+            m._bad(n, f"must be at most {MAX_SEGMENT_NAME} bytes long (got {len(name.encode())})")
     capacity = m.int_("capacity", d.capacity, 2, MAX_CAPACITY)
     if capacity & (capacity - 1):
         m._bad(m.items["capacity"], f"must be a power of two (got {capacity})")
@@ -602,10 +672,15 @@ def _segment(b: _Builder, node: _Node | None) -> SegmentConfig:
     if capacity * slot_size > MAX_SEGMENT_BYTES:
         culprit = m.node("slot_size") or m.node("capacity")
         assert culprit is not None  # the defaults alone stay far below the limit
-        m._bad(culprit, f"capacity * slot_size must be at most 16 GiB "
-                  f"(got {capacity} * {slot_size} = {capacity * slot_size} bytes)")
+        m._bad(
+            culprit,
+            f"capacity * slot_size must be at most 16 GiB "
+            f"(got {capacity} * {slot_size} = {capacity * slot_size} bytes)",
+        )
     return SegmentConfig(
-        name=name, capacity=capacity, slot_size=slot_size,
+        name=name,
+        capacity=capacity,
+        slot_size=slot_size,
         max_readers=m.int_("max_readers", d.max_readers, 1, MAX_READERS),
         policy=cast(Policy, m.choice("policy", d.policy, ("drop-oldest", "block"))),
         block_timeout=m.float_("block_timeout", d.block_timeout, lo=0.0, lo_open=True),
@@ -628,11 +703,14 @@ def _mode(m: _Map, default: int) -> int:
     elif isinstance(v, int) and not isinstance(v, bool):
         mode = v
     else:
-        m._bad(n, f"must be an octal permission mode like 0o660 or \"0660\" (got {_describe(v)})")
+        m._bad(n, f'must be an octal permission mode like 0o660 or "0660" (got {_describe(v)})')
     if not 0 <= mode <= 0o777:
         # YAML reads 660 (no leading zero) as decimal 660 = 0o1224.
-        m._bad(n, f"must be a permission mode between 0 and 0o777; write it in octal "
-                  f"like 0o660 or \"0660\" (got {v!r} = {oct(mode) if mode >= 0 else mode})")
+        m._bad(
+            n,
+            f"must be a permission mode between 0 and 0o777; write it in octal "
+            f'like 0o660 or "0660" (got {v!r} = {oct(mode) if mode >= 0 else mode})',
+        )
     return mode
 
 
@@ -660,20 +738,34 @@ def _id_list(m: _Map, name: str, default: tuple[IdEntry, ...]) -> tuple[IdEntry,
 
 def _control(b: _Builder, node: _Node | None, warnings: list[str]) -> ControlConfig:
     d = ControlConfig()
-    m = _Map(b, node, "control", ["socket", "type", "mode", "allowed_users", "allowed_groups",
-                                  "handshake_timeout", "max_message"])
+    m = _Map(
+        b,
+        node,
+        "control",
+        [
+            "socket",
+            "type",
+            "mode",
+            "allowed_users",
+            "allowed_groups",
+            "handshake_timeout",
+            "max_message",
+        ],
+    )
     socket_path = m.abs_path("socket", d.socket)
     if len(socket_path.encode()) >= SUN_PATH_MAX:
-        m._bad(m.items["socket"], f"must be shorter than {SUN_PATH_MAX} bytes, the size of "
-                                  f"sockaddr_un.sun_path (got {len(socket_path.encode())})")
+        m._bad(
+            m.items["socket"],
+            f"must be shorter than {SUN_PATH_MAX} bytes, the size of "
+            f"sockaddr_un.sun_path (got {len(socket_path.encode())})",
+        )
     control = ControlConfig(
         socket=socket_path,
         type=cast(SocketType, m.choice("type", d.type, ("seqpacket", "stream"))),
         mode=_mode(m, d.mode),
         allowed_users=_id_list(m, "allowed_users", d.allowed_users),
         allowed_groups=_id_list(m, "allowed_groups", d.allowed_groups),
-        handshake_timeout=m.float_("handshake_timeout", d.handshake_timeout, lo=0.0,
-                                   lo_open=True),
+        handshake_timeout=m.float_("handshake_timeout", d.handshake_timeout, lo=0.0, lo_open=True),
         max_message=m.int_("max_message", d.max_message, MIN_MESSAGE, MAX_MESSAGE),
     )
     return _resolved_control(control, warnings)
@@ -692,29 +784,32 @@ _SOURCE_KEYS: dict[str, list[str]] = {
 
 
 def _source(b: _Builder, node: _Node | None) -> Source:
-    kind = _Map(b, node, "writer.source", ["type", "rate", "topic", "path", "framing",
-                                           "callable"]).choice("type", "ticker",
-                                                               tuple(_SOURCE_KEYS))
+    kind = _Map(
+        b, node, "writer.source", ["type", "rate", "topic", "path", "framing", "callable"]
+    ).choice("type", "ticker", tuple(_SOURCE_KEYS))
     m = _Map(b, node, "writer.source", _SOURCE_KEYS[kind], context=f" for source type {kind}")
     framing = ("newline", "length")
     if kind == "ticker":
         d = TickerSource()
-        return TickerSource(rate=m.float_("rate", d.rate, lo=0.0, hi=MAX_RATE),
-                            topic=_topic(m, d.topic))
+        return TickerSource(
+            rate=m.float_("rate", d.rate, lo=0.0, hi=MAX_RATE), topic=_topic(m, d.topic)
+        )
     if kind == "fifo":
-        return FifoSource(path=m.abs_path("path", None),
-                          framing=cast(SourceFraming, m.choice("framing", "newline", framing)),
-                          topic=_topic(m, 0))
+        return FifoSource(
+            path=m.abs_path("path", None),
+            framing=cast(SourceFraming, m.choice("framing", "newline", framing)),
+            topic=_topic(m, 0),
+        )
     if kind == "stdin":
-        return StdinSource(framing=cast(SourceFraming, m.choice("framing", "newline", framing)),
-                           topic=_topic(m, 0))
+        return StdinSource(
+            framing=cast(SourceFraming, m.choice("framing", "newline", framing)), topic=_topic(m, 0)
+        )
     return PythonSource(callable=m.callable_("callable"))
 
 
 def _writer(b: _Builder, node: _Node | None) -> WriterConfig:
     d = WriterConfig()
-    m = _Map(b, node, "writer", ["source", "shutdown_grace", "status_interval",
-                                 "reconnect_grace"])
+    m = _Map(b, node, "writer", ["source", "shutdown_grace", "status_interval", "reconnect_grace"])
     return WriterConfig(
         source=_source(b, m.node("source")),
         shutdown_grace=m.float_("shutdown_grace", d.shutdown_grace, lo=0.0),
@@ -735,7 +830,8 @@ _SETTINGS_KEYS = ["topics", "start", "sink", "stats_interval", "reconnect_timeou
 
 def _sink_type(b: _Builder, node: _Node | None, key: str) -> str:
     return _Map(b, node, key, sorted({k for ks in _SINK_KEYS.values() for k in ks})).choice(
-        "type", "journal", tuple(_SINK_KEYS))
+        "type", "journal", tuple(_SINK_KEYS)
+    )
 
 
 def _sink(b: _Builder, node: _Node | None, key: str) -> Sink:
@@ -743,11 +839,14 @@ def _sink(b: _Builder, node: _Node | None, key: str) -> Sink:
     m = _Map(b, node, key, _SINK_KEYS[kind], context=f" for sink type {kind}")
     framing = ("lines", "length")
     if kind == "journal":
-        return JournalSink(summary_rate=m.float_("summary_rate", JournalSink().summary_rate,
-                                                 lo=0.0, hi=MAX_RATE))
+        return JournalSink(
+            summary_rate=m.float_("summary_rate", JournalSink().summary_rate, lo=0.0, hi=MAX_RATE)
+        )
     if kind == "file":
-        return FileSink(path=m.abs_path("path", None),
-                        framing=cast(SinkFraming, m.choice("framing", "lines", framing)))
+        return FileSink(
+            path=m.abs_path("path", None),
+            framing=cast(SinkFraming, m.choice("framing", "lines", framing)),
+        )
     if kind == "stdout":
         return StdoutSink(framing=cast(SinkFraming, m.choice("framing", "lines", framing)))
     if kind == "exec":
@@ -772,8 +871,9 @@ def _topics(m: _Map) -> Literal["all"] | tuple[int, ...]:
     if n is None or n.value == "all":
         return "all"
     if not isinstance(n.value, list) or not n.value:
-        m._bad(n, f"must be \"all\" or a non-empty list of topic ids 0..{MAX_TOPIC} "
-                  f"(got {_describe(n)})")
+        m._bad(
+            n, f'must be "all" or a non-empty list of topic ids 0..{MAX_TOPIC} (got {_describe(n)})'
+        )
     seen: set[int] = set()
     for item in n.value:
         v = item.value
@@ -809,10 +909,13 @@ def _merge_settings(b: _Builder, defaults: _Node | None, override: _Node) -> _No
     merged = dict(base)
     for name, n in over.items():
         old = base.get(name)
-        if (name == "sink" and old is not None and isinstance(old.value, dict)
-                and isinstance(n.value, dict)
-                and ("type" not in n.value
-                     or _sink_type(b, old, old.key) == _sink_type(b, n, n.key))):
+        if (
+            name == "sink"
+            and old is not None
+            and isinstance(old.value, dict)
+            and isinstance(n.value, dict)
+            and ("type" not in n.value or _sink_type(b, old, old.key) == _sink_type(b, n, n.key))
+        ):
             merged[name] = _Node({**old.value, **n.value}, n.key, n.line)
         else:
             merged[name] = n
@@ -827,12 +930,18 @@ def _reader(b: _Builder, node: _Node | None) -> ReaderConfig:
     pairs: list[tuple[str, ReaderSettings]] = []
     if instances_node is not None and instances_node.value is not None:
         if not isinstance(instances_node.value, dict):
-            b.fail(f"must be a mapping of instance name to settings "
-                   f"(got {_describe(instances_node)})", instances_node.line, instances_node.key)
+            b.fail(
+                f"must be a mapping of instance name to settings (got {_describe(instances_node)})",
+                instances_node.line,
+                instances_node.key,
+            )
         for name, given in instances_node.value.items():
             if not INSTANCE_RE.fullmatch(name):
-                b.fail(f"instance name {name!r} must be 1-31 characters of A-Z a-z 0-9 _ . : @ -",
-                       given.line, given.key)
+                b.fail(
+                    f"instance name {name!r} must be 1-31 characters of A-Z a-z 0-9 _ . : @ -",
+                    given.line,
+                    given.key,
+                )
             override = _Node({}, given.key, given.line) if given.value is None else given
             merged = _merge_settings(b, defaults_node, override)
             pairs.append((name, _settings(b, merged, given.key)))
@@ -873,27 +982,35 @@ def _read(path: str) -> str:
         with open(path, "rb") as f:
             data = f.read()
     except PermissionError:
-        raise ConfigError(f"Failed to read the configuration since uid {os.geteuid()} may "
-                          f"not read it (permission denied)", path=path) from None
+        raise ConfigError(
+            f"Failed to read the configuration since uid {os.geteuid()} may "
+            f"not read it (permission denied)",
+            path=path,
+        ) from None
     except IsADirectoryError:
-        raise ConfigError("Failed to read the configuration since it is a directory",
-                          path=path) from None
+        raise ConfigError(
+            "Failed to read the configuration since it is a directory", path=path
+        ) from None
     except FileNotFoundError:
-        raise ConfigError("Failed to read the configuration since the file does not exist",
-                          path=path) from None
+        raise ConfigError(
+            "Failed to read the configuration since the file does not exist", path=path
+        ) from None
     except OSError as exc:
-        raise ConfigError(f"Failed to read the configuration since {exc.strerror or exc}",
-                          path=path) from None
+        raise ConfigError(
+            f"Failed to read the configuration since {exc.strerror or exc}", path=path
+        ) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError("Failed to read the configuration since it is not valid UTF-8",
-                          path=path, line=line) from None
+        raise ConfigError(
+            "Failed to read the configuration since it is not valid UTF-8", path=path, line=line
+        ) from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *,
-                env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> Config:
     """Load and validate the configuration.
 
     ``path`` (``--config``) wins, then ``$SHMD_CONFIG``, then
@@ -937,9 +1054,13 @@ def _sink_dict(s: Sink) -> dict[str, Any]:
 
 
 def _settings_dict(s: ReaderSettings) -> dict[str, Any]:
-    return {"topics": s.topics if s.topics == "all" else list(s.topics), "start": s.start,
-            "sink": _sink_dict(s.sink), "stats_interval": s.stats_interval,
-            "reconnect_timeout": s.reconnect_timeout}
+    return {
+        "topics": s.topics if s.topics == "all" else list(s.topics),
+        "start": s.start,
+        "sink": _sink_dict(s.sink),
+        "stats_interval": s.stats_interval,
+        "reconnect_timeout": s.reconnect_timeout,
+    }
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -950,20 +1071,35 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     """
     seg, ctl, wr, lg = cfg.segment, cfg.control, cfg.writer, cfg.logging
     return {
-        "segment": {"name": seg.name, "capacity": seg.capacity, "slot_size": seg.slot_size,
-                    "max_readers": seg.max_readers, "policy": seg.policy,
-                    "block_timeout": seg.block_timeout, "unlink_on_exit": seg.unlink_on_exit,
-                    "mutex_timeout": seg.mutex_timeout},
-        "control": {"socket": ctl.socket, "type": ctl.type, "mode": f"0o{ctl.mode:o}",
-                    "allowed_users": list(ctl.allowed_users),
-                    "allowed_groups": list(ctl.allowed_groups),
-                    "handshake_timeout": ctl.handshake_timeout,
-                    "max_message": ctl.max_message},
-        "writer": {"source": _source_dict(wr.source), "shutdown_grace": wr.shutdown_grace,
-                   "status_interval": wr.status_interval,
-                   "reconnect_grace": wr.reconnect_grace},
-        "reader": {"defaults": _settings_dict(cfg.reader.defaults),
-                   "instances": {name: _settings_dict(s) for name, s in cfg.reader.instances}},
+        "segment": {
+            "name": seg.name,
+            "capacity": seg.capacity,
+            "slot_size": seg.slot_size,
+            "max_readers": seg.max_readers,
+            "policy": seg.policy,
+            "block_timeout": seg.block_timeout,
+            "unlink_on_exit": seg.unlink_on_exit,
+            "mutex_timeout": seg.mutex_timeout,
+        },
+        "control": {
+            "socket": ctl.socket,
+            "type": ctl.type,
+            "mode": f"0o{ctl.mode:o}",
+            "allowed_users": list(ctl.allowed_users),
+            "allowed_groups": list(ctl.allowed_groups),
+            "handshake_timeout": ctl.handshake_timeout,
+            "max_message": ctl.max_message,
+        },
+        "writer": {
+            "source": _source_dict(wr.source),
+            "shutdown_grace": wr.shutdown_grace,
+            "status_interval": wr.status_interval,
+            "reconnect_grace": wr.reconnect_grace,
+        },
+        "reader": {
+            "defaults": _settings_dict(cfg.reader.defaults),
+            "instances": {name: _settings_dict(s) for name, s in cfg.reader.instances},
+        },
         "logging": {"level": lg.level, "target": lg.target},
     }
 
@@ -980,8 +1116,15 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-LIVE_KEYS = frozenset({"logging.level", "control.allowed_users", "control.allowed_groups",
-                       "writer.source.rate", "writer.status_interval"})
+LIVE_KEYS = frozenset(
+    {
+        "logging.level",
+        "control.allowed_users",
+        "control.allowed_groups",
+        "writer.source.rate",
+        "writer.status_interval",
+    }
+)
 
 
 def diff_reloadable(old: Config, new: Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -992,8 +1135,9 @@ def diff_reloadable(old: Config, new: Config) -> tuple[tuple[str, ...], tuple[st
     is live only while the source stays a ticker.
     """
     a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
-    both_tickers = (isinstance(old.writer.source, TickerSource)
-                    and isinstance(new.writer.source, TickerSource))
+    both_tickers = isinstance(old.writer.source, TickerSource) and isinstance(
+        new.writer.source, TickerSource
+    )
     live: list[str] = []
     refused: list[str] = []
     missing = object()

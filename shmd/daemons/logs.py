@@ -127,41 +127,102 @@ EXITING = "exiting"
 MUTEX_OWNER_DIED = "mutex_owner_died"
 SD_NOTIFY_FAILED = "sd_notify_failed"
 
-WRITER_EVENTS = frozenset({
-    CONFIG_LOADED, CONFIG_WARNING, CONFIG_ERROR, SEGMENT_CREATED, SEGMENT_ADOPTED,
-    SEGMENT_STALE, SEGMENT_INVALID, SEGMENT_UNLINKED, LISTENER_READY, READERS_RESTORED,
-    READERS_WOKEN, READER_CONNECTED, READER_REFUSED, READER_ATTACHED, READER_DETACHED,
-    READER_LOST, READER_ERROR, READER_EVICTED, EVENTFD_TAMPERED, OVERRUN, RECORD_REFUSED,
-    PUBLISHER_DONE, ACCEPT_FAILED, SOURCE_FINISHED, SOURCE_FAILED, FRAME_REFUSED,
-    FRAME_TRUNCATED, MUTEX_STALLED, MUTEX_RECOVERED, RELOAD, RELOAD_REFUSED, ACTIVE_CLEARED,
-    SHUTDOWN_GRACE_EXPIRED, SHUTDOWN_FORCED, SHUTDOWN_COMPLETE, START_FAILED, CRASHED,
-})
-READER_EVENTS = frozenset({
-    CONFIG_LOADED, CONFIG_WARNING, CONFIG_ERROR, ATTACHED, REFUSED, GENERATION_CHANGED, STATS,
-    RECORDS, WRITER_DETACH, WRITER_INACTIVE, DRAINED, WRITER_LOST, AWAITING_WRITER,
-    RESUME_FAILED, RELOAD_IGNORED, SINK_FAILED, SINK_CHILD_FAILED, EXITING,
-})
+WRITER_EVENTS = frozenset(
+    {
+        CONFIG_LOADED,
+        CONFIG_WARNING,
+        CONFIG_ERROR,
+        SEGMENT_CREATED,
+        SEGMENT_ADOPTED,
+        SEGMENT_STALE,
+        SEGMENT_INVALID,
+        SEGMENT_UNLINKED,
+        LISTENER_READY,
+        READERS_RESTORED,
+        READERS_WOKEN,
+        READER_CONNECTED,
+        READER_REFUSED,
+        READER_ATTACHED,
+        READER_DETACHED,
+        READER_LOST,
+        READER_ERROR,
+        READER_EVICTED,
+        EVENTFD_TAMPERED,
+        OVERRUN,
+        RECORD_REFUSED,
+        PUBLISHER_DONE,
+        ACCEPT_FAILED,
+        SOURCE_FINISHED,
+        SOURCE_FAILED,
+        FRAME_REFUSED,
+        FRAME_TRUNCATED,
+        MUTEX_STALLED,
+        MUTEX_RECOVERED,
+        RELOAD,
+        RELOAD_REFUSED,
+        ACTIVE_CLEARED,
+        SHUTDOWN_GRACE_EXPIRED,
+        SHUTDOWN_FORCED,
+        SHUTDOWN_COMPLETE,
+        START_FAILED,
+        CRASHED,
+    }
+)
+READER_EVENTS = frozenset(
+    {
+        CONFIG_LOADED,
+        CONFIG_WARNING,
+        CONFIG_ERROR,
+        ATTACHED,
+        REFUSED,
+        GENERATION_CHANGED,
+        STATS,
+        RECORDS,
+        WRITER_DETACH,
+        WRITER_INACTIVE,
+        DRAINED,
+        WRITER_LOST,
+        AWAITING_WRITER,
+        RESUME_FAILED,
+        RELOAD_IGNORED,
+        SINK_FAILED,
+        SINK_CHILD_FAILED,
+        EXITING,
+    }
+)
 COMMON_EVENTS = frozenset({MUTEX_OWNER_DIED, SD_NOTIFY_FAILED})
 EVENTS = WRITER_EVENTS | READER_EVENTS | COMMON_EVENTS
 
 # role -> SYSLOG_IDENTIFIER (the program name a user greps for)
 ROLES: Mapping[str, str] = {"writer": "shm-writer", "reader": "shm-reader", "ctl": "shmctl"}
-LEVELS: Mapping[str, int] = {"debug": logging.DEBUG, "info": logging.INFO,
-                             "warning": logging.WARNING, "error": logging.ERROR,
-                             "critical": logging.CRITICAL}
+LEVELS: Mapping[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 TARGETS = ("auto", "journal", "console", "json")
 # syslog(3) priorities for PRIORITY=
-_PRIORITY: Mapping[str, int] = {"debug": 7, "info": 6, "warning": 4, "error": 3,
-                                "critical": 2}
+_PRIORITY: Mapping[str, int] = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 # Log method name -> level name; anything unlisted (msg, log...) counts as info.
-_METHOD_LEVEL: Mapping[str, str] = {"debug": "debug", "info": "info", "warning": "warning",
-                                    "warn": "warning", "error": "error", "err": "error",
-                                    "exception": "error", "critical": "critical",
-                                    "fatal": "critical", "failure": "error"}
+_METHOD_LEVEL: Mapping[str, str] = {
+    "debug": "debug",
+    "info": "info",
+    "warning": "warning",
+    "warn": "warning",
+    "error": "error",
+    "err": "error",
+    "exception": "error",
+    "critical": "critical",
+    "fatal": "critical",
+    "failure": "error",
+}
 
 # Keys that journal_fields maps to journald's own fields rather than SHMD_*.
-_META_KEYS = frozenset({"event", "level", "role", "timestamp", "exception", "code_file",
-                        "code_line", "code_func"})
+_META_KEYS = frozenset(
+    {"event", "level", "role", "timestamp", "exception", "code_file", "code_line", "code_func"}
+)
 # journald: field names of A-Z, 0-9 and _, at most 64 characters.
 _FIELD_BAD = re.compile(r"[^A-Z0-9_]")
 _FIELD_MAX = 64
@@ -228,8 +289,11 @@ def journal_fields(event_dict: Mapping[str, Any]) -> dict[str, str]:
         "SHMD_EVENT": str(event_dict.get("event", "")),
         "SHMD_ROLE": role,
     }
-    for key, journal_key in (("code_file", "CODE_FILE"), ("code_line", "CODE_LINE"),
-                             ("code_func", "CODE_FUNC")):
+    for key, journal_key in (
+        ("code_file", "CODE_FILE"),
+        ("code_line", "CODE_LINE"),
+        ("code_func", "CODE_FUNC"),
+    ):
         if key in event_dict:
             fields[journal_key] = _text(event_dict[key])
     if event_dict.get("exception"):
@@ -258,8 +322,12 @@ def send_to_journal(fields: dict[str, str]) -> None:
         # dropped silently, hence "auto" only picks the journal when systemd
         # gave us a journal stream).  Any other failure (a socket of the wrong
         # type, EMSGSIZE...) is raised and lands here: say so on stderr.
-        print(f"Failed to send a log entry to the journal since {exc.strerror or exc}: "
-              f"{fields.get('MESSAGE', '')}", file=sys.stderr, flush=True)
+        print(
+            f"Failed to send a log entry to the journal since {exc.strerror or exc}: "
+            f"{fields.get('MESSAGE', '')}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class JournalLogger:
@@ -271,8 +339,7 @@ class JournalLogger:
     def msg(self, **fields: str) -> None:
         self.sender(fields)
 
-    debug = info = warning = warn = error = err = critical = fatal = exception = failure = \
-        log = msg
+    debug = info = warning = warn = error = err = critical = fatal = exception = failure = log = msg
 
 
 # --------------------------------------------------------------------------
@@ -304,13 +371,13 @@ def _static(role: str, instance: str | None) -> Processor:
 _SKIP_MODULES = ("structlog", __name__)
 
 
-def _add_code_location(logger: WrappedLogger, method_name: str,
-                       event_dict: EventDict) -> EventDict:
+def _add_code_location(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     # The caller is the first frame outside structlog and this module; a
     # cheap walk (no source lines read, unlike inspect.stack()).
     frame = sys._getframe(1)
     while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).startswith(
-            _SKIP_MODULES):
+        _SKIP_MODULES
+    ):
         frame = frame.f_back
     event_dict["code_file"] = frame.f_code.co_filename
     event_dict["code_line"] = frame.f_lineno
@@ -318,8 +385,9 @@ def _add_code_location(logger: WrappedLogger, method_name: str,
     return event_dict
 
 
-def _render_journal(logger: WrappedLogger, method_name: str,
-                    event_dict: EventDict) -> dict[str, str]:
+def _render_journal(
+    logger: WrappedLogger, method_name: str, event_dict: EventDict
+) -> dict[str, str]:
     # A dict returned by the last processor becomes the logger method's
     # keyword arguments: JournalLogger.msg(**fields).
     return journal_fields(event_dict)
@@ -330,12 +398,14 @@ def _render_journal(logger: WrappedLogger, method_name: str,
 # --------------------------------------------------------------------------
 
 
-def resolve_target(target: str, *, stream: TextIO | None = None,
-                   env: Mapping[str, str] | None = None) -> str:
+def resolve_target(
+    target: str, *, stream: TextIO | None = None, env: Mapping[str, str] | None = None
+) -> str:
     """Turn ``auto`` into journal, console or json for ``stream`` (default stderr)."""
     if target not in TARGETS:
-        raise ValueError(f"Failed to choose a log target since {target!r} is not one of "
-                         f"{', '.join(TARGETS)}")
+        raise ValueError(
+            f"Failed to choose a log target since {target!r} is not one of {', '.join(TARGETS)}"
+        )
     if target != "auto":
         return target
     out = sys.stderr if stream is None else stream
@@ -359,9 +429,16 @@ def resolve_target(target: str, *, stream: TextIO | None = None,
     return "console" if out.isatty() else "json"
 
 
-def configure_logging(role: str, *, level: str, target: str, instance: str | None = None,
-                      stream: TextIO | None = None, sender: JournalSender | None = None,
-                      env: Mapping[str, str] | None = None) -> str:
+def configure_logging(
+    role: str,
+    *,
+    level: str,
+    target: str,
+    instance: str | None = None,
+    stream: TextIO | None = None,
+    sender: JournalSender | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """Configure structlog for this process and return the target actually used.
 
     ``role`` is writer, reader or ctl; ``instance`` the reader's instance name
@@ -370,8 +447,9 @@ def configure_logging(role: str, *, level: str, target: str, instance: str | Non
     (for ``auto``) exist so tests can watch the output.
     """
     if role not in ROLES:
-        raise ValueError(f"Failed to configure logging since role {role!r} is not one of "
-                         f"{', '.join(ROLES)}")
+        raise ValueError(
+            f"Failed to configure logging since role {role!r} is not one of {', '.join(ROLES)}"
+        )
     chosen = resolve_target(target, stream=stream, env=env)
     set_level(level)
     out = sys.stderr if stream is None else stream
@@ -390,20 +468,30 @@ def configure_logging(role: str, *, level: str, target: str, instance: str | Non
     processors: list[Processor]
     if chosen == "journal":
         journal_logger = JournalLogger(sender or send_to_journal)
-        processors = [*head, _add_code_location, structlog.processors.format_exc_info,
-                      _render_journal]
+        processors = [
+            *head,
+            _add_code_location,
+            structlog.processors.format_exc_info,
+            _render_journal,
+        ]
 
         def factory(*args: Any) -> WrappedLogger:
             return journal_logger
 
     elif chosen == "console":
-        processors = [*head, structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S"),
-                      structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        processors = [
+            *head,
+            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S"),
+            structlog.dev.ConsoleRenderer(colors=out.isatty()),
+        ]
         factory = structlog.WriteLoggerFactory(file=out)
     else:
-        processors = [*head, structlog.processors.TimeStamper(fmt="iso", utc=True),
-                      structlog.processors.format_exc_info,
-                      structlog.processors.JSONRenderer()]
+        processors = [
+            *head,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ]
         factory = structlog.WriteLoggerFactory(file=out)
     structlog.configure(
         processors=processors,
@@ -421,8 +509,9 @@ def configure_logging(role: str, *, level: str, target: str, instance: str | Non
 def set_level(level: str) -> None:
     """Change the minimum level of every logger at once (live reload)."""
     if level not in LEVELS:
-        raise ValueError(f"Failed to set the log level since {level!r} is not one of "
-                         f"{', '.join(LEVELS)}")
+        raise ValueError(
+            f"Failed to set the log level since {level!r} is not one of {', '.join(LEVELS)}"
+        )
     _state.min_level = LEVELS[level]
 
 

@@ -33,28 +33,34 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOPERMISSION = 77
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_NOPERMISSION", "EXIT_OK", "EXIT_USAGE",
-           "pid_alive"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_NOPERMISSION", "EXIT_OK", "EXIT_USAGE", "pid_alive"]
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The options every daemon has."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument(
-        "--config", metavar="FILE",
+        "--config",
+        metavar="FILE",
         help=f"configuration file (default: ${ENV_VAR}, else {DEFAULT_PATH}; "
-             "built-in defaults when the default file is missing)",
+        "built-in defaults when the default file is missing)",
     )
-    p.add_argument("--check-config", action="store_true",
-                   help="validate the configuration, print the effective settings, exit")
-    p.add_argument("--log-target", choices=logs.TARGETS, default=None,
-                   help="override logging.target (auto: journal under systemd, "
-                        "console on a terminal, else JSON lines)")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print the effective settings, exit",
+    )
+    p.add_argument(
+        "--log-target",
+        choices=logs.TARGETS,
+        default=None,
+        help="override logging.target (auto: journal under systemd, "
+        "console on a terminal, else JSON lines)",
+    )
     return p
 
 
-def exit_on_config_error(err: ConfigError, *, role: str,
-                         instance: str | None = None) -> NoReturn:
+def exit_on_config_error(err: ConfigError, *, role: str, instance: str | None = None) -> NoReturn:
     """Log ``err`` as one ``config_error`` event and exit with :data:`EXIT_CONFIG`.
 
     If logging is not configured yet (the usual case: its settings live in
@@ -63,20 +69,24 @@ def exit_on_config_error(err: ConfigError, *, role: str,
     """
     if not logs.is_configured():
         logs.configure_logging(role, level="info", target="auto", instance=instance)
-    logs.get_logger().error(logs.CONFIG_ERROR, path=err.path, line=err.line, key=err.key,
-                            error=str(err))
+    logs.get_logger().error(
+        logs.CONFIG_ERROR, path=err.path, line=err.line, key=err.key, error=str(err)
+    )
     raise SystemExit(EXIT_CONFIG)
 
 
-def load_config_or_exit(path: str | os.PathLike[str] | None = None, *, role: str,
-                        instance: str | None = None,
-                        env: Mapping[str, str] | None = None) -> Config:
+def load_config_or_exit(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    role: str,
+    instance: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
     """:func:`load_config`, turning a :class:`ConfigError` into exit 78 (the daemons' start)."""
     try:
         return load_config(path, env=env)
     except ConfigError as err:
         exit_on_config_error(err, role=role, instance=instance)
-
 
 
 def load_or_exit(args: argparse.Namespace, role: str, instance: str | None = None) -> Config:
@@ -97,23 +107,34 @@ def check_config(cfg: Config, out: TextIO | None = None) -> int:
     return EXIT_OK
 
 
-def setup_logging(cfg: Config, args: argparse.Namespace, role: str,
-                  instance: str | None = None) -> FilteringBoundLogger:
+def setup_logging(
+    cfg: Config, args: argparse.Namespace, role: str, instance: str | None = None
+) -> FilteringBoundLogger:
     """Configure logging from the configuration (and ``--log-target``)."""
     target = args.log_target or cfg.logging.target
     logs.configure_logging(role, level=cfg.logging.level, target=target, instance=instance)
     log = logs.get_logger()
     path = cfg.source_path or "built-in defaults"
     # The fields docs/JOURNAL.md promises for these two events.
-    log.info(logs.CONFIG_LOADED, path=path, segment=cfg.segment.name,
-             socket=cfg.control.socket, policy=cfg.segment.policy)
+    log.info(
+        logs.CONFIG_LOADED,
+        path=path,
+        segment=cfg.segment.name,
+        socket=cfg.control.socket,
+        policy=cfg.segment.policy,
+    )
     for w in cfg.warnings:
         log.warning(logs.CONFIG_WARNING, path=path, warning=w)
     return log
 
 
-def fail(log: FilteringBoundLogger, event: str, err: BaseException,
-         status: int = EXIT_FAILURE, **fields: object) -> NoReturn:
+def fail(
+    log: FilteringBoundLogger,
+    event: str,
+    err: BaseException,
+    status: int = EXIT_FAILURE,
+    **fields: object,
+) -> NoReturn:
     """Log a fatal error as one event (no traceback for a known error) and exit."""
     if isinstance(err, ShmdError | OSError):
         log.error(event, error=str(err), **fields)

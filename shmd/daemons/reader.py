@@ -60,8 +60,14 @@ class ReaderExit(Exception):
 class ReaderDaemon:
     """One reader's connection, subscription, sink and loop."""
 
-    def __init__(self, cfg: Config, settings: ReaderSettings, instance: str,
-                 log: FilteringBoundLogger, sink: RecordSink | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        settings: ReaderSettings,
+        instance: str,
+        log: FilteringBoundLogger,
+        sink: RecordSink | None = None,
+    ) -> None:
         self.cfg = cfg
         self.settings = settings
         self.instance = instance
@@ -115,16 +121,19 @@ class ReaderDaemon:
         delay = 0.05
         while True:
             try:
-                return wire.connect(ctl.socket, SOCK_TYPES[ctl.type],
-                                    timeout=ctl.handshake_timeout, max_message=ctl.max_message)
+                return wire.connect(
+                    ctl.socket,
+                    SOCK_TYPES[ctl.type],
+                    timeout=ctl.handshake_timeout,
+                    max_message=ctl.max_message,
+                )
             except wire.WireError as exc:
                 cause = exc.__cause__ or exc.__context__
                 retry = isinstance(cause, OSError) and cause.errno in _RETRY_ERRNOS
                 if not retry and "No such file" not in str(exc) and "refused" not in str(exc):
                     raise
                 if time.monotonic() + delay > deadline:
-                    raise ReaderExit(EXIT_FAILURE, logs.WRITER_LOST,
-                                     str(exc)) from None
+                    raise ReaderExit(EXIT_FAILURE, logs.WRITER_LOST, str(exc)) from None
                 # Not a synchronisation stand-in: a bounded back-off between
                 # attempts while no writer is listening yet.
                 time.sleep(delay)
@@ -133,13 +142,18 @@ class ReaderDaemon:
     def _hello(self, old: Subscriber | None) -> protocol.Hello:
         """Our Hello: where to start, or (``old``) where to resume."""
         if old is not None:
-            return protocol.Hello(instance=self.instance, pid=os.getpid(),
-                                  topics=self.settings.topic_mask, start=protocol.Start.RESUME,
-                                  resume_cursor=old.cursor,
-                                  last_generation=old.segment.generation)
+            return protocol.Hello(
+                instance=self.instance,
+                pid=os.getpid(),
+                topics=self.settings.topic_mask,
+                start=protocol.Start.RESUME,
+                resume_cursor=old.cursor,
+                last_generation=old.segment.generation,
+            )
         start = protocol.Start.OLDEST if self.settings.start == "oldest" else protocol.Start.LATEST
-        return protocol.Hello(instance=self.instance, pid=os.getpid(),
-                              topics=self.settings.topic_mask, start=start)
+        return protocol.Hello(
+            instance=self.instance, pid=os.getpid(), topics=self.settings.topic_mask, start=start
+        )
 
     def _answer(self, frame: wire.Frame) -> tuple[protocol.Welcome, list[int]]:
         """The Welcome and its fds, or ReaderExit for a Refuse or anything else."""
@@ -151,23 +165,35 @@ class ReaderDaemon:
                 os.close(fd)
             raise
         if isinstance(msg, protocol.Refuse):
-            status = EXIT_NOPERMISSION if msg.code == protocol.RefuseCode.NOT_ALLOWED else (
-                EXIT_FAILURE)
-            raise ReaderExit(status, "refused", f"Failed to attach since the writer refused: "
-                             f"{msg.reason}", code=msg.code.name.lower())
+            status = (
+                EXIT_NOPERMISSION if msg.code == protocol.RefuseCode.NOT_ALLOWED else (EXIT_FAILURE)
+            )
+            raise ReaderExit(
+                status,
+                "refused",
+                f"Failed to attach since the writer refused: {msg.reason}",
+                code=msg.code.name.lower(),
+            )
         if not isinstance(msg, protocol.Welcome):
             for fd in fds:
                 os.close(fd)
-            raise ReaderExit(EXIT_FAILURE, "refused", f"Failed to attach since the writer "
-                             f"answered with a {type(msg).__name__}")
+            raise ReaderExit(
+                EXIT_FAILURE,
+                "refused",
+                f"Failed to attach since the writer answered with a {type(msg).__name__}",
+            )
         return msg, fds
 
     def _attach(self, msg: protocol.Welcome, fds: list[int], old: Subscriber | None) -> None:
         """Map the segment from the Welcome's fds; on a resume replace ``old``."""
         eventfd, segfd, lifeline = OwnedFd(fds[0]), OwnedFd(fds[1]), OwnedFd(fds[2])
         try:
-            new = Subscriber.attach(index=msg.reader_index, fd=segfd, eventfd=eventfd,
-                                    mutex_timeout=self.cfg.segment.mutex_timeout)
+            new = Subscriber.attach(
+                index=msg.reader_index,
+                fd=segfd,
+                eventfd=eventfd,
+                mutex_timeout=self.cfg.segment.mutex_timeout,
+            )
         except BaseException:
             for f in (eventfd, segfd, lifeline):
                 f.close()
@@ -175,8 +201,12 @@ class ReaderDaemon:
         if new.segment.generation != msg.generation:
             new.close()
             lifeline.close()
-            raise ReaderExit(EXIT_FAILURE, "refused", "Failed to attach since the segment fd "
-                             "is of another generation than the Welcome says")
+            raise ReaderExit(
+                EXIT_FAILURE,
+                "refused",
+                "Failed to attach since the segment fd "
+                "is of another generation than the Welcome says",
+            )
         if old is not None:
             # A writer that no longer held our entry (we came back after its
             # reconnect_grace) started a new one at the oldest record the
@@ -184,20 +214,31 @@ class ReaderDaemon:
             skipped = max(0, msg.start_cursor - old.cursor) if msg.resumed else 0
             new.carry_over(old.delivered, old.lost + skipped)
             if not msg.resumed:
-                self.log.warning("generation_changed", generation=msg.generation,
-                                 old_generation=old.segment.generation, seq=msg.start_cursor,
-                                 reason="the restarted writer could not adopt the old segment; "
-                                        "reading starts over in the new generation")
+                self.log.warning(
+                    "generation_changed",
+                    generation=msg.generation,
+                    old_generation=old.segment.generation,
+                    seq=msg.start_cursor,
+                    reason="the restarted writer could not adopt the old segment; "
+                    "reading starts over in the new generation",
+                )
             old.close()
         if self.lifeline is not None:
             self.lifeline.close()
         self.sub, self.lifeline, self.lifeline_hup = new, lifeline, False
         self.welcome = msg
         self._writer_pid = new.segment.writer_pid
-        self.log.info(logs.ATTACHED, generation=msg.generation, index=msg.reader_index,
-                      seq=msg.start_cursor, capacity=msg.capacity, slot_size=msg.slot_size,
-                      policy=msg.policy.name.lower().replace("_", "-"),
-                      writer_pid=new.segment.writer_pid, resumed=msg.resumed)
+        self.log.info(
+            logs.ATTACHED,
+            generation=msg.generation,
+            index=msg.reader_index,
+            seq=msg.start_cursor,
+            capacity=msg.capacity,
+            slot_size=msg.slot_size,
+            policy=msg.policy.name.lower().replace("_", "-"),
+            writer_pid=new.segment.writer_pid,
+            resumed=msg.resumed,
+        )
 
     def _exchange_hello(self, hello: protocol.Hello, timeout: float) -> wire.Frame:
         """Send the Hello and return the writer's answer (a Welcome or a Refuse)."""
@@ -217,9 +258,11 @@ class ReaderDaemon:
         try:
             return self.conn.recv(timeout=timeout)
         except wire.PeerClosed:
-            raise ReaderExit(EXIT_FAILURE, logs.WRITER_LOST,
-                             "Failed to attach since the writer closed the connection during "
-                             "the handshake") from None
+            raise ReaderExit(
+                EXIT_FAILURE,
+                logs.WRITER_LOST,
+                "Failed to attach since the writer closed the connection during the handshake",
+            ) from None
 
     # -- running -------------------------------------------------------------------
 
@@ -246,9 +289,13 @@ class ReaderDaemon:
                 # the flag: what is committed is still valid and gets
                 # drained; then we wait for a restarted writer (or exit).
                 self.stop_reason = "writer_lost"
-                self.log.error(logs.WRITER_LOST, generation=self.sub.segment.generation,
-                               writer_pid=self.sub.segment.writer_pid, seq=self.sub.cursor,
-                               error=str(exc))
+                self.log.error(
+                    logs.WRITER_LOST,
+                    generation=self.sub.segment.generation,
+                    writer_pid=self.sub.segment.writer_pid,
+                    seq=self.sub.cursor,
+                    error=str(exc),
+                )
                 self.loop.stop()
 
     def _on_lifeline(self, events: int) -> None:
@@ -315,11 +362,19 @@ class ReaderDaemon:
         self._stats_mark = (now, sub.delivered)
         lag = sub.available()
         level = self.log.warning if sub.lost > self._reported_lost else self.log.info
-        level(logs.STATS, delivered=sub.delivered, lost=sub.lost, seq=sub.cursor, lag=lag,
-              rate=round(rate, 1), generation=sub.segment.generation)
+        level(
+            logs.STATS,
+            delivered=sub.delivered,
+            lost=sub.lost,
+            seq=sub.cursor,
+            lag=lag,
+            rate=round(rate, 1),
+            generation=sub.segment.generation,
+        )
         self._reported_lost = sub.lost
-        sdnotify.status(f"{sub.delivered} records delivered, {sub.lost} lost, lag {lag}, "
-                        f"{rate:.1f}/s")
+        sdnotify.status(
+            f"{sub.delivered} records delivered, {sub.lost} lost, lag {lag}, {rate:.1f}/s"
+        )
 
     def run(self) -> int:
         """Attach, read until the writer goes for good (or we are stopped), detach.
@@ -333,36 +388,61 @@ class ReaderDaemon:
         if self.sink is None:
             self.sink = make_sink(self.settings.sink)
         self.connect()
-        self._wakeup = SignalWakeup(self.reactor, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
-                                    self._on_signal)
+        self._wakeup = SignalWakeup(
+            self.reactor, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], self._on_signal
+        )
         sdnotify.ready()
         while True:
             outcome = self._session()
             sub = self.sub
             assert sub is not None
             if outcome == "stopped":
-                self.log.info(logs.DRAINED, delivered=sub.delivered, lost=sub.lost, seq=sub.cursor,
-                              generation=sub.segment.generation, reason=self.stop_reason)
+                self.log.info(
+                    logs.DRAINED,
+                    delivered=sub.delivered,
+                    lost=sub.lost,
+                    seq=sub.cursor,
+                    generation=sub.segment.generation,
+                    reason=self.stop_reason,
+                )
                 self._detach(protocol.DetachCode.NORMAL, self.stop_reason or "stopped")
                 return EXIT_OK
             if outcome == "evicted":
-                raise ReaderExit(EXIT_FAILURE, logs.EXITING, "the writer evicted this reader",
-                                 reason="evicted", delivered=sub.delivered, lost=sub.lost,
-                                 seq=sub.cursor)
+                raise ReaderExit(
+                    EXIT_FAILURE,
+                    logs.EXITING,
+                    "the writer evicted this reader",
+                    reason="evicted",
+                    delivered=sub.delivered,
+                    lost=sub.lost,
+                    seq=sub.cursor,
+                )
             if outcome == "drained":
-                self.log.info(logs.WRITER_INACTIVE, generation=sub.segment.generation,
-                              seq=sub.cursor)
-                self.log.info(logs.DRAINED, delivered=sub.delivered, lost=sub.lost,
-                              seq=sub.cursor, generation=sub.segment.generation)
+                self.log.info(
+                    logs.WRITER_INACTIVE, generation=sub.segment.generation, seq=sub.cursor
+                )
+                self.log.info(
+                    logs.DRAINED,
+                    delivered=sub.delivered,
+                    lost=sub.lost,
+                    seq=sub.cursor,
+                    generation=sub.segment.generation,
+                )
                 self._detach(protocol.DetachCode.NORMAL, "drained")
             if self._await_writer():
                 continue
             if self.stopping or outcome == "drained":
                 self.stop_reason = self.stop_reason or "writer_stopped"
                 return EXIT_OK
-            raise ReaderExit(EXIT_FAILURE, logs.EXITING, "the writer vanished without clearing "
-                             "the active flag and did not come back", reason="writer_lost",
-                             delivered=sub.delivered, lost=sub.lost, seq=sub.cursor)
+            raise ReaderExit(
+                EXIT_FAILURE,
+                logs.EXITING,
+                "the writer vanished without clearing the active flag and did not come back",
+                reason="writer_lost",
+                delivered=sub.delivered,
+                lost=sub.lost,
+                seq=sub.cursor,
+            )
 
     def _session(self) -> str:
         """Read on one connection; returns drained, writer_lost, evicted or stopped."""
@@ -408,8 +488,9 @@ class ReaderDaemon:
         timeout = self.settings.reconnect_timeout
         deadline = time.monotonic() + timeout
         self._on_wake(0)
-        self.log.info("awaiting_writer", timeout=timeout, seq=sub.cursor,
-                      generation=sub.segment.generation)
+        self.log.info(
+            "awaiting_writer", timeout=timeout, seq=sub.cursor, generation=sub.segment.generation
+        )
         ready = self._writer_changed()
         pause = 0.05
         failures = 0
@@ -526,9 +607,12 @@ class ReaderDaemon:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``shm-reader``."""
     parser = base_parser("shm-reader", "An shmd reader daemon (the unit shm-reader@INSTANCE).")
-    parser.add_argument("--instance", default=os.environ.get("SHMD_INSTANCE"),
-                        help="this reader's name: its identity in the segment, the logs and "
-                             "shmctl (the unit passes %%i; default $SHMD_INSTANCE)")
+    parser.add_argument(
+        "--instance",
+        default=os.environ.get("SHMD_INSTANCE"),
+        help="this reader's name: its identity in the segment, the logs and "
+        "shmctl (the unit passes %%i; default $SHMD_INSTANCE)",
+    )
     args = parser.parse_args(argv)
     if not args.instance:
         parser.error("--instance is required (or set SHMD_INSTANCE)")
@@ -549,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     except ReaderExit as exc:
         status = exc.status
         (log.info if status == EXIT_OK else log.error)(
-            exc.event, error=str(exc), status=status, **exc.fields)
+            exc.event, error=str(exc), status=status, **exc.fields
+        )
         if exc.event != logs.EXITING:
             log.error(logs.EXITING, status=status, reason=exc.event)
     except ReaderEvicted as exc:

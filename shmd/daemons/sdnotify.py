@@ -50,8 +50,9 @@ def notify(*assignments: str, fds: Sequence[int] = ()) -> bool:
         return False
     for line in assignments:
         if "\n" in line or "=" not in line:
-            raise ValueError(f"Failed to notify the service manager since {line!r} is not "
-                             f"one VAR=value line")
+            raise ValueError(
+                f"Failed to notify the service manager since {line!r} is not one VAR=value line"
+            )
     state = "\n".join(assignments)
     try:
         if fds:
@@ -59,8 +60,9 @@ def notify(*assignments: str, fds: Sequence[int] = ()) -> bool:
         # python-systemd 235 takes len() of fds: None (its own default) fails.
         return bool(systemd.daemon.notify(state))
     except OSError as exc:
-        structlog.get_logger().warning(SD_NOTIFY_FAILED, state=state.split("\n", 1)[0],
-                                       error=exc.strerror or str(exc))
+        structlog.get_logger().warning(
+            SD_NOTIFY_FAILED, state=state.split("\n", 1)[0], error=exc.strerror or str(exc)
+        )
         return False
 
 
@@ -119,8 +121,10 @@ def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
 
 def _check_fdname(name: str) -> None:
     if not _FDNAME_RE.fullmatch(name):
-        raise ValueError(f"Failed to name stored fds since {name!r} is not 1-255 printable "
-                         f"ASCII characters without ':'")
+        raise ValueError(
+            f"Failed to name stored fds since {name!r} is not 1-255 printable "
+            f"ASCII characters without ':'"
+        )
 
 
 def store_fds(name: str, fds: Sequence[int], *, poll: bool = True) -> bool:

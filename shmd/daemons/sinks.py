@@ -78,8 +78,14 @@ class JournalRecords:
     def _summarise(self) -> None:
         assert self._tail is not None
         seq, topic, head = self._tail
-        log.info("records", count=self._count, first_seq=self._first_seq, seq=seq,
-                 topic=topic, payload=_preview(head))
+        log.info(
+            "records",
+            count=self._count,
+            first_seq=self._first_seq,
+            seq=seq,
+            topic=topic,
+            payload=_preview(head),
+        )
         self._count, self._first_seq, self._tail = 0, None, None
 
     def close(self) -> None:
@@ -108,8 +114,9 @@ class StreamRecords:
         try:
             f = open(cfg.path, "ab")  # noqa: SIM115 - owned by the sink, closed in close()
         except OSError as exc:
-            raise SinkError(f"Failed to open {cfg.path} for the file sink since "
-                            f"{exc.strerror}") from None
+            raise SinkError(
+                f"Failed to open {cfg.path} for the file sink since {exc.strerror}"
+            ) from None
         return cls(f, cfg.framing, cfg.path, owned=True)
 
     def write(self, records: list[RawRecord]) -> None:
@@ -117,8 +124,9 @@ class StreamRecords:
             self.stream.write(_frame(records, self.framing))
             self.stream.flush()
         except OSError as exc:
-            raise SinkError(f"Failed to write records to {self.what} since "
-                            f"{exc.strerror or exc}") from None
+            raise SinkError(
+                f"Failed to write records to {self.what} since {exc.strerror or exc}"
+            ) from None
 
     def close(self) -> None:
         try:
@@ -142,8 +150,9 @@ class ExecRecords:
         try:
             self.child = subprocess.Popen(self.command, stdin=subprocess.PIPE)
         except OSError as exc:
-            raise SinkError(f"Failed to start the exec sink {self.command[0]!r} since "
-                            f"{exc.strerror}") from None
+            raise SinkError(
+                f"Failed to start the exec sink {self.command[0]!r} since {exc.strerror}"
+            ) from None
         assert self.child.stdin is not None
         self.stdin: IO[bytes] = self.child.stdin
 
@@ -153,8 +162,10 @@ class ExecRecords:
             self.stdin.flush()
         except (BrokenPipeError, ValueError):
             status = self.child.wait()
-            raise SinkError(f"Failed to pipe records to {self.command[0]!r} since it exited "
-                            f"with status {status}") from None
+            raise SinkError(
+                f"Failed to pipe records to {self.command[0]!r} since it exited "
+                f"with status {status}"
+            ) from None
 
     def close(self) -> None:
         try:
@@ -184,8 +195,9 @@ class PythonRecords:
         try:
             self.fn(records)
         except Exception as exc:
-            raise SinkError(f"Failed to hand records to {self.spec} since it raised "
-                            f"{type(exc).__name__}: {exc}") from exc
+            raise SinkError(
+                f"Failed to hand records to {self.spec} since it raised {type(exc).__name__}: {exc}"
+            ) from exc
 
     def close(self) -> None:
         closer = getattr(self.fn, "close", None)
@@ -193,8 +205,9 @@ class PythonRecords:
             try:
                 closer()
             except Exception as exc:  # the user's code: reported, never a traceback
-                raise SinkError(f"Failed to close {self.spec} since it raised "
-                                f"{type(exc).__name__}: {exc}") from None
+                raise SinkError(
+                    f"Failed to close {self.spec} since it raised {type(exc).__name__}: {exc}"
+                ) from None
 
 
 def make_sink(cfg: Sink) -> RecordSink:

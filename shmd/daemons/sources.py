@@ -99,15 +99,19 @@ class Deframer:
             elif nl - start > self.max_payload:
                 # A long line that arrived whole in one read: refused here,
                 # or the writer would refuse the whole batch around it.
-                errors.append(f"Failed to publish a {nl - start}-byte line since a slot holds "
-                              f"at most {self.max_payload} bytes of payload; it is dropped")
+                errors.append(
+                    f"Failed to publish a {nl - start}-byte line since a slot holds "
+                    f"at most {self.max_payload} bytes of payload; it is dropped"
+                )
             else:
                 out.append(bytes(buf[start:nl]))
             start = nl + 1
         del buf[:start]
         if len(buf) > self.max_payload and not self._skipping_line:
-            errors.append(f"Failed to publish a line since it is longer than the "
-                          f"{self.max_payload}-byte slot payload; it is dropped")
+            errors.append(
+                f"Failed to publish a line since it is longer than the "
+                f"{self.max_payload}-byte slot payload; it is dropped"
+            )
             self._skipping_line = True
         if self._skipping_line:
             buf.clear()
@@ -127,8 +131,10 @@ class Deframer:
         while len(buf) - pos >= _LEN:
             length = int.from_bytes(buf[pos : pos + _LEN], "little")
             if length > self.max_payload:
-                errors.append(f"Failed to publish a {length}-byte frame since a slot holds "
-                              f"at most {self.max_payload} bytes of payload; it is dropped")
+                errors.append(
+                    f"Failed to publish a {length}-byte frame since a slot holds "
+                    f"at most {self.max_payload} bytes of payload; it is dropped"
+                )
                 avail = len(buf) - pos - _LEN
                 take = min(avail, length)
                 pos += _LEN + take
@@ -235,8 +241,9 @@ class StreamRecords:
         except OSError as exc:
             raise SourceError(f"Failed to use the FIFO {path} since {exc.strerror}") from None
         if not stat.S_ISFIFO(st.st_mode):
-            raise SourceError(f"Failed to use {path} as the FIFO source since it exists and "
-                              "is not a FIFO")
+            raise SourceError(
+                f"Failed to use {path} as the FIFO source since it exists and is not a FIFO"
+            )
 
     def _open_fifo(self) -> None:
         assert self._host is not None and self.path is not None
@@ -277,9 +284,13 @@ class StreamRecords:
         assert self._fd is not None and self._host is not None and self._deframer is not None
         dropped = self._deframer.reset()
         if dropped:
-            log.warning("frame_truncated", source=self.cfg.type, bytes=dropped,
-                        error="the producer closed the stream in the middle of a frame; "
-                              "the partial frame is dropped")
+            log.warning(
+                "frame_truncated",
+                source=self.cfg.type,
+                bytes=dropped,
+                error="the producer closed the stream in the middle of a frame; "
+                "the partial frame is dropped",
+            )
         self._host.reactor.remove(self._fd.fileno())
         self._close_fd()
         if self.path is not None:
@@ -389,9 +400,12 @@ class PythonRecords:
 
 def _takes_argument(fn: Callable[..., object]) -> bool:
     try:
-        params = [p for p in inspect.signature(fn).parameters.values()
-                  if p.default is inspect.Parameter.empty
-                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         return False
     return len(params) >= 1

@@ -74,8 +74,9 @@ class Peer:
 class Writer:
     """The writer daemon's state and loop."""
 
-    def __init__(self, cfg: Config, log: FilteringBoundLogger,
-                 config_path: str | None = None) -> None:
+    def __init__(
+        self, cfg: Config, log: FilteringBoundLogger, config_path: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.log = log
         self.config_path = config_path
@@ -149,12 +150,17 @@ class Writer:
         self.listener.setblocking(False)
         self.reactor.add(self.listener.fileno(), self._on_listener)
         self._wakeup = SignalWakeup(
-            self.reactor, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], self._on_signal)
+            self.reactor, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], self._on_signal
+        )
         self.source = make_source(self.cfg.writer.source)
         self.source.start(self)
-        self.log.info(logs.LISTENER_READY, socket=self.cfg.control.socket,
-                      type=self.cfg.control.type, activated=self.bound_path is None,
-                      generation=self.pub.generation)
+        self.log.info(
+            logs.LISTENER_READY,
+            socket=self.cfg.control.socket,
+            type=self.cfg.control.type,
+            activated=self.bound_path is None,
+            generation=self.pub.generation,
+        )
         if self._orphans:
             self._wake_orphans()
         if self.restored:
@@ -162,8 +168,12 @@ class Writer:
             self.call_later(grace, self._reconnect_expired)
             # "The writer is back": readers waiting for us reconnect now.
             self.pub.wake_all()
-            self.log.info("readers_restored", generation=self.pub.generation, grace=grace,
-                          readers=",".join(h.name for h in self.restored.values()))
+            self.log.info(
+                "readers_restored",
+                generation=self.pub.generation,
+                grace=grace,
+                readers=",".join(h.name for h in self.restored.values()),
+            )
         self.call_later(self.cfg.writer.status_interval, self._status_tick)
         interval = sdnotify.watchdog_interval()
         if interval:
@@ -198,9 +208,14 @@ class Writer:
             self.lifeline_r, self.lifeline_w = OwnedFd(r), OwnedFd(w)
         if pub is None:
             pub = Publisher.create(
-                seg.name, capacity=seg.capacity, slot_size=seg.slot_size,
-                max_readers=seg.max_readers, policy=Policy.parse(seg.policy),
-                block_timeout=seg.block_timeout, mutex_timeout=seg.mutex_timeout, mode=SEGMENT_MODE,
+                seg.name,
+                capacity=seg.capacity,
+                slot_size=seg.slot_size,
+                max_readers=seg.max_readers,
+                policy=Policy.parse(seg.policy),
+                block_timeout=seg.block_timeout,
+                mutex_timeout=seg.mutex_timeout,
+                mode=SEGMENT_MODE,
             )
             for name in [n for n in owned if n.startswith("reader-")]:
                 fds = owned.pop(name)
@@ -230,8 +245,12 @@ class Writer:
                 pass  # a full counter wakes the reader just as well
             finally:
                 efd.close()
-        self.log.info("readers_woken", generation=self.pub.generation, readers=len(orphans),
-                      reason="the stored segment could not be adopted; they start over")
+        self.log.info(
+            "readers_woken",
+            generation=self.pub.generation,
+            readers=len(orphans),
+            reason="the stored segment could not be adopted; they start over",
+        )
 
     def _adopt(self, segment_fds: list[OwnedFd]) -> Publisher | None:
         """The stored segment as a Publisher, or None (nothing stored, or unusable)."""
@@ -252,11 +271,20 @@ class Writer:
             if mismatch:
                 segment_fds[0].close()
                 return None
-            return Publisher.adopt(seg.name, segment_fds[0], block_timeout=seg.block_timeout,
-                                   mutex_timeout=seg.mutex_timeout, mode=SEGMENT_MODE)
+            return Publisher.adopt(
+                seg.name,
+                segment_fds[0],
+                block_timeout=seg.block_timeout,
+                mutex_timeout=seg.mutex_timeout,
+                mode=SEGMENT_MODE,
+            )
         except (ShmdError, OSError) as exc:
-            self.log.error("segment_invalid", segment=seg.name, error=str(exc),
-                           action="starting a new generation; readers start over")
+            self.log.error(
+                "segment_invalid",
+                segment=seg.name,
+                error=str(exc),
+                action="starting a new generation; readers start over",
+            )
             segment_fds[0].close()
             return None
 
@@ -295,18 +323,24 @@ class Writer:
         have = (g.capacity, g.slot_size, g.max_readers, policy)
         if want == have:
             return False
-        self.log.warning("segment_invalid", segment=seg.name,
-                         error=f"the stored segment has capacity, slot size, max_readers, policy "
-                               f"{have} but the configuration says {want}",
-                         action="starting a new generation; readers start over")
+        self.log.warning(
+            "segment_invalid",
+            segment=seg.name,
+            error=f"the stored segment has capacity, slot size, max_readers, policy "
+            f"{have} but the configuration says {want}",
+            action="starting a new generation; readers start over",
+        )
         return True
 
     def _reconnect_expired(self) -> None:
         """Restored readers that did not reconnect within reconnect_grace are gone."""
         for index in list(self.restored):
-            self._forget_restored(index, f"did not reconnect within "
-                                         f"{self.cfg.writer.reconnect_grace:g} s of the "
-                                         "writer's restart")
+            self._forget_restored(
+                index,
+                f"did not reconnect within "
+                f"{self.cfg.writer.reconnect_grace:g} s of the "
+                "writer's restart",
+            )
 
     def _forget_restored(self, index: int, reason: str) -> None:
         """Free a restored reader's entry and stored eventfd; log it as lost."""
@@ -315,9 +349,15 @@ class Writer:
         with self._lock:
             entry = self.pub.remove_reader(index)
         sdnotify.remove_fds(f"reader-{index}")
-        self.log.warning(logs.READER_LOST, reader=handle.name, pid=handle.pid, index=index,
-                         generation=self.pub.generation, seq=entry.cursor if entry else None,
-                         reason=reason)
+        self.log.warning(
+            logs.READER_LOST,
+            reader=handle.name,
+            pid=handle.pid,
+            index=index,
+            generation=self.pub.generation,
+            seq=entry.cursor if entry else None,
+            reason=reason,
+        )
 
     def _listener(self, control: list[int] | None) -> socket.socket:
         """The listening socket: from socket activation (checked), else bound here."""
@@ -396,11 +436,17 @@ class Writer:
         except wire.WireError:
             groups = {gid}  # the primary group is all we know
         if not ctl.peer_allowed(uid, groups):
-            self.log.warning(logs.READER_REFUSED, pid=pid, uid=uid, gid=gid,
-                             code="not_allowed",
-                             reason="uid and groups are not in control.allowed_users/groups")
-            self._refuse_and_close(conn, protocol.RefuseCode.NOT_ALLOWED,
-                                   f"uid {uid} is not allowed to attach")
+            self.log.warning(
+                logs.READER_REFUSED,
+                pid=pid,
+                uid=uid,
+                gid=gid,
+                code="not_allowed",
+                reason="uid and groups are not in control.allowed_users/groups",
+            )
+            self._refuse_and_close(
+                conn, protocol.RefuseCode.NOT_ALLOWED, f"uid {uid} is not allowed to attach"
+            )
             return
         peer = Peer(conn, pid, uid, gid, time.monotonic() + ctl.handshake_timeout)
         self.peers[conn.fileno()] = peer
@@ -408,8 +454,9 @@ class Writer:
         self.call_later(ctl.handshake_timeout, functools.partial(self._handshake_timeout, peer))
         self.log.debug(logs.READER_CONNECTED, pid=pid, uid=uid)
 
-    def _refuse_and_close(self, conn: wire.Connection, code: protocol.RefuseCode,
-                          reason: str) -> None:
+    def _refuse_and_close(
+        self, conn: wire.Connection, code: protocol.RefuseCode, reason: str
+    ) -> None:
         try:
             conn.queue(protocol.Refuse(code, reason).encode())
         except (wire.ChannelError, OSError):
@@ -419,8 +466,13 @@ class Writer:
     def _handshake_timeout(self, peer: Peer) -> None:
         if peer.conn.closed or peer.deadline is None:
             return
-        self.log.warning(logs.READER_REFUSED, pid=peer.pid, uid=peer.uid, code="bad_message",
-                         reason=f"no Hello within {self.cfg.control.handshake_timeout:g} s")
+        self.log.warning(
+            logs.READER_REFUSED,
+            pid=peer.pid,
+            uid=peer.uid,
+            code="bad_message",
+            reason=f"no Hello within {self.cfg.control.handshake_timeout:g} s",
+        )
         self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, "handshake timeout"))
 
     def _on_peer(self, peer: Peer, events: int) -> None:
@@ -439,11 +491,20 @@ class Writer:
         except (wire.ChannelError, protocol.ProtocolError) as exc:
             # Another protocol version is told so (Refuse's layout is the same
             # in every version, so the peer can read why).
-            code = (protocol.RefuseCode.VERSION if isinstance(exc, protocol.VersionMismatch)
-                    else protocol.RefuseCode.BAD_MESSAGE)
+            code = (
+                protocol.RefuseCode.VERSION
+                if isinstance(exc, protocol.VersionMismatch)
+                else protocol.RefuseCode.BAD_MESSAGE
+            )
             event = logs.READER_REFUSED if peer.handle is None else "reader_error"
-            self.log.warning(event, pid=peer.pid, uid=peer.uid, reader=peer.instance,
-                             code=code.name.lower(), error=str(exc))
+            self.log.warning(
+                event,
+                pid=peer.pid,
+                uid=peer.uid,
+                reader=peer.instance,
+                code=code.name.lower(),
+                error=str(exc),
+            )
             self._drop(peer, refuse=(code, str(exc)[:512]))
 
     def _update_interest(self, peer: Peer) -> None:
@@ -463,8 +524,14 @@ class Writer:
             return False
         reason = f"a {type(msg).__name__} is not for the writer"
         event = logs.READER_REFUSED if peer.handle is None else "reader_error"
-        self.log.warning(event, pid=peer.pid, uid=peer.uid, reader=peer.instance,
-                         code="bad_message", error=reason)
+        self.log.warning(
+            event,
+            pid=peer.pid,
+            uid=peer.uid,
+            reader=peer.instance,
+            code="bad_message",
+            error=reason,
+        )
         self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, reason))
         return False
 
@@ -487,12 +554,16 @@ class Writer:
         refuse: tuple[protocol.RefuseCode, str] | None = None
         if self._shutting_down:
             refuse = (protocol.RefuseCode.SHUTTING_DOWN, "the writer is shutting down")
-        elif any(p.instance == hello.instance and p.handle is not None
-                 for p in self.peers.values()):
-            refuse = (protocol.RefuseCode.DUPLICATE_INSTANCE,
-                      f"a reader named {hello.instance!r} is attached already")
-        resume = (hello.start == protocol.Start.RESUME
-                  and hello.last_generation == self.pub.generation)
+        elif any(
+            p.instance == hello.instance and p.handle is not None for p in self.peers.values()
+        ):
+            refuse = (
+                protocol.RefuseCode.DUPLICATE_INSTANCE,
+                f"a reader named {hello.instance!r} is attached already",
+            )
+        resume = (
+            hello.start == protocol.Start.RESUME and hello.last_generation == self.pub.generation
+        )
         restored = next((h for h in self.restored.values() if h.name == hello.instance), None)
         if refuse is None and restored is not None and not resume:
             # A new process of a reader we were waiting for: the old one is
@@ -508,45 +579,72 @@ class Writer:
         elif refuse is None:
             try:
                 with self._lock:
-                    handle = self.pub.add_reader(hello.instance, peer.pid, topics=hello.topics,
-                                                 start=self._start(hello, resume))
+                    handle = self.pub.add_reader(
+                        hello.instance,
+                        peer.pid,
+                        topics=hello.topics,
+                        start=self._start(hello, resume),
+                    )
             except ReaderTableFull as exc:
                 refuse = (protocol.RefuseCode.TABLE_FULL, str(exc))
             else:
                 sdnotify.remove_fds(f"reader-{handle.index}")  # nothing stale may stay
                 sdnotify.store_fds(f"reader-{handle.index}", [handle.eventfd.fileno()])
         if refuse is not None:
-            self.log.warning(logs.READER_REFUSED, pid=peer.pid, uid=peer.uid,
-                             reader=hello.instance, code=refuse[0].name.lower(), reason=refuse[1])
+            self.log.warning(
+                logs.READER_REFUSED,
+                pid=peer.pid,
+                uid=peer.uid,
+                reader=hello.instance,
+                code=refuse[0].name.lower(),
+                reason=refuse[1],
+            )
             self._drop(peer, refuse=refuse)
             return False
         peer.handle, peer.instance, peer.deadline = handle, hello.instance, None
         g = self.pub.geometry
         cursor = self.pub.segment.entry(handle.index).cursor
         welcome = protocol.Welcome(
-            generation=self.pub.generation, capacity=g.capacity, slot_size=g.slot_size,
-            max_readers=g.max_readers, reader_index=handle.index, ring_offset=g.ring_offset,
-            segment_size=g.segment_size, policy=protocol.Policy(int(self.pub.policy)),
-            start_cursor=cursor, resumed=resume,
+            generation=self.pub.generation,
+            capacity=g.capacity,
+            slot_size=g.slot_size,
+            max_readers=g.max_readers,
+            reader_index=handle.index,
+            ring_offset=g.ring_offset,
+            segment_size=g.segment_size,
+            policy=protocol.Policy(int(self.pub.policy)),
+            start_cursor=cursor,
+            resumed=resume,
         )
         assert self.lifeline_r is not None
         try:
-            peer.conn.queue(welcome.encode(), [handle.eventfd.fileno(), self.pub.segment.fileno(),
-                                               self.lifeline_r.fileno()])
+            peer.conn.queue(
+                welcome.encode(),
+                [handle.eventfd.fileno(), self.pub.segment.fileno(), self.lifeline_r.fileno()],
+            )
         except wire.ChannelError as exc:
             self.log.warning("reader_error", pid=peer.pid, reader=peer.instance, error=str(exc))
             self._drop(peer)
             return False
-        self.log.info(logs.READER_ATTACHED, reader=hello.instance, pid=peer.pid, uid=peer.uid,
-                      index=handle.index, seq=cursor, generation=self.pub.generation,
-                      topics=f"{hello.topics:#x}", start=protocol.Start(hello.start).name.lower())
+        self.log.info(
+            logs.READER_ATTACHED,
+            reader=hello.instance,
+            pid=peer.pid,
+            uid=peer.uid,
+            index=handle.index,
+            seq=cursor,
+            generation=self.pub.generation,
+            topics=f"{hello.topics:#x}",
+            start=protocol.Start(hello.start).name.lower(),
+        )
         return True
 
     def _on_publish(self, peer: Peer, msg: protocol.Publish) -> bool:
         assert self.pub is not None
         if peer.handle is not None:
-            self._drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE,
-                                     "a reader connection cannot publish"))
+            self._drop(
+                peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, "a reader connection cannot publish")
+            )
             return False
         peer.deadline = None
         try:
@@ -565,8 +663,13 @@ class Writer:
             return False
         return True
 
-    def _drop(self, peer: Peer, *, refuse: tuple[protocol.RefuseCode, str] | None = None,
-              reason: str | None = None) -> None:
+    def _drop(
+        self,
+        peer: Peer,
+        *,
+        refuse: tuple[protocol.RefuseCode, str] | None = None,
+        reason: str | None = None,
+    ) -> None:
         """Forget a connection; free its reader entry; log what happened."""
         conn = peer.conn
         if conn.closed:
@@ -589,8 +692,12 @@ class Writer:
                 with self._lock:
                     entry = self.pub.remove_reader(peer.handle.index)
                 sdnotify.remove_fds(f"reader-{peer.handle.index}")
-            fields = {"reader": peer.instance, "pid": peer.pid, "index": peer.handle.index,
-                      "generation": self.pub.generation}
+            fields = {
+                "reader": peer.instance,
+                "pid": peer.pid,
+                "index": peer.handle.index,
+                "generation": self.pub.generation,
+            }
             if entry is not None:
                 fields.update(seq=entry.cursor, delivered=entry.delivered, lost=entry.lost)
             self._last_lost.pop(peer.handle.index, None)
@@ -612,22 +719,36 @@ class Writer:
             sdnotify.remove_fds(f"reader-{ev.index}")
             if self.restored.pop(ev.index, None) is not None:
                 # Evicted before it reconnected after our restart.
-                self.log.warning(logs.READER_LOST, reader=ev.name, pid=ev.pid, index=ev.index,
-                                 generation=self.pub.generation, seq=ev.cursor,
-                                 lag=ev.write_seq - ev.cursor,
-                                 reason="evicted before it reconnected: it held the ring up "
-                                        "under policy block")
+                self.log.warning(
+                    logs.READER_LOST,
+                    reader=ev.name,
+                    pid=ev.pid,
+                    index=ev.index,
+                    generation=self.pub.generation,
+                    seq=ev.cursor,
+                    lag=ev.write_seq - ev.cursor,
+                    reason="evicted before it reconnected: it held the ring up under policy block",
+                )
             for peer in list(self.peers.values()):
                 if peer.handle is not None and peer.handle.index == ev.index:
                     peer.handle = None  # the publisher already dropped it
                     self._last_lost.pop(ev.index, None)
-                    self.log.warning(logs.READER_LOST, reader=ev.name, pid=ev.pid,
-                                     index=ev.index, generation=self.pub.generation,
-                                     seq=ev.cursor, lag=ev.write_seq - ev.cursor,
-                                     reason="evicted: it held the ring up under policy block")
+                    self.log.warning(
+                        logs.READER_LOST,
+                        reader=ev.name,
+                        pid=ev.pid,
+                        index=ev.index,
+                        generation=self.pub.generation,
+                        seq=ev.cursor,
+                        lag=ev.write_seq - ev.cursor,
+                        reason="evicted: it held the ring up under policy block",
+                    )
                     try:
-                        peer.conn.queue(protocol.Detach(protocol.DetachCode.EVICTED,
-                                                        "held the ring up").encode())
+                        peer.conn.queue(
+                            protocol.Detach(
+                                protocol.DetachCode.EVICTED, "held the ring up"
+                            ).encode()
+                        )
                     except wire.ChannelError:
                         pass
                     self._drop(peer)
@@ -638,8 +759,10 @@ class Writer:
     def _status_text(self) -> str:
         assert self.pub is not None
         n = sum(1 for p in self.peers.values() if p.handle is not None)
-        return (f"{n} reader{'s' if n != 1 else ''} attached, {self.pub.write_seq} records "
-                f"published, {self.rate:.1f}/s, generation {self.pub.generation}")
+        return (
+            f"{n} reader{'s' if n != 1 else ''} attached, {self.pub.write_seq} records "
+            f"published, {self.rate:.1f}/s, generation {self.pub.generation}"
+        )
 
     def _status_tick(self) -> None:
         assert self.pub is not None
@@ -654,8 +777,14 @@ class Writer:
             lost = self.pub.segment.entry(index).lost
             before = self._last_lost.get(index, 0)
             if lost > before:
-                self.log.warning(logs.OVERRUN, reader=handle.name, pid=handle.pid, lost=lost,
-                                 new_lost=lost - before, generation=self.pub.generation)
+                self.log.warning(
+                    logs.OVERRUN,
+                    reader=handle.name,
+                    pid=handle.pid,
+                    lost=lost,
+                    new_lost=lost - before,
+                    generation=self.pub.generation,
+                )
             self._last_lost[index] = lost
         if self.pub.evictions:
             self._handle_evictions()
@@ -692,8 +821,14 @@ class Writer:
         try:
             new = load_config(self.config_path)
         except ConfigError as err:
-            self.log.error(logs.CONFIG_ERROR, path=err.path, line=err.line, key=err.key,
-                           error=str(err), action="reload refused; running configuration kept")
+            self.log.error(
+                logs.CONFIG_ERROR,
+                path=err.path,
+                line=err.line,
+                key=err.key,
+                error=str(err),
+                action="reload refused; running configuration kept",
+            )
             sdnotify.ready(self._status_text())
             return
         live, refused = diff_reloadable(self.cfg, new)
@@ -703,25 +838,40 @@ class Writer:
             old = self.cfg
             logs.set_level(new.logging.level)
             source = old.writer.source
-            if (isinstance(self.source, TickerRecords) and isinstance(source, TickerSource)
-                    and isinstance(new.writer.source, TickerSource)):
+            if (
+                isinstance(self.source, TickerRecords)
+                and isinstance(source, TickerSource)
+                and isinstance(new.writer.source, TickerSource)
+            ):
                 self.source.set_rate(new.writer.source.rate)
                 source = replace(source, rate=new.writer.source.rate)
-            control = replace(old.control, allowed_users=new.control.allowed_users,
-                              allowed_groups=new.control.allowed_groups,
-                              allowed_uids=new.control.allowed_uids,
-                              allowed_gids=new.control.allowed_gids)
+            control = replace(
+                old.control,
+                allowed_users=new.control.allowed_users,
+                allowed_groups=new.control.allowed_groups,
+                allowed_uids=new.control.allowed_uids,
+                allowed_gids=new.control.allowed_gids,
+            )
             self.cfg = replace(
-                old, control=control,
-                writer=replace(old.writer, source=source,
-                               status_interval=new.writer.status_interval),
+                old,
+                control=control,
+                writer=replace(
+                    old.writer, source=source, status_interval=new.writer.status_interval
+                ),
                 logging=replace(old.logging, level=new.logging.level),
             )
-        self.log.info(logs.RELOAD, path=new.source_path or "built-in defaults",
-                      applied=",".join(live) or "none", refused=",".join(refused) or "none")
+        self.log.info(
+            logs.RELOAD,
+            path=new.source_path or "built-in defaults",
+            applied=",".join(live) or "none",
+            refused=",".join(refused) or "none",
+        )
         if refused:
-            self.log.warning("reload_refused", keys=",".join(refused),
-                             reason="these settings need a restart (systemctl restart)")
+            self.log.warning(
+                "reload_refused",
+                keys=",".join(refused),
+                reason="these settings need a restart (systemctl restart)",
+            )
         sdnotify.ready(self._status_text())
 
     # -- shutdown ------------------------------------------------------------------------------
@@ -736,9 +886,13 @@ class Writer:
             self.source.close()
         with self._lock:
             self.pub.deactivate()
-        self.log.info(logs.ACTIVE_CLEARED, reason=reason, seq=self.pub.write_seq,
-                      generation=self.pub.generation,
-                      readers=sum(1 for p in self.peers.values() if p.handle))
+        self.log.info(
+            logs.ACTIVE_CLEARED,
+            reason=reason,
+            seq=self.pub.write_seq,
+            generation=self.pub.generation,
+            readers=sum(1 for p in self.peers.values() if p.handle),
+        )
         # Refuse connections still waiting for their handshake.
         for peer in [p for p in self.peers.values() if p.handle is None]:
             self._drop(peer, refuse=(protocol.RefuseCode.SHUTTING_DOWN, "shutting down"))
@@ -752,8 +906,11 @@ class Writer:
         if self._exit is not None:
             return
         waiting = [p.instance for p in self.peers.values() if p.handle]
-        self.log.warning("shutdown_grace_expired", readers=",".join(filter(None, waiting)),
-                         grace=self.cfg.writer.shutdown_grace)
+        self.log.warning(
+            "shutdown_grace_expired",
+            readers=",".join(filter(None, waiting)),
+            grace=self.cfg.writer.shutdown_grace,
+        )
         self._finish_shutdown()
 
     def _finish_shutdown(self) -> None:

@@ -88,9 +88,7 @@ def eventfd_count(fd: int) -> int:
         return 0
 
 
-def wait_until(
-    predicate: Callable[[], object], what: str, timeout: float = DEADLINE
-) -> None:
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
     """Poll ``predicate`` (which reads real shared state) until true or the deadline.
 
     Used for state another process sets in the segment (an asleep flag, a
@@ -296,8 +294,11 @@ def attach(pub: Publisher, handle: ReaderHandle, **kwargs: Any) -> Subscriber:
     """A subscriber for ``handle`` the way a reader daemon gets one: the segment fd
     and a duplicate of its eventfd (what SCM_RIGHTS would deliver)."""
     return Subscriber.attach(
-        index=handle.index, fd=pub.segment.fileno(),
-        eventfd=OwnedFd(os.dup(handle.eventfd.fileno())), token=handle.token, **kwargs,
+        index=handle.index,
+        fd=pub.segment.fileno(),
+        eventfd=OwnedFd(os.dup(handle.eventfd.fileno())),
+        token=handle.token,
+        **kwargs,
     )
 
 
@@ -319,12 +320,19 @@ class Bus:
         return pub
 
     def subscriber(
-        self, pub: Publisher, name: str = "r", *, topics: int = ALL_TOPICS,
-        start: str | int = "latest", pid: int | None = None, **kwargs: Any,
+        self,
+        pub: Publisher,
+        name: str = "r",
+        *,
+        topics: int = ALL_TOPICS,
+        start: str | int = "latest",
+        pid: int | None = None,
+        **kwargs: Any,
     ) -> Subscriber:
         """Add a reader entry to ``pub`` and attach to it by fd, as a reader daemon would."""
-        handle = pub.add_reader(name, os.getpid() if pid is None else pid, topics=topics,
-                                start=start)
+        handle = pub.add_reader(
+            name, os.getpid() if pid is None else pid, topics=topics, start=start
+        )
         sub = attach(pub, handle, **kwargs)
         self.subscribers.append(sub)
         return sub

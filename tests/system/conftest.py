@@ -36,7 +36,9 @@ def missing_debs(names: tuple[str, ...]) -> list[str]:
     for name in names:
         done = subprocess.run(
             ["dpkg-query", "-W", "-f=${Status}", name],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if "install ok installed" not in done.stdout:
             missing.append(name)
@@ -65,15 +67,22 @@ def built_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(reason)
     check = subprocess.run(
         ["dpkg-checkbuilddeps", str(REPO / "packaging" / "debian" / "control")],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if check.returncode != 0:
-        pytest.skip(f"build dependencies missing (packaging/dev setup installs them): "
-                    f"{check.stderr.strip()}")
+        pytest.skip(
+            f"build dependencies missing (packaging/dev setup installs them): "
+            f"{check.stderr.strip()}"
+        )
     out = tmp_path_factory.mktemp("deb")
     done = subprocess.run(
         [str(REPO / "packaging" / "build-deb"), str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert done.returncode == 0, f"packaging/build-deb failed:\n{done.stderr[-6000:]}"
     deb = Path(done.stdout.strip().splitlines()[-1])

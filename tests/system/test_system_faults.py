@@ -64,8 +64,10 @@ def configure(ns: NamespacedSystemd, policy: str, **overrides: Any) -> str:
     """Write the configuration (a fresh segment name; see bus_config for ``overrides``);
     returns the segment name."""
     segment = f"/shmd-test-{uuid.uuid4().hex}"
-    ns.write_file("/etc/shmd/shmd.yaml", bus_config(segment, policy, READERS, rate=500,
-                                                    capacity=64, **overrides))
+    ns.write_file(
+        "/etc/shmd/shmd.yaml",
+        bus_config(segment, policy, READERS, rate=500, capacity=64, **overrides),
+    )
     return segment
 
 
@@ -82,8 +84,12 @@ def last_seq(ns: NamespacedSystemd, reader: str) -> int:
 
 def wait_delivered(ns: NamespacedSystemd, seq: int, readers: tuple[str, ...] = READERS) -> None:
     """Wait until every reader delivered record ``seq``."""
-    ns.wait_for(lambda: all(last_seq(ns, r) >= seq for r in readers), TIMEOUT,
-                f"readers {readers} delivering seq {seq}", interval=0.2)
+    ns.wait_for(
+        lambda: all(last_seq(ns, r) >= seq for r in readers),
+        TIMEOUT,
+        f"readers {readers} delivering seq {seq}",
+        interval=0.2,
+    )
 
 
 def start(ns: NamespacedSystemd, tail: JournalTail) -> None:
@@ -95,8 +101,14 @@ def start(ns: NamespacedSystemd, tail: JournalTail) -> None:
     wait_delivered(ns, max(int(e["SHMD_SEQ"]) for e in attached.values()) + 100)
 
 
-def wait_events(ns: NamespacedSystemd, tail: JournalTail, event: str,
-                readers: tuple[str, ...], since: int = 0, **fields: str) -> dict[str, Any]:
+def wait_events(
+    ns: NamespacedSystemd,
+    tail: JournalTail,
+    event: str,
+    readers: tuple[str, ...],
+    since: int = 0,
+    **fields: str,
+) -> dict[str, Any]:
     """Wait until the journal holds ``event`` for each reader (SHMD_READER, or the reader's
     own SHMD_INSTANCE); returns them by reader."""
 
@@ -110,12 +122,16 @@ def wait_events(ns: NamespacedSystemd, tail: JournalTail, event: str,
         return got if len(got) == len(readers) else None
 
     try:
-        found: dict[str, Any] = ns.wait_for(seen, TIMEOUT, f"{event} {fields} for {readers}",
-                                            interval=0.2)
+        found: dict[str, Any] = ns.wait_for(
+            seen, TIMEOUT, f"{event} {fields} for {readers}", interval=0.2
+        )
     except TimeoutError as exc:
-        recent = [f"{e.get('_SYSTEMD_UNIT')} {e.get('SHMD_EVENT')} "
-                  f"{ {k: v for k, v in e.items() if k.startswith('SHMD_')} }"
-                  for e in tail.entries[since:] if e.get("SHMD_EVENT") not in (None, "stats")]
+        recent = [
+            f"{e.get('_SYSTEMD_UNIT')} {e.get('SHMD_EVENT')} "
+            f"{ {k: v for k, v in e.items() if k.startswith('SHMD_')} }"
+            for e in tail.entries[since:]
+            if e.get("SHMD_EVENT") not in (None, "stats")
+        ]
         raise AssertionError(f"{exc}; events since:\n" + "\n".join(recent[-40:])) from None
     return found
 
@@ -178,8 +194,8 @@ def test_a_writer_restart_loses_nothing_under_block(fresh: NamespacedSystemd, ho
     wait_delivered(fresh, seq + 200)
     published = stop_and_collect(fresh, tail)
     assert unit_states(fresh, UNITS) == {
-        u: {"Id": u, "ActiveState": "inactive", "MainPID": "0", "NRestarts": "0"}
-        for u in UNITS}
+        u: {"Id": u, "ActiveState": "inactive", "MainPID": "0", "NRestarts": "0"} for u in UNITS
+    }
     for r, unit in zip(READERS, UNITS, strict=True):
         procs = sink_log(fresh, r)
         assert [p.pid for p in procs] == [pids[unit]]
@@ -203,8 +219,7 @@ def test_loss_under_drop_oldest_is_counted_exactly_across_a_restart(
     finally:
         fresh.systemctl("kill", "--signal=CONT", slow)
     overrun = wait_events(fresh, tail, "overrun", ("2",), since=mark)["2"]
-    stats = wait_events(fresh, tail, "stats", ("2",), since=mark,
-                        lost=overrun["SHMD_LOST"])["2"]
+    stats = wait_events(fresh, tail, "stats", ("2",), since=mark, lost=overrun["SHMD_LOST"])["2"]
     mark = len(tail.entries)
     fresh.systemctl("restart", WRITER)
     resumed = wait_events(fresh, tail, "reader_attached", READERS, since=mark, start="resume")
@@ -222,8 +237,10 @@ def test_loss_under_drop_oldest_is_counted_exactly_across_a_restart(
     assert int(stats["SHMD_LOST"]) == (below - start_seq) - slow_log.delivered_below(below)
     for r in ("1", "3"):
         assert_gapless(sink_log(fresh, r), published)
-        assert [e["SHMD_LOST"] for e in tail.events("drained") if e["SHMD_INSTANCE"] == r] \
-            == ["0", "0"]
+        assert [e["SHMD_LOST"] for e in tail.events("drained") if e["SHMD_INSTANCE"] == r] == [
+            "0",
+            "0",
+        ]
 
 
 def test_an_invalid_stored_segment_starts_a_new_generation(fresh: NamespacedSystemd) -> None:
@@ -235,8 +252,9 @@ def test_an_invalid_stored_segment_starts_a_new_generation(fresh: NamespacedSyst
     start(fresh, tail)
     pids = {u: s["MainPID"] for u, s in unit_states(fresh, UNITS).items()}
     [created] = tail.events("segment_created")
-    fresh.write_file("/etc/shmd/shmd.yaml", bus_config(segment, "block", READERS, rate=500,
-                                                        capacity=128))
+    fresh.write_file(
+        "/etc/shmd/shmd.yaml", bus_config(segment, "block", READERS, rate=500, capacity=128)
+    )
     mark = len(tail.entries)
     fresh.systemctl("restart", WRITER)
     changed = wait_events(fresh, tail, "generation_changed", READERS, since=mark)
@@ -248,7 +266,9 @@ def test_an_invalid_stored_segment_starts_a_new_generation(fresh: NamespacedSyst
     assert not tail.events("segment_adopted", mark)
     for e in changed.values():
         assert (e["SHMD_OLD_GENERATION"], e["SHMD_GENERATION"]) == (
-            created["SHMD_GENERATION"], new["SHMD_GENERATION"])
+            created["SHMD_GENERATION"],
+            new["SHMD_GENERATION"],
+        )
     # Each reader starts over with the oldest record the new generation holds.
     again = wait_events(fresh, tail, "reader_attached", READERS, since=mark)
     wait_delivered(fresh, max(int(e["SHMD_SEQ"]) for e in again.values()) + 100)
@@ -256,10 +276,11 @@ def test_an_invalid_stored_segment_starts_a_new_generation(fresh: NamespacedSyst
     published = stop_and_collect(fresh, tail)
     for r in READERS:
         [proc] = sink_log(fresh, r)
-        restart = next(i for i, (a, b) in enumerate(itertools.pairwise(proc.runs))
-                       if b.first <= a.last)
+        restart = next(
+            i for i, (a, b) in enumerate(itertools.pairwise(proc.runs)) if b.first <= a.last
+        )
         assert proc.runs[restart + 1].first == int(again[r]["SHMD_SEQ"]) < 64
-        assert_gapless([Process(proc.pid, proc.runs[restart + 1:], proc.clean_end)], published)
+        assert_gapless([Process(proc.pid, proc.runs[restart + 1 :], proc.clean_end)], published)
 
 
 def test_a_reader_that_cannot_reconnect_in_time_is_restarted(fresh: NamespacedSystemd) -> None:
@@ -275,8 +296,9 @@ def test_a_reader_that_cannot_reconnect_in_time_is_restarted(fresh: NamespacedSy
     exiting = wait_events(fresh, tail, "exiting", ("3",), since=mark)["3"]
     assert exiting["SHMD_STATUS"] == "1" and exiting["_PID"] == pid
     wait_events(fresh, tail, "reader_attached", ("1", "2"), since=mark, start="resume")
-    fresh_attach = wait_events(fresh, tail, "reader_attached", ("3",), since=mark,
-                               start="latest")["3"]
+    fresh_attach = wait_events(fresh, tail, "reader_attached", ("3",), since=mark, start="latest")[
+        "3"
+    ]
     props = fresh.wait_unit(impatient, TIMEOUT, ActiveState="active", NRestarts="1")
     assert fresh_attach["SHMD_PID"] == fresh.show(impatient, "MainPID")["MainPID"] != pid
     assert props["NRestarts"] == "1"
@@ -326,8 +348,10 @@ def test_stop_then_start_begins_a_new_generation(fresh: NamespacedSystemd) -> No
     [first] = tail.events("segment_created")
     stop_and_collect(fresh, tail)
     for unit in UNITS:
-        assert fresh.show(unit, "Result", "ExecMainStatus") == {"Result": "success",
-                                                                 "ExecMainStatus": "0"}
+        assert fresh.show(unit, "Result", "ExecMainStatus") == {
+            "Result": "success",
+            "ExecMainStatus": "0",
+        }
     assert fresh.run("ls", "/dev/shm").stdout.split() == []
     mark = len(tail.entries)
     start(fresh, tail)

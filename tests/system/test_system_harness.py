@@ -69,8 +69,17 @@ def test_dev_shm_is_the_namespaces_own(systemd_ns: NamespacedSystemd) -> None:
     name = f"shmd-test-private-{uuid.uuid4().hex}"
     # PrivateDevices= as the shmd units have it: the unit's /dev binds the
     # namespace's /dev/shm.
-    systemd_ns.run("systemd-run", "--wait", "--quiet", "-p", "PrivateDevices=yes", "--",
-                   "python3", "-c", f"open('/dev/shm/{name}', 'w').close()")
+    systemd_ns.run(
+        "systemd-run",
+        "--wait",
+        "--quiet",
+        "-p",
+        "PrivateDevices=yes",
+        "--",
+        "python3",
+        "-c",
+        f"open('/dev/shm/{name}', 'w').close()",
+    )
     try:
         assert name in systemd_ns.run("ls", "-A", "/dev/shm").stdout.split()
         assert not (Path(HOST_SHM) / name).exists()
@@ -90,13 +99,18 @@ def test_poweroff_fails_when_a_segment_created_inside_is_on_the_host() -> None:
         ns.boot()
         # What a writer running outside the namespace's /dev/shm would leave:
         # its segment_created line inside, its segment on the host.
-        code = ("from systemd import journal; "
-                f"journal.send('segment_created', SHMD_EVENT='segment_created', "
-                f"SHMD_SEGMENT='/{leak.name}')")
+        code = (
+            "from systemd import journal; "
+            f"journal.send('segment_created', SHMD_EVENT='segment_created', "
+            f"SHMD_SEGMENT='/{leak.name}')"
+        )
         ns.run("python3", "-c", code)
         leak.write_bytes(b"")
-        with pytest.raises(SystemdError, match=rf"Failed to leave the host clean since "
-                                               rf"{leak.name} appeared"):
+        with pytest.raises(
+            SystemdError,
+            match=rf"Failed to leave the host clean since "
+            rf"{leak.name} appeared",
+        ):
             ns.poweroff()
     finally:
         leak.unlink(missing_ok=True)
@@ -111,8 +125,10 @@ def test_transient_unit_logs_structured_field(systemd_ns: NamespacedSystemd) -> 
     # The sender stays alive until stopped: journald attributes an entry to a
     # unit by reading the sender's /proc/<pid>/cgroup when the entry arrives,
     # which fails for a process that has already exited.
-    code = ("import signal; from systemd import journal; "
-            f"journal.send('probe', SHMD_TEST_TOKEN='{token}'); signal.pause()")
+    code = (
+        "import signal; from systemd import journal; "
+        f"journal.send('probe', SHMD_TEST_TOKEN='{token}'); signal.pause()"
+    )
     systemd_ns.run("systemd-run", f"--unit={unit}", "--quiet", "--", "python3", "-c", code)
     try:
         entry = systemd_ns.wait_for_journal(
@@ -156,8 +172,10 @@ def test_install_dev_tree_points_units_at_a_copy_of_the_checkout(
     systemd_ns.install_dev_tree(REPO)
     for unit in ("shm-writer.socket", "shm-writer.service", "shm-reader@1.service"):
         assert systemd_ns.show(unit, "LoadState")["LoadState"] == "loaded"
-    for unit, module in (("shm-writer.service", "shmd.daemons.writer"),
-                         ("shm-reader@1.service", "shmd.daemons.reader")):
+    for unit, module in (
+        ("shm-writer.service", "shmd.daemons.writer"),
+        ("shm-reader@1.service", "shmd.daemons.reader"),
+    ):
         props = systemd_ns.show(unit, "ExecStart", "Environment", "User")
         assert f"from {module} import main" in props["ExecStart"]
         assert f"PYTHONPATH={DEV_TREE}" in props["Environment"]
@@ -167,8 +185,16 @@ def test_install_dev_tree_points_units_at_a_copy_of_the_checkout(
     # The copy is the checkout's code, byte for byte, and user shmd imports it.
     copied = systemd_ns.read_file(f"{DEV_TREE}/shmd/bus/subscriber.py")
     assert copied == (REPO / "shmd" / "bus" / "subscriber.py").read_text()
-    done = systemd_ns.run("setpriv", "--reuid=shmd", "--regid=shmd", "--clear-groups",
-                          "env", f"PYTHONPATH={DEV_TREE}", "PYTHONDONTWRITEBYTECODE=1",
-                          "python3", "-c",
-                          "import shmd.daemons.writer, shmd.daemons.reader; print(shmd.__file__)")
+    done = systemd_ns.run(
+        "setpriv",
+        "--reuid=shmd",
+        "--regid=shmd",
+        "--clear-groups",
+        "env",
+        f"PYTHONPATH={DEV_TREE}",
+        "PYTHONDONTWRITEBYTECODE=1",
+        "python3",
+        "-c",
+        "import shmd.daemons.writer, shmd.daemons.reader; print(shmd.__file__)",
+    )
     assert done.stdout.strip() == f"{DEV_TREE}/shmd/__init__.py"

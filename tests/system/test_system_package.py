@@ -100,8 +100,13 @@ def test_socket_refuses_users_outside_group_shmd(installed: NamespacedSystemd) -
         "    print('connected')\n"
     )
     done = installed.run(
-        "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-        "python3", "-c", code,
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "python3",
+        "-c",
+        code,
     )
     assert done.stdout.strip() == "refused"
     assert installed.show("shm-writer.service", "ActiveState")["ActiveState"] == "inactive"

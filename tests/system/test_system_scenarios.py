@@ -80,8 +80,13 @@ def wait_attached(
             seen[entry["SHMD_READER"]] = entry
         return len(seen) == len(readers)
 
-    ns.wait_for_journal(done, TIMEOUT, unit=WRITER, after_cursor=cursor,
-                        what=f"reader_attached for readers {readers}")
+    ns.wait_for_journal(
+        done,
+        TIMEOUT,
+        unit=WRITER,
+        after_cursor=cursor,
+        what=f"reader_attached for readers {readers}",
+    )
     return seen
 
 
@@ -101,8 +106,16 @@ def shmctl_as(ns: NamespacedSystemd, user: str, *args: str) -> tuple[int, str]:
     """Run the installed dev tree's shmctl as user (with its groups); return status and stderr."""
     code = "import sys; from shmd.cli import main; sys.exit(main())"
     done = ns.run(
-        "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
-        "env", f"PYTHONPATH={DEV_TREE}", "python3", "-c", code, *args,
+        "setpriv",
+        f"--reuid={user}",
+        f"--regid={user}",
+        "--init-groups",
+        "env",
+        f"PYTHONPATH={DEV_TREE}",
+        "python3",
+        "-c",
+        code,
+        *args,
         check=False,
     )
     return done.returncode, done.stderr
@@ -175,20 +188,24 @@ def test_killed_reader_is_restarted_alone(fresh: NamespacedSystemd) -> None:
 
     def lost_then_attached(entry: dict[str, Any]) -> bool:
         if entry.get("SHMD_READER") == "2" and entry.get("SHMD_EVENT") in (
-            "reader_lost", "reader_attached"
+            "reader_lost",
+            "reader_attached",
         ):
             order.append(entry["SHMD_EVENT"])
         return order[-1:] == ["reader_attached"]
 
-    fresh.wait_for_journal(lost_then_attached, TIMEOUT, unit=WRITER, after_cursor=cursor,
-                           what="reader 2 lost and attached again")
+    fresh.wait_for_journal(
+        lost_then_attached,
+        TIMEOUT,
+        unit=WRITER,
+        after_cursor=cursor,
+        what="reader 2 lost and attached again",
+    )
     assert order == ["reader_lost", "reader_attached"]
     assert fresh.show("shm-reader@2.service", "NRestarts")["NRestarts"] == "1"
     assert fresh.show("shm-reader@2.service", "MainPID")["MainPID"] != pids[READER_UNITS[1]]
     for unit in (WRITER, READER_UNITS[0], READER_UNITS[2]):
-        assert fresh.show(unit, "MainPID", "NRestarts") == {
-            "MainPID": pids[unit], "NRestarts": "0"
-        }
+        assert fresh.show(unit, "MainPID", "NRestarts") == {"MainPID": pids[unit], "NRestarts": "0"}
 
 
 def test_writer_reports_status_and_feeds_the_watchdog(fresh: NamespacedSystemd) -> None:
@@ -224,12 +241,12 @@ def test_reload_applies_a_live_key_in_place(fresh: NamespacedSystemd) -> None:
     fresh.write_file("/etc/shmd/shmd.yaml", config_text(writer__source__rate=25.0))
     cursor = fresh.cursor()
     fresh.systemctl("reload", WRITER)
-    reload = fresh.wait_for_journal(lambda e: e.get("SHMD_EVENT") == "reload", TIMEOUT,
-                                    unit=WRITER, after_cursor=cursor)
+    reload = fresh.wait_for_journal(
+        lambda e: e.get("SHMD_EVENT") == "reload", TIMEOUT, unit=WRITER, after_cursor=cursor
+    )
     assert reload["SHMD_APPLIED"] == "writer.source.rate"
     assert reload["SHMD_REFUSED"] == "none"
-    assert fresh.show(WRITER, "MainPID", "ActiveState") == {"MainPID": pid,
-                                                            "ActiveState": "active"}
+    assert fresh.show(WRITER, "MainPID", "ActiveState") == {"MainPID": pid, "ActiveState": "active"}
 
 
 def test_broken_config_fails_with_status_78_and_no_restart(fresh: NamespacedSystemd) -> None:
@@ -239,8 +256,12 @@ def test_broken_config_fails_with_status_78_and_no_restart(fresh: NamespacedSyst
     cursor = fresh.cursor()
     assert fresh.systemctl("start", WRITER, check=False).returncode != 0
     props = fresh.show(WRITER, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
-    assert props == {"ActiveState": "failed", "Result": "exit-code",
-                     "ExecMainStatus": "78", "NRestarts": "0"}
+    assert props == {
+        "ActiveState": "failed",
+        "Result": "exit-code",
+        "ExecMainStatus": "78",
+        "NRestarts": "0",
+    }
     [error] = events(fresh, cursor, "config_error")
     assert error["SHMD_KEY"] == "segment.slot_size"
     assert error["_SYSTEMD_UNIT"] == WRITER
@@ -259,12 +280,15 @@ def test_peers_are_admitted_by_group_and_allow_list(fresh: NamespacedSystemd) ->
     fresh.write_file("/etc/shmd/shmd.yaml", config_text(control__allowed_groups=[]))
     cursor = fresh.cursor()
     fresh.systemctl("reload", WRITER)
-    fresh.wait_for_journal(lambda e: e.get("SHMD_EVENT") == "reload", TIMEOUT,
-                           unit=WRITER, after_cursor=cursor)
+    fresh.wait_for_journal(
+        lambda e: e.get("SHMD_EVENT") == "reload", TIMEOUT, unit=WRITER, after_cursor=cursor
+    )
     status, _err = shmctl_as(fresh, OPERATOR, "publish", "hello")
     assert status != 0
     refused = fresh.wait_for_journal(
-        lambda e: e.get("SHMD_EVENT") == "reader_refused", TIMEOUT, unit=WRITER,
+        lambda e: e.get("SHMD_EVENT") == "reader_refused",
+        TIMEOUT,
+        unit=WRITER,
         after_cursor=cursor,
     )
     assert refused["SHMD_CODE"] == "not_allowed"
