@@ -123,6 +123,15 @@ class Policy(enum.IntEnum):
 RECORD_HEADER = struct.Struct("<QQIIII")
 RECORD_HEADER_SIZE = RECORD_HEADER.size  # 32
 TOPIC_MAX = 63
+
+#: Where each field sits in a record row as the readers hand it out
+#: (:class:`shmd.bus.subscriber.Record` and the plain tuples of ``read_batch``):
+#: ``row[REC_PAYLOAD]`` rather than ``row[3]``.
+REC_SEQ = 0
+REC_TIMESTAMP = 1
+REC_TOPIC = 2
+REC_PAYLOAD = 3
+
 ALL_TOPICS = (1 << 64) - 1
 
 MAX_CAPACITY = 1 << 24
