@@ -8,6 +8,7 @@ and every segment name a test asked for is unlinked.
 from __future__ import annotations
 
 import gc
+import signal
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -22,6 +23,22 @@ from shmd.errors import SegmentNotFound
 # example must not turn into a DeadlineExceeded/Flaky failure.
 settings.register_profile("shmd", deadline=None)
 settings.load_profile("shmd")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the tests' children the default dispositions of SIGINT, SIGQUIT and SIGHUP.
+
+    A shell without job control starts a background command (``packaging/dev
+    stress ... &``, ``nohup``) with SIGINT and SIGQUIT ignored, nohup adds
+    SIGHUP, and an ignored signal stays ignored across fork and exec -- Python
+    even keeps SIGINT ignored instead of installing KeyboardInterrupt.  A test
+    that stops ``shmctl status --watch`` with SIGINT then waits for nothing
+    (seen: the first stress run launched that way).  Handlers reset on exec,
+    ignores do not, so resetting them here is enough for every child.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True)

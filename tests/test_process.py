@@ -297,3 +297,12 @@ def test_daemon_start_with_broken_config_prints_one_line_and_exits_78(tmp_path: 
     assert event["role"] == "reader" and event["instance"] == "4"
     assert event["line"] == 2 and event["key"] == "segment.policy"
     assert "must be one of drop-oldest | block" in event["error"]
+
+
+def test_test_children_start_with_sigint_sigquit_sighup_not_ignored() -> None:
+    """A child of the suite does not inherit ignored SIGINT/SIGQUIT/SIGHUP, however pytest was started."""
+    out = subprocess.run(
+        ["sh", "-c", "grep SigIgn /proc/self/status"], capture_output=True, text=True, check=True
+    ).stdout
+    ignored = int(out.split()[1], 16)
+    assert ignored & 0b111 == 0, out
