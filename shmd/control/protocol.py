@@ -3,7 +3,7 @@
 Every body starts with ``type u16, version u16`` (little-endian), then the
 type's fields in a fixed order; strings are ``u16 length + UTF-8``.  Each
 message type carries a fixed number of fds (they travel beside the body, see
-:mod:`shmd.control.wire`), and :func:`decode` checks that number too.
+:mod:`shmd.control.frames`), and :func:`decode` checks that number too.
 
 Decoding is strict: a body decodes only if it is exactly what ``encode()``
 produces for some valid message (no trailing bytes, no unknown enum values,
