@@ -149,11 +149,15 @@ class ReaderDaemon:
                 instance=self.instance,
                 pid=os.getpid(),
                 topics=self.settings.topic_mask,
-                start=protocol.Start.RESUME,
+                start=protocol.StartCode.RESUME,
                 resume_cursor=old.cursor,
                 last_generation=old.segment.generation,
             )
-        start = protocol.Start.OLDEST if self.settings.start == "oldest" else protocol.Start.LATEST
+        start = (
+            protocol.StartCode.OLDEST
+            if self.settings.start == "oldest"
+            else protocol.StartCode.LATEST
+        )
         return protocol.Hello(
             instance=self.instance, pid=os.getpid(), topics=self.settings.topic_mask, start=start
         )

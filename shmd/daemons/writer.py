@@ -541,7 +541,7 @@ class Writer:
         """Where a new entry's cursor starts (see Publisher.add_reader)."""
         if resume:
             return hello.resume_cursor
-        if hello.start in (protocol.Start.OLDEST, protocol.Start.RESUME):
+        if hello.start in (protocol.StartCode.OLDEST, protocol.StartCode.RESUME):
             # A resume from another generation starts over: with everything
             # the new generation still holds.
             return "oldest"
@@ -563,7 +563,8 @@ class Writer:
                 f"a reader named {hello.instance!r} is attached already",
             )
         resume = (
-            hello.start == protocol.Start.RESUME and hello.last_generation == self.pub.generation
+            hello.start == protocol.StartCode.RESUME
+            and hello.last_generation == self.pub.generation
         )
         restored = next((h for h in self.restored.values() if h.name == hello.instance), None)
         if refuse is None and restored is not None and not resume:
@@ -613,7 +614,7 @@ class Writer:
             reader_index=handle.index,
             ring_offset=g.ring_offset,
             segment_size=g.segment_size,
-            policy=protocol.Policy(int(self.pub.policy)),
+            policy=protocol.PolicyCode(int(self.pub.policy)),
             start_cursor=cursor,
             resumed=resume,
         )
@@ -636,7 +637,7 @@ class Writer:
             seq=cursor,
             generation=self.pub.generation,
             topics=f"{hello.topics:#x}",
-            start=protocol.Start(hello.start).name.lower(),
+            start=protocol.StartCode(hello.start).name.lower(),
         )
         return True
 
