@@ -32,7 +32,9 @@ from shmd.bus.ring import slot_of
 from shmd.bus.segment import Segment
 from shmd.bus.subscriber import RawRecord
 from shmd.config import Config, ConfigError, ReaderSettings, load_config
-from shmd.control import protocol, wire
+from shmd.control import protocol
+from shmd.control.frames import ChannelError, WireError
+from shmd.control.listener import connect
 from shmd.daemons import logs
 from shmd.daemons.process import EXIT_FAILURE, EXIT_OK, check_config, pid_alive
 from shmd.errors import SegmentNotFound, ShmdError
@@ -308,10 +310,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
     ctl = cfg.control
     sock_type = {"seqpacket": 5, "stream": 1}[ctl.type]
     try:
-        conn = wire.connect(
+        conn = connect(
             ctl.socket, sock_type, timeout=ctl.handshake_timeout, max_message=ctl.max_message
         )
-    except wire.WireError as exc:
+    except WireError as exc:
         raise CliError(str(exc)) from None
     payloads = (a.encode() for a in args.records) if args.records else _stdin_payloads(args.framing)
     sent = 0
@@ -338,7 +340,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 if progress and time.monotonic() >= next_progress:
                     print(f"\rpublished {sent} records", end="", file=sys.stderr, flush=True)
                     next_progress += 1.0
-    except (wire.ChannelError, protocol.ProtocolError) as exc:
+    except (ChannelError, protocol.ProtocolError) as exc:
         raise CliError(f"after {sent} records: {exc}") from None
     if progress and time.monotonic() - started >= 1.0:
         print(file=sys.stderr)

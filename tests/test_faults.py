@@ -71,7 +71,9 @@ from shmd.bus.publisher import Publisher
 from shmd.bus.segment import Segment
 from shmd.bus.subscriber import RawRecord, Subscriber
 from shmd.config import ConfigError, load_config
-from shmd.control import protocol, wire
+from shmd.control import protocol
+from shmd.control.connection import Connection
+from shmd.control.listener import connect
 from shmd.daemons import logs
 from shmd.errors import ReaderEvicted, SegmentLayoutError
 
@@ -113,9 +115,9 @@ def gaps(numbers: list[int]) -> int:
 # -- a reader that speaks the protocol itself (the hostile participant) ------------------------
 
 
-def raw_attach(bus: ProcBus, instance: str) -> tuple[wire.Connection, Subscriber]:
+def raw_attach(bus: ProcBus, instance: str) -> tuple[Connection, Subscriber]:
     """Connect, say Hello and map the segment from the Welcome, as shm-reader does."""
-    conn = wire.connect(bus.socket, SEQPACKET, timeout=DEADLINE)
+    conn = connect(bus.socket, SEQPACKET, timeout=DEADLINE)
     conn.send(protocol.Hello(instance=instance, pid=os.getpid()).encode(), timeout=DEADLINE)
     frame = conn.recv(timeout=DEADLINE)
     fds = [f.detach() for f in frame.fds]

@@ -8,29 +8,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shmd.control.fields import ALL_TOPICS, MAX_REASON, U32_MAX, U64_MAX, safe_reason
 from shmd.control.protocol import (
-    ALL_TOPICS,
-    MAX_REASON,
     MESSAGE_CLASSES,
     PROTOCOL_VERSION,
-    U32_MAX,
-    U64_MAX,
     Detach,
     DetachCode,
     Hello,
     Message,
     MessageType,
-    Policy,
+    PolicyCode,
     ProtocolError,
     Publish,
     PublishAck,
     Refuse,
     RefuseCode,
-    Start,
+    StartCode,
     VersionMismatch,
     Welcome,
     decode,
-    safe_reason,
 )
 
 # -- strategies -----------------------------------------------------------------
@@ -45,8 +41,8 @@ reasons = st.text(max_size=120).filter(
 
 @st.composite
 def hellos(draw: st.DrawFn) -> Hello:
-    start = draw(st.sampled_from(Start))
-    resume = start == Start.RESUME
+    start = draw(st.sampled_from(StartCode))
+    resume = start == StartCode.RESUME
     return Hello(
         instance=draw(instances),
         pid=draw(st.integers(1, U32_MAX)),
@@ -71,7 +67,7 @@ def welcomes(draw: st.DrawFn) -> Welcome:
         reader_index=draw(st.integers(0, readers - 1)),
         ring_offset=offset,
         segment_size=draw(st.integers(offset + capacity * slot, U64_MAX)),
-        policy=draw(st.sampled_from(Policy)),
+        policy=draw(st.sampled_from(PolicyCode)),
         start_cursor=draw(u64),
         resumed=draw(st.booleans()),
     )
@@ -164,7 +160,7 @@ def test_hello_bytes_are_pinned() -> None:
         instance="1",
         pid=0x1234,
         topics=0b101,
-        start=Start.RESUME,
+        start=StartCode.RESUME,
         resume_cursor=0x0102,
         last_generation=7,
     )
@@ -321,7 +317,7 @@ def test_valid_hand_built_bodies_decode() -> None:
     assert decode(hello_body(), 0) == Hello("r1", pid=42)
     assert decode(hello_body(b"a-Z_0.9:x@y"), 0) == Hello("a-Z_0.9:x@y", pid=42)
     assert decode(welcome_body(), 3) == Welcome(
-        7, 1024, 4096, 64, 3, 16384, 16384 + 4096 * 1024, Policy.DROP_OLDEST, 99, False
+        7, 1024, 4096, 64, 3, 16384, 16384 + 4096 * 1024, PolicyCode.DROP_OLDEST, 99, False
     )
 
 
@@ -336,8 +332,8 @@ def test_valid_hand_built_bodies_decode() -> None:
         (lambda: Hello("no spaces", pid=1), "Failed to build a Hello since the instance name"),
         (lambda: Hello("r", pid=True), "Failed to build a Hello since the pid must be an int"),
         (lambda: Hello("r", pid=1, start=7), "start 7 is not one of"),  # type: ignore[arg-type]
-        (lambda: Welcome(1, 8, 64, 4, 4, 0, 512, Policy.BLOCK, 0), "reader index 4"),
-        (lambda: Welcome(1, 8, 64, 4, 0, 0, 512, Policy.BLOCK, 0, resumed=1), "must be a bool"),  # type: ignore[arg-type]
+        (lambda: Welcome(1, 8, 64, 4, 4, 0, 512, PolicyCode.BLOCK, 0), "reader index 4"),
+        (lambda: Welcome(1, 8, 64, 4, 0, 0, 512, PolicyCode.BLOCK, 0, resumed=1), "must be a bool"),  # type: ignore[arg-type]
         (lambda: Refuse(RefuseCode.BUSY, "x" * (MAX_REASON + 1)), "more than 1024"),
         (lambda: Refuse(RefuseCode.BUSY, "\ud800"), "lone surrogate"),
         (lambda: Detach(9), "detach code 9 is not one of"),  # type: ignore[arg-type]
@@ -359,7 +355,7 @@ def test_enum_fields_are_normalised() -> None:
     # The ignores: plain ints and a bytearray, which the annotations do not
     # admit, on purpose (what a decoder or a careless caller hands over).
     hello = Hello("r", pid=1, start=2, last_generation=1)  # type: ignore[arg-type]
-    assert hello.start is Start.RESUME
+    assert hello.start is StartCode.RESUME
     assert Refuse(4).code is RefuseCode.TABLE_FULL  # type: ignore[arg-type]
     assert Publish(1, bytearray(b"ab")).payload == b"ab"  # type: ignore[arg-type]
 

@@ -20,7 +20,10 @@ from daemon_bus import (
 
 from shmd.bus.segment import Segment
 from shmd.config import load_config
-from shmd.control import protocol, wire
+from shmd.control import protocol
+from shmd.control.connection import Connection
+from shmd.control.frames import FRAME_HEADER, FRAME_MAGIC
+from shmd.control.listener import connect
 from shmd.daemons import logs
 from shmd.daemons.reader import ReaderDaemon
 
@@ -52,10 +55,10 @@ def write_seq(bus: Bus) -> int:
 
 
 def frame(body: bytes) -> bytes:
-    return wire.HEADER.pack(wire.MAGIC, 0, len(body), 0, 0) + body
+    return FRAME_HEADER.pack(FRAME_MAGIC, 0, len(body), 0, 0) + body
 
 
-def publish(conn: wire.Connection, topic: int, payload: bytes) -> int:
+def publish(conn: Connection, topic: int, payload: bytes) -> int:
     """Publish one record through the control socket (as shmctl publish does); its seq."""
     conn.send(protocol.Publish(topic=topic, payload=payload).encode(), timeout=5)
     with conn.recv(timeout=5) as answer:
@@ -115,7 +118,7 @@ def test_start_oldest_gets_what_the_ring_still_holds(bus: Bus) -> None:
     """A reader with start: oldest first gets the records published before it attached."""
     bus.configure(writer={"source": {"rate": 0.0}})
     w = bus.writer()
-    conn = wire.connect(bus.socket, SEQPACKET, timeout=5)
+    conn = connect(bus.socket, SEQPACKET, timeout=5)
     try:
         for i in range(30):
             publish(conn, 0, f"early {i}".encode())
@@ -139,7 +142,7 @@ def test_reader_gets_only_its_topics(bus: Bus) -> None:
     some = bus.file_reader("some", topics=[3])
     every = bus.file_reader("every")
     assert w.wait_for("reader_attached", reader="some")["topics"] == f"{1 << 3:#x}"
-    conn = wire.connect(bus.socket, SEQPACKET, timeout=5)
+    conn = connect(bus.socket, SEQPACKET, timeout=5)
     try:
         for i in range(30):
             publish(conn, 3 if i % 3 == 0 else 5, f"record {i}".encode())

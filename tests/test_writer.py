@@ -27,7 +27,15 @@ from daemon_bus import (
 from shmd.bus.layout import ReaderState
 from shmd.bus.segment import Segment
 from shmd.config import load_config
-from shmd.control import protocol, wire
+from shmd.control import protocol
+from shmd.control.frames import (
+    FRAME_HEADER,
+    FRAME_HEADER_SIZE,
+    FRAME_MAGIC,
+    PeerClosed,
+    decode_frame_header,
+)
+from shmd.control.listener import connect
 from shmd.daemons import logs
 from shmd.daemons.writer import Writer
 
@@ -71,8 +79,8 @@ def recv_message(sock: socket.socket, timeout: float = 5.0) -> protocol.Message 
             fds.extend(struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) - len(raw) % 4]))
     for fd in fds:
         os.close(fd)
-    length, n_fds = wire.decode_header(data, 1 << 17)
-    return protocol.decode(data[wire.HEADER_SIZE : wire.HEADER_SIZE + length], n_fds)
+    length, n_fds = decode_frame_header(data, 1 << 17)
+    return protocol.decode(data[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + length], n_fds)
 
 
 def raw_client(bus: Bus) -> socket.socket:
@@ -86,7 +94,7 @@ def raw_client(bus: Bus) -> socket.socket:
 
 
 def frame(body: bytes, n_fds: int = 0) -> bytes:
-    return wire.HEADER.pack(wire.MAGIC, 0, len(body), n_fds, 0) + body
+    return FRAME_HEADER.pack(FRAME_MAGIC, 0, len(body), n_fds, 0) + body
 
 
 def ticks_reach(bus: Bus, instance: str, n: int) -> bool:
@@ -231,12 +239,12 @@ def test_stream_control_socket_serves_readers_too(bus: Bus) -> None:
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(bus.socket)
     try:
-        client.send(wire.HEADER.pack(0x1234, 0, 4, 0, 0) + b"abcd")
+        client.send(FRAME_HEADER.pack(0x1234, 0, 4, 0, 0) + b"abcd")
         r_, _, _ = select.select([client], [], [], 5)
         assert r_, "no answer to a bad frame on the stream socket"
         data = client.recv(4096)
-        length, _ = wire.decode_header(data, 4096)
-        refuse = protocol.decode(data[wire.HEADER_SIZE : wire.HEADER_SIZE + length], 0)
+        length, _ = decode_frame_header(data, 4096)
+        refuse = protocol.decode(data[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + length], 0)
         assert isinstance(refuse, protocol.Refuse) and "magic" in refuse.reason
     finally:
         client.close()
@@ -442,7 +450,7 @@ def hello_body(instance: str, version: int = protocol.PROTOCOL_VERSION) -> bytes
 BAD_MESSAGES: list[tuple[str, bytes, int, protocol.RefuseCode, str]] = [
     (
         "bad magic",
-        wire.HEADER.pack(0x1234, 0, 4, 0, 0) + b"abcd",
+        FRAME_HEADER.pack(0x1234, 0, 4, 0, 0) + b"abcd",
         0,
         protocol.RefuseCode.BAD_MESSAGE,
         "magic is 0x1234",
@@ -456,7 +464,7 @@ BAD_MESSAGES: list[tuple[str, bytes, int, protocol.RefuseCode, str]] = [
     ),
     (
         "truncated",
-        wire.HEADER.pack(wire.MAGIC, 0, 100, 0, 0) + b"0123456789",
+        FRAME_HEADER.pack(FRAME_MAGIC, 0, 100, 0, 0) + b"0123456789",
         0,
         protocol.RefuseCode.BAD_MESSAGE,
         "header says 100 body bytes but the datagram carries 10",
@@ -540,7 +548,7 @@ def test_bad_control_messages_are_refused_and_logged_and_lose_nothing(bus: Bus) 
 def test_second_hello_on_an_attached_connection_is_refused(bus: Bus) -> None:
     """A reader connection that says Hello twice is refused and its entry freed, with the reason."""
     w = bus.writer()
-    client = wire.connect(bus.socket, SEQPACKET, timeout=5)
+    client = connect(bus.socket, SEQPACKET, timeout=5)
     try:
         client.send(hello_body("twice"), timeout=5)
         with client.recv(timeout=5) as welcome:
@@ -561,7 +569,7 @@ def test_duplicate_instance_name_is_refused(bus: Bus) -> None:
     """A Hello naming an instance that is attached already gets Refuse DUPLICATE_INSTANCE."""
     w = bus.writer()
     r = bus.file_reader("1")
-    client = wire.connect(bus.socket, SEQPACKET, timeout=5)
+    client = connect(bus.socket, SEQPACKET, timeout=5)
     try:
         client.send(hello_body("1"), timeout=5)
         with client.recv(timeout=5) as answer:
@@ -642,14 +650,14 @@ def attach_as_nobody(socket_path: str) -> str:
             os.setgroups([])
             os.setresgid(NOBODY, NOBODY, NOBODY)
             os.setresuid(NOBODY, NOBODY, NOBODY)
-            conn = wire.connect(socket_path, SEQPACKET, timeout=5)
+            conn = connect(socket_path, SEQPACKET, timeout=5)
             try:
                 conn.send(hello_body("nobody"), timeout=5)
-            except wire.PeerClosed:
+            except PeerClosed:
                 pass  # refused before our Hello arrived: the Refuse is still there to read
             try:
                 answer = conn.recv(timeout=5)
-            except wire.PeerClosed:
+            except PeerClosed:
                 # Linux: the writer closed with our Hello unread, so our
                 # first recv reports ECONNRESET (and clears it) although
                 # the Refuse sits in our queue; the next recv returns it.

@@ -1,9 +1,10 @@
 """Protocol layer of the shmd control socket: what the frame bodies mean.
 
 Every body starts with ``type u16, version u16`` (little-endian), then the
-type's fields in a fixed order; strings are ``u16 length + UTF-8``.  Each
+type's fields in a fixed order; strings are ``u16 length + UTF-8`` (the
+field checks and byte helpers are :mod:`shmd.control.fields`).  Each
 message type carries a fixed number of fds (they travel beside the body, see
-:mod:`shmd.control.wire`), and :func:`decode` checks that number too.
+:mod:`shmd.control.frames`), and :func:`decode` checks that number too.
 
 Decoding is strict: a body decodes only if it is exactly what ``encode()``
 produces for some valid message (no trailing bytes, no unknown enum values,
@@ -19,32 +20,33 @@ peer speaking another version can always be told why it was refused.
 from __future__ import annotations
 
 import enum
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Final, Self, TypeAlias, TypeVar
 
+from shmd.control.fields import (
+    ALL_TOPICS,
+    LE_U16,
+    LE_U32,
+    PREFIX,
+    PREFIX_SIZE,
+    TOPIC_COUNT,
+    U16_MAX,
+    U32_MAX,
+    U64_MAX,
+    BodyReader,
+    Invalid,
+    check_instance,
+    check_member,
+    check_reason,
+    check_uint,
+    decode_bool,
+    encode_string,
+)
 from shmd.errors import ShmdError
 
 PROTOCOL_VERSION: Final = 1
-
-U16_MAX: Final = 0xFFFF
-U32_MAX: Final = 0xFFFF_FFFF
-U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
-
-# Topics are 0..63; bit t of a topic mask subscribes to topic t.
-TOPIC_COUNT: Final = 64
-ALL_TOPICS: Final = U64_MAX
-# Longest reason string, in UTF-8 bytes.
-MAX_REASON: Final = 1024
-INSTANCE_PATTERN: Final = "[A-Za-z0-9_.:@-]{1,31}"
-_INSTANCE_RE: Final = re.compile(INSTANCE_PATTERN)
-
-_PREFIX: Final = struct.Struct("<HH")
-PREFIX_SIZE: Final = _PREFIX.size
-_U16: Final = struct.Struct("<H")
-_U32: Final = struct.Struct("<I")
 
 
 class ProtocolError(ShmdError):
@@ -65,10 +67,6 @@ class VersionMismatch(ProtocolError):
         self.msg_type = msg_type
 
 
-class _Invalid(Exception):
-    """A check failed; the message is the "since ..." part of a ProtocolError."""
-
-
 class MessageType(enum.IntEnum):
     HELLO = 1
     WELCOME = 2
@@ -78,16 +76,20 @@ class MessageType(enum.IntEnum):
     PUBLISH_ACK = 6
 
 
-class Start(enum.IntEnum):
-    """Where a new reader starts reading."""
+class StartCode(enum.IntEnum):
+    """Where a new reader starts reading: Hello's wire code for it."""
 
     LATEST = 0  # records published after it attached
     OLDEST = 1  # the oldest record still in the ring
     RESUME = 2  # at Hello.resume_cursor (reconnecting after a writer restart)
 
 
-class Policy(enum.IntEnum):
-    """The writer's overrun policy (same values as the segment header's)."""
+class PolicyCode(enum.IntEnum):
+    """The writer's overrun policy: Welcome's wire code for it.
+
+    The same values as the segment header's ``shmd.bus.layout.Policy``,
+    which this layer may not import.
+    """
 
     DROP_OLDEST = 0
     BLOCK = 1
@@ -110,83 +112,11 @@ class DetachCode(enum.IntEnum):
     ERROR = 4  # the sender hit an error and is leaving (the reason says which)
 
 
-_E = TypeVar("_E", bound=enum.IntEnum)
-
-
-def _enum_list(cls: type[enum.IntEnum]) -> str:
-    return ", ".join(f"{m.value} ({m.name.lower()})" for m in cls)
-
-
-# -- field checks: each raises _Invalid ---------------------------------------
-
-
-def _show(value: str, limit: int = 40) -> str:
-    """repr() of a peer-supplied string, cut so an error message stays short."""
-    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} chars)"
-
-
-def _uint(name: str, value: object, maximum: int, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"{name} must be an int, not {type(value).__name__}")
-    if not minimum <= value <= maximum:
-        raise _Invalid(f"{name} {value} is outside {minimum}..{maximum}")
-    return value
-
-
-def _member(name: str, cls: type[_E], value: object) -> _E:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"{name} must be a {cls.__name__}, not {type(value).__name__}")
-    try:
-        return cls(value)
-    except ValueError:
-        raise _Invalid(f"{name} {value} is not one of {_enum_list(cls)}") from None
-
-
-def _instance(value: object) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"the instance name must be a str, not {type(value).__name__}")
-    if not _INSTANCE_RE.fullmatch(value):
-        raise _Invalid(
-            f"the instance name {_show(value)} does not match {INSTANCE_PATTERN} "
-            "(1 to 31 ASCII letters, digits, '_', '.', ':', '@' or '-')"
-        )
-    return value
-
-
-def _reason(value: object) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"the reason must be a str, not {type(value).__name__}")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise _Invalid("the reason contains a lone surrogate, which UTF-8 cannot carry") from None
-    if size > MAX_REASON:
-        raise _Invalid(f"the reason is {size} bytes of UTF-8, more than {MAX_REASON}")
-    if not value.isprintable():
-        raise _Invalid(
-            f"the reason {_show(value)} contains control or other unprintable characters"
-        )
-    return value
-
-
-def safe_reason(text: str) -> str:
-    """Make any text a valid Refuse/Detach reason (e.g. an exception's message).
-
-    Unprintable characters are escaped the way repr() does, and the result is
-    cut to MAX_REASON bytes of UTF-8 on a character boundary.  A text that is
-    already a valid reason comes back unchanged.
-    """
-    escaped = "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
-    )
-    return escaped.encode("utf-8")[:MAX_REASON].decode("utf-8", errors="ignore")
-
-
 def _validate(msg: object, check: Callable[[], None]) -> None:
     """Run a message's checks at construction; failures become ProtocolError."""
     try:
         check()
-    except _Invalid as exc:
+    except Invalid as exc:
         raise ProtocolError(f"build a {type(msg).__name__}", str(exc)) from None
 
 
@@ -199,69 +129,11 @@ _M = TypeVar("_M")
 
 
 def _construct(cls: Callable[..., _M], *args: object) -> _M:
-    """Build a message from decoded fields; a failed check becomes _Invalid again."""
+    """Build a message from decoded fields; a failed check becomes Invalid again."""
     try:
         return cls(*args)
     except ProtocolError as exc:
-        raise _Invalid(exc.reason) from None
-
-
-# -- bytes --------------------------------------------------------------------
-
-
-class _Reader:
-    """Sequential little-endian reads after the prefix, raising _Invalid on shortage."""
-
-    def __init__(self, body: bytes) -> None:
-        self._buf = body
-        self._pos = PREFIX_SIZE
-
-    def _take(self, size: int, what: str) -> bytes:
-        end = self._pos + size
-        if end > len(self._buf):
-            raise _Invalid(
-                f"the body is {len(self._buf)} bytes but {what} needs bytes "
-                f"{self._pos} to {end - 1}"
-            )
-        chunk = self._buf[self._pos : end]
-        self._pos = end
-        return chunk
-
-    def fixed(self, st: struct.Struct, what: str) -> tuple[int, ...]:
-        values: tuple[int, ...] = st.unpack(self._take(st.size, what))
-        return values
-
-    def string(self, what: str) -> str:
-        (size,) = _U16.unpack(self._take(2, f"the length of {what}"))
-        raw = self._take(size, f"{what} ({size} bytes)")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _Invalid(
-                f"{what} is not valid UTF-8 ({exc.reason} at its byte {exc.start})"
-            ) from None
-
-    def blob(self, what: str) -> bytes:
-        (size,) = _U32.unpack(self._take(4, f"the length of {what}"))
-        return self._take(size, f"{what} ({size} bytes)")
-
-    def end(self) -> None:
-        if self._pos != len(self._buf):
-            raise _Invalid(
-                f"{len(self._buf) - self._pos} bytes trail the message "
-                f"(it ends at byte {self._pos}, the body is {len(self._buf)} bytes)"
-            )
-
-
-def _string(value: str) -> bytes:
-    raw = value.encode("utf-8")
-    return _U16.pack(len(raw)) + raw
-
-
-def _bool_byte(name: str, value: int) -> bool:
-    if value not in (0, 1):
-        raise _Invalid(f"{name} is {value}, not 0 or 1")
-    return value == 1
+        raise Invalid(exc.reason) from None
 
 
 # -- messages -------------------------------------------------------------------
@@ -281,7 +153,7 @@ class Hello:
     instance: str
     pid: int
     topics: int = ALL_TOPICS
-    start: Start = Start.LATEST
+    start: StartCode = StartCode.LATEST
     resume_cursor: int = 0
     last_generation: int = 0
 
@@ -289,20 +161,20 @@ class Hello:
         _validate(self, self._check)
 
     def _check(self) -> None:
-        _instance(self.instance)
-        _uint("the pid", self.pid, U32_MAX, minimum=1)
-        _uint("the topic mask", self.topics, U64_MAX, minimum=1)
-        start = _member("start", Start, self.start)
+        check_instance(self.instance)
+        check_uint("the pid", self.pid, U32_MAX, minimum=1)
+        check_uint("the topic mask", self.topics, U64_MAX, minimum=1)
+        start = check_member("start", StartCode, self.start)
         _set(self, "start", start)
-        _uint("the resume cursor", self.resume_cursor, U64_MAX)
-        _uint("the last generation", self.last_generation, U64_MAX)
-        if start != Start.RESUME and self.resume_cursor != 0:
-            raise _Invalid(
+        check_uint("the resume cursor", self.resume_cursor, U64_MAX)
+        check_uint("the last generation", self.last_generation, U64_MAX)
+        if start != StartCode.RESUME and self.resume_cursor != 0:
+            raise Invalid(
                 f"the resume cursor is {self.resume_cursor} but start is {start.name.lower()} "
                 "(only start resume uses it; send 0)"
             )
-        if start == Start.RESUME and self.last_generation == 0:
-            raise _Invalid("start is resume but the last generation is 0 (none seen)")
+        if start == StartCode.RESUME and self.last_generation == 0:
+            raise Invalid("start is resume but the last generation is 0 (none seen)")
 
     def subscribes(self, topic: int) -> bool:
         """Whether this reader wants records of ``topic`` (0..63)."""
@@ -312,10 +184,10 @@ class Hello:
         fixed = self._FIELDS.pack(
             self.topics, self.resume_cursor, self.last_generation, self.pid, self.start
         )
-        return _PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + fixed + _string(self.instance)
+        return PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + fixed + encode_string(self.instance)
 
     @classmethod
-    def _decode(cls, r: _Reader, version: int) -> Self:
+    def _decode(cls, r: BodyReader, version: int) -> Self:
         topics, cursor, generation, pid, start = r.fixed(cls._FIELDS, "the fixed fields")
         instance = r.string("the instance name")
         r.end()
@@ -344,7 +216,7 @@ class Welcome:
     reader_index: int
     ring_offset: int
     segment_size: int
-    policy: Policy
+    policy: PolicyCode
     start_cursor: int
     resumed: bool = False
 
@@ -352,28 +224,28 @@ class Welcome:
         _validate(self, self._check)
 
     def _check(self) -> None:
-        _uint("the generation", self.generation, U64_MAX, minimum=1)
-        capacity = _uint("the capacity", self.capacity, U32_MAX, minimum=1)
+        check_uint("the generation", self.generation, U64_MAX, minimum=1)
+        capacity = check_uint("the capacity", self.capacity, U32_MAX, minimum=1)
         if capacity & (capacity - 1):
-            raise _Invalid(f"the capacity {capacity} is not a power of two")
-        slot = _uint("the slot size", self.slot_size, U32_MAX, minimum=8)
+            raise Invalid(f"the capacity {capacity} is not a power of two")
+        slot = check_uint("the slot size", self.slot_size, U32_MAX, minimum=8)
         if slot % 8:
-            raise _Invalid(f"the slot size {slot} is not a multiple of 8")
-        readers = _uint("max_readers", self.max_readers, U32_MAX, minimum=1)
-        index = _uint("the reader index", self.reader_index, U32_MAX)
+            raise Invalid(f"the slot size {slot} is not a multiple of 8")
+        readers = check_uint("max_readers", self.max_readers, U32_MAX, minimum=1)
+        index = check_uint("the reader index", self.reader_index, U32_MAX)
         if index >= readers:
-            raise _Invalid(f"the reader index {index} is not below max_readers {readers}")
-        offset = _uint("the ring offset", self.ring_offset, U64_MAX)
-        size = _uint("the segment size", self.segment_size, U64_MAX)
+            raise Invalid(f"the reader index {index} is not below max_readers {readers}")
+        offset = check_uint("the ring offset", self.ring_offset, U64_MAX)
+        size = check_uint("the segment size", self.segment_size, U64_MAX)
         if offset + capacity * slot > size:
-            raise _Invalid(
+            raise Invalid(
                 f"the ring (offset {offset} + {capacity} slots x {slot} bytes) ends past "
                 f"the segment size {size}"
             )
-        _set(self, "policy", _member("the policy", Policy, self.policy))
-        _uint("the start cursor", self.start_cursor, U64_MAX)
+        _set(self, "policy", check_member("the policy", PolicyCode, self.policy))
+        check_uint("the start cursor", self.start_cursor, U64_MAX)
         if not isinstance(self.resumed, bool):
-            raise _Invalid(f"resumed must be a bool, not {type(self.resumed).__name__}")
+            raise Invalid(f"resumed must be a bool, not {type(self.resumed).__name__}")
 
     def encode(self) -> bytes:
         fixed = self._FIELDS.pack(
@@ -388,10 +260,10 @@ class Welcome:
             self.policy,
             self.resumed,
         )
-        return _PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + fixed
+        return PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + fixed
 
     @classmethod
-    def _decode(cls, r: _Reader, version: int) -> Self:
+    def _decode(cls, r: BodyReader, version: int) -> Self:
         (generation, offset, size, cursor, capacity, slot, readers, index, policy, resumed) = (
             r.fixed(cls._FIELDS, "the fields")
         )
@@ -407,7 +279,7 @@ class Welcome:
             size,
             policy,
             cursor,
-            _bool_byte("resumed", resumed),
+            decode_bool("resumed", resumed),
         )
 
 
@@ -430,16 +302,20 @@ class Refuse:
         _validate(self, self._check)
 
     def _check(self) -> None:
-        _set(self, "code", _member("the refuse code", RefuseCode, self.code))
-        _reason(self.reason)
-        _uint("the version", self.version, U16_MAX, minimum=1)
+        _set(self, "code", check_member("the refuse code", RefuseCode, self.code))
+        check_reason(self.reason)
+        check_uint("the version", self.version, U16_MAX, minimum=1)
 
     def encode(self) -> bytes:
-        return _PREFIX.pack(self.TYPE, self.version) + _U16.pack(self.code) + _string(self.reason)
+        return (
+            PREFIX.pack(self.TYPE, self.version)
+            + LE_U16.pack(self.code)
+            + encode_string(self.reason)
+        )
 
     @classmethod
-    def _decode(cls, r: _Reader, version: int) -> Self:
-        (code,) = r.fixed(_U16, "the refuse code")
+    def _decode(cls, r: BodyReader, version: int) -> Self:
+        (code,) = r.fixed(LE_U16, "the refuse code")
         reason = r.string("the reason")
         r.end()
         return _construct(cls, code, reason, version)
@@ -459,17 +335,19 @@ class Detach:
         _validate(self, self._check)
 
     def _check(self) -> None:
-        _set(self, "code", _member("the detach code", DetachCode, self.code))
-        _reason(self.reason)
+        _set(self, "code", check_member("the detach code", DetachCode, self.code))
+        check_reason(self.reason)
 
     def encode(self) -> bytes:
         return (
-            _PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + _U16.pack(self.code) + _string(self.reason)
+            PREFIX.pack(self.TYPE, PROTOCOL_VERSION)
+            + LE_U16.pack(self.code)
+            + encode_string(self.reason)
         )
 
     @classmethod
-    def _decode(cls, r: _Reader, version: int) -> Self:
-        (code,) = r.fixed(_U16, "the detach code")
+    def _decode(cls, r: BodyReader, version: int) -> Self:
+        (code,) = r.fixed(LE_U16, "the detach code")
         reason = r.string("the reason")
         r.end()
         return _construct(cls, code, reason)
@@ -489,24 +367,24 @@ class Publish:
         _validate(self, self._check)
 
     def _check(self) -> None:
-        _uint("the topic", self.topic, TOPIC_COUNT - 1)
+        check_uint("the topic", self.topic, TOPIC_COUNT - 1)
         if not isinstance(self.payload, bytes | bytearray | memoryview):
-            raise _Invalid(f"the payload must be bytes, not {type(self.payload).__name__}")
+            raise Invalid(f"the payload must be bytes, not {type(self.payload).__name__}")
         _set(self, "payload", bytes(self.payload))
         if len(self.payload) > U32_MAX:
-            raise _Invalid(f"the payload is {len(self.payload)} bytes, more than {U32_MAX}")
+            raise Invalid(f"the payload is {len(self.payload)} bytes, more than {U32_MAX}")
 
     def encode(self) -> bytes:
         return (
-            _PREFIX.pack(self.TYPE, PROTOCOL_VERSION)
-            + _U32.pack(self.topic)
-            + _U32.pack(len(self.payload))
+            PREFIX.pack(self.TYPE, PROTOCOL_VERSION)
+            + LE_U32.pack(self.topic)
+            + LE_U32.pack(len(self.payload))
             + self.payload
         )
 
     @classmethod
-    def _decode(cls, r: _Reader, version: int) -> Self:
-        (topic,) = r.fixed(_U32, "the topic")
+    def _decode(cls, r: BodyReader, version: int) -> Self:
+        (topic,) = r.fixed(LE_U32, "the topic")
         payload = r.blob("the payload")
         r.end()
         return _construct(cls, topic, payload)
@@ -530,14 +408,14 @@ class PublishAck:
         _validate(self, self._check)
 
     def _check(self) -> None:
-        _uint("the sequence number", self.seq, U64_MAX)
-        _uint("the count", self.count, U32_MAX, minimum=1)
+        check_uint("the sequence number", self.seq, U64_MAX)
+        check_uint("the count", self.count, U32_MAX, minimum=1)
 
     def encode(self) -> bytes:
-        return _PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + self._FIELDS.pack(self.seq, self.count)
+        return PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + self._FIELDS.pack(self.seq, self.count)
 
     @classmethod
-    def _decode(cls, r: _Reader, version: int) -> Self:
+    def _decode(cls, r: BodyReader, version: int) -> Self:
         seq, count = r.fixed(cls._FIELDS, "the fields")
         r.end()
         return _construct(cls, seq, count)
@@ -559,7 +437,7 @@ def decode(body: bytes, n_fds: int) -> Message:
             f"the body is {len(body)} bytes, shorter than the {PREFIX_SIZE}-byte "
             "type/version prefix",
         )
-    raw_type, version = _PREFIX.unpack_from(body)
+    raw_type, version = PREFIX.unpack_from(body)
     cls = MESSAGE_CLASSES.get(raw_type)
     name = cls.__name__ if cls is not None else f"message of type {raw_type}"
     if version != PROTOCOL_VERSION and cls is not Refuse:
@@ -579,6 +457,6 @@ def decode(body: bytes, n_fds: int) -> Message:
             f"exactly {cls.N_FDS}",
         )
     try:
-        return cls._decode(_Reader(body), version)
-    except _Invalid as exc:
+        return cls._decode(BodyReader(body), version)
+    except Invalid as exc:
         raise ProtocolError(f"decode a {name}", str(exc)) from None

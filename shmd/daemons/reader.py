@@ -29,7 +29,10 @@ from shmd._sys.reactor import Reactor, SignalWakeup
 from shmd.bus.loop import LoopExit, ReaderLoop
 from shmd.bus.subscriber import RawRecord, Subscriber
 from shmd.config import Config, ReaderSettings
-from shmd.control import protocol, wire
+from shmd.control import protocol
+from shmd.control.connection import Connection
+from shmd.control.frames import ChannelError, Frame, PeerClosed, WireError
+from shmd.control.listener import connect
 from shmd.daemons import logs, sdnotify
 from shmd.daemons.process import (
     EXIT_FAILURE,
@@ -72,7 +75,7 @@ class ReaderDaemon:
         self.settings = settings
         self.instance = instance
         self.log = log
-        self.conn: wire.Connection | None = None
+        self.conn: Connection | None = None
         self.sub: Subscriber | None = None
         #: The sink; built from the settings in run() unless given (shmctl tail).
         self.sink: RecordSink | None = sink
@@ -115,19 +118,19 @@ class ReaderDaemon:
         msg, fds = self._answer(frame)
         self._attach(msg, fds, old)
 
-    def _dial(self, deadline: float) -> wire.Connection:
+    def _dial(self, deadline: float) -> Connection:
         """Connect to the control socket, retrying while it is missing or refusing."""
         ctl = self.cfg.control
         delay = 0.05
         while True:
             try:
-                return wire.connect(
+                return connect(
                     ctl.socket,
                     SOCK_TYPES[ctl.type],
                     timeout=ctl.handshake_timeout,
                     max_message=ctl.max_message,
                 )
-            except wire.WireError as exc:
+            except WireError as exc:
                 cause = exc.__cause__ or exc.__context__
                 retry = isinstance(cause, OSError) and cause.errno in _RETRY_ERRNOS
                 if not retry and "No such file" not in str(exc) and "refused" not in str(exc):
@@ -146,16 +149,20 @@ class ReaderDaemon:
                 instance=self.instance,
                 pid=os.getpid(),
                 topics=self.settings.topic_mask,
-                start=protocol.Start.RESUME,
+                start=protocol.StartCode.RESUME,
                 resume_cursor=old.cursor,
                 last_generation=old.segment.generation,
             )
-        start = protocol.Start.OLDEST if self.settings.start == "oldest" else protocol.Start.LATEST
+        start = (
+            protocol.StartCode.OLDEST
+            if self.settings.start == "oldest"
+            else protocol.StartCode.LATEST
+        )
         return protocol.Hello(
             instance=self.instance, pid=os.getpid(), topics=self.settings.topic_mask, start=start
         )
 
-    def _answer(self, frame: wire.Frame) -> tuple[protocol.Welcome, list[int]]:
+    def _answer(self, frame: Frame) -> tuple[protocol.Welcome, list[int]]:
         """The Welcome and its fds, or ReaderExit for a Refuse or anything else."""
         fds = [f.detach() for f in frame.fds]
         try:
@@ -240,16 +247,16 @@ class ReaderDaemon:
             resumed=msg.resumed,
         )
 
-    def _exchange_hello(self, hello: protocol.Hello, timeout: float) -> wire.Frame:
+    def _exchange_hello(self, hello: protocol.Hello, timeout: float) -> Frame:
         """Send the Hello and return the writer's answer (a Welcome or a Refuse)."""
         assert self.conn is not None
         try:
             self.conn.send(hello.encode(), timeout=timeout)
-        except wire.PeerClosed:
+        except PeerClosed:
             pass  # refused before our Hello arrived (not allowed): its Refuse is queued
         try:
             return self.conn.recv(timeout=timeout)
-        except wire.PeerClosed:
+        except PeerClosed:
             pass
         # Linux: a writer that refuses and closes with our Hello still unread
         # in its queue makes our next recv fail with ECONNRESET although its
@@ -257,7 +264,7 @@ class ReaderDaemon:
         # so one more recv returns the Refuse, or EOF.
         try:
             return self.conn.recv(timeout=timeout)
-        except wire.PeerClosed:
+        except PeerClosed:
             raise ReaderExit(
                 EXIT_FAILURE,
                 logs.WRITER_LOST,
@@ -281,7 +288,7 @@ class ReaderDaemon:
                     if msg.code == protocol.DetachCode.EVICTED:
                         self.stop_reason = "evicted"
                         self.loop.stop()
-        except (wire.PeerClosed, wire.ChannelError, protocol.ProtocolError) as exc:
+        except (PeerClosed, ChannelError, protocol.ProtocolError) as exc:
             self.reactor.remove(self.conn.fileno())
             self.conn.close()
             if self.sub.active:
@@ -499,7 +506,7 @@ class ReaderDaemon:
                 return False
             try:
                 self.connect(resume=True, deadline=deadline)
-            except (ReaderExit, wire.ChannelError, protocol.ProtocolError) as exc:
+            except (ReaderExit, ChannelError, protocol.ProtocolError) as exc:
                 failures += 1
                 if failures == 1:  # the retries say nothing new
                     self.log.warning("resume_failed", error=str(exc))
@@ -536,7 +543,7 @@ class ReaderDaemon:
         try:
             while True:
                 conn.recv(timeout=self.cfg.control.handshake_timeout).close()
-        except (wire.PeerClosed, wire.ChannelError, OSError):
+        except (PeerClosed, ChannelError, OSError):
             pass  # closed (or silent for too long): either way we are done with it
         conn.close()
 
@@ -581,7 +588,7 @@ class ReaderDaemon:
             self.sub.release()
         try:
             self.conn.send(protocol.Detach(code, reason).encode(), timeout=1.0)
-        except wire.ChannelError:
+        except ChannelError:
             pass  # the writer is gone already: nothing to tell
 
     def close(self) -> None:

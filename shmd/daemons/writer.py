@@ -32,7 +32,10 @@ from shmd.bus.layout import Geometry, Policy, ReaderEntry
 from shmd.bus.publisher import Publisher, ReaderHandle
 from shmd.bus.segment import Segment
 from shmd.config import Config, ConfigError, TickerSource, diff_reloadable, load_config
-from shmd.control import protocol, wire
+from shmd.control import protocol
+from shmd.control.connection import Connection
+from shmd.control.frames import ChannelError, PeerClosed, WireError
+from shmd.control.listener import accept, bind_listener, check_inherited_listener
 from shmd.daemons import logs, sdnotify
 from shmd.daemons.process import (
     EXIT_CONFIG,
@@ -59,7 +62,7 @@ SEGMENT_MODE = 0o640
 class Peer:
     """One control connection."""
 
-    conn: wire.Connection
+    conn: Connection
     pid: int
     uid: int
     gid: int
@@ -366,24 +369,24 @@ class Writer:
             if len(control) != 1:
                 for fd in control:
                     os.close(fd)
-                raise wire.WireError(
+                raise WireError(
                     f"Failed to take the control socket from systemd since it passed "
                     f"{len(control)} fds named {LISTEN_FDNAME!r}; expected one "
                     "(FileDescriptorName= in shm-writer.socket)"
                 )
             sock = socket.socket(fileno=control[0])
-            wire.check_inherited_listener(sock, ctl.socket, self._sock_type)
+            check_inherited_listener(sock, ctl.socket, self._sock_type)
             return sock
         parent = os.path.dirname(ctl.socket)
         if not os.path.isdir(parent):
             try:
                 os.makedirs(parent, mode=0o755, exist_ok=True)
             except OSError as exc:
-                raise wire.WireError(
+                raise WireError(
                     f"Failed to bind the control socket {ctl.socket} since its directory "
                     f"{parent} is missing and cannot be created ({exc.strerror})"
                 ) from None
-        sock = wire.bind_listener(ctl.socket, self._sock_type, ctl.mode)
+        sock = bind_listener(ctl.socket, self._sock_type, ctl.mode)
         self.bound_path = ctl.socket
         return sock
 
@@ -420,20 +423,20 @@ class Writer:
         assert self.listener is not None
         for _ in range(64):
             try:
-                conn = wire.accept(self.listener, max_message=self.cfg.control.max_message)
-            except wire.WireError as exc:
+                conn = accept(self.listener, max_message=self.cfg.control.max_message)
+            except WireError as exc:
                 self.log.warning("accept_failed", error=str(exc))
                 return
             if conn is None:
                 return
             self._new_peer(conn)
 
-    def _new_peer(self, conn: wire.Connection) -> None:
+    def _new_peer(self, conn: Connection) -> None:
         pid, uid, gid = conn.peer_credentials()
         ctl = self.cfg.control
         try:
             groups = {gid, *conn.peer_groups()}
-        except wire.WireError:
+        except WireError:
             groups = {gid}  # the primary group is all we know
         if not ctl.peer_allowed(uid, groups):
             self.log.warning(
@@ -454,12 +457,10 @@ class Writer:
         self.call_later(ctl.handshake_timeout, functools.partial(self._handshake_timeout, peer))
         self.log.debug(logs.READER_CONNECTED, pid=pid, uid=uid)
 
-    def _refuse_and_close(
-        self, conn: wire.Connection, code: protocol.RefuseCode, reason: str
-    ) -> None:
+    def _refuse_and_close(self, conn: Connection, code: protocol.RefuseCode, reason: str) -> None:
         try:
             conn.queue(protocol.Refuse(code, reason).encode())
-        except (wire.ChannelError, OSError):
+        except (ChannelError, OSError):
             pass  # best effort: the peer may be gone or not reading
         conn.close()
 
@@ -486,9 +487,9 @@ class Writer:
                     if not self._on_message(peer, msg):
                         return
             self._update_interest(peer)
-        except wire.PeerClosed:
+        except PeerClosed:
             self._drop(peer)
-        except (wire.ChannelError, protocol.ProtocolError) as exc:
+        except (ChannelError, protocol.ProtocolError) as exc:
             # Another protocol version is told so (Refuse's layout is the same
             # in every version, so the peer can read why).
             code = (
@@ -540,7 +541,7 @@ class Writer:
         """Where a new entry's cursor starts (see Publisher.add_reader)."""
         if resume:
             return hello.resume_cursor
-        if hello.start in (protocol.Start.OLDEST, protocol.Start.RESUME):
+        if hello.start in (protocol.StartCode.OLDEST, protocol.StartCode.RESUME):
             # A resume from another generation starts over: with everything
             # the new generation still holds.
             return "oldest"
@@ -562,7 +563,8 @@ class Writer:
                 f"a reader named {hello.instance!r} is attached already",
             )
         resume = (
-            hello.start == protocol.Start.RESUME and hello.last_generation == self.pub.generation
+            hello.start == protocol.StartCode.RESUME
+            and hello.last_generation == self.pub.generation
         )
         restored = next((h for h in self.restored.values() if h.name == hello.instance), None)
         if refuse is None and restored is not None and not resume:
@@ -612,7 +614,7 @@ class Writer:
             reader_index=handle.index,
             ring_offset=g.ring_offset,
             segment_size=g.segment_size,
-            policy=protocol.Policy(int(self.pub.policy)),
+            policy=protocol.PolicyCode(int(self.pub.policy)),
             start_cursor=cursor,
             resumed=resume,
         )
@@ -622,7 +624,7 @@ class Writer:
                 welcome.encode(),
                 [handle.eventfd.fileno(), self.pub.segment.fileno(), self.lifeline_r.fileno()],
             )
-        except wire.ChannelError as exc:
+        except ChannelError as exc:
             self.log.warning("reader_error", pid=peer.pid, reader=peer.instance, error=str(exc))
             self._drop(peer)
             return False
@@ -635,7 +637,7 @@ class Writer:
             seq=cursor,
             generation=self.pub.generation,
             topics=f"{hello.topics:#x}",
-            start=protocol.Start(hello.start).name.lower(),
+            start=protocol.StartCode(hello.start).name.lower(),
         )
         return True
 
@@ -657,7 +659,7 @@ class Writer:
         peer.published += 1
         try:
             peer.conn.queue(protocol.PublishAck(seq=seq, count=1).encode())
-        except wire.ChannelError as exc:
+        except ChannelError as exc:
             self.log.warning("reader_error", pid=peer.pid, error=str(exc))
             self._drop(peer)
             return False
@@ -749,7 +751,7 @@ class Writer:
                                 protocol.DetachCode.EVICTED, "held the ring up"
                             ).encode()
                         )
-                    except wire.ChannelError:
+                    except ChannelError:
                         pass
                     self._drop(peer)
             self.pub.free_evicted(ev.index)
