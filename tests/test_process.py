@@ -300,7 +300,7 @@ def test_daemon_start_with_broken_config_prints_one_line_and_exits_78(tmp_path: 
 
 
 def test_test_children_start_with_sigint_sigquit_sighup_not_ignored() -> None:
-    """A child of the suite does not inherit ignored SIGINT/SIGQUIT/SIGHUP, however pytest was started."""
+    """A child of the suite never inherits an ignored SIGINT, SIGQUIT or SIGHUP."""
     out = subprocess.run(
         ["sh", "-c", "grep SigIgn /proc/self/status"], capture_output=True, text=True, check=True
     ).stdout
