@@ -27,10 +27,17 @@ from typing import Any, TextIO
 
 import yaml
 
-from shmd.bus.layout import Policy, ReaderState
+from shmd.bus.layout import (
+    REC_PAYLOAD,
+    REC_SEQ,
+    REC_TIMESTAMP,
+    REC_TOPIC,
+    Policy,
+    RawRecord,
+    ReaderState,
+)
 from shmd.bus.ring import slot_of
 from shmd.bus.segment import Segment
-from shmd.bus.subscriber import RawRecord
 from shmd.config import Config, ConfigError, ReaderSettings, load_config
 from shmd.control import protocol
 from shmd.control.frames import ChannelError, WireError
@@ -216,12 +223,12 @@ class PrintSink:
 
     def write(self, records: list[RawRecord]) -> None:
         out = self.out
-        for seq, ts, topic, raw in records:
+        for r in records:
             if self.limit is not None and self.count >= self.limit:
                 break
-            payload = bytes(raw)
+            seq, topic, payload = r[REC_SEQ], r[REC_TOPIC], bytes(r[REC_PAYLOAD])
             if self.fmt == "json":
-                doc: dict[str, Any] = {"seq": seq, "timestamp_ns": ts, "topic": topic}
+                doc: dict[str, Any] = {"seq": seq, "timestamp_ns": r[REC_TIMESTAMP], "topic": topic}
                 try:
                     doc["payload"] = payload.decode("utf-8")
                 except UnicodeDecodeError:

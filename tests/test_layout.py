@@ -35,21 +35,36 @@ from shmd.bus.layout import (
     R_SLEEP_SEQ,
     R_WAKE_SEQ,
     READER_ENTRY_SIZE,
+    REC_PAYLOAD,
+    REC_SEQ,
+    REC_TIMESTAMP,
+    REC_TOPIC,
+    RECORD_HEADER,
+    RECORD_HEADER_FIELDS,
     RECORD_HEADER_SIZE,
+    RECORD_READ_HEADER,
+    TOPIC_MAX,
     Geometry,
     Header,
     Policy,
     ReaderState,
+    Record,
     decode_entry,
     decode_header,
+    decode_record_header,
     encode_header,
     encode_name,
+    encode_record_header,
     entry_offset,
+    slot_packer,
+    slot_stride,
     topic_mask,
     validate_header,
 )
 from shmd.errors import GeometryError, SegmentLayoutError
 
+U64 = (1 << 64) - 1
+seqs = st.integers(0, 1 << 62)
 capacities = st.integers(1, 24).map(lambda e: 1 << e)
 slot_sizes = st.integers(RECORD_HEADER_SIZE // 8 + 1, 1 << 14).map(lambda w: w * 8)
 reader_counts = st.integers(1, MAX_READERS)
@@ -299,6 +314,66 @@ def test_decode_header_of_a_short_buffer() -> None:
     """Fewer bytes than the header fields raise SegmentLayoutError, not struct.error."""
     with pytest.raises(SegmentLayoutError, match="only 10 bytes are there"):
         decode_header(b"\0" * 10)
+
+
+# -- records -------------------------------------------------------------------------
+
+
+@given(seqs, st.integers(0, U64), st.integers(0, (1 << 32) - 1), st.integers(0, TOPIC_MAX))
+def test_record_header_round_trip(seq: int, ts: int, length: int, topic: int) -> None:
+    """A record header encodes to 32 bytes and decodes to the same fields."""
+    raw = encode_record_header(seq, ts, length, topic)
+    assert len(raw) == RECORD_HEADER_SIZE
+    assert decode_record_header(b"pad" + raw, 3) == (seq, ts, length, topic)
+
+
+@given(
+    st.integers(5, 64).map(lambda w: w * 8),
+    st.lists(
+        st.tuples(seqs, st.integers(0, U64), st.integers(0, 1 << 20), st.integers(0, TOPIC_MAX)),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_slot_stride_decodes_what_encode_wrote(
+    slot_size: int,
+    records: list[tuple[int, int, int, int]],
+) -> None:
+    """slot_stride unpacks the header of every slot of a run, as decode_record_header does."""
+    buf = bytearray(slot_size * len(records))
+    for i, r in enumerate(records):
+        buf[i * slot_size : i * slot_size + RECORD_HEADER_SIZE] = encode_record_header(*r)
+    stride = slot_stride(slot_size)
+    assert stride.size == slot_size
+    assert list(stride.iter_unpack(buf)) == records
+    assert [decode_record_header(bytes(buf), i * slot_size) for i in range(len(records))] == records
+
+
+def test_record_row_indices_follow_record_fields() -> None:
+    """REC_SEQ, REC_TIMESTAMP, REC_TOPIC and REC_PAYLOAD are Record's field positions."""
+    fields = Record._fields
+    assert tuple(fields.index(f) for f in ("seq", "timestamp_ns", "topic", "payload")) == (
+        REC_SEQ,
+        REC_TIMESTAMP,
+        REC_TOPIC,
+        REC_PAYLOAD,
+    )
+    assert len(fields) == 4
+
+
+def test_record_structs_are_built_from_the_field_list() -> None:
+    """The header, the read prefix, the stride and the packer agree with RECORD_HEADER_FIELDS."""
+    names = [name for name, _ in RECORD_HEADER_FIELDS]
+    assert names[:4] == ["seq", "timestamp_ns", "length", "topic"]
+    assert RECORD_HEADER.size == RECORD_HEADER_SIZE == 32
+    assert RECORD_READ_HEADER.size == 24
+    assert slot_stride(64).size == 64
+    packed = slot_packer(5, 64 - RECORD_HEADER_SIZE - 5).pack(9, 8, 5, 7, 0, 0, b"hello")
+    assert len(packed) == 64
+    assert decode_record_header(packed) == (9, 8, 5, 7)
+    assert RECORD_HEADER.unpack_from(packed) == (9, 8, 5, 7, 0, 0)
+    assert packed[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + 5] == b"hello"
+    assert packed[RECORD_HEADER_SIZE + 5 :] == bytes(64 - RECORD_HEADER_SIZE - 5)
 
 
 # -- reader entries, names, topics, policy --------------------------------------------

@@ -1,4 +1,4 @@
-"""shmd.bus.ring: ring arithmetic and record header encoding, checked as properties."""
+"""shmd.bus.ring: ring arithmetic, checked as properties."""
 
 from __future__ import annotations
 
@@ -6,17 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shmd.bus.layout import RECORD_HEADER_SIZE, TOPIC_MAX
+from shmd.bus.layout import TOPIC_MAX
 from shmd.bus.ring import (
     check_record,
-    decode_record_header,
-    encode_record_header,
     free_slots,
     oldest_present,
     plan_read,
     runs,
     slot_of,
-    slot_stride,
     still_valid,
 )
 from shmd.errors import PayloadTooLarge, TopicError
@@ -135,36 +132,6 @@ def test_model_reader_sees_every_record_once_or_counts_it_lost(
     assert delivered == sorted(set(delivered))
     assert len(delivered) + lost == write_seq
     assert cursor == write_seq
-
-
-@given(seqs, st.integers(0, U64), st.integers(0, (1 << 32) - 1), st.integers(0, TOPIC_MAX))
-def test_record_header_round_trip(seq: int, ts: int, length: int, topic: int) -> None:
-    """A record header encodes to 32 bytes and decodes to the same fields."""
-    raw = encode_record_header(seq, ts, length, topic)
-    assert len(raw) == RECORD_HEADER_SIZE
-    assert decode_record_header(b"pad" + raw, 3) == (seq, ts, length, topic)
-
-
-@given(
-    st.integers(5, 64).map(lambda w: w * 8),
-    st.lists(
-        st.tuples(seqs, st.integers(0, U64), st.integers(0, 1 << 20), st.integers(0, TOPIC_MAX)),
-        min_size=1,
-        max_size=8,
-    ),
-)
-def test_slot_stride_decodes_what_encode_wrote(
-    slot_size: int,
-    records: list[tuple[int, int, int, int]],
-) -> None:
-    """slot_stride unpacks the header of every slot of a run, as decode_record_header does."""
-    buf = bytearray(slot_size * len(records))
-    for i, r in enumerate(records):
-        buf[i * slot_size : i * slot_size + RECORD_HEADER_SIZE] = encode_record_header(*r)
-    stride = slot_stride(slot_size)
-    assert stride.size == slot_size
-    assert list(stride.iter_unpack(buf)) == records
-    assert [decode_record_header(bytes(buf), i * slot_size) for i in range(len(records))] == records
 
 
 def test_check_record_names_both_sizes() -> None:

@@ -18,9 +18,11 @@ the spec is explicit so that another language can read it).
 from __future__ import annotations
 
 import enum
+import functools
 import mmap
 import struct
 from dataclasses import dataclass
+from typing import Final, NamedTuple
 
 from shmd._sys.libc import MUTEX_AREA, SEM_AREA
 from shmd.errors import GeometryError, SegmentLayoutError
@@ -119,18 +121,86 @@ class Policy(enum.IntEnum):
 
 
 # -- records --------------------------------------------------------------------------
+#: The record header, the one definition of it: each field's name and struct
+#: code, in slot order.  Every struct below (and so every write and read path)
+#: is built from this at import; adding a field is a line here, a
+#: LAYOUT_VERSION bump and docs/PROTOCOL.md.
 #: seq u64, timestamp ns u64 (CLOCK_MONOTONIC), length u32, topic u32, flags u32, reserved u32
-RECORD_HEADER = struct.Struct("<QQIIII")
+RECORD_HEADER_FIELDS: tuple[tuple[str, str], ...] = (
+    ("seq", "Q"),
+    ("timestamp_ns", "Q"),
+    ("length", "I"),
+    ("topic", "I"),
+    ("flags", "I"),
+    ("reserved", "I"),
+)
+_HEADER_CODES = "".join(code for _, code in RECORD_HEADER_FIELDS)
+#: The fields a reader decodes: flags and reserved are written zero and read by no one.
+_READ_CODES = "".join(c for name, c in RECORD_HEADER_FIELDS if name not in ("flags", "reserved"))
+
+#: The whole header, as the writer packs it.
+RECORD_HEADER = struct.Struct("<" + _HEADER_CODES)
 RECORD_HEADER_SIZE = RECORD_HEADER.size  # 32
+#: (seq, timestamp_ns, length, topic): the prefix of the header the readers unpack.
+RECORD_READ_HEADER = struct.Struct("<" + _READ_CODES)
 TOPIC_MAX = 63
 
-#: Where each field sits in a record row as the readers hand it out
-#: (:class:`shmd.bus.subscriber.Record` and the plain tuples of ``read_batch``):
-#: ``row[REC_PAYLOAD]`` rather than ``row[3]``.
-REC_SEQ = 0
-REC_TIMESTAMP = 1
-REC_TOPIC = 2
-REC_PAYLOAD = 3
+
+def encode_record_header(seq: int, timestamp_ns: int, length: int, topic: int) -> bytes:
+    """The 32 bytes at the start of a slot."""
+    return RECORD_HEADER.pack(seq, timestamp_ns, length, topic, 0, 0)
+
+
+def decode_record_header(buf: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, int]:
+    """(seq, timestamp_ns, length, topic) of the record at ``offset``."""
+    seq, ts, length, topic = RECORD_READ_HEADER.unpack_from(buf, offset)
+    return seq, ts, length, topic
+
+
+def slot_stride(slot_size: int) -> struct.Struct:
+    """A struct spanning one whole slot whose first fields are the read header.
+
+    ``stride.iter_unpack(ring[a:b])`` decodes the headers of every slot in a
+    contiguous run in one C-level loop: the reader's batch path uses it so
+    that a batch costs one Python call for headers, not one per record.
+    """
+    return struct.Struct(f"<{_READ_CODES}{slot_size - RECORD_READ_HEADER.size}x")
+
+
+@functools.lru_cache(maxsize=64)
+def slot_packer(payload: int, pad: int) -> struct.Struct:
+    """A struct for one whole slot: the header, ``payload`` bytes (zero-padded), ``pad`` bytes.
+
+    The writer's dense batch path packs every slot of a run with it, one
+    C-level call per slot and one copy for the run.  Cached: a stream of
+    batches of one size builds its struct once.
+    """
+    return struct.Struct(f"<{_HEADER_CODES}{payload}s{pad}x")
+
+
+class Record(NamedTuple):
+    """One record as a reader receives it."""
+
+    seq: int
+    timestamp_ns: int
+    topic: int
+    #: bytes (copying reads) or a read-only memoryview into the ring
+    #: (zero-copy reads: check ``Subscriber.still_valid`` after use).
+    payload: bytes | memoryview
+
+
+#: A record as ``Subscriber.read_batch`` returns it, a plain tuple in
+#: :class:`Record`'s order: (seq, timestamp_ns, topic, payload).
+RawRecord = tuple[int, int, int, bytes | memoryview]
+
+#: Where each field sits in a record row (a :class:`Record` or a
+#: :data:`RawRecord`): ``row[REC_PAYLOAD]`` rather than ``row[3]``.  Literals,
+#: so that a type checker knows each field's type (tests/test_layout.py
+#: keeps them equal to Record's order).
+REC_SEQ: Final = 0
+REC_TIMESTAMP: Final = 1
+REC_TOPIC: Final = 2
+REC_PAYLOAD: Final = 3
 
 ALL_TOPICS = (1 << 64) - 1
 

@@ -21,7 +21,6 @@ between, so at least one of them sees the other (see Subscriber.prepare_sleep).
 
 from __future__ import annotations
 
-import functools
 import os
 import struct
 import time
@@ -62,6 +61,7 @@ from shmd.bus.layout import (
     ReaderState,
     encode_name,
     entry_offset,
+    slot_packer,
 )
 from shmd.bus.ring import check_record, free_slots, runs
 from shmd.bus.segment import Segment
@@ -763,7 +763,7 @@ class Publisher:
         pad: int,
     ) -> None:
         ring, mask, slot = self.segment.ring, self._mask, self._slot
-        packer = _slot_packer(longest, pad)
+        packer = slot_packer(longest, pad)
         # Blobs stay small: a large one is a fresh mmap in malloc, whose page
         # faults cost more than the copy.
         chunk = max(1, _DENSE_BLOB // slot)
@@ -1082,12 +1082,6 @@ def _copy_state(old: Segment, new: Segment) -> None:
     new.control[OFF_READERS:table_end] = old.control[OFF_READERS:table_end]
     new.q[OFF_BYTES_PUBLISHED // 8] = old.q[OFF_BYTES_PUBLISHED // 8]
     new.ring[:] = old.ring
-
-
-@functools.lru_cache(maxsize=64)
-def _slot_packer(payload: int, pad: int) -> struct.Struct:
-    """A struct for one whole slot: record header, payload (zero-padded), padding."""
-    return struct.Struct(f"<QQIIII{payload}s{pad}x")
 
 
 class Reservation:

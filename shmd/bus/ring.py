@@ -1,4 +1,4 @@
-"""Ring arithmetic and record encoding: pure functions, no syscalls.
+"""Ring arithmetic: pure functions, no syscalls (the record header is in :mod:`shmd.bus.layout`).
 
 Sequence numbers are unbounded (u64; at a billion records a second they
 last 584 years).  Record ``seq`` lives in slot ``seq % capacity``.  The
@@ -17,10 +17,9 @@ reserve_seq - capacity`` when it re-reads ``reserve_seq`` *after* the copy
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 
-from shmd.bus.layout import RECORD_HEADER, RECORD_HEADER_SIZE, TOPIC_MAX
+from shmd.bus.layout import RECORD_HEADER_SIZE, TOPIC_MAX
 from shmd.errors import PayloadTooLarge, TopicError
 
 
@@ -82,24 +81,3 @@ def check_record(length: int, topic: int, max_payload: int) -> None:
         )
     if not 0 <= topic <= TOPIC_MAX:
         raise TopicError(f"Failed to publish since topic {topic} is not between 0 and {TOPIC_MAX}")
-
-
-def encode_record_header(seq: int, timestamp_ns: int, length: int, topic: int) -> bytes:
-    """The 32 bytes at the start of a slot."""
-    return RECORD_HEADER.pack(seq, timestamp_ns, length, topic, 0, 0)
-
-
-def decode_record_header(buf: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, int]:
-    """(seq, timestamp_ns, length, topic) of the record at ``offset``."""
-    seq, ts, length, topic, _flags, _reserved = RECORD_HEADER.unpack_from(buf, offset)
-    return seq, ts, length, topic
-
-
-def slot_stride(slot_size: int) -> struct.Struct:
-    """A struct spanning one whole slot whose first fields are the record header.
-
-    ``stride.iter_unpack(ring[a:b])`` decodes the headers of every slot in a
-    contiguous run in one C-level loop: the reader's batch path uses it so
-    that a batch costs one Python call for headers, not one per record.
-    """
-    return struct.Struct(f"<QQII{slot_size - 24}x")

@@ -19,9 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 import select
-import struct
 import time
-from typing import NamedTuple
 
 import structlog
 
@@ -39,12 +37,21 @@ from shmd.bus.layout import (
     R_TOPICS,
     R_WAKE_SEQ,
     RECORD_HEADER_SIZE,
+    RECORD_READ_HEADER,
     Policy,
+    RawRecord,
     ReaderState,
+    Record,
+    slot_stride,
 )
-from shmd.bus.ring import plan_read, runs, slot_stride, still_valid
+from shmd.bus.ring import plan_read, runs, still_valid
 from shmd.bus.segment import Segment
 from shmd.errors import ReaderEvicted, SegmentClosed, SegmentLayoutError
+
+# Record and RawRecord, the rows a reader hands out, are defined with the
+# record header in shmd.bus.layout; they are re-exported here, where their
+# users meet them.
+__all__ = ["COPY_BATCH_BYTES", "RawRecord", "Record", "Subscriber"]
 
 log = structlog.get_logger("shmd.bus.subscriber")
 
@@ -54,22 +61,8 @@ _RESERVE_SEQ = Segment.RESERVE_SEQ
 _ATTACHED = int(ReaderState.ATTACHED)
 _TSO = libc.TSO
 #: (seq, timestamp_ns, length, topic) of the record header at an offset.
-_HEAD = struct.Struct("<QQII").unpack_from
+_HEAD = RECORD_READ_HEADER.unpack_from
 
-
-class Record(NamedTuple):
-    """One record as a reader receives it."""
-
-    seq: int
-    timestamp_ns: int
-    topic: int
-    #: bytes (copying reads) or a read-only memoryview into the ring
-    #: (zero-copy reads: check :meth:`Subscriber.still_valid` after use).
-    payload: bytes | memoryview
-
-
-#: A record as :meth:`Subscriber.read_batch` returns it: (seq, timestamp_ns, topic, payload).
-RawRecord = tuple[int, int, int, bytes | memoryview]
 
 #: The most slot bytes one copying read_batch copies (at least one record).
 COPY_BATCH_BYTES = 1 << 20
