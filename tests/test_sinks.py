@@ -24,8 +24,8 @@ from daemon_bus import (
 from structlog.testing import capture_logs
 
 from shmd.bus.segment import Segment
-from shmd.config import JournalSink
-from shmd.daemons.sinks import JournalRecords
+from shmd.config import JournalSinkConfig
+from shmd.daemons.sinks import JournalSink
 
 PAYLOAD_MAX = 256 - 32
 
@@ -334,7 +334,7 @@ def test_journal_sink_summarises_the_first_batch_at_once_whatever_the_uptime() -
     """The first batch gets its records line even when one period is longer than the uptime."""
     # One summary per ~32 years: longer than CLOCK_MONOTONIC has run on any
     # machine, so a sink that counted its period from time 0 would stay quiet.
-    sink = JournalRecords(JournalSink(summary_rate=1e-9))
+    sink = JournalSink(JournalSinkConfig(summary_rate=1e-9))
     with capture_logs() as logs:
         sink.write([(0, 1, 2, b"first"), (1, 2, 2, b"second")])
         sink.write([(2, 3, 2, b"third")])

@@ -15,13 +15,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Protocol
 
 import structlog
 
+from shmd.bus.layout import REC_PAYLOAD, REC_SEQ, REC_TOPIC
 from shmd.bus.subscriber import RawRecord
-from shmd.config import ExecSink, FileSink, JournalSink, PythonSink, Sink, StdoutSink
-from shmd.daemons.sources import SourceError, load_callable
+from shmd.config import (
+    ExecSinkConfig,
+    FileSinkConfig,
+    JournalSinkConfig,
+    PythonSinkConfig,
+    SinkConfig,
+    StdoutSinkConfig,
+)
+from shmd.daemons.plugin import load_callable
 from shmd.errors import ShmdError
 
 log = structlog.get_logger("shmd.daemons.sinks")
@@ -49,10 +57,10 @@ def _preview(payload: bytes | memoryview, limit: int = 64) -> str:
     return data.hex() + ("…" if len(payload) > limit else "")
 
 
-class JournalRecords:
+class JournalSink:
     """``journal``: one ``records`` summary line at most ``summary_rate`` times a second."""
 
-    def __init__(self, cfg: JournalSink) -> None:
+    def __init__(self, cfg: JournalSinkConfig) -> None:
         self.period = 1.0 / cfg.summary_rate if cfg.summary_rate > 0 else float("inf")
         # When the next summary may be logged: the first batch's at once (a
         # last summary "at 0.0" held it back until CLOCK_MONOTONIC passed one
@@ -66,10 +74,10 @@ class JournalRecords:
 
     def write(self, records: list[RawRecord]) -> None:
         if self._first_seq is None:
-            self._first_seq = records[0][0]
+            self._first_seq = records[0][REC_SEQ]
         self._count += len(records)
         last = records[-1]
-        self._tail = (last[0], last[2], bytes(last[3][:65]))
+        self._tail = (last[REC_SEQ], last[REC_TOPIC], bytes(last[REC_PAYLOAD][:65]))
         now = time.monotonic()
         if now >= self._next:
             self._summarise()
@@ -96,11 +104,13 @@ class JournalRecords:
 
 def _frame(records: list[RawRecord], framing: str) -> bytes:
     if framing == "length":
-        return b"".join(len(r[3]).to_bytes(4, "little") + bytes(r[3]) for r in records)
-    return b"".join(bytes(r[3]) + b"\n" for r in records)
+        return b"".join(
+            len(r[REC_PAYLOAD]).to_bytes(4, "little") + bytes(r[REC_PAYLOAD]) for r in records
+        )
+    return b"".join(bytes(r[REC_PAYLOAD]) + b"\n" for r in records)
 
 
-class StreamRecords:
+class StreamSink:
     """``file`` and ``stdout``: payloads as lines or length-prefixed frames."""
 
     def __init__(self, stream: BinaryIO, framing: str, what: str, owned: bool) -> None:
@@ -110,7 +120,7 @@ class StreamRecords:
         self._owned = owned
 
     @classmethod
-    def open_file(cls, cfg: FileSink) -> StreamRecords:
+    def open_file(cls, cfg: FileSinkConfig) -> StreamSink:
         try:
             f = open(cfg.path, "ab")  # noqa: SIM115 - owned by the sink, closed in close()
         except OSError as exc:
@@ -118,6 +128,11 @@ class StreamRecords:
                 f"Failed to open {cfg.path} for the file sink since {exc.strerror}"
             ) from None
         return cls(f, cfg.framing, cfg.path, owned=True)
+
+    @classmethod
+    def open_stdout(cls, cfg: StdoutSinkConfig) -> StreamSink:
+        out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        return cls(out, cfg.framing, "standard output", owned=True)
 
     def write(self, records: list[RawRecord]) -> None:
         try:
@@ -137,7 +152,7 @@ class StreamRecords:
             self.stream.close()
 
 
-class ExecRecords:
+class ExecSink:
     """``exec``: records as lines on a child command's stdin.
 
     The child's failure is the reader's: when the child exits or stops
@@ -145,7 +160,7 @@ class ExecRecords:
     child's status in the log (``Restart=on-failure`` starts both again).
     """
 
-    def __init__(self, cfg: ExecSink) -> None:
+    def __init__(self, cfg: ExecSinkConfig) -> None:
         self.command = list(cfg.command)
         try:
             self.child = subprocess.Popen(self.command, stdin=subprocess.PIPE)
@@ -181,14 +196,11 @@ class ExecRecords:
             log.warning("sink_child_failed", command=self.command[0], status=status)
 
 
-class PythonRecords:
+class PythonSink:
     """``python: "package.module:callable"``: the callable gets each batch (a list of Records)."""
 
-    def __init__(self, cfg: PythonSink) -> None:
-        try:
-            self.fn: Callable[..., object] = load_callable(cfg.callable)
-        except SourceError as exc:
-            raise SinkError(str(exc)) from None
+    def __init__(self, cfg: PythonSinkConfig) -> None:
+        self.fn: Callable[..., object] = load_callable(cfg.callable, SinkError)
         self.spec = cfg.callable
 
     def write(self, records: list[RawRecord]) -> None:
@@ -210,15 +222,17 @@ class PythonRecords:
                 ) from None
 
 
-def make_sink(cfg: Sink) -> RecordSink:
+#: The runtime class (or constructor) of each sink type: a new type is its
+#: config dataclass (shmd.config.model, in SinkConfig), a class here, and a line here.
+SINKS: dict[type[SinkConfig], Callable[[Any], RecordSink]] = {
+    JournalSinkConfig: JournalSink,
+    FileSinkConfig: StreamSink.open_file,
+    StdoutSinkConfig: StreamSink.open_stdout,
+    ExecSinkConfig: ExecSink,
+    PythonSinkConfig: PythonSink,
+}
+
+
+def make_sink(cfg: SinkConfig) -> RecordSink:
     """Build the configured sink."""
-    if isinstance(cfg, JournalSink):
-        return JournalRecords(cfg)
-    if isinstance(cfg, FileSink):
-        return StreamRecords.open_file(cfg)
-    if isinstance(cfg, StdoutSink):
-        out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-        return StreamRecords(out, cfg.framing, "standard output", owned=True)
-    if isinstance(cfg, ExecSink):
-        return ExecRecords(cfg)
-    return PythonRecords(cfg)
+    return SINKS[type(cfg)](cfg)

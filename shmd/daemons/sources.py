@@ -8,7 +8,6 @@ payloads and refuses oversized frames without losing the frames around them.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import stat
@@ -16,13 +15,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from shmd._sys.fd import OwnedFd
 from shmd._sys.reactor import Reactor
-from shmd.config import FifoSource, PythonSource, Source, StdinSource, TickerSource
+from shmd.config import (
+    FifoSourceConfig,
+    PythonSourceConfig,
+    SourceConfig,
+    StdinSourceConfig,
+    TickerSourceConfig,
+)
+from shmd.daemons.plugin import load_callable
 from shmd.errors import ShmdError
 
 log = structlog.get_logger("shmd.daemons.sources")
@@ -150,10 +156,10 @@ class Deframer:
         return out, errors
 
 
-class TickerRecords:
+class TickerSource:
     """``ticker``: a small record (``tick <n> <unix time>``) at a fixed rate."""
 
-    def __init__(self, cfg: TickerSource) -> None:
+    def __init__(self, cfg: TickerSourceConfig) -> None:
         self.rate = cfg.rate
         self.topic = cfg.topic
         self.count = 0
@@ -198,13 +204,13 @@ class TickerRecords:
         self._host = None
 
 
-class StreamRecords:
+class StreamSource:
     """``fifo`` and ``stdin``: framed records from a byte stream, without blocking the loop."""
 
-    def __init__(self, cfg: FifoSource | StdinSource) -> None:
+    def __init__(self, cfg: FifoSourceConfig | StdinSourceConfig) -> None:
         self.cfg = cfg
         self.topic = cfg.topic
-        self.path = cfg.path if isinstance(cfg, FifoSource) else None
+        self.path = cfg.path if isinstance(cfg, FifoSourceConfig) else None
         self._fd: OwnedFd | None = None
         self._host: SourceHost | None = None
         self._deframer: Deframer | None = None
@@ -331,21 +337,7 @@ class SourceContext:
         self._host.publish_batch(payloads, topic)
 
 
-def load_callable(spec: str) -> Callable[..., object]:
-    """Import ``package.module:callable``; a clear error if that fails."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: object = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception as exc:  # any import-time error is the user's to see
-        raise SourceError(f"Failed to load {spec!r} since {type(exc).__name__}: {exc}") from None
-    if not callable(obj):
-        raise SourceError(f"Failed to use {spec!r} since it is not callable")
-    return obj
-
-
-class PythonRecords:
+class PythonSource:
     """``python: "package.module:callable"`` in a thread of its own.
 
     The callable is either a generator function (or returns an iterable):
@@ -355,9 +347,9 @@ class PythonRecords:
     source is finished and the writer shuts down cleanly.
     """
 
-    def __init__(self, cfg: PythonSource) -> None:
+    def __init__(self, cfg: PythonSourceConfig) -> None:
         self.spec = cfg.callable
-        self.fn = load_callable(cfg.callable)
+        self.fn = load_callable(cfg.callable, SourceError)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -411,13 +403,18 @@ def _takes_argument(fn: Callable[..., object]) -> bool:
     return len(params) >= 1
 
 
-AnySource = TickerRecords | StreamRecords | PythonRecords
+AnySource = TickerSource | StreamSource | PythonSource
+
+#: The runtime class of each ``writer.source`` type: a new type is its config
+#: dataclass (shmd.config.model, in SourceConfig), a class here, and a line here.
+SOURCES: dict[type[SourceConfig], Callable[[Any], AnySource]] = {
+    TickerSourceConfig: TickerSource,
+    FifoSourceConfig: StreamSource,
+    StdinSourceConfig: StreamSource,
+    PythonSourceConfig: PythonSource,
+}
 
 
-def make_source(cfg: Source) -> AnySource:
+def make_source(cfg: SourceConfig) -> AnySource:
     """Build the configured source (not started)."""
-    if isinstance(cfg, TickerSource):
-        return TickerRecords(cfg)
-    if isinstance(cfg, FifoSource | StdinSource):
-        return StreamRecords(cfg)
-    return PythonRecords(cfg)
+    return SOURCES[type(cfg)](cfg)

@@ -31,7 +31,7 @@ from shmd._sys.reactor import Reactor, SignalWakeup
 from shmd.bus.layout import Geometry, Policy, ReaderEntry
 from shmd.bus.publisher import Publisher, ReaderHandle
 from shmd.bus.segment import Segment
-from shmd.config import Config, ConfigError, TickerSource, diff_reloadable, load_config
+from shmd.config import Config, ConfigError, TickerSourceConfig, diff_reloadable, load_config
 from shmd.control import protocol
 from shmd.control.connection import Connection
 from shmd.control.frames import ChannelError, PeerClosed, WireError
@@ -47,7 +47,7 @@ from shmd.daemons.process import (
     load_or_exit,
     setup_logging,
 )
-from shmd.daemons.sources import AnySource, PythonRecords, SourceError, TickerRecords, make_source
+from shmd.daemons.sources import AnySource, PythonSource, SourceError, TickerSource, make_source
 from shmd.errors import PayloadTooLarge, ReaderTableFull, ShmdError
 
 SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
@@ -412,7 +412,7 @@ class Writer:
     def source_finished(self, reason: str) -> None:
         """A finite source ended: shut down cleanly (exit 1 if it failed)."""
         self.log.info("source_finished", reason=reason)
-        if isinstance(self.source, PythonRecords) and self.source.error is not None:
+        if isinstance(self.source, PythonSource) and self.source.error is not None:
             # A source that raised is a failure: Restart=on-failure restarts it.
             self._final_status = EXIT_FAILURE
         self.begin_shutdown(f"source finished: {reason}")
@@ -841,9 +841,9 @@ class Writer:
             logs.set_level(new.logging.level)
             source = old.writer.source
             if (
-                isinstance(self.source, TickerRecords)
-                and isinstance(source, TickerSource)
-                and isinstance(new.writer.source, TickerSource)
+                isinstance(self.source, TickerSource)
+                and isinstance(source, TickerSourceConfig)
+                and isinstance(new.writer.source, TickerSourceConfig)
             ):
                 self.source.set_rate(new.writer.source.rate)
                 source = replace(source, rate=new.writer.source.rate)

@@ -1,10 +1,9 @@
-"""Tests of shmd.config: loading, validation with located errors, merging, reload classes."""
+"""Tests of shmd.config.load (through load_config): the file, located errors, merging, ids."""
 
 from __future__ import annotations
 
 import dataclasses
 import grp
-import json
 import os
 import shutil
 import tempfile
@@ -16,24 +15,23 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from shmd import config as cfgmod
 from shmd.config import (
     Config,
     ConfigError,
-    ExecSink,
-    FifoSource,
-    FileSink,
-    JournalSink,
-    PythonSink,
-    PythonSource,
-    StdinSource,
-    StdoutSink,
-    TickerSource,
+    ExecSinkConfig,
+    FifoSourceConfig,
+    FileSinkConfig,
+    JournalSinkConfig,
+    PythonSinkConfig,
+    PythonSourceConfig,
+    StdinSourceConfig,
+    StdoutSinkConfig,
+    TickerSourceConfig,
     config_to_dict,
     default_config,
-    diff_reloadable,
     load_config,
 )
+from shmd.config import load as cfgload
 from shmd.daemons import logs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +96,7 @@ def test_missing_default_path_gives_builtin_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without --config or SHMD_CONFIG a missing default file means the built-in defaults."""
-    monkeypatch.setattr(cfgmod, "DEFAULT_PATH", str(tmp_path / "absent.yaml"))
+    monkeypatch.setattr(cfgload, "DEFAULT_PATH", str(tmp_path / "absent.yaml"))
     cfg = load_config(env={})
     assert cfg == default_config()
     assert cfg.source_path is None
@@ -107,7 +105,7 @@ def test_missing_default_path_gives_builtin_defaults(
 def test_existing_default_path_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --config or SHMD_CONFIG the default path is read when it exists."""
     path = write(tmp_path, "segment: {max_readers: 3}\n")
-    monkeypatch.setattr(cfgmod, "DEFAULT_PATH", path)
+    monkeypatch.setattr(cfgload, "DEFAULT_PATH", path)
     cfg = load_config(env={})
     assert cfg.segment.max_readers == 3 and cfg.source_path == path
 
@@ -272,7 +270,7 @@ def test_configuration_doc_names_every_key_and_its_example_loads(tmp_path: Path)
         assert f"`{leaf}`" in text, f"docs/CONFIGURATION.md does not describe {leaf}"
     example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     cfg = load_text(tmp_path, example)
-    assert cfg.reader_settings("archive").sink == FileSink(
+    assert cfg.reader_settings("archive").sink == FileSinkConfig(
         path="/var/lib/shmd/archive.bin", framing="length"
     )
 
@@ -507,29 +505,6 @@ def test_invalid_values_are_rejected_with_their_location(
     assert str(err).startswith(f"{tmp_path / 'shmd.yaml'}:{line}: ")
 
 
-@pytest.mark.parametrize(
-    ("text", "line"),
-    [
-        ("segment:\n  capacity: [1\n", 3),
-        ("segment:\n\tcapacity: 4\n", 2),
-        ("a: 1\n---\nb: 2\n", 2),
-        ("x: !!python/object:os.system 1\n", 1),
-        ('segment:\n  name: "unterminated\n', 3),
-    ],
-)
-def test_yaml_syntax_errors_carry_their_line(tmp_path: Path, text: str, line: int) -> None:
-    """Broken YAML (and unsafe tags, several documents) is a ConfigError with its line."""
-    err = error_for(tmp_path, text)
-    assert err.line == line, str(err)
-    assert err.message.startswith("Failed to parse YAML since "), str(err)
-
-
-def test_root_must_be_a_mapping(tmp_path: Path) -> None:
-    """A file whose top level is not a mapping is rejected."""
-    err = error_for(tmp_path, "- segment\n")
-    assert "must be a mapping of sections (got a list)" in str(err)
-
-
 @pytest.mark.parametrize("written", ["0o660", "0660", '"0660"', "'0o660'", "432"])
 def test_socket_mode_accepts_octal_spellings(tmp_path: Path, written: str) -> None:
     """control.mode accepts 0o660, 0660, "0660" and the decimal 432 alike."""
@@ -540,7 +515,7 @@ def test_floats_accept_integers(tmp_path: Path) -> None:
     """A whole number is accepted where seconds or rates are expected."""
     cfg = load_text(tmp_path, "segment: {block_timeout: 2}\nwriter: {source: {rate: 0}}\n")
     assert cfg.segment.block_timeout == 2.0 and isinstance(cfg.segment.block_timeout, float)
-    assert cfg.writer.source == TickerSource(rate=0.0)
+    assert cfg.writer.source == TickerSourceConfig(rate=0.0)
 
 
 def test_config_is_frozen() -> None:
@@ -558,17 +533,17 @@ def test_config_is_frozen() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("{}", TickerSource()),
-        ("{rate: 2.5, topic: 3}", TickerSource(rate=2.5, topic=3)),
-        ("{type: fifo, path: /run/shmd/p.fifo}", FifoSource(path="/run/shmd/p.fifo")),
+        ("{}", TickerSourceConfig()),
+        ("{rate: 2.5, topic: 3}", TickerSourceConfig(rate=2.5, topic=3)),
+        ("{type: fifo, path: /run/shmd/p.fifo}", FifoSourceConfig(path="/run/shmd/p.fifo")),
         (
             "{type: fifo, path: /p, framing: length, topic: 63}",
-            FifoSource(path="/p", framing="length", topic=63),
+            FifoSourceConfig(path="/p", framing="length", topic=63),
         ),
-        ("{type: stdin, framing: length}", StdinSource(framing="length")),
+        ("{type: stdin, framing: length}", StdinSourceConfig(framing="length")),
         (
             "{type: python, callable: 'pkg.mod:make.source'}",
-            PythonSource(callable="pkg.mod:make.source"),
+            PythonSourceConfig(callable="pkg.mod:make.source"),
         ),
     ],
 )
@@ -580,11 +555,11 @@ def test_every_source_form_parses(tmp_path: Path, text: str, expected: object) -
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("{type: journal, summary_rate: 0}", JournalSink(summary_rate=0.0)),
-        ("{type: file, path: /var/lib/shmd/out}", FileSink(path="/var/lib/shmd/out")),
-        ("{type: stdout, framing: length}", StdoutSink(framing="length")),
-        ("{type: exec, command: [/usr/bin/wc, -c]}", ExecSink(command=("/usr/bin/wc", "-c"))),
-        ("{type: python, callable: 'a:b'}", PythonSink(callable="a:b")),
+        ("{type: journal, summary_rate: 0}", JournalSinkConfig(summary_rate=0.0)),
+        ("{type: file, path: /var/lib/shmd/out}", FileSinkConfig(path="/var/lib/shmd/out")),
+        ("{type: stdout, framing: length}", StdoutSinkConfig(framing="length")),
+        ("{type: exec, command: [/usr/bin/wc, -c]}", ExecSinkConfig(command=("/usr/bin/wc", "-c"))),
+        ("{type: python, callable: 'a:b'}", PythonSinkConfig(callable="a:b")),
     ],
 )
 def test_every_sink_form_parses(tmp_path: Path, text: str, expected: object) -> None:
@@ -614,10 +589,10 @@ def test_instances_deep_merge_over_defaults(tmp_path: Path) -> None:
     )
     one = cfg.reader_settings("1")
     assert one.topics == (5,) and one.start == "oldest"
-    assert one.sink == FileSink(path="/var/a", framing="length")
+    assert one.sink == FileSinkConfig(path="/var/a", framing="length")
     two = cfg.reader_settings("2")
-    assert two.topics == (1, 2) and two.sink == FileSink(path="/var/b", framing="length")
-    assert cfg.reader_settings("three").sink == StdoutSink()
+    assert two.topics == (1, 2) and two.sink == FileSinkConfig(path="/var/b", framing="length")
+    assert cfg.reader_settings("three").sink == StdoutSinkConfig()
     assert cfg.reader_settings("four") == cfg.reader.defaults
     assert cfg.reader_settings("not-listed") == cfg.reader.defaults
     assert [name for name, _ in cfg.reader.instances] == ["1", "2", "four", "three"]
@@ -654,7 +629,7 @@ def test_instance_with_a_different_sink_type_drops_the_default_sink_keys(tmp_pat
             x: {sink: {type: file, path: /tmp/x}}
     """,
     )
-    assert cfg.reader_settings("x").sink == FileSink(path="/tmp/x")
+    assert cfg.reader_settings("x").sink == FileSinkConfig(path="/tmp/x")
 
 
 def test_topic_mask_follows_topics(tmp_path: Path) -> None:
@@ -695,82 +670,6 @@ def test_peer_allowed_rules(tmp_path: Path) -> None:
     assert ctl.peer_allowed(5000, [1])
     assert ctl.peer_allowed(7000, [1, 6000])
     assert not ctl.peer_allowed(7000, [1, 2])
-
-
-# ---------------------------------------------------------------------------
-# Printing and reload classification
-# ---------------------------------------------------------------------------
-
-RICH = """
-segment: {name: /shmd-test-rich, capacity: 64, slot_size: 256, policy: block}
-control: {mode: "0640", allowed_users: [root, 1001], type: stream}
-writer:
-  source: {type: fifo, path: /run/shmd/in.fifo, framing: length, topic: 9}
-reader:
-  defaults: {topics: [1, 2], sink: {type: exec, command: [/bin/cat]}}
-  instances:
-    "1": {start: oldest}
-    b: {sink: {type: file, path: /var/out, framing: length}}
-logging: {level: warning, target: json}
-"""
-
-
-def test_config_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
-    """Dumping config_to_dict as YAML and loading it again yields an equal configuration."""
-    cfg = load_text(tmp_path, RICH)
-    dumped = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    again = load_config(write(tmp_path, dumped, "again.yaml"), env={})
-    assert again == cfg
-    assert config_to_dict(cfg)["control"]["mode"] == "0o640"
-    assert json.dumps(config_to_dict(cfg))  # plain data, printable as JSON too
-
-
-def test_diff_reloadable_separates_live_and_refused_keys(tmp_path: Path) -> None:
-    """Live keys (level, allowed ids, ticker rate, status interval) are split from the rest."""
-    old = load_text(tmp_path, "writer: {source: {rate: 1}}\n")
-    new = load_config(
-        write(
-            tmp_path,
-            """
-        logging: {level: debug}
-        control: {allowed_users: [12], allowed_groups: [], max_message: 4096}
-        writer: {source: {rate: 50}, status_interval: 3}
-        segment: {capacity: 8}
-    """,
-            "new.yaml",
-        ),
-        env={},
-    )
-    live, refused = diff_reloadable(old, new)
-    assert live == (
-        "control.allowed_groups",
-        "control.allowed_users",
-        "logging.level",
-        "writer.source.rate",
-        "writer.status_interval",
-    )
-    assert refused == ("control.max_message", "segment.capacity")
-    assert diff_reloadable(old, old) == ((), ())
-
-
-def test_diff_reloadable_refuses_a_source_type_change(tmp_path: Path) -> None:
-    """Changing the source type (and so its rate) needs a restart."""
-    old = load_text(tmp_path, "")
-    new = load_config(write(tmp_path, "writer: {source: {type: stdin}}\n", "n.yaml"), env={})
-    live, refused = diff_reloadable(old, new)
-    assert live == ()
-    assert "writer.source.type" in refused and "writer.source.rate" in refused
-
-
-def test_diff_reloadable_names_reader_instance_keys(tmp_path: Path) -> None:
-    """A new reader instance shows up as its own dotted keys among the refused changes."""
-    old = load_text(tmp_path, "")
-    new = load_config(
-        write(tmp_path, "reader: {instances: {'5': {start: oldest}}}\n", "n.yaml"), env={}
-    )
-    live, refused = diff_reloadable(old, new)
-    assert live == ()
-    assert "reader.instances.5.start" in refused
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""The configuration's own limits, and the checks and readers no field type implies.
+
+The bus's and the control protocol's limits are theirs (imported from
+:mod:`shmd.bus.layout` and :mod:`shmd.control.fields`); those here exist only
+in the file's schema.  A check refuses a value with
+:class:`~shmd.config.schema.BadValue`; a reader reads a value of a shape of
+its own (a permission mode, a list of ids or topics, an argv).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, TypeAlias
+
+from shmd.bus.layout import MAX_SEGMENT, TOPIC_MAX
+from shmd.config.schema import BadValue, Map
+from shmd.config.yaml import describe
+
+IdEntry: TypeAlias = str | int
+
+# POSIX shm names: NAME_MAX (255) bytes including the leading slash.
+MAX_SEGMENT_NAME = 255
+# sizeof(sockaddr_un.sun_path) is 108 and the path needs its terminating NUL.
+SUN_PATH_MAX = 108
+MIN_MESSAGE = 1024
+MAX_MESSAGE = 64 << 20
+# No timeout or interval beyond a day: a larger number is almost certainly
+# milliseconds typed as seconds, and it keeps poll()'s millisecond int small.
+MAX_SECONDS = 86400.0
+MAX_RATE = 1_000_000.0
+MAX_ID = (1 << 32) - 2  # (uid_t)-1 means "no change" to the kernel
+CALLABLE_RE = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+    r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+)
+_OCTAL_RE = re.compile(r"0o?([0-7]{1,4})")
+
+
+def segment_name(name: str, done: Mapping[str, Any]) -> None:
+    if not name.startswith("/") or "/" in name[1:] or len(name) < 2:
+        raise BadValue(f"must be one slash followed by a name without slashes (got {name!r})")
+    if len(name.encode()) > MAX_SEGMENT_NAME:
+        raise BadValue(f"must be at most {MAX_SEGMENT_NAME} bytes long (got {len(name.encode())})")
+
+
+def power_of_two(value: int, done: Mapping[str, Any]) -> None:
+    if value & (value - 1):
+        raise BadValue(f"must be a power of two (got {value})")
+
+
+def multiple_of_8(value: int, done: Mapping[str, Any]) -> None:
+    if value % 8:
+        raise BadValue(f"must be a multiple of 8 (got {value})")
+
+
+def fits_segment(slot_size: int, done: Mapping[str, Any]) -> None:
+    """capacity * slot_size within the bus's limit; blamed on capacity if slot_size is default."""
+    capacity = done["capacity"]
+    if capacity * slot_size > MAX_SEGMENT:
+        raise BadValue(
+            f"capacity * slot_size must be at most {MAX_SEGMENT >> 30} GiB "
+            f"(got {capacity} * {slot_size} = {capacity * slot_size} bytes)",
+            at="capacity",
+        )
+
+
+def absolute_path(value: str, done: Mapping[str, Any]) -> None:
+    if not value.startswith("/"):
+        raise BadValue(f"must be an absolute path (got {value!r})")
+
+
+def socket_path(value: str, done: Mapping[str, Any]) -> None:
+    if len(value.encode()) >= SUN_PATH_MAX:
+        raise BadValue(
+            f"must be shorter than {SUN_PATH_MAX} bytes, the size of "
+            f"sockaddr_un.sun_path (got {len(value.encode())})"
+        )
+
+
+def callable_spec(value: str, done: Mapping[str, Any]) -> None:
+    if not CALLABLE_RE.fullmatch(value):
+        raise BadValue(f"must look like 'package.module:function' (got {value!r})")
+
+
+def read_mode(m: Map, name: str, default: int) -> int:
+    """A permission mode: 0o660, 0660, "0660" or a plain integer."""
+    n = m.node(name)
+    if n is None:
+        return default
+    v = n.value
+    octal = _OCTAL_RE.fullmatch(v.strip()) if isinstance(v, str) else None
+    if octal is not None:
+        mode = int(octal.group(1), 8)
+    elif isinstance(v, int) and not isinstance(v, bool):
+        mode = v
+    else:
+        m.bad(n, f'must be an octal permission mode like 0o660 or "0660" (got {describe(v)})')
+    if not 0 <= mode <= 0o777:
+        # YAML reads 660 (no leading zero) as decimal 660 = 0o1224.
+        m.bad(
+            n,
+            f"must be a permission mode between 0 and 0o777; write it in octal "
+            f'like 0o660 or "0660" (got {v!r} = {oct(mode) if mode >= 0 else mode})',
+        )
+    return mode
+
+
+def dump_mode(mode: int) -> str:
+    return f"0o{mode:o}"
+
+
+def read_ids(m: Map, name: str, default: tuple[IdEntry, ...]) -> tuple[IdEntry, ...]:
+    """User or group names and numeric ids, duplicates dropped; null means none."""
+    n = m.node(name)
+    if n is None or n.value is None:
+        return default if n is None else ()
+    if not isinstance(n.value, list):
+        m.bad(n, f"must be a list of names or numeric ids (got {describe(n)})")
+    out: list[IdEntry] = []
+    for item in n.value:
+        v = item.value
+        if isinstance(v, str) and v.isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, str | int):
+            m.bad(item, f"must be a name or a numeric id (got {describe(v)})")
+        if isinstance(v, int) and not 0 <= v <= MAX_ID:
+            m.bad(item, f"must be between 0 and {MAX_ID} (got {v})")
+        if isinstance(v, str) and (not v or any(c in v for c in ":\n\0 ")):
+            m.bad(item, f"is not a valid user or group name (got {v!r})")
+        if v not in out:
+            out.append(v)
+    return tuple(out)
+
+
+def read_topics(m: Map, name: str, default: object) -> Literal["all"] | tuple[int, ...]:
+    """``all`` or a non-empty list of distinct topic ids, sorted."""
+    n = m.node(name)
+    if n is None or n.value == "all":
+        return "all"
+    if not isinstance(n.value, list) or not n.value:
+        m.bad(
+            n, f'must be "all" or a non-empty list of topic ids 0..{TOPIC_MAX} (got {describe(n)})'
+        )
+    seen: set[int] = set()
+    for item in n.value:
+        v = item.value
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= TOPIC_MAX:
+            m.bad(item, f"must be a topic id 0..{TOPIC_MAX} (got {describe(v)})")
+        if v in seen:
+            m.bad(item, f"topic {v} is listed twice")
+        seen.add(v)
+    return tuple(sorted(seen))
+
+
+def read_argv(m: Map, name: str, default: object) -> tuple[str, ...]:
+    """A command line: a non-empty list of strings, the program first (required)."""
+    n = m.node(name)
+    assert n is not None  # required: parse() reported its absence
+    if not isinstance(n.value, list) or not n.value:
+        m.bad(n, f"must be a non-empty list of strings, the argv (got {describe(n)})")
+    argv: list[str] = []
+    for item in n.value:
+        if not isinstance(item.value, str) or "\0" in item.value:
+            m.bad(item, f"must be a string (got {describe(item)})")
+        argv.append(item.value)
+    if not argv[0]:
+        m.bad(n.value[0], "the program name must not be empty")
+    return tuple(argv)

@@ -1,0 +1,158 @@
+"""Loading: which file, reading it, and the sections the schema alone cannot build.
+
+Reader instances are merged over ``reader.defaults`` here, and the allowed
+user and group names resolved; every other section is
+:func:`shmd.config.schema.parse` of its dataclass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+from shmd.config.errors import ConfigError
+from shmd.config.model import (
+    Config,
+    ControlConfig,
+    LoggingConfig,
+    ReaderConfig,
+    ReaderSettings,
+    SegmentConfig,
+    WriterConfig,
+    default_config,
+)
+from shmd.config.schema import Map, field_of, file_fields, parse, union_tag
+from shmd.config.yaml import Builder, Node, describe, parse_yaml
+from shmd.control.fields import INSTANCE_PATTERN
+
+DEFAULT_PATH = "/etc/shmd/shmd.yaml"
+ENV_VAR = "SHMD_CONFIG"
+
+# The reader instance names the control protocol accepts (shm-reader@NAME).
+_INSTANCE_RE = re.compile(INSTANCE_PATTERN)
+
+
+def _keys(cls: type) -> list[str]:
+    return [f.name for f in file_fields(cls)]
+
+
+def _sink_type(b: Builder, node: Node | None) -> str:
+    assert node is not None
+    f, tp = field_of(ReaderSettings, "sink")
+    return union_tag(b, f, tp, node, node.key)
+
+
+def _merge_settings(b: Builder, defaults: Node | None, override: Node) -> Node:
+    """Deep-merge one instance's overrides over reader.defaults.
+
+    Every key replaces the default's value, except ``sink``: a sink of the same
+    type (or without ``type``) is merged key by key, a sink of another type
+    replaces the default's whole (its keys would not fit the other type).
+    """
+    base = Map(b, defaults, "reader.defaults", _keys(ReaderSettings)).items
+    over = Map(b, override, override.key, _keys(ReaderSettings)).items
+    merged = dict(base)
+    for name, n in over.items():
+        old = base.get(name)
+        if (
+            name == "sink"
+            and old is not None
+            and isinstance(old.value, dict)
+            and isinstance(n.value, dict)
+            and ("type" not in n.value or _sink_type(b, old) == _sink_type(b, n))
+        ):
+            merged[name] = Node({**old.value, **n.value}, n.key, n.line)
+        else:
+            merged[name] = n
+    return Node(merged, override.key, override.line)
+
+
+def _reader(b: Builder, node: Node | None) -> ReaderConfig:
+    m = Map(b, node, "reader", _keys(ReaderConfig))
+    defaults_node = m.node("defaults")
+    defaults = parse(b, ReaderSettings, defaults_node, "reader.defaults")
+    instances_node = m.node("instances")
+    pairs: list[tuple[str, ReaderSettings]] = []
+    if instances_node is not None and instances_node.value is not None:
+        if not isinstance(instances_node.value, dict):
+            b.fail(
+                f"must be a mapping of instance name to settings (got {describe(instances_node)})",
+                instances_node.line,
+                instances_node.key,
+            )
+        for name, given in instances_node.value.items():
+            if not _INSTANCE_RE.fullmatch(name):
+                b.fail(
+                    f"instance name {name!r} must be 1-31 characters of A-Z a-z 0-9 _ . : @ -",
+                    given.line,
+                    given.key,
+                )
+            override = Node({}, given.key, given.line) if given.value is None else given
+            merged = _merge_settings(b, defaults_node, override)
+            pairs.append((name, parse(b, ReaderSettings, merged, given.key)))
+    return ReaderConfig(defaults=defaults, instances=tuple(sorted(pairs)))
+
+
+def _build(tree: Node, path: str) -> Config:
+    b = Builder(None, path)
+    m = Map(b, tree, "", _keys(Config))
+    warnings: list[str] = []
+    return Config(
+        segment=parse(b, SegmentConfig, m.node("segment"), "segment"),
+        control=parse(b, ControlConfig, m.node("control"), "control").resolved(warnings),
+        writer=parse(b, WriterConfig, m.node("writer"), "writer"),
+        reader=_reader(b, m.node("reader")),
+        logging=parse(b, LoggingConfig, m.node("logging"), "logging"),
+        source_path=path,
+        warnings=tuple(warnings),
+    )
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except PermissionError:
+        raise ConfigError(
+            f"Failed to read the configuration since uid {os.geteuid()} may "
+            f"not read it (permission denied)",
+            path=path,
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            "Failed to read the configuration since it is a directory", path=path
+        ) from None
+    except FileNotFoundError:
+        raise ConfigError(
+            "Failed to read the configuration since the file does not exist", path=path
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"Failed to read the configuration since {exc.strerror or exc}", path=path
+        ) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            "Failed to read the configuration since it is not valid UTF-8", path=path, line=line
+        ) from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> Config:
+    """Load and validate the configuration.
+
+    ``path`` (``--config``) wins, then ``$SHMD_CONFIG``, then
+    :data:`DEFAULT_PATH`; only the default path may be missing, which gives
+    :func:`default_config`.  Raises :class:`ConfigError` for every problem.
+    """
+    environ = os.environ if env is None else env
+    explicit = os.fspath(path) if path is not None else (environ.get(ENV_VAR) or None)
+    chosen = explicit if explicit is not None else DEFAULT_PATH
+    if explicit is None and not os.path.lexists(chosen):
+        return default_config()
+    text = _read(chosen)
+    return _build(parse_yaml(text, chosen), chosen)

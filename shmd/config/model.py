@@ -1,0 +1,280 @@
+"""The typed configuration: one frozen dataclass per section, the schema in its fields.
+
+A field's name is its key in the file, its type how the value is read, its
+metadata (:func:`~shmd.config.schema.spec`) the bounds and checks; see
+:mod:`shmd.config.schema`.  The writer's sources and the readers' sinks are
+unions of dataclasses tagged by ``type:``; a new one is a dataclass here,
+added to :data:`SourceConfig` or :data:`SinkConfig`, and its runtime class in
+:mod:`shmd.daemons.sources` / :mod:`shmd.daemons.sinks` (their registries).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeAlias
+
+from shmd.bus.layout import (
+    MAX_CAPACITY,
+    MAX_READERS,
+    MAX_SLOT_SIZE,
+    RECORD_HEADER_SIZE,
+    TOPIC_MAX,
+    topic_mask,
+)
+from shmd.config import checks
+from shmd.config.checks import IdEntry
+from shmd.config.schema import spec, to_dict
+from shmd.control.frames import DEFAULT_MAX_MESSAGE
+
+# A record header and at least one 8-byte word of payload.
+MIN_SLOT_SIZE = RECORD_HEADER_SIZE + 8
+
+PolicyName: TypeAlias = Literal["drop-oldest", "block"]
+SocketType: TypeAlias = Literal["seqpacket", "stream"]
+SourceFraming: TypeAlias = Literal["newline", "length"]
+SinkFraming: TypeAlias = Literal["lines", "length"]
+StartName: TypeAlias = Literal["latest", "oldest"]
+Level: TypeAlias = Literal["debug", "info", "warning", "error"]
+Target: TypeAlias = Literal["auto", "journal", "console", "json"]
+
+_NOT_IN_FILE = spec(in_file=False)
+
+
+def _seconds(default: float, *, positive: bool = False) -> Any:
+    return field(default=default, metadata=spec(lo=0.0, hi=checks.MAX_SECONDS, lo_open=positive))
+
+
+def _rate(default: float) -> Any:
+    return field(default=default, metadata=spec(lo=0.0, hi=checks.MAX_RATE))
+
+
+def _topic() -> Any:
+    return field(default=0, metadata=spec(lo=0, hi=TOPIC_MAX))
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    name: str = field(default="/shmd-bus", metadata=spec(checks=(checks.segment_name,)))
+    capacity: int = field(
+        default=1024, metadata=spec(lo=2, hi=MAX_CAPACITY, checks=(checks.power_of_two,))
+    )
+    slot_size: int = field(
+        default=4096,
+        metadata=spec(
+            lo=MIN_SLOT_SIZE,
+            hi=MAX_SLOT_SIZE,
+            checks=(checks.multiple_of_8, checks.fits_segment),
+        ),
+    )
+    max_readers: int = field(default=64, metadata=spec(lo=1, hi=MAX_READERS))
+    policy: PolicyName = "drop-oldest"
+    block_timeout: float = _seconds(1.0, positive=True)
+    unlink_on_exit: bool = True
+    mutex_timeout: float = _seconds(0.5, positive=True)
+
+    @property
+    def payload_max(self) -> int:
+        """The largest record payload a slot holds."""
+        return self.slot_size - RECORD_HEADER_SIZE
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = field(
+        default="/run/shmd/control.sock",
+        metadata=spec(checks=(checks.absolute_path, checks.socket_path)),
+    )
+    type: SocketType = "seqpacket"
+    mode: int = field(default=0o660, metadata=spec(read=checks.read_mode, dump=checks.dump_mode))
+    allowed_users: tuple[IdEntry, ...] = field(default=(), metadata=spec(read=checks.read_ids))
+    allowed_groups: tuple[IdEntry, ...] = field(
+        default=("shmd",), metadata=spec(read=checks.read_ids)
+    )
+    handshake_timeout: float = _seconds(2.0, positive=True)
+    max_message: int = field(
+        default=DEFAULT_MAX_MESSAGE, metadata=spec(lo=checks.MIN_MESSAGE, hi=checks.MAX_MESSAGE)
+    )
+    # Resolved at load time from the two lists above; names that do not
+    # resolve are left out (and reported in Config.warnings).
+    allowed_uids: frozenset[int] = field(default=frozenset(), metadata=_NOT_IN_FILE)
+    allowed_gids: frozenset[int] = field(default=frozenset(), metadata=_NOT_IN_FILE)
+
+    def peer_allowed(self, uid: int, gids: Iterable[int]) -> bool:
+        """Whether a peer with this uid and these groups may attach.
+
+        root and the writer's own effective uid are always allowed.
+        """
+        if uid == 0 or uid == os.geteuid() or uid in self.allowed_uids:
+            return True
+        return any(g in self.allowed_gids for g in gids)
+
+    def resolved(self, warnings: list[str] | None = None) -> ControlConfig:
+        """A copy with the allowed names looked up; one warning per name that does not exist."""
+        found: list[str] = [] if warnings is None else warnings
+        return replace(
+            self,
+            allowed_uids=_resolve_ids(self.allowed_users, kind="user", warnings=found),
+            allowed_gids=_resolve_ids(self.allowed_groups, kind="group", warnings=found),
+        )
+
+
+def _resolve_ids(
+    entries: Iterable[IdEntry], *, kind: Literal["user", "group"], warnings: list[str]
+) -> frozenset[int]:
+    ids: set[int] = set()
+    for entry in entries:
+        if isinstance(entry, int):
+            ids.add(entry)
+            continue
+        try:
+            if kind == "user":
+                ids.add(pwd.getpwnam(entry).pw_uid)
+            else:
+                ids.add(grp.getgrnam(entry).gr_gid)
+        except KeyError:
+            warnings.append(
+                f"control.allowed_{kind}s: {kind} {entry!r} does not exist "
+                f"(yet); it is ignored until a reload finds it"
+            )
+    return frozenset(ids)
+
+
+@dataclass(frozen=True)
+class TickerSourceConfig:
+    rate: float = _rate(10.0)
+    topic: int = _topic()
+    type: Literal["ticker"] = "ticker"
+
+
+@dataclass(frozen=True)
+class FifoSourceConfig:
+    path: str = field(metadata=spec(checks=(checks.absolute_path,)))
+    framing: SourceFraming = "newline"
+    topic: int = _topic()
+    type: Literal["fifo"] = "fifo"
+
+
+@dataclass(frozen=True)
+class StdinSourceConfig:
+    framing: SourceFraming = "newline"
+    topic: int = _topic()
+    type: Literal["stdin"] = "stdin"
+
+
+@dataclass(frozen=True)
+class PythonSourceConfig:
+    callable: str = field(metadata=spec(checks=(checks.callable_spec,)))
+    type: Literal["python"] = "python"
+
+
+SourceConfig: TypeAlias = (
+    TickerSourceConfig | FifoSourceConfig | StdinSourceConfig | PythonSourceConfig
+)
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    source: SourceConfig = field(default_factory=TickerSourceConfig)
+    shutdown_grace: float = _seconds(5.0)
+    status_interval: float = _seconds(1.0, positive=True)
+    reconnect_grace: float = _seconds(10.0)
+
+
+@dataclass(frozen=True)
+class JournalSinkConfig:
+    summary_rate: float = _rate(1.0)
+    type: Literal["journal"] = "journal"
+
+
+@dataclass(frozen=True)
+class FileSinkConfig:
+    path: str = field(metadata=spec(checks=(checks.absolute_path,)))
+    framing: SinkFraming = "lines"
+    type: Literal["file"] = "file"
+
+
+@dataclass(frozen=True)
+class StdoutSinkConfig:
+    framing: SinkFraming = "lines"
+    type: Literal["stdout"] = "stdout"
+
+
+@dataclass(frozen=True)
+class ExecSinkConfig:
+    command: tuple[str, ...] = field(metadata=spec(read=checks.read_argv))
+    type: Literal["exec"] = "exec"
+
+
+@dataclass(frozen=True)
+class PythonSinkConfig:
+    callable: str = field(metadata=spec(checks=(checks.callable_spec,)))
+    type: Literal["python"] = "python"
+
+
+SinkConfig: TypeAlias = (
+    JournalSinkConfig | FileSinkConfig | StdoutSinkConfig | ExecSinkConfig | PythonSinkConfig
+)
+
+
+@dataclass(frozen=True)
+class ReaderSettings:
+    # "all", or the subscribed topic ids, sorted and unique.
+    topics: Literal["all"] | tuple[int, ...] = field(
+        default="all", metadata=spec(read=checks.read_topics)
+    )
+    start: StartName = "latest"
+    sink: SinkConfig = field(default_factory=JournalSinkConfig, metadata=spec(sorted_keys=True))
+    stats_interval: float = _seconds(10.0, positive=True)
+    reconnect_timeout: float = _seconds(10.0)
+
+    @property
+    def topic_mask(self) -> int:
+        """The u64 topic mask of the control protocol: bit t = topic t."""
+        return topic_mask(self.topics)
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    defaults: ReaderSettings = field(default_factory=ReaderSettings)
+    # (instance name, its settings with the defaults already merged in),
+    # sorted by name; a tuple keeps the whole Config immutable and hashable.
+    instances: tuple[tuple[str, ReaderSettings], ...] = field(
+        default=(), metadata=spec(dump=lambda pairs: {name: to_dict(s) for name, s in pairs})
+    )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Level = "info"
+    target: Target = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    control: ControlConfig = field(default_factory=lambda: ControlConfig().resolved())
+    writer: WriterConfig = field(default_factory=WriterConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # The file these settings came from; None for the built-in defaults.
+    source_path: str | None = field(default=None, compare=False, metadata=_NOT_IN_FILE)
+    # Non-fatal findings (e.g. a group name that does not exist yet), one
+    # sentence each; the daemons log each as a config_warning event.
+    warnings: tuple[str, ...] = field(default=(), compare=False, metadata=_NOT_IN_FILE)
+
+    def reader_settings(self, instance: str) -> ReaderSettings:
+        """The effective settings of reader ``instance`` (defaults if not listed)."""
+        for name, settings in self.reader.instances:
+            if name == instance:
+                return settings
+        return self.reader.defaults
+
+
+def default_config() -> Config:
+    """The built-in defaults (what an empty file gives)."""
+    warnings: list[str] = []
+    return Config(control=ControlConfig().resolved(warnings), warnings=tuple(warnings))
