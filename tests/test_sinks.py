@@ -6,6 +6,7 @@ import itertools
 import os
 import subprocess
 import textwrap
+import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from daemon_bus import (
 from structlog.testing import capture_logs
 
 from shmd.bus.segment import Segment
-from shmd.config import JournalSinkConfig
-from shmd.daemons.sinks import JournalSink
+from shmd.config import JournalSinkConfig, SinkConfig
+from shmd.daemons.sinks import SINKS, JournalSink
 
 PAYLOAD_MAX = 256 - 32
 
@@ -341,3 +342,8 @@ def test_journal_sink_summarises_the_first_batch_at_once_whatever_the_uptime() -
         sink.close()
     summaries = [e for e in logs if e["event"] == "records"]
     assert [(e["count"], e["first_seq"], e["seq"]) for e in summaries] == [(2, 0, 1), (1, 2, 2)]
+
+
+def test_every_sink_type_has_a_runtime_class() -> None:
+    """SINKS maps each SinkConfig dataclass (and nothing else) to what builds it."""
+    assert set(SINKS) == set(typing.get_args(SinkConfig))

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from daemon_bus import (
     tick_numbers,
     wait_until,
 )
+
+from shmd.config import SourceConfig
+from shmd.daemons.sources import SOURCES
 
 SLOT = 256
 PAYLOAD_MAX = SLOT - 32  # the record header takes 32 bytes of each slot
@@ -350,3 +354,8 @@ def test_python_source_that_cannot_be_imported_stops_the_writer(bus: Bus) -> Non
     )
     assert "Traceback" not in w.stderr()
     assert not bus.segment_exists() and not os.path.lexists(bus.socket)
+
+
+def test_every_source_type_has_a_runtime_class() -> None:
+    """SOURCES maps each SourceConfig dataclass (and nothing else) to what builds it."""
+    assert set(SOURCES) == set(typing.get_args(SourceConfig))

@@ -27,7 +27,7 @@ from shmd.bus.layout import (
 )
 from shmd.config import checks
 from shmd.config.checks import IdEntry
-from shmd.config.schema import spec, to_dict
+from shmd.config.schema import setting, spec, to_dict
 from shmd.control.frames import DEFAULT_MAX_MESSAGE
 
 # A record header and at least one 8-byte word of payload.
@@ -41,36 +41,27 @@ StartName: TypeAlias = Literal["latest", "oldest"]
 Level: TypeAlias = Literal["debug", "info", "warning", "error"]
 Target: TypeAlias = Literal["auto", "journal", "console", "json"]
 
-_NOT_IN_FILE = spec(in_file=False)
-
 
 def _seconds(default: float, *, positive: bool = False) -> Any:
-    return field(default=default, metadata=spec(lo=0.0, hi=checks.MAX_SECONDS, lo_open=positive))
+    return setting(default, lo=0.0, hi=checks.MAX_SECONDS, lo_open=positive)
 
 
 def _rate(default: float) -> Any:
-    return field(default=default, metadata=spec(lo=0.0, hi=checks.MAX_RATE))
+    return setting(default, lo=0.0, hi=checks.MAX_RATE)
 
 
 def _topic() -> Any:
-    return field(default=0, metadata=spec(lo=0, hi=TOPIC_MAX))
+    return setting(0, lo=0, hi=TOPIC_MAX)
 
 
 @dataclass(frozen=True)
 class SegmentConfig:
-    name: str = field(default="/shmd-bus", metadata=spec(checks=(checks.segment_name,)))
-    capacity: int = field(
-        default=1024, metadata=spec(lo=2, hi=MAX_CAPACITY, checks=(checks.power_of_two,))
+    name: str = setting("/shmd-bus", checks=(checks.segment_name,))
+    capacity: int = setting(1024, lo=2, hi=MAX_CAPACITY, checks=(checks.power_of_two,))
+    slot_size: int = setting(
+        4096, lo=MIN_SLOT_SIZE, hi=MAX_SLOT_SIZE, checks=(checks.multiple_of_8, checks.fits_segment)
     )
-    slot_size: int = field(
-        default=4096,
-        metadata=spec(
-            lo=MIN_SLOT_SIZE,
-            hi=MAX_SLOT_SIZE,
-            checks=(checks.multiple_of_8, checks.fits_segment),
-        ),
-    )
-    max_readers: int = field(default=64, metadata=spec(lo=1, hi=MAX_READERS))
+    max_readers: int = setting(64, lo=1, hi=MAX_READERS)
     policy: PolicyName = "drop-oldest"
     block_timeout: float = _seconds(1.0, positive=True)
     unlink_on_exit: bool = True
@@ -84,24 +75,19 @@ class SegmentConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
-    socket: str = field(
-        default="/run/shmd/control.sock",
-        metadata=spec(checks=(checks.absolute_path, checks.socket_path)),
+    socket: str = setting(
+        "/run/shmd/control.sock", checks=(checks.absolute_path, checks.socket_path)
     )
     type: SocketType = "seqpacket"
-    mode: int = field(default=0o660, metadata=spec(read=checks.read_mode, dump=checks.dump_mode))
-    allowed_users: tuple[IdEntry, ...] = field(default=(), metadata=spec(read=checks.read_ids))
-    allowed_groups: tuple[IdEntry, ...] = field(
-        default=("shmd",), metadata=spec(read=checks.read_ids)
-    )
+    mode: int = setting(0o660, read=checks.read_mode, dump=checks.dump_mode)
+    allowed_users: tuple[IdEntry, ...] = setting((), read=checks.read_ids)
+    allowed_groups: tuple[IdEntry, ...] = setting(("shmd",), read=checks.read_ids)
     handshake_timeout: float = _seconds(2.0, positive=True)
-    max_message: int = field(
-        default=DEFAULT_MAX_MESSAGE, metadata=spec(lo=checks.MIN_MESSAGE, hi=checks.MAX_MESSAGE)
-    )
+    max_message: int = setting(DEFAULT_MAX_MESSAGE, lo=checks.MIN_MESSAGE, hi=checks.MAX_MESSAGE)
     # Resolved at load time from the two lists above; names that do not
     # resolve are left out (and reported in Config.warnings).
-    allowed_uids: frozenset[int] = field(default=frozenset(), metadata=_NOT_IN_FILE)
-    allowed_gids: frozenset[int] = field(default=frozenset(), metadata=_NOT_IN_FILE)
+    allowed_uids: frozenset[int] = setting(frozenset(), in_file=False)
+    allowed_gids: frozenset[int] = setting(frozenset(), in_file=False)
 
     def peer_allowed(self, uid: int, gids: Iterable[int]) -> bool:
         """Whether a peer with this uid and these groups may attach.
@@ -223,9 +209,7 @@ SinkConfig: TypeAlias = (
 @dataclass(frozen=True)
 class ReaderSettings:
     # "all", or the subscribed topic ids, sorted and unique.
-    topics: Literal["all"] | tuple[int, ...] = field(
-        default="all", metadata=spec(read=checks.read_topics)
-    )
+    topics: Literal["all"] | tuple[int, ...] = setting("all", read=checks.read_topics)
     start: StartName = "latest"
     sink: SinkConfig = field(default_factory=JournalSinkConfig, metadata=spec(sorted_keys=True))
     stats_interval: float = _seconds(10.0, positive=True)
@@ -242,8 +226,8 @@ class ReaderConfig:
     defaults: ReaderSettings = field(default_factory=ReaderSettings)
     # (instance name, its settings with the defaults already merged in),
     # sorted by name; a tuple keeps the whole Config immutable and hashable.
-    instances: tuple[tuple[str, ReaderSettings], ...] = field(
-        default=(), metadata=spec(dump=lambda pairs: {name: to_dict(s) for name, s in pairs})
+    instances: tuple[tuple[str, ReaderSettings], ...] = setting(
+        (), dump=lambda pairs: {name: to_dict(s) for name, s in pairs}
     )
 
 
@@ -261,10 +245,10 @@ class Config:
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # The file these settings came from; None for the built-in defaults.
-    source_path: str | None = field(default=None, compare=False, metadata=_NOT_IN_FILE)
+    source_path: str | None = field(default=None, compare=False, metadata=spec(in_file=False))
     # Non-fatal findings (e.g. a group name that does not exist yet), one
     # sentence each; the daemons log each as a config_warning event.
-    warnings: tuple[str, ...] = field(default=(), compare=False, metadata=_NOT_IN_FILE)
+    warnings: tuple[str, ...] = field(default=(), compare=False, metadata=spec(in_file=False))
 
     def reader_settings(self, instance: str) -> ReaderSettings:
         """The effective settings of reader ``instance`` (defaults if not listed)."""

@@ -1,11 +1,13 @@
 """Where a reader's records go: journal, file, stdout, a child's stdin, or Python.
 
 A sink gets whole batches (``write(records)``) of ``(seq, timestamp_ns,
-topic, payload)`` tuples (:data:`~shmd.bus.subscriber.RawRecord`; a
-:class:`~shmd.bus.subscriber.Record` is one too) so that per-record work stays
-in C-level loops where it can (``b"".join``).  A sink that can no longer
-take records raises :class:`SinkError`; the reader then exits non-zero and
-systemd's ``Restart=on-failure`` brings it back.
+topic, payload)`` tuples (:data:`~shmd.bus.layout.RawRecord`; a
+:class:`~shmd.bus.layout.Record` is one too), read by the layout's
+``REC_*`` indices, so that per-record work stays in C-level loops where it
+can (``b"".join``).  A sink that can no longer take records raises
+:class:`SinkError`; the reader then exits non-zero and systemd's
+``Restart=on-failure`` brings it back.  :data:`SINKS` maps each sink type's
+config dataclass to what builds it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from typing import IO, Any, BinaryIO, Protocol
 
 import structlog
 
-from shmd.bus.layout import REC_PAYLOAD, REC_SEQ, REC_TOPIC
-from shmd.bus.subscriber import RawRecord
+from shmd.bus.layout import REC_PAYLOAD, REC_SEQ, REC_TOPIC, RawRecord
 from shmd.config import (
     ExecSinkConfig,
     FileSinkConfig,
