@@ -113,24 +113,16 @@ def _read(path: str) -> str:
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except PermissionError:
-        raise ConfigError(
-            f"Failed to read the configuration since uid {os.geteuid()} may "
-            f"not read it (permission denied)",
-            path=path,
-        ) from None
-    except IsADirectoryError:
-        raise ConfigError(
-            "Failed to read the configuration since it is a directory", path=path
-        ) from None
-    except FileNotFoundError:
-        raise ConfigError(
-            "Failed to read the configuration since the file does not exist", path=path
-        ) from None
     except OSError as exc:
-        raise ConfigError(
-            f"Failed to read the configuration since {exc.strerror or exc}", path=path
-        ) from None
+        if isinstance(exc, PermissionError):
+            why = f"uid {os.geteuid()} may not read it (permission denied)"
+        elif isinstance(exc, IsADirectoryError):
+            why = "it is a directory"
+        elif isinstance(exc, FileNotFoundError):
+            why = "the file does not exist"
+        else:
+            why = str(exc.strerror or exc)
+        raise ConfigError(f"Failed to read the configuration since {why}", path=path) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
