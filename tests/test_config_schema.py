@@ -20,8 +20,8 @@ from shmd.config import (
     config_to_dict,
     default_config,
 )
+from shmd.config.nodes import Builder, Node
 from shmd.config.schema import file_fields, members, parse, setting, spec, tag, to_dict
-from shmd.config.yaml import Builder, Node
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from typing import Any, Literal, TypeAlias
 
 from shmd.bus.layout import MAX_SEGMENT, TOPIC_MAX
+from shmd.config.nodes import describe
 from shmd.config.schema import BadValue, Map
-from shmd.config.yaml import describe
 
 IdEntry: TypeAlias = str | int
 

@@ -22,8 +22,8 @@ from shmd.config.model import (
     WriterConfig,
     default_config,
 )
+from shmd.config.nodes import Builder, Node, describe, parse_yaml
 from shmd.config.schema import Map, field_of, file_fields, parse, union_tag
-from shmd.config.yaml import Builder, Node, describe, parse_yaml
 from shmd.control.fields import INSTANCE_PATTERN
 
 DEFAULT_PATH = "/etc/shmd/shmd.yaml"

@@ -6,7 +6,7 @@ value is read (``int``, ``float``, ``bool``, ``str``, a ``Literal`` of
 choices, a nested section, or a union of dataclasses tagged by ``type:``);
 its metadata (:func:`spec`) holds the bounds, extra checks, or a reader of
 its own for the few values no type describes.  :func:`parse` turns a
-:class:`~shmd.config.yaml.Node` into the dataclass and :func:`to_dict` turns
+:class:`~shmd.config.nodes.Node` into the dataclass and :func:`to_dict` turns
 it back into the file's plain data: no key, choice or type is written twice.
 """
 
@@ -20,7 +20,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NoReturn, TypedDict, Unpack
 
-from shmd.config.yaml import Builder, Node, describe
+from shmd.config.nodes import Builder, Node, describe
 
 #: Checks a value once read; ``done`` holds the section's fields read before it.
 Check = Callable[[Any, Mapping[str, Any]], None]

@@ -1,4 +1,4 @@
-"""Tests of shmd.config.yaml: broken YAML is a ConfigError with its line."""
+"""Tests of shmd.config.nodes: broken YAML is a ConfigError with its line."""
 
 from __future__ import annotations
 
