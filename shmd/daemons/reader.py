@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -31,7 +30,7 @@ from shmd.bus.subscriber import RawRecord, Subscriber
 from shmd.config import Config, ReaderSettings
 from shmd.control import protocol
 from shmd.control.connection import Connection
-from shmd.control.frames import ChannelError, Frame, PeerClosed, WireError
+from shmd.control.frames import SOCKET_TYPES, ChannelError, Frame, PeerClosed, WireError
 from shmd.control.listener import connect
 from shmd.daemons import logs, sdnotify
 from shmd.daemons.process import (
@@ -46,7 +45,6 @@ from shmd.daemons.process import (
 from shmd.daemons.sinks import RecordSink, SinkError, make_sink
 from shmd.errors import ReaderEvicted, ShmdError
 
-SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
 _RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
 
 
@@ -126,7 +124,7 @@ class ReaderDaemon:
             try:
                 return connect(
                     ctl.socket,
-                    SOCK_TYPES[ctl.type],
+                    SOCKET_TYPES[ctl.type],
                     timeout=ctl.handshake_timeout,
                     max_message=ctl.max_message,
                 )

@@ -34,7 +34,7 @@ from shmd.bus.segment import Segment
 from shmd.config import Config, ConfigError, TickerSource, diff_reloadable, load_config
 from shmd.control import protocol
 from shmd.control.connection import Connection
-from shmd.control.frames import ChannelError, PeerClosed, WireError
+from shmd.control.frames import SOCKET_TYPES, ChannelError, PeerClosed, WireError
 from shmd.control.listener import accept, bind_listener, check_inherited_listener
 from shmd.daemons import logs, sdnotify
 from shmd.daemons.process import (
@@ -50,7 +50,6 @@ from shmd.daemons.process import (
 from shmd.daemons.sources import AnySource, PythonRecords, SourceError, TickerRecords, make_source
 from shmd.errors import PayloadTooLarge, ReaderTableFull, ShmdError
 
-SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
 LISTEN_FDNAME = "control"
 #: The segment's file mode: the writer's group (shmd) may read it, so that
 #: operators in that group can run `shmctl status`; readers need no access
@@ -103,7 +102,7 @@ class Writer:
         self._last_lost: dict[int, int] = {}
         self._rate_mark = (time.monotonic(), 0)
         self.rate = 0.0
-        self._sock_type = SOCK_TYPES[cfg.control.type]
+        self._sock_type = SOCKET_TYPES[cfg.control.type]
         #: The lifeline pipe: readers get the read end; its write end lives
         #: here and in systemd's fd store, so it hangs up only when the
         #: writer is gone and not coming back.
