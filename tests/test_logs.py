@@ -475,6 +475,7 @@ MODULE_ROLES = {
     "bus/publisher.py": "writer",
     "daemons/sources.py": "writer",
     "daemons/reader.py": "reader",
+    "daemons/attach.py": "reader",
     "bus/subscriber.py": "reader",
     "daemons/sinks.py": "reader",
     "cli.py": "reader",

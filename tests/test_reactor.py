@@ -189,3 +189,42 @@ def test_call_later_from_another_thread_wakes_a_sleeping_poll() -> None:
         assert time.monotonic() - start < 20  # woken, not the 30 s timeout
     finally:
         reactor.close()
+
+
+def test_run_until_returns_when_done_or_at_the_deadline() -> None:
+    """run_until() polls until its predicate holds (True), else gives up at the timeout (False)."""
+    r, w = (OwnedFd(fd) for fd in os.pipe())
+    reactor = Reactor()
+    seen: list[int] = []
+    try:
+        reactor.add(r.fileno(), seen.append)
+        os.write(w.fileno(), b"x")
+        assert reactor.run_until(lambda: bool(seen), 30) is True
+        reactor.remove(r.fileno())
+        start = time.monotonic()
+        assert reactor.run_until(lambda: False, 0.02) is False
+        assert 0.02 <= time.monotonic() - start < 20
+        assert reactor.next_timer() is None  # its deadline timer is gone
+    finally:
+        reactor.close()
+        r.close()
+        w.close()
+
+
+def test_call_every_repeats_until_cancelled() -> None:
+    """call_every() runs its callback each period, first after ``first``; cancel() ends it."""
+    reactor = Reactor()
+    runs: list[float] = []
+    start = time.monotonic()
+    try:
+        repeating = reactor.call_every(0.01, lambda: runs.append(time.monotonic()), first=0.0)
+        assert reactor.run_until(lambda: len(runs) >= 3, 30)
+        # Never early: run i comes at least i periods after the start.
+        assert all(t - start >= i * 0.01 for i, t in enumerate(runs))
+        repeating.cancel()
+        assert reactor.next_timer() is None
+        count = len(runs)
+        assert reactor.run_until(lambda: False, 0.03) is False
+        assert len(runs) == count
+    finally:
+        reactor.close()

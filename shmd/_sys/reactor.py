@@ -1,8 +1,8 @@
 """The epoll reactor the daemons and the reader loop run on.
 
 :class:`Reactor` is a small level-triggered epoll loop: fds with a callback
-each, and timers (:meth:`Reactor.call_later`) whose deadlines bound the
-epoll timeout, on ``time.monotonic``.  Signals arrive through
+each, and timers (:meth:`Reactor.call_later`, :meth:`Reactor.call_every`)
+whose deadlines bound the epoll timeout, on ``time.monotonic``.  Signals arrive through
 :class:`SignalWakeup` (gunicorn's arbiter pattern: the handler only queues
 the signal number and writes a byte to a pipe that the loop watches; the
 loop then dispatches to ``handle_<signal>`` methods, see
@@ -31,10 +31,10 @@ class Timer:
 
     __slots__ = ("_callback", "when")
 
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+    def __init__(self, when: float, callback: Callable[[], object]) -> None:
         #: When it is due, on ``time.monotonic``.
         self.when = when
-        self._callback: Callable[[], None] | None = callback
+        self._callback: Callable[[], object] | None = callback
 
     @property
     def cancelled(self) -> bool:
@@ -49,6 +49,32 @@ class Timer:
         callback, self._callback = self._callback, None
         if callback is not None:
             callback()
+
+
+class Repeating:
+    """A callback :meth:`Reactor.call_every` runs every ``period`` seconds until cancelled."""
+
+    def __init__(
+        self, reactor: Reactor, period: float, callback: Callable[[], object], first: float
+    ) -> None:
+        self._reactor = reactor
+        self._period = period
+        self._callback = callback
+        self._timer = reactor.call_later(first, self._fire)
+
+    @property
+    def when(self) -> float:
+        """When it is next due, on ``time.monotonic`` (the last one, once cancelled)."""
+        return self._timer.when
+
+    def cancel(self) -> None:
+        """Run it no more."""
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        # Re-armed first, so that the callback may cancel it.
+        self._timer = self._reactor.call_later(self._period, self._fire)
+        self._callback()
 
 
 class Reactor:
@@ -95,7 +121,7 @@ class Reactor:
 
     # -- timers ------------------------------------------------------------------------
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
         """Run ``callback()`` on the loop once ``delay`` seconds have passed.
 
         Callable from any thread: heappush is one C call, atomic under the
@@ -108,6 +134,16 @@ class Reactor:
         if threading.get_ident() != self._owner and not self._wake.closed:
             os.eventfd_write(self._wake.fileno(), 1)
         return timer
+
+    def call_every(
+        self, period: float, callback: Callable[[], object], *, first: float | None = None
+    ) -> Repeating:
+        """Run ``callback()`` every ``period`` seconds, the first time after ``first``.
+
+        ``first`` defaults to ``period``; each next run is due ``period``
+        after the previous one started.
+        """
+        return Repeating(self, period, callback, period if first is None else first)
 
     def next_timer(self) -> float | None:
         """Seconds until the next timer is due (0 when overdue), None without one."""
@@ -162,6 +198,23 @@ class Reactor:
         if self._timers:
             self.run_timers()
         return len(ready)
+
+    def run_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Poll until ``done()`` holds (True) or ``timeout`` seconds passed (False).
+
+        ``done()`` is asked before each poll and after the last one, so a
+        poll that both makes it true and reaches the deadline returns True.
+        """
+        expired: list[bool] = []
+        timer = self.call_later(timeout, lambda: expired.append(True))
+        try:
+            while not done():
+                if expired:
+                    return False
+                self.poll(None)
+            return True
+        finally:
+            timer.cancel()
 
     def close(self) -> None:
         """Close the epoll fd and drop pending timers; idempotent."""
