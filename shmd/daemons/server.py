@@ -106,10 +106,9 @@ def open_listener(cfg: Config, control: list[int] | None) -> tuple[socket.socket
 
 
 class ControlServer:
-    """Accepts peers, runs their handshake, attaches readers and serves Publish.
+    """Accepts peers, runs their handshake, attaches readers, serves Publish, tells evictions.
 
-    ``restored`` holds the adopted segment's readers until they reconnect;
-    :meth:`handle_evictions` tells evicted readers so.
+    ``restored`` holds the adopted segment's readers until they reconnect.
     """
 
     def __init__(
