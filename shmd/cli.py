@@ -40,7 +40,7 @@ from shmd.bus.ring import slot_of
 from shmd.bus.segment import Segment
 from shmd.config import Config, ConfigError, ReaderSettings, load_config
 from shmd.control import protocol
-from shmd.control.frames import ChannelError, WireError
+from shmd.control.frames import SOCKET_TYPES, ChannelError, WireError
 from shmd.control.listener import connect
 from shmd.daemons import logs
 from shmd.daemons.process import EXIT_FAILURE, EXIT_OK, check_config, pid_alive
@@ -315,10 +315,12 @@ def _stdin_payloads(framing: str) -> Any:
 def cmd_publish(args: argparse.Namespace) -> int:
     cfg = _config(args)
     ctl = cfg.control
-    sock_type = {"seqpacket": 5, "stream": 1}[ctl.type]
     try:
         conn = connect(
-            ctl.socket, sock_type, timeout=ctl.handshake_timeout, max_message=ctl.max_message
+            ctl.socket,
+            SOCKET_TYPES[ctl.type],
+            timeout=ctl.handshake_timeout,
+            max_message=ctl.max_message,
         )
     except WireError as exc:
         raise CliError(str(exc)) from None

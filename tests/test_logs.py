@@ -287,9 +287,12 @@ CARRIERS = {
 #: Which process logs the events of each module (for the role sets).
 MODULE_ROLES = {
     "daemons/writer.py": "writer",
+    "daemons/server.py": "writer",
+    "daemons/fdstore.py": "writer",
     "bus/publisher.py": "writer",
     "daemons/sources.py": "writer",
     "daemons/reader.py": "reader",
+    "daemons/attach.py": "reader",
     "bus/subscriber.py": "reader",
     "daemons/sinks.py": "reader",
     "cli.py": "reader",

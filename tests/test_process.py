@@ -10,16 +10,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 import yaml
 from daemon_bus import Bus, program, running_bus, wait_until
 from structlog.testing import capture_logs
 
+from shmd._sys.reactor import Reactor
 from shmd.config import EXIT_CONFIG, ConfigError, load_config
 from shmd.daemons import logs, process
 from shmd.errors import ShmdError
@@ -306,3 +310,39 @@ def test_test_children_start_with_sigint_sigquit_sighup_not_ignored() -> None:
     ).stdout
     ignored = int(out.split()[1], 16)
     assert ignored & 0b111 == 0, out
+
+
+class _Owner:
+    """A daemon stand-in: handles SIGUSR1 only."""
+
+    def __init__(self) -> None:
+        self.handled: list[str] = []
+
+    def handle_sigusr1(self) -> None:
+        self.handled.append("SIGUSR1")
+
+
+def test_signal_dispatch_calls_handle_methods_and_logs_the_others() -> None:
+    """A caught signal runs its handle_<name> on the loop; one without a method is logged."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    reactor = Reactor()
+    owner = _Owner()
+    with capture_logs() as captured:
+        dispatch = process.SignalDispatch(
+            reactor, owner, structlog.get_logger(), [signal.SIGUSR1, signal.SIGUSR2]
+        )
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            # Only queued so far: the handler runs when the loop reads the pipe.
+            assert owner.handled == []
+            os.kill(os.getpid(), signal.SIGUSR2)
+            deadline = time.monotonic() + 20
+            while len(owner.handled) + len(captured) < 2 and time.monotonic() < deadline:
+                reactor.poll(1)
+        finally:
+            dispatch.close()
+            dispatch.close()  # idempotent
+            reactor.close()
+    assert owner.handled == ["SIGUSR1"]
+    assert captured == [{"event": "signal_ignored", "signal": "SIGUSR2", "log_level": "warning"}]
+    assert {s: signal.getsignal(s) for s in previous} == previous

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from benchmarks.harness import Buffer, Case, Reader, StreamImpl, Writer
+from shmd.control.frames import SOCKET_TYPES
 
 Flavour = Literal["seqpacket", "stream"]
-_SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
 
 
 def _seqpacket_sndbuf(payload: int) -> int:
@@ -39,7 +39,7 @@ class UnixChannel:
 class _UnixWriter:
     def __init__(self, chan: UnixChannel) -> None:
         self._chan = chan
-        listener = socket.socket(socket.AF_UNIX, _SOCK_TYPES[chan.flavour])
+        listener = socket.socket(socket.AF_UNIX, SOCKET_TYPES[chan.flavour])
         self._listener: socket.socket | None = listener
         listener.bind(chan.path)
         listener.listen(chan.readers)

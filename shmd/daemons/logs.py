@@ -133,6 +133,7 @@ EXITING = "exiting"
 # either role (shmd.Publisher and shmd.Subscriber, sd_notify in both daemons)
 MUTEX_OWNER_DIED = "mutex_owner_died"
 SD_NOTIFY_FAILED = "sd_notify_failed"
+SIGNAL_IGNORED = "signal_ignored"
 
 WRITER_EVENTS = frozenset(
     {
@@ -197,7 +198,7 @@ READER_EVENTS = frozenset(
         EXITING,
     }
 )
-COMMON_EVENTS = frozenset({MUTEX_OWNER_DIED, SD_NOTIFY_FAILED})
+COMMON_EVENTS = frozenset({MUTEX_OWNER_DIED, SD_NOTIFY_FAILED, SIGNAL_IGNORED})
 EVENTS = WRITER_EVENTS | READER_EVENTS | COMMON_EVENTS
 
 LEVELS: Mapping[str, int] = {

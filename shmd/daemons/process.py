@@ -1,4 +1,4 @@
-"""What both daemons share at start-up: arguments, configuration, logging, exits.
+"""What both daemons share: arguments, configuration, logging, signals, exits.
 
 Exit statuses follow systemd.exec(5), so that unit states and restart
 policies mean something: 0 clean, 1 failure (``Restart=on-failure`` brings
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NoReturn, TextIO
 
 from structlog.typing import FilteringBoundLogger
 
 from shmd._sys.proc import pid_alive
+from shmd._sys.reactor import Reactor, SignalWakeup
 from shmd.config import (
     DEFAULT_PATH,
     ENV_VAR,
@@ -33,7 +35,18 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOPERMISSION = 77
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_NOPERMISSION", "EXIT_OK", "EXIT_USAGE", "pid_alive"]
+#: What both daemons act on: stop (SIGTERM, SIGINT) and reload (SIGHUP).
+DAEMON_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+__all__ = [
+    "DAEMON_SIGNALS",
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_NOPERMISSION",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "SignalDispatch",
+    "pid_alive",
+]
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -141,3 +154,38 @@ def fail(
     else:  # a bug: keep the traceback for the journal
         log.exception(event, error=str(err), **fields)
     raise SystemExit(status)
+
+
+class SignalDispatch:
+    """A daemon's signals, gunicorn's arbiter style: handlers only queue, the loop dispatches.
+
+    The C-level handler only writes the signal's number to the
+    :class:`~shmd._sys.reactor.SignalWakeup` pipe; on the loop, signal
+    ``SIGNAME`` calls ``owner.handle_signame()``.  A signal the owner has no
+    method for is logged as ``signal_ignored`` and otherwise ignored.
+    """
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        owner: object,
+        log: FilteringBoundLogger,
+        signals: Iterable[signal.Signals] = DAEMON_SIGNALS,
+    ) -> None:
+        self._owner = owner
+        self._log = log
+        self._wakeup = SignalWakeup(reactor, list(signals), self.dispatch)
+
+    def dispatch(self, signum: signal.Signals) -> None:
+        """Call the owner's ``handle_<name>`` for ``signum``, or log that there is none."""
+        handler: Callable[[], None] | None = getattr(
+            self._owner, f"handle_{signum.name.lower()}", None
+        )
+        if handler is None:
+            self._log.warning(logs.SIGNAL_IGNORED, signal=signum.name)
+            return
+        handler()
+
+    def close(self) -> None:
+        """Restore the previous handlers; idempotent."""
+        self._wakeup.close()

@@ -15,29 +15,26 @@ back), 77 when the writer refused our credentials, 78 for a bad config.
 
 from __future__ import annotations
 
-import errno
 import os
-import signal
-import socket
 import sys
 import time
 
 from structlog.typing import FilteringBoundLogger
 
 from shmd._sys.fd import OwnedFd
-from shmd._sys.reactor import Reactor, SignalWakeup
+from shmd._sys.reactor import Reactor, Repeating
 from shmd.bus.loop import LoopExit, ReaderLoop
 from shmd.bus.subscriber import RawRecord, Subscriber
 from shmd.config import Config, ReaderSettings
 from shmd.control import protocol
 from shmd.control.connection import Connection
-from shmd.control.frames import ChannelError, Frame, PeerClosed, WireError
-from shmd.control.listener import connect
-from shmd.daemons import logs, sdnotify
+from shmd.control.frames import ChannelError, PeerClosed
+from shmd.daemons import attach, logs, sdnotify
+from shmd.daemons.attach import ReaderExit
 from shmd.daemons.process import (
     EXIT_FAILURE,
-    EXIT_NOPERMISSION,
     EXIT_OK,
+    SignalDispatch,
     base_parser,
     check_config,
     load_or_exit,
@@ -46,18 +43,7 @@ from shmd.daemons.process import (
 from shmd.daemons.sinks import RecordSink, SinkError, make_sink
 from shmd.errors import ReaderEvicted, ShmdError
 
-SOCK_TYPES = {"seqpacket": socket.SOCK_SEQPACKET, "stream": socket.SOCK_STREAM}
-_RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN}
-
-
-class ReaderExit(Exception):
-    """Leave the daemon with this status after logging ``event``."""
-
-    def __init__(self, status: int, event: str, message: str, **fields: object) -> None:
-        super().__init__(message)
-        self.status = status
-        self.event = event
-        self.fields = fields
+__all__ = ["ReaderDaemon", "ReaderExit", "main"]
 
 
 class ReaderDaemon:
@@ -81,7 +67,7 @@ class ReaderDaemon:
         self.sink: RecordSink | None = sink
         self.reactor = Reactor()
         self.loop: ReaderLoop | None = None
-        self._wakeup: SignalWakeup | None = None
+        self._signals: SignalDispatch | None = None
         self.welcome: protocol.Welcome | None = None
         self.stop_reason: str | None = None
         #: SIGTERM/SIGINT arrived: finish and exit 0.
@@ -92,11 +78,14 @@ class ReaderDaemon:
         self._woken = False
         #: The pid in the segment's header when we attached (see _await_writer).
         self._writer_pid = 0
-        self._next_stats = 0.0
         self._stats_mark = (time.monotonic(), 0)
         self._reported_lost = 0
         self._watchdog = sdnotify.watchdog_interval()
-        self._next_watchdog = 0.0
+        #: The stats line and (with WatchdogSec=) the watchdog ping run on
+        #: reactor timers while a session reads (see _session); _due holds
+        #: when each is next due meanwhile (at once in the first session).
+        self._timers: list[Repeating] = []
+        self._due = [0.0, 0.0]
 
     # -- attaching ---------------------------------------------------------------
 
@@ -107,169 +96,19 @@ class ReaderDaemon:
         (after the writer restarted); the new segment fd replaces the old
         mapping and the counters carry over.
         """
-        ctl = self.cfg.control
         if deadline is None:
             deadline = time.monotonic() + self.settings.reconnect_timeout
         if self.conn is not None:
             self.conn.close()
-        self.conn = self._dial(deadline)
         old = self.sub if resume else None
-        frame = self._exchange_hello(self._hello(old), ctl.handshake_timeout)
-        msg, fds = self._answer(frame)
-        self._attach(msg, fds, old)
-
-    def _dial(self, deadline: float) -> Connection:
-        """Connect to the control socket, retrying while it is missing or refusing."""
-        ctl = self.cfg.control
-        delay = 0.05
-        while True:
-            try:
-                return connect(
-                    ctl.socket,
-                    SOCK_TYPES[ctl.type],
-                    timeout=ctl.handshake_timeout,
-                    max_message=ctl.max_message,
-                )
-            except WireError as exc:
-                cause = exc.__cause__ or exc.__context__
-                retry = isinstance(cause, OSError) and cause.errno in _RETRY_ERRNOS
-                if not retry and "No such file" not in str(exc) and "refused" not in str(exc):
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise ReaderExit(EXIT_FAILURE, logs.WRITER_LOST, str(exc)) from None
-                # Not a synchronisation stand-in: a bounded back-off between
-                # attempts while no writer is listening yet.
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    def _hello(self, old: Subscriber | None) -> protocol.Hello:
-        """Our Hello: where to start, or (``old``) where to resume."""
-        if old is not None:
-            return protocol.Hello(
-                instance=self.instance,
-                pid=os.getpid(),
-                topics=self.settings.topic_mask,
-                start=protocol.StartCode.RESUME,
-                resume_cursor=old.cursor,
-                last_generation=old.segment.generation,
-            )
-        start = (
-            protocol.StartCode.OLDEST
-            if self.settings.start == "oldest"
-            else protocol.StartCode.LATEST
+        got = attach.attach_to_writer(
+            self.cfg, self.settings, self.instance, self.log, old=old, deadline=deadline
         )
-        return protocol.Hello(
-            instance=self.instance, pid=os.getpid(), topics=self.settings.topic_mask, start=start
-        )
-
-    def _answer(self, frame: Frame) -> tuple[protocol.Welcome, list[int]]:
-        """The Welcome and its fds, or ReaderExit for a Refuse or anything else."""
-        fds = [f.detach() for f in frame.fds]
-        try:
-            msg = protocol.decode(frame.body, len(fds))
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        if isinstance(msg, protocol.Refuse):
-            status = (
-                EXIT_NOPERMISSION if msg.code == protocol.RefuseCode.NOT_ALLOWED else (EXIT_FAILURE)
-            )
-            raise ReaderExit(
-                status,
-                "refused",
-                f"Failed to attach since the writer refused: {msg.reason}",
-                code=msg.code.name.lower(),
-            )
-        if not isinstance(msg, protocol.Welcome):
-            for fd in fds:
-                os.close(fd)
-            raise ReaderExit(
-                EXIT_FAILURE,
-                "refused",
-                f"Failed to attach since the writer answered with a {type(msg).__name__}",
-            )
-        return msg, fds
-
-    def _attach(self, msg: protocol.Welcome, fds: list[int], old: Subscriber | None) -> None:
-        """Map the segment from the Welcome's fds; on a resume replace ``old``."""
-        eventfd, segfd, lifeline = OwnedFd(fds[0]), OwnedFd(fds[1]), OwnedFd(fds[2])
-        try:
-            new = Subscriber.attach(
-                index=msg.reader_index,
-                fd=segfd,
-                eventfd=eventfd,
-                mutex_timeout=self.cfg.segment.mutex_timeout,
-            )
-        except BaseException:
-            for f in (eventfd, segfd, lifeline):
-                f.close()
-            raise
-        if new.segment.generation != msg.generation:
-            new.close()
-            lifeline.close()
-            raise ReaderExit(
-                EXIT_FAILURE,
-                "refused",
-                "Failed to attach since the segment fd "
-                "is of another generation than the Welcome says",
-            )
-        if old is not None:
-            # A writer that no longer held our entry (we came back after its
-            # reconnect_grace) started a new one at the oldest record the
-            # ring still holds: what lies between is lost, and counted.
-            skipped = max(0, msg.start_cursor - old.cursor) if msg.resumed else 0
-            new.carry_over(old.delivered, old.lost + skipped)
-            if not msg.resumed:
-                self.log.warning(
-                    "generation_changed",
-                    generation=msg.generation,
-                    old_generation=old.segment.generation,
-                    seq=msg.start_cursor,
-                    reason="the restarted writer could not adopt the old segment; "
-                    "reading starts over in the new generation",
-                )
-            old.close()
         if self.lifeline is not None:
             self.lifeline.close()
-        self.sub, self.lifeline, self.lifeline_hup = new, lifeline, False
-        self.welcome = msg
-        self._writer_pid = new.segment.writer_pid
-        self.log.info(
-            logs.ATTACHED,
-            generation=msg.generation,
-            index=msg.reader_index,
-            seq=msg.start_cursor,
-            capacity=msg.capacity,
-            slot_size=msg.slot_size,
-            policy=msg.policy.name.lower().replace("_", "-"),
-            writer_pid=new.segment.writer_pid,
-            resumed=msg.resumed,
-        )
-
-    def _exchange_hello(self, hello: protocol.Hello, timeout: float) -> Frame:
-        """Send the Hello and return the writer's answer (a Welcome or a Refuse)."""
-        assert self.conn is not None
-        try:
-            self.conn.send(hello.encode(), timeout=timeout)
-        except PeerClosed:
-            pass  # refused before our Hello arrived (not allowed): its Refuse is queued
-        try:
-            return self.conn.recv(timeout=timeout)
-        except PeerClosed:
-            pass
-        # Linux: a writer that refuses and closes with our Hello still unread
-        # in its queue makes our next recv fail with ECONNRESET although its
-        # Refuse is queued here; the error is reported (and cleared) first,
-        # so one more recv returns the Refuse, or EOF.
-        try:
-            return self.conn.recv(timeout=timeout)
-        except PeerClosed:
-            raise ReaderExit(
-                EXIT_FAILURE,
-                logs.WRITER_LOST,
-                "Failed to attach since the writer closed the connection during the handshake",
-            ) from None
+        self.conn, self.sub, self.lifeline = got.conn, got.sub, got.lifeline
+        self.welcome, self.lifeline_hup = got.welcome, False
+        self._writer_pid = got.sub.segment.writer_pid
 
     # -- running -------------------------------------------------------------------
 
@@ -324,10 +163,7 @@ class ReaderDaemon:
             return
         self._woken = True
 
-    def _on_signal(self, signum: signal.Signals) -> None:
-        handler = getattr(self, f"handle_{signum.name.lower()}", None)
-        if handler is not None:
-            handler()
+    # -- signals (SignalDispatch calls these) ------------------------------------------
 
     def handle_sigterm(self) -> None:
         """systemctl stop: drain what is there, detach, exit 0."""
@@ -347,23 +183,27 @@ class ReaderDaemon:
         """Nothing to reload in a reader (restart it to apply new settings)."""
         self.log.info("reload_ignored", reason="restart the reader to apply new settings")
 
-    def _tick(self) -> float | None:
-        """Periodic stats and watchdog; returns seconds until the next one."""
-        now = time.monotonic()
-        if now >= self._next_stats:
-            self._stats(now)
-            self._next_stats = now + self.settings.stats_interval
-        nxt = self._next_stats
-        if self._watchdog:
-            if now >= self._next_watchdog:
-                sdnotify.watchdog()
-                self._next_watchdog = now + self._watchdog / 2
-            nxt = min(nxt, self._next_watchdog)
-        return max(0.0, nxt - time.monotonic())
+    # -- periodic work (reactor timers, while a session reads) --------------------------
 
-    def _stats(self, now: float) -> None:
+    def _start_timers(self) -> None:
+        """Arm the stats and watchdog timers where the last session left them."""
+        now = time.monotonic()
+        every = self.reactor.call_every
+        self._timers = [every(self.settings.stats_interval, self._stats, first=self._due[0] - now)]
+        if self._watchdog:
+            period = self._watchdog / 2
+            self._timers.append(every(period, sdnotify.watchdog, first=self._due[1] - now))
+
+    def _stop_timers(self) -> None:
+        for i, timer in enumerate(self._timers):
+            timer.cancel()
+            self._due[i] = timer.when
+        self._timers = []
+
+    def _stats(self) -> None:
         sub = self.sub
         assert sub is not None
+        now = time.monotonic()
         t0, d0 = self._stats_mark
         rate = (sub.delivered - d0) / (now - t0) if now > t0 else 0.0
         self._stats_mark = (now, sub.delivered)
@@ -395,9 +235,7 @@ class ReaderDaemon:
         if self.sink is None:
             self.sink = make_sink(self.settings.sink)
         self.connect()
-        self._wakeup = SignalWakeup(
-            self.reactor, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], self._on_signal
-        )
+        self._signals = SignalDispatch(self.reactor, self, self.log)
         sdnotify.ready()
         while True:
             outcome = self._session()
@@ -412,7 +250,7 @@ class ReaderDaemon:
                     generation=sub.segment.generation,
                     reason=self.stop_reason,
                 )
-                self._detach(protocol.DetachCode.NORMAL, self.stop_reason or "stopped")
+                self.detach(protocol.DetachCode.NORMAL, self.stop_reason or "stopped")
                 return EXIT_OK
             if outcome == "evicted":
                 raise ReaderExit(
@@ -435,7 +273,7 @@ class ReaderDaemon:
                     seq=sub.cursor,
                     generation=sub.segment.generation,
                 )
-                self._detach(protocol.DetachCode.NORMAL, "drained")
+                self.detach(protocol.DetachCode.NORMAL, "drained")
             if self._await_writer():
                 continue
             if self.stopping or outcome == "drained":
@@ -456,16 +294,22 @@ class ReaderDaemon:
         sub, conn, lifeline = self.sub, self.conn, self.lifeline
         assert sub is not None and conn is not None and lifeline is not None
         self.stop_reason = None if not self.stopping else self.stop_reason
-        self.loop = ReaderLoop(sub, self._on_records, reactor=self.reactor, tick=self._tick)
+        # The loop runs the reactor's due timers every turn, so stats and
+        # watchdog pings keep coming while records keep it from sleeping.
+        self.loop = ReaderLoop(
+            sub, self._on_records, reactor=self.reactor, tick=self.reactor.run_timers
+        )
         self.reactor.add(conn.fileno(), self._on_control)
         if not self.lifeline_hup:
             self.reactor.add(lifeline.fileno(), self._on_lifeline, 0)  # 0: hang-up only
+        self._start_timers()
         try:
             result = LoopExit.STOPPED if self.stopping else self.loop.run()
             # Deliver what is committed whatever happened: nothing is
             # dropped on the floor.
             self.loop.drain()
         finally:
+            self._stop_timers()
             self.loop.close()
             self.loop = None
             self.reactor.remove(lifeline.fileno())
@@ -486,12 +330,13 @@ class ReaderDaemon:
         because a slow reader's read loop may have taken the successor's
         wake-up together with the old writer's shutdown wake-up in one
         eventfd read.  Once the old writer has closed our connection (see
-        :meth:`_hang_up`) every wake-up of its own is in, so what is pending
+        :func:`attach.hang_up`) every wake-up of its own is in, so what is pending
         then is dropped, and any later wake-up is a successor's.
         """
         sub = self.sub
         assert sub is not None
-        self._hang_up()
+        if self.conn is not None:
+            attach.hang_up(self.conn, self.cfg.control.handshake_timeout)
         timeout = self.settings.reconnect_timeout
         deadline = time.monotonic() + timeout
         self._on_wake(0)
@@ -528,44 +373,22 @@ class ReaderDaemon:
         assert self.sub is not None and self.welcome is not None
         return self.sub.segment.writer_pid != self._writer_pid
 
-    def _hang_up(self) -> None:
-        """Close the control connection once the writer has closed its end.
-
-        The writer closes a drained reader's connection only after it cleared
-        the active flag and wrote every reader's eventfd; waiting for that
-        close (at most handshake_timeout) means no wake-up of its shutdown
-        can arrive after we start waiting for its successor, and be taken
-        for the successor's.
-        """
-        conn = self.conn
-        if conn is None or conn.closed:
-            return
-        try:
-            while True:
-                conn.recv(timeout=self.cfg.control.handshake_timeout).close()
-        except (PeerClosed, ChannelError, OSError):
-            pass  # closed (or silent for too long): either way we are done with it
-        conn.close()
-
     def _wait_for_wake(self, deadline: float) -> bool:
         """Sleep until our eventfd fires (True), or the lifeline hangs up, we are stopped
         or the deadline passes (False)."""
         sub, lifeline = self.sub, self.lifeline
         assert sub is not None and sub.eventfd is not None and lifeline is not None
         efd, lfd = sub.eventfd.fileno(), lifeline.fileno()
+        left = deadline - time.monotonic()
+        if self.stopping or self.lifeline_hup or left <= 0:
+            return False
         self._woken = False
         self.reactor.add(efd, self._on_wake)
         if not self.lifeline_hup:
             self.reactor.add(lfd, self._on_lifeline, 0)
         try:
-            while not self.stopping and not self.lifeline_hup:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.reactor.poll(left)
-                if self._woken:
-                    return True
-            return False
+            self.reactor.run_until(lambda: self._woken or self.stopping or self.lifeline_hup, left)
+            return self._woken
         finally:
             # Unregister before connect() closes these fds: the restarted
             # writer hands us the *same* eventfd (from its fd store), and
@@ -577,9 +400,6 @@ class ReaderDaemon:
 
     def detach(self, code: protocol.DetachCode, reason: str) -> None:
         """Tell the writer we leave (best effort), so it logs a detach, not a loss."""
-        self._detach(code, reason)
-
-    def _detach(self, code: protocol.DetachCode, reason: str) -> None:
         if self.conn is None or self.conn.closed:
             return
         if self.sub is not None:
@@ -593,8 +413,8 @@ class ReaderDaemon:
 
     def close(self) -> None:
         """Release everything (never unlinks anything: the writer owns the segment)."""
-        if self._wakeup is not None:
-            self._wakeup.close()
+        if self._signals is not None:
+            self._signals.close()
         if self.loop is not None:
             self.loop.close()
         if self.conn is not None:
