@@ -16,7 +16,6 @@ import structlog
 from shmd._sys.fd import OwnedFd
 from shmd._sys.proc import pid_alive
 from shmd.bus.layout import (
-    OFF_BYTES_PUBLISHED,
     OFF_READERS,
     READER_ENTRY_SIZE,
     Geometry,
@@ -100,7 +99,7 @@ def copy_state(old: Segment, new: Segment) -> None:
     g = old.geometry
     table_end = OFF_READERS + g.max_readers * READER_ENTRY_SIZE
     new.control[OFF_READERS:table_end] = old.control[OFF_READERS:table_end]
-    new.q[OFF_BYTES_PUBLISHED // 8] = old.q[OFF_BYTES_PUBLISHED // 8]
+    new.q[Segment.BYTES_PUBLISHED] = old.q[Segment.BYTES_PUBLISHED]
     new.ring[:] = old.ring
 
 
