@@ -471,6 +471,8 @@ CARRIERS = {
 MODULE_ROLES = {
     "daemons/writer.py": "writer",
     "bus/publisher.py": "writer",
+    "bus/readers.py": "writer",
+    "bus/adopt.py": "writer",
     "daemons/sources.py": "writer",
     "daemons/reader.py": "reader",
     "bus/subscriber.py": "reader",

@@ -393,7 +393,7 @@ class Subscriber:
         # writer sees the old cursor, we see writer_waiting = 0); then we
         # post at our next read (see _post_owed) or after prepare_sleep's
         # fence, and the writer re-checks the cursors every
-        # WAIT_SLICE anyway (Publisher._wait_for_space).
+        # WAIT_SLICE anyway (shmd.bus.block.wait_for_space).
         if self._block and seg.u[Segment.WRITER_WAITING]:
             self._posted_at = cursor
             seg.sem_post()
