@@ -290,6 +290,8 @@ MODULE_ROLES = {
     "daemons/server.py": "writer",
     "daemons/fdstore.py": "writer",
     "bus/publisher.py": "writer",
+    "bus/readers.py": "writer",
+    "bus/adopt.py": "writer",
     "daemons/sources.py": "writer",
     "daemons/reader.py": "reader",
     "daemons/attach.py": "reader",

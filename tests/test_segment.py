@@ -21,7 +21,7 @@ from shmd.bus.layout import (
     LAYOUT_VERSION,
     MAGIC,
     OFF_VERSION,
-    R_STATE,
+    RU_STATE,
     Geometry,
     Policy,
     ReaderState,
@@ -153,7 +153,7 @@ def test_info_lists_attached_entries_only(shm_name: str) -> None:
             (3, ReaderState.ATTACHED),
         ]:
             _, u0 = Segment.entry_words(index)
-            seg.u[u0 + R_STATE // 4] = state
+            seg.u[u0 + RU_STATE] = state
         assert [e.index for e in seg.info().readers] == [0, 2, 3]
 
 

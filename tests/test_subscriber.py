@@ -28,13 +28,13 @@ from structlog.testing import capture_logs
 from shmd._sys import libc
 from shmd.bus.layout import (
     ALL_TOPICS,
-    R_SLEEP_SEQ,
     REC_PAYLOAD,
     REC_SEQ,
     REC_TIMESTAMP,
     REC_TOPIC,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
+    RU_SLEEP_SEQ,
     decode_record_header,
     topic_mask,
 )
@@ -638,7 +638,7 @@ def test_reader_process_blocked_in_wait_is_woken_by_a_record(
     wait_until(asleep_and_unlocked(pub, handle.index), "the reader sleeps")
     if early:
         u, (_, u0) = pub.segment.u, Segment.entry_words(handle.index)
-        announced = u[u0 + R_SLEEP_SEQ // 4]
+        announced = u[u0 + RU_SLEEP_SEQ]
         # What publish() does for a small record before it commits it: answer
         # the announcement and write the eventfd.  The ring is still empty.
         pub._wake_sleepers(u[Segment.SLEEP_COUNT], 1 << 9)
@@ -646,9 +646,7 @@ def test_reader_process_blocked_in_wait_is_woken_by_a_record(
         # re-sleep, wait() returned True here and read() found nothing).  Its
         # sleep_seq says so: the flag alone may be set again before we look.
         wait_until(
-            lambda: (
-                u[u0 + R_SLEEP_SEQ // 4] != announced and asleep_and_unlocked(pub, handle.index)()
-            ),
+            lambda: u[u0 + RU_SLEEP_SEQ] != announced and asleep_and_unlocked(pub, handle.index)(),
             "the reader sleeps again",
         )
     pub.publish(b"ping", topic=9)

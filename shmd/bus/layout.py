@@ -90,6 +90,21 @@ NAME_MAX = 31
 _ENTRY = struct.Struct("<IIQQQQIIQQ32sQ")
 assert _ENTRY.size == R_TOKEN + 8
 
+# Word indices of the entry's fields, relative to ``Segment.entry_words(i)``:
+# ``seg.u[u0 + RU_STATE]`` is entry i's state, ``seg.q[q0 + RQ_CURSOR]`` its
+# cursor (``u`` and ``q`` are the control part as u32 and u64 words).
+RU_STATE = R_STATE // 4
+RU_PID = R_PID // 4
+RU_SLEEP_SEQ = R_SLEEP_SEQ // 4
+RU_WAKE_SEQ = R_WAKE_SEQ // 4
+RQ_CURSOR = R_CURSOR // 8
+RQ_DELIVERED = R_DELIVERED // 8
+RQ_LOST = R_LOST // 8
+RQ_LAST_ACTIVE_NS = R_LAST_ACTIVE_NS // 8
+RQ_TOPICS = R_TOPICS // 8
+RQ_ATTACHED_NS = R_ATTACHED_NS // 8
+RQ_TOKEN = R_TOKEN // 8
+
 
 class ReaderState(enum.IntEnum):
     """Life of a reader-table entry."""

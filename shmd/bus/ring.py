@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from shmd.bus.layout import RECORD_HEADER_SIZE, TOPIC_MAX
+from shmd.bus.layout import RECORD_HEADER_SIZE, TOPIC_MAX, RawRecord
 from shmd.errors import PayloadTooLarge, TopicError
 
 
@@ -81,3 +81,26 @@ def check_record(length: int, topic: int, max_payload: int) -> None:
         )
     if not 0 <= topic <= TOPIC_MAX:
         raise TopicError(f"Failed to publish since topic {topic} is not between 0 and {TOPIC_MAX}")
+
+
+def drop_lapped(
+    out: list[RawRecord],
+    start: int,
+    end: int,
+    cut: int,
+    everything: bool,
+) -> list[RawRecord]:
+    """The records of a batch read ``[start, end)`` that the writer did not lap.
+
+    The writer lapped us while we copied: every slot of a seq below ``cut``
+    may hold a torn record or a whole one of a later lap.  Those positions
+    are dropped (the caller counts them lost).  The header seq cannot say
+    which to drop (a later lap's record there carries seq + capacity);
+    positions can: with every topic, ``out`` holds one record per position
+    from ``start``.  With a topic filter, a slot of a seq at or above ``cut``
+    was not touched, so its header seq is its position, and a later lap's
+    record carries a seq of at least ``end``.
+    """
+    if everything:
+        return out[cut - start :]
+    return [r for r in out if cut <= r[0] < end]

@@ -12,6 +12,11 @@ own table entry); the ring is mapped read-only.  Reading a batch::
 
 A reader that the writer lapped learns exactly how many records it lost and
 resumes at the oldest record still present.
+
+Kept whole (a little over 500 lines): reading and the sleep handshake share
+the entry's cursor, the cursor a read leaves for later and the views cached
+for the read path, and each half must settle what the other left before it
+runs; split, every step would go through a second object's state.
 """
 
 from __future__ import annotations
@@ -27,24 +32,24 @@ from shmd._sys import libc
 from shmd._sys.fd import OwnedFd
 from shmd.bus.layout import (
     ALL_TOPICS,
-    R_CURSOR,
-    R_DELIVERED,
-    R_LAST_ACTIVE_NS,
-    R_LOST,
-    R_SLEEP_SEQ,
-    R_STATE,
-    R_TOKEN,
-    R_TOPICS,
-    R_WAKE_SEQ,
     RECORD_HEADER_SIZE,
     RECORD_READ_HEADER,
+    RQ_CURSOR,
+    RQ_DELIVERED,
+    RQ_LAST_ACTIVE_NS,
+    RQ_LOST,
+    RQ_TOKEN,
+    RQ_TOPICS,
+    RU_SLEEP_SEQ,
+    RU_STATE,
+    RU_WAKE_SEQ,
     Policy,
     RawRecord,
     ReaderState,
     Record,
     slot_stride,
 )
-from shmd.bus.ring import plan_read, runs, still_valid
+from shmd.bus.ring import drop_lapped, plan_read, runs, still_valid
 from shmd.bus.segment import Segment
 from shmd.errors import ReaderEvicted, SegmentClosed, SegmentLayoutError
 
@@ -55,7 +60,6 @@ __all__ = ["COPY_BATCH_BYTES", "RawRecord", "Record", "Subscriber"]
 
 log = structlog.get_logger("shmd.bus.subscriber")
 
-_STATE = R_STATE // 4
 _WRITE_SEQ = Segment.WRITE_SEQ
 _RESERVE_SEQ = Segment.RESERVE_SEQ
 _ATTACHED = int(ReaderState.ATTACHED)
@@ -74,29 +78,6 @@ DEFER_CURSOR_MIN_CAPACITY = 64
 #: How long a reader sleeps when it cannot take the mutex to announce its sleep
 #: (someone holds it far too long): it re-checks rather than risk a lost wake-up.
 DEGRADED_SLEEP = 0.05
-
-
-def _drop_lapped(
-    out: list[RawRecord],
-    start: int,
-    end: int,
-    cut: int,
-    everything: bool,
-) -> list[RawRecord]:
-    """The records of a batch read ``[start, end)`` that the writer did not lap.
-
-    The writer lapped us while we copied: every slot of a seq below ``cut``
-    may hold a torn record or a whole one of a later lap.  Those positions
-    are dropped (the caller counts them lost).  The header seq cannot say
-    which to drop (a later lap's record there carries seq + capacity);
-    positions can: with every topic, ``out`` holds one record per position
-    from ``start``.  With a topic filter, a slot of a seq at or above ``cut``
-    was not touched, so its header seq is its position, and a later lap's
-    record carries a seq of at least ``end``.
-    """
-    if everything:
-        return out[cut - start :]
-    return [r for r in out if cut <= r[0] < end]
 
 
 class Subscriber:
@@ -131,17 +112,17 @@ class Subscriber:
         libc.keep_big_allocations(g.slot_size, g.capacity * g.slot_size)
         self._q0, self._u0 = Segment.entry_words(index)
         q = segment.q
-        self._token = q[self._q0 + R_TOKEN // 8] if token is None else token
-        self._cursor: int = q[self._q0 + R_CURSOR // 8]
-        self._topics: int = q[self._q0 + R_TOPICS // 8]
+        self._token = q[self._q0 + RQ_TOKEN] if token is None else token
+        self._cursor: int = q[self._q0 + RQ_CURSOR]
+        self._topics: int = q[self._q0 + RQ_TOPICS]
         self._block = segment.header().policy == Policy.BLOCK
         self._ring_map = segment._ring_map
         # The segment's views and our entry's word indices, for read_batch
         # (each lookup saved is ~1 us after a sleep).  Segment.close()
         # releases the views, so a read after it fails on the first access.
         self._q, self._u, self._ring = q, segment.u, segment.ring
-        self._state_at = self._u0 + _STATE
-        self._token_at = self._q0 + R_TOKEN // 8
+        self._state_at = self._u0 + RU_STATE
+        self._token_at = self._q0 + RQ_TOKEN
         self.delivered = 0
         self.lost = 0
         self._held = False  # records read with hold=True whose slots are not released
@@ -202,8 +183,8 @@ class Subscriber:
         seg = self.segment
         if seg.closed:
             raise SegmentClosed("Failed to read since the subscriber was closed")
-        state = seg.u[self._u0 + R_STATE // 4]
-        if state != ReaderState.ATTACHED or seg.q[self._q0 + R_TOKEN // 8] != self._token:
+        state = seg.u[self._u0 + RU_STATE]
+        if state != ReaderState.ATTACHED or seg.q[self._q0 + RQ_TOKEN] != self._token:
             raise ReaderEvicted(
                 f"Failed to read since the writer evicted reader entry {self.index} "
                 f"(state {ReaderState(state).name if state in (0, 1, 2) else state})"
@@ -299,7 +280,7 @@ class Subscriber:
         if start < oldest_ok:
             cut = min(oldest_ok, end)
             lost += cut - start
-            out = _drop_lapped(out, start, end, cut, everything)
+            out = drop_lapped(out, start, end, cut, everything)
         elif bad >= 0:
             raise SegmentLayoutError(
                 f"Failed to read record {bad} since its slot holds another record although "
@@ -402,17 +383,17 @@ class Subscriber:
         seg = self.segment
         q, q0 = seg.q, self._q0
         cursor = self._cursor
-        q[q0 + R_CURSOR // 8] = cursor
-        q[q0 + R_DELIVERED // 8] = self.delivered
-        q[q0 + R_LOST // 8] = self.lost
-        q[q0 + R_LAST_ACTIVE_NS // 8] = time.monotonic_ns()
+        q[q0 + RQ_CURSOR] = cursor
+        q[q0 + RQ_DELIVERED] = self.delivered
+        q[q0 + RQ_LOST] = self.lost
+        q[q0 + RQ_LAST_ACTIVE_NS] = time.monotonic_ns()
         # No fence between the cursor store and the writer_waiting load: a
         # fence here would be paid on every read, and the writer waits
         # rarely.  Without it both sides can miss each other once (the
         # writer sees the old cursor, we see writer_waiting = 0); then we
         # post at our next read (see _post_owed) or after prepare_sleep's
         # fence, and the writer re-checks the cursors every
-        # WAIT_SLICE anyway (Publisher._wait_for_space).
+        # WAIT_SLICE anyway (shmd.bus.block.wait_for_space).
         if self._block and seg.u[Segment.WRITER_WAITING]:
             self._posted_at = cursor
             seg.sem_post()
@@ -428,8 +409,8 @@ class Subscriber:
         restarted writer's segment); stored in the entry too, for the writer's reports."""
         self.delivered, self.lost = delivered, lost
         q, q0 = self.segment.q, self._q0
-        q[q0 + R_DELIVERED // 8] = delivered
-        q[q0 + R_LOST // 8] = lost
+        q[q0 + RQ_DELIVERED] = delivered
+        q[q0 + RQ_LOST] = lost
 
     # -- sleeping -------------------------------------------------------------------
 
@@ -472,9 +453,9 @@ class Subscriber:
                 os.read(self.eventfd.fileno(), 8)
             except BlockingIOError:
                 pass  # nothing pending
-        sleep_seq = self._u0 + R_SLEEP_SEQ // 4
+        sleep_seq = self._u0 + RU_SLEEP_SEQ
         asked = u[sleep_seq]
-        if asked == u[self._u0 + R_WAKE_SEQ // 4]:
+        if asked == u[self._u0 + RU_WAKE_SEQ]:
             if not self._lock():
                 return DEGRADED_SLEEP
             try:
