@@ -60,7 +60,7 @@ from shmd.bus.layout import (
     OFF_SLOT_SIZE,
     OFF_VERSION,
     OFF_WRITE_SEQ,
-    R_SLEEP_SEQ,
+    RU_SLEEP_SEQ,
     Geometry,
     Policy,
     ReaderState,
@@ -135,7 +135,7 @@ def announce_sleep_raw(sub: Subscriber) -> None:
     _, u0 = Segment.entry_words(sub.index)
     assert seg.lock(None) is libc.LockResult.ACQUIRED
     try:
-        seg.u[u0 + R_SLEEP_SEQ // 4] += 1
+        seg.u[u0 + RU_SLEEP_SEQ] += 1
         seg.u[Segment.SLEEP_COUNT] += 1
     finally:
         seg.unlock()
