@@ -208,7 +208,13 @@ def test_aiter_records_delivers_everything_from_another_process(bus: Bus, procs:
     assert all(r.payload == payload(r.seq) for r in records)
     assert child.wait() == 0
     assert sub.lost == 0
-    assert not pub.segment.entry(sub.index).asleep
+    entry = pub.segment.entry(sub.index)
+    assert (entry.cursor, entry.delivered, entry.lost) == (n, n, 0)
+    # Not asserted: that the entry is left without a sleep announcement.  A
+    # reader announcing while the writer deactivates (after deactivate's
+    # wake-up looked at the table) sees the cleared flag in its re-check and
+    # does not sleep, but its announcement stands unanswered, as the protocol
+    # allows (Subscriber.prepare_sleep): found by packaging/dev stress, 1 run in 14.
 
 
 def test_aiter_records_drains_past_other_topics_after_deactivate(bus: Bus) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,9 @@ from daemon_bus import (
     wait_until,
 )
 
-from shmd.config import SourceConfig
-from shmd.daemons.sources import SOURCES
+from shmd._sys.reactor import Reactor
+from shmd.config import FifoSourceConfig, SourceConfig
+from shmd.daemons.sources import SOURCES, StreamSource
 
 SLOT = 256
 PAYLOAD_MAX = SLOT - 32  # the record header takes 32 bytes of each slot
@@ -158,6 +159,53 @@ PRODUCER = textwrap.dedent("""
     os.write(fd, bytes.fromhex(sys.argv[2]))
     os.kill(os.getpid(), signal.SIGKILL)  # dies with the last frame half written
 """)
+
+
+class RecordingHost:
+    """A SourceHost on a real reactor that keeps what the source publishes."""
+
+    def __init__(self) -> None:
+        self.reactor = Reactor()
+        self.max_payload = 1024
+        self.batches: list[list[bytes]] = []
+
+    def publish_batch(self, payloads: Sequence[bytes], topic: int) -> None:
+        self.batches.append(list(payloads))
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        self.reactor.call_later(delay, fn)
+
+    def source_finished(self, reason: str) -> None:
+        raise AssertionError(f"a FIFO source never finishes ({reason})")
+
+
+def test_fifo_producer_arriving_while_the_source_reopens_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer that opens, writes and leaves just after the source saw EOF still delivers."""
+    fifo = tmp_path / "in.fifo"
+    host = RecordingHost()
+    source = StreamSource(FifoSourceConfig(path=str(fifo)))
+    source.start(host)
+    try:
+        assert source._deframer is not None
+        reset = source._deframer.reset
+
+        def second_producer_comes_and_goes() -> int:
+            # The race, made to happen every time: the first producer's EOF
+            # has been read and the source is about to swap read ends; the
+            # old one is still open, so this producer's open succeeds.
+            monkeypatch.setattr(source._deframer, "reset", reset)
+            write_fifo(fifo, b"second\n")
+            return reset()
+
+        monkeypatch.setattr(source._deframer, "reset", second_producer_comes_and_goes)
+        write_fifo(fifo, b"first\n")
+        assert host.reactor.run_until(lambda: len(host.batches) == 2, timeout=10), host.batches
+        assert host.batches == [[b"first"], [b"second"]]
+    finally:
+        source.close()
+        host.reactor.close()
 
 
 @pytest.mark.parametrize("framing", ["newline", "length"])

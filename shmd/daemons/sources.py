@@ -299,11 +299,18 @@ class StreamSource:
                 "the partial frame is dropped",
             )
         self._host.reactor.remove(self._fd.fileno())
-        self._close_fd()
-        if self.path is not None:
-            self._open_fifo()  # the next producer starts on a frame boundary
-        else:
+        if self.path is None:
+            self._close_fd()
             self._host.source_finished("end of standard input")
+            return
+        # The next producer starts on a frame boundary, on a fresh read end
+        # (see _open_fifo).  Fresh *before* the old one closes: a producer may
+        # open the FIFO through our old read end any time after the read that
+        # saw EOF, write and leave; if for a moment no read end were open,
+        # the kernel would free the pipe, its bytes with it.
+        old = self._fd
+        self._open_fifo()
+        old.close()
 
     def _close_fd(self) -> None:
         assert self._fd is not None
