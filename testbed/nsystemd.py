@@ -30,6 +30,7 @@ deadline, or process exit.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -87,6 +88,55 @@ NAMESPACES = ("--pid", "--fork", "--mount", "--uts", "--ipc", "--net", "--cgroup
 
 #: Where install_dev_tree puts the code the units run, inside the namespace.
 DEV_TREE = "/opt/shmd-dev"
+
+
+def debian_core(repo: Path) -> Path:
+    """shmd's compiled core built for Debian's /usr/bin/python3, which the units run.
+
+    The editable install compiled ``shmd/_sys/_core.c`` for the virtualenv's
+    interpreter; when that is another Python version (a pyenv build, say),
+    its ``.so`` does not load in Debian's.  Then the core is built once for
+    Debian's python3 under the checkout's ``build/`` (git-ignored, like
+    ``.venv``), keyed by the C source and setup.py, and reused.
+    """
+    suffix = subprocess.run(
+        [
+            "/usr/bin/python3",
+            "-c",
+            "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    source = repo / "shmd" / "_sys" / "_core.c"
+    in_tree = source.with_name(f"_core{suffix}")
+    if in_tree.exists() and in_tree.stat().st_mtime >= source.stat().st_mtime:
+        return in_tree
+    key = hashlib.sha256(source.read_bytes() + (repo / "setup.py").read_bytes()).hexdigest()[:16]
+    out = repo / "build" / f"debian-core-{key}"
+    built = out / "shmd" / "_sys" / f"_core{suffix}"
+    if not built.exists():
+        subprocess.run(
+            [
+                "/usr/bin/python3",
+                "setup.py",
+                "-q",
+                "build_ext",
+                "--build-lib",
+                str(out),
+                "--build-temp",
+                str(out / "tmp"),
+            ],
+            cwd=repo,
+            capture_output=True,
+            check=True,
+            timeout=300,
+        )
+    return built
+
+
 #: The host's POSIX shared-memory directory, checked at power-off.
 HOST_SHM = "/dev/shm"
 
@@ -667,6 +717,9 @@ class NamespacedSystemd:
         with tarfile.open(fileobj=buf, mode="w") as tar:
             for part in parts:
                 tar.add(repo / part, arcname=part, filter=readable)
+            if "shmd" in parts:
+                core = debian_core(repo)
+                tar.add(core, arcname=f"shmd/_sys/{core.name}", filter=readable)
         self.run(
             "sh",
             "-c",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -213,8 +214,10 @@ def test_unlock_without_consistent_makes_the_mutex_unrecoverable(
     child.expect("locked")
     child.kill()
     # What a careless locker does (raw libc, bypassing mutex_lock's repair).
-    assert libc._libc.pthread_mutex_lock(shared.mutex.address) == libc.EOWNERDEAD
-    assert libc._libc.pthread_mutex_unlock(shared.mutex.address) == 0
+    raw = ctypes.CDLL(None)
+    raw.pthread_mutex_lock.argtypes = raw.pthread_mutex_unlock.argtypes = [ctypes.c_void_p]
+    assert raw.pthread_mutex_lock(shared.mutex.address) == libc.EOWNERDEAD
+    assert raw.pthread_mutex_unlock(shared.mutex.address) == 0
     with pytest.raises(MutexUnrecoverable, match="never made consistent"):
         libc.mutex_lock(shared.mutex.address, 0.5)
 

@@ -1,7 +1,10 @@
-"""The one place shmd calls into libc through ctypes.
+"""The one place shmd calls into libc: through the compiled core, or ctypes.
 
-Everything here is unsafe in the C sense: a wrong address crashes the
-interpreter.  The rest of shmd never touches ctypes or raw addresses; it goes
+The robust mutex, the semaphore and the memory barriers are direct C calls
+in :mod:`shmd._sys._core` (built with the package); the calls made once per
+segment or process (shm_open, shm_unlink, mallopt, pinning an address) go
+through ctypes.  Everything here is unsafe in the C sense: a wrong address
+crashes the interpreter.  The rest of shmd never touches ctypes or raw addresses; it goes
 through the typed wrappers below, which take a writable buffer plus an offset
 and derive the address themselves (so that a read-only mapping is refused
 with a Python error instead of a SIGSEGV).
@@ -13,16 +16,22 @@ reads.  An errno outside the table becomes :class:`SysCallError`.
 
 from __future__ import annotations
 
-import _thread
 import ctypes
 import ctypes.util
 import enum
 import errno as E  # noqa: N812 - the errno tables read better with a short prefix
 import os
 import platform
-import time
 from collections.abc import Callable, Mapping
 
+try:
+    from shmd._sys import _core
+except ImportError as exc:  # pragma: no cover - a tree nobody built
+    raise ImportError(
+        "Failed to import shmd's compiled core (shmd._sys._core) since it was not built: "
+        "install shmd with pip (pip install .) or run packaging/dev setup in a checkout "
+        f"({exc})"
+    ) from None
 from shmd.errors import (
     MutexError,
     MutexNotWritable,
@@ -45,25 +54,15 @@ MUTEX_AREA = 64
 #: Bytes reserved for a sem_t (32 on every 64-bit glibc port).
 SEM_AREA = 32
 
-_MUTEX_SIZES = {"x86_64": 40, "aarch64": 48, "riscv64": 40, "ppc64le": 40, "s390x": 40}
-_SEM_SIZE = 32
+if _core.MUTEX_SIZE > MUTEX_AREA or _core.SEM_SIZE > SEM_AREA:  # pragma: no cover - a port
+    raise ImportError(
+        f"Failed to import shmd since this libc's pthread_mutex_t ({_core.MUTEX_SIZE} bytes) "
+        f"or sem_t ({_core.SEM_SIZE}) does not fit the segment's {MUTEX_AREA}/{SEM_AREA} bytes"
+    )
 _machine = platform.machine()
-if _MUTEX_SIZES.get(_machine, 48) > MUTEX_AREA:  # pragma: no cover - guards a port
-    raise ImportError(f"pthread_mutex_t on {_machine} does not fit the segment's mutex area")
 
-CLOCK_MONOTONIC = 1
 EOWNERDEAD = E.EOWNERDEAD
 ENOTRECOVERABLE = E.ENOTRECOVERABLE
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-def _deadline(timeout: float) -> _Timespec:
-    """An absolute CLOCK_MONOTONIC deadline ``timeout`` seconds from now."""
-    ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + max(0, int(timeout * 1e9))
-    return _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
 
 
 _ErrTable = Mapping[int, tuple[type[ShmdError], str]]
@@ -153,27 +152,6 @@ class Pinned:
 
 # -- process-shared robust mutex --------------------------------------------
 
-_PTHREAD_PROCESS_SHARED = 1
-_PTHREAD_MUTEX_ROBUST = 1
-_PTHREAD_MUTEX_ERRORCHECK = 2
-
-for _fn in (
-    "pthread_mutex_lock",
-    "pthread_mutex_trylock",
-    "pthread_mutex_unlock",
-    "pthread_mutex_consistent",
-    "pthread_mutex_destroy",
-):
-    getattr(_libc, _fn).argtypes = [ctypes.c_void_p]
-    getattr(_libc, _fn).restype = ctypes.c_int
-_libc.pthread_mutex_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-_libc.pthread_mutex_clocklock.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
-_libc.pthread_mutexattr_init.argtypes = [ctypes.c_void_p]
-_libc.pthread_mutexattr_destroy.argtypes = [ctypes.c_void_p]
-_libc.pthread_mutexattr_setpshared.argtypes = [ctypes.c_void_p, ctypes.c_int]
-_libc.pthread_mutexattr_setrobust.argtypes = [ctypes.c_void_p, ctypes.c_int]
-_libc.pthread_mutexattr_settype.argtypes = [ctypes.c_void_p, ctypes.c_int]
-
 
 class LockResult(enum.Enum):
     """What a lock attempt gave."""
@@ -216,18 +194,9 @@ def mutex_init_robust(address: int) -> None:
     its whole timeout); the error-checking one returns EDEADLK at once, which
     mutex_lock turns into MutexError.
     """
-    attr = ctypes.create_string_buffer(64)  # pthread_mutexattr_t is 4 bytes; generous
-    for rc in (
-        _libc.pthread_mutexattr_init(attr),
-        _libc.pthread_mutexattr_setpshared(attr, _PTHREAD_PROCESS_SHARED),
-        _libc.pthread_mutexattr_setrobust(attr, _PTHREAD_MUTEX_ROBUST),
-        _libc.pthread_mutexattr_settype(attr, _PTHREAD_MUTEX_ERRORCHECK),
-        _libc.pthread_mutex_init(ctypes.c_void_p(address), attr),
-    ):
-        if rc != 0:
-            _libc.pthread_mutexattr_destroy(attr)
-            _raise("initialise the shared mutex", rc, _MUTEX_INIT_ERRORS, "")
-    _libc.pthread_mutexattr_destroy(attr)
+    rc = _core.mutex_init(address)
+    if rc != 0:
+        _raise("initialise the shared mutex", rc, _MUTEX_INIT_ERRORS, "")
 
 
 def mutex_lock(address: int, timeout: float | None) -> LockResult:
@@ -235,40 +204,25 @@ def mutex_lock(address: int, timeout: float | None) -> LockResult:
 
     pthread functions return the error number instead of setting errno.
     EOWNERDEAD means *acquired*: the kernel handed us the lock because its
-    owner died (robust futex list).  We mark it consistent right away and
-    report OWNER_DIED; if we did not, unlocking would make it permanently
-    unusable (ENOTRECOVERABLE for everyone after us).
+    owner died (robust futex list).  The core marks it consistent right away
+    and we report OWNER_DIED; if it did not, unlocking would make it
+    permanently unusable (ENOTRECOVERABLE for everyone after us).  The GIL
+    is released only when the first try finds the mutex taken.
     """
-    addr = ctypes.c_void_p(address)
-    if timeout is None:
-        rc = _libc.pthread_mutex_lock(addr)
-    elif timeout <= 0:
-        rc = _libc.pthread_mutex_trylock(addr)
-        if rc == E.EBUSY:
-            return LockResult.TIMEOUT
-    else:
-        # Uncontended (nearly always): one trylock, no deadline to build.
-        rc = _libc.pthread_mutex_trylock(addr)
-        if rc == E.EBUSY:
-            rc = _libc.pthread_mutex_clocklock(
-                addr, CLOCK_MONOTONIC, ctypes.byref(_deadline(timeout))
-            )
-            if rc == E.ETIMEDOUT:
-                return LockResult.TIMEOUT
+    rc = _core.mutex_lock(address, timeout)
     if rc == 0:
         return LockResult.ACQUIRED
     if rc == EOWNERDEAD:
-        rc2 = _libc.pthread_mutex_consistent(addr)
-        if rc2 != 0:  # pragma: no cover - only EINVAL, which EOWNERDEAD rules out
-            _raise("mark the shared mutex consistent", rc2, _MUTEX_LOCK_ERRORS, "")
         return LockResult.OWNER_DIED
+    if rc == E.ETIMEDOUT:
+        return LockResult.TIMEOUT
     _raise("lock the shared mutex", rc, _MUTEX_LOCK_ERRORS, "")
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def mutex_unlock(address: int) -> None:
     """Unlock a mutex this thread holds."""
-    rc = _libc.pthread_mutex_unlock(ctypes.c_void_p(address))
+    rc = _core.mutex_unlock(address)
     if rc != 0:
         _raise("unlock the shared mutex", rc, _MUTEX_UNLOCK_ERRORS, "")
 
@@ -287,11 +241,6 @@ def mutex_owner_tid(buffer: memoryview | bytes, offset: int) -> int:
 
 # -- process-shared POSIX semaphore --------------------------------------------
 
-_libc.sem_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
-_libc.sem_post.argtypes = [ctypes.c_void_p]
-_libc.sem_trywait.argtypes = [ctypes.c_void_p]
-_libc.sem_clockwait.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
-
 _SEM_ERRORS: dict[int, tuple[type[ShmdError], str]] = {
     E.EINVAL: (SegmentError, "it is not a valid semaphore (corrupt segment?)"),
     E.EOVERFLOW: (SegmentError, "its value would overflow"),
@@ -300,110 +249,57 @@ _SEM_ERRORS: dict[int, tuple[type[ShmdError], str]] = {
 
 def sem_init(address: int) -> None:
     """Initialise a process-shared semaphore with value 0 at ``address``."""
-    if _libc.sem_init(ctypes.c_void_p(address), 1, 0) != 0:
-        _raise("initialise the shared semaphore", ctypes.get_errno(), _SEM_ERRORS, "")
+    rc = _core.sem_init(address)
+    if rc != 0:
+        _raise("initialise the shared semaphore", rc, _SEM_ERRORS, "")
 
 
 def sem_post(address: int) -> None:
     """Add one to the semaphore, waking a waiter."""
-    if _libc.sem_post(ctypes.c_void_p(address)) != 0:
-        err = ctypes.get_errno()
-        if err == E.EOVERFLOW:  # already far more wake-ups pending than anyone needs
-            return
-        _raise("post the shared semaphore", err, _SEM_ERRORS, "")
+    rc = _core.sem_post(address)
+    if rc not in (0, E.EOVERFLOW):  # EOVERFLOW: far more wake-ups pending than anyone needs
+        _raise("post the shared semaphore", rc, _SEM_ERRORS, "")
 
 
 def sem_wait(address: int, timeout: float) -> bool:
-    """Wait until the semaphore is positive and take one; False on timeout."""
-    addr = ctypes.c_void_p(address)
-    deadline = _deadline(timeout)
-    while True:
-        if _libc.sem_clockwait(addr, CLOCK_MONOTONIC, ctypes.byref(deadline)) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err == E.ETIMEDOUT:
-            return False
-        if err != E.EINTR:  # a signal interrupted the wait: wait out the rest
-            _raise("wait on the shared semaphore", err, _SEM_ERRORS, "")
+    """Wait until the semaphore is positive and take one; False on timeout.
+
+    A signal during the wait runs its Python handler (shmd's only queue the
+    signal) and the wait goes on to the same deadline.
+    """
+    rc = _core.sem_wait(address, timeout)
+    if rc == 0:
+        return True
+    if rc == E.ETIMEDOUT:
+        return False
+    _raise("wait on the shared semaphore", rc, _SEM_ERRORS, "")
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def sem_drain(address: int) -> None:
     """Take every pending post without waiting."""
-    addr = ctypes.c_void_p(address)
-    while _libc.sem_trywait(addr) == 0:
-        pass
+    _core.sem_drain(address)
 
 
 # -- memory ordering ------------------------------------------------------------
 
 # Python has no memory-barrier primitive, and both the sleep handshake and the
 # block-policy handshake need a StoreLoad barrier (store my flag, then load the
-# other side's), which even x86's TSO does not give for free.
-#
-# On x86-64 every atomic read-modify-write instruction is a full barrier
-# (lock-prefixed, or xchg with memory), and taking plus releasing an
-# uncontended lock executes such instructions in any implementation of a
-# lock: CPython's _thread.lock is sem_trywait's compare-exchange and
-# sem_post's fetch-add on glibc (3.11, 3.12), a compare-exchange on its
-# PyMutex from 3.13.  A _thread.lock costs no ctypes call: ~0.2 us against
-# ~0.8 us for the pthread mutex pair below, and after a sleep, when caches
-# and TLBs are cold, it touches far fewer pages (measured on this project's
-# VM after 1 ms asleep: 15 us against 36 us), which is what a wake-up's
-# latency is made of.
-#
-# Elsewhere we lock and unlock a private pthread mutex.  Candidly: on aarch64
-# an acquire RMW followed by a release store does not order an earlier plain
-# store before a later plain load in every case the architecture allows, so
-# that is a best effort, not a proof; shmd is tested on x86-64 only, and a
-# port should bring a real barrier (a one-line C helper around
-# atomic_thread_fence(memory_order_seq_cst)).
-if _machine == "x86_64":
-    _barrier = _thread.allocate_lock()
-    _barrier_acquire = _barrier.acquire
-    _barrier_release = _barrier.release
-
-    def fence() -> None:
-        """A full memory barrier (see the comment above)."""
-        _barrier_acquire()
-        _barrier_release()
-
-    # x86-64 is TSO: stores are not reordered with stores, nor loads with
-    # loads, so the reserve -> slots -> commit order (and the reader's mirror
-    # image) needs no barrier there; only StoreLoad needs fence().
-    def store_fence() -> None:
-        """StoreStore barrier: free on x86-64."""
-
-    def load_fence() -> None:
-        """LoadLoad barrier: free on x86-64."""
-
-    #: True where store_fence() and load_fence() do nothing (hot paths skip the call).
-    TSO = True
-
-    #: fence() as two calls a hot path can make inline (saving the call to
-    #: fence() itself, ~1 us cold): the first, then the second.
-    FENCE_PAIR: tuple[Callable[[], object], Callable[[], object]] = (
-        _barrier_acquire,
-        _barrier_release,
-    )
-
-else:  # pragma: no cover - exercised on non-x86 machines only
-    _fence_mutex = ctypes.create_string_buffer(64)
-    _libc.pthread_mutex_init(_fence_mutex, None)
-    _fence_addr = ctypes.c_void_p(ctypes.addressof(_fence_mutex))
-
-    def fence() -> None:
-        """A full memory barrier (see the comment above)."""
-        _libc.pthread_mutex_lock(_fence_addr)
-        _libc.pthread_mutex_unlock(_fence_addr)
-
-    store_fence = fence
-    load_fence = fence
-    TSO = False
-
-    def _nothing() -> None:
-        pass
-
-    FENCE_PAIR = (fence, _nothing)
+# other side's), which even x86's TSO does not give for free: fence() is the
+# core's atomic_thread_fence(memory_order_seq_cst), an mfence (x86-64) or
+# dmb ish (aarch64).  store_fence() and load_fence() are release and acquire
+# fences: they order the reserve, the slots and the commit (and a reader's
+# mirror image) on weakly ordered CPUs.
+#: A full memory barrier, StoreLoad included.
+fence: Callable[[], None] = _core.fence
+#: StoreStore (and LoadStore): stores before it are visible before stores after it.
+store_fence: Callable[[], None] = _core.store_fence
+#: LoadLoad (and LoadStore): loads before it complete before loads after it.
+load_fence: Callable[[], None] = _core.load_fence
+#: True where store_fence() and load_fence() compile to nothing (x86-64 is
+#: TSO: stores are not reordered with stores, nor loads with loads), so the
+#: hot paths skip the call.
+TSO = _machine == "x86_64"
 
 
 # -- malloc tuning for big records ----------------------------------------------------------

@@ -60,7 +60,7 @@ log = structlog.get_logger("shmd.bus.publisher")
 
 _ONE = (1).to_bytes(8, "little")
 _TSO = libc.TSO
-_fence_begin, _fence_end = libc.FENCE_PAIR
+_fence = libc.fence
 _monotonic_ns = time.monotonic_ns
 _get_blocking = os.get_blocking
 _write = os.write
@@ -344,8 +344,7 @@ class Publisher:
         if not _TSO:
             libc.store_fence()  # the slot must be visible before the commit
         q[_WRITE_SEQ] = self._seq = seq + 1
-        _fence_begin()  # StoreLoad (see _commit): libc.fence() without its call
-        _fence_end()
+        _fence()  # StoreLoad (see _commit)
         count = u[_SLEEP_COUNT]
         if count != self._sleep_seen or self._waiting:
             self._wake_sleepers(count, topics)
