@@ -107,7 +107,8 @@ def test_holder_killed_with_the_mutex_is_repaired_and_the_bus_goes_on(
 
 
 def test_a_stuck_mutex_holder_does_not_stop_publishing(bus: Bus, procs: Procs) -> None:
-    """Publishing and waking never take the mutex; a table change logs mutex_stalled once."""
+    """Publishing and waking never take the mutex; a table change logs mutex_stalled once,
+    and the first heartbeat after the holder lets go logs mutex_recovered."""
     pub = bus.publisher(mutex_timeout=0.05)
     sub = bus.subscriber(pub)
     assert sub.prepare_sleep() is None
@@ -130,8 +131,18 @@ def test_a_stuck_mutex_holder_does_not_stop_publishing(bus: Bus, procs: Procs) -
         pub.add_reader("later", 1)
     (stalled,) = events(logs, "mutex_stalled")
     assert stalled["holder_tid"] == child.pid
+    with capture_logs() as logs:
+        pub.heartbeat()  # the holder still holds it: the stall goes on, silently
+    assert logs == []
     child.tell("release")
     assert child.wait() == 0
+    with capture_logs() as logs:
+        pub.heartbeat()  # no table change needed to see that the stall ended
+        pub.heartbeat()
+    (recovered,) = events(logs, "mutex_recovered")
+    assert recovered["stalled"] > 0
+    assert pub.segment.lock(0) is libc.LockResult.ACQUIRED  # and it was left unlocked
+    pub.segment.unlock()
 
 
 def test_the_table_reports_changes_before_it_closes_an_eventfd(shm_name: str) -> None:

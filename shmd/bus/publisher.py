@@ -524,11 +524,17 @@ class Publisher:
         self._waiting = waiting
 
     def heartbeat(self, rate: float | None = None) -> None:
-        """Record that the writer is alive, and its publish rate (shown by status tools)."""
+        """Record that the writer is alive, and its publish rate (shown by status tools).
+
+        Also ends a mutex stall once the mutex is free again (see
+        :meth:`ReaderTable.check_stall`): the writer calls this every
+        ``writer.status_interval``.
+        """
         q = self.segment.q
         q[Segment.HEARTBEAT_NS] = time.monotonic_ns()
         if rate is not None:
             q[Segment.RATE_MILLI] = max(0, round(rate * 1000))
+        self.table.check_stall()
 
 
 #: publish() wakes sleeping readers before it writes a record up to this long

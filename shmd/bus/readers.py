@@ -168,6 +168,17 @@ class ReaderTable:
             self._stalled_since = None
         return True
 
+    def check_stall(self) -> None:
+        """While stalled, try the mutex once (no wait) and end the stall if it is free.
+
+        The writer calls this on its status tick: a holder that let go or
+        died ends the stall (``mutex_recovered``) within one tick, not only
+        at the next reader-table change, which may never come (or may try
+        in the microseconds a reader legitimately holds the mutex).
+        """
+        if self._stalled_since is not None and self.lock(0):
+            self.segment.unlock()
+
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the mutex (waiting at most ``mutex_timeout``), or go on without it (stalled)."""
