@@ -4,10 +4,10 @@ The robust mutex, the semaphore and the memory barriers are direct C calls
 in :mod:`shmd._sys._core` (built with the package); the calls made once per
 segment or process (shm_open, shm_unlink, mallopt, pinning an address) go
 through ctypes.  Everything here is unsafe in the C sense: a wrong address
-crashes the interpreter.  The rest of shmd never touches ctypes or raw addresses; it goes
-through the typed wrappers below, which take a writable buffer plus an offset
-and derive the address themselves (so that a read-only mapping is refused
-with a Python error instead of a SIGSEGV).
+crashes the interpreter.  The rest of shmd never touches ctypes, the core or
+raw addresses; it goes through the typed wrappers below, and takes addresses
+only from :class:`Pinned`, which exports a writable buffer (so that a
+read-only mapping is refused with a Python error instead of a SIGSEGV).
 
 Each call has its own errno table (``_*_ERRORS``): the errnos the call is
 documented to return, mapped to the exception class and the reason a user
@@ -43,8 +43,8 @@ from shmd.errors import (
     SysCallError,
 )
 
-# glibc >= 2.34 has shm_open, the pthread and semaphore functions in libc.so.6
-# itself (Debian 12 ships 2.36), so one library handle serves every call.
+# glibc >= 2.34 has shm_open in libc.so.6 itself (Debian 12 ships 2.36), so
+# one library handle serves every ctypes call.
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 #: Bytes reserved in the segment for a pthread_mutex_t.  glibc's is 40 bytes on
