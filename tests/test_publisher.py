@@ -70,11 +70,10 @@ def test_impossible_geometry_is_refused_and_leaves_nothing(
     message: str,
 ) -> None:
     """Zero or absurd sizes raise GeometryError naming the value; /dev/shm gets no entry."""
-    before = set(os.listdir("/dev/shm"))
     with pytest.raises(GeometryError, match=message):
         Publisher.create(shm_name, **kwargs)  # type: ignore[arg-type]
+    # (Only this name is looked at: other test runs on the machine create theirs.)
     assert not in_dev_shm(shm_name)
-    assert not {n for n in set(os.listdir("/dev/shm")) - before if "shmd-test" in n}
 
 
 def test_unknown_policy_is_refused(shm_name: str) -> None:
