@@ -52,6 +52,15 @@ def bus() -> Iterator[Bus]:
 # -- helpers ------------------------------------------------------------------------------
 
 
+def _connected(sock: socket.socket, path: str) -> bool:
+    """Connect ``sock`` to ``path``; False while nothing listens there yet."""
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    return True
+
+
 def activate_cmd(bus: Bus, listen: str, *extra: str) -> list[str]:
     """systemd-socket-activate running shm-writer on ``listen`` (systemd's own tool)."""
     return [
@@ -213,10 +222,12 @@ def test_socket_activation_mismatch_is_refused(bus: Bus, mismatch: str) -> None:
         listen, extra, kind = bus.socket, [], socket.SOCK_STREAM
         have, want = f"'{bus.socket}' (stream)", f"'{bus.socket}' (seqpacket)"
     act = bus.spawn("systemd-socket-activate", activate_cmd(bus, listen, *extra))
-    wait_until(lambda: os.path.exists(listen), what="the activation socket")
     poke = socket.socket(socket.AF_UNIX, kind)
     try:
-        poke.connect(listen)  # makes systemd-socket-activate exec the writer
+        # systemd-socket-activate binds (the path appears) before it listens:
+        # a connect in between is refused.  The connect that succeeds is the
+        # condition itself (and makes it exec the writer).
+        wait_until(lambda: _connected(poke, listen), what="the activation socket listening")
         assert act.wait_exit() == 1
     finally:
         poke.close()
