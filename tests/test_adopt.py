@@ -101,7 +101,8 @@ def test_adopt_keeps_seq_cursors_and_discards_the_uncommitted(
     try:
         (adopted,) = events(logs, "segment_adopted")
         assert (adopted["in_place"], adopted["discarded"], adopted["readers"]) == (in_place, 1, 1)
-        assert new.write_seq == new.segment.reserve_seq == 3
+        # The discarded reservation's reserve stands (readers re-check against it).
+        assert (new.write_seq, new.segment.reserve_seq) == (3, 4)
         assert new.segment.entry(handle.index).cursor == 0
         assert new.segment.active and new.segment.writer_pid == os.getpid()
         assert new.publish(b"d") == 3

@@ -405,6 +405,62 @@ def test_reader_lapped_while_copying_drops_positions_not_seqs(
     assert [r.seq for r in sub.read(cap)] == list(range(cap, cap + cap // 2))
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "copied"])
+def test_reader_copying_a_dead_writers_half_written_slot_drops_it(
+    bus: Bus,
+    procs: Procs,
+    monkeypatch: pytest.MonkeyPatch,
+    in_place: bool,
+) -> None:
+    """A reader a whole ring behind plans its read, a writer reserves the oldest unread slot,
+    half-overwrites it and is SIGKILLed, a successor adopts the segment, and only then the
+    reader copies and re-checks: the torn slot is dropped as lost, never delivered."""
+    cap = 8
+    pub = bus.publisher(capacity=cap, slot_size=64)
+    sub = bus.subscriber(pub, start="oldest")
+    pub.publish_batch([record(s) for s in range(cap)])  # a full ring the reader has not read
+    real_read_runs = Subscriber._read_runs
+    successors: list[Publisher] = []
+
+    def writer(ch: ChildEnd) -> None:
+        res = pub.reserve(len(record(cap)))  # seq 8: slot 0, which holds seq 0
+        res.buffer[: len(res.buffer) // 2] = b"\xee" * (len(res.buffer) // 2)
+        ch.send("torn")
+        ch.recv(timeout=3600)  # killed here
+
+    def interleaved_read_runs(
+        self: Subscriber,
+        src: mmap.mmap | memoryview,
+        start: int,
+        end: int,
+        tmask: int | None,
+    ) -> tuple[list[RawRecord], int]:
+        monkeypatch.setattr(Subscriber, "_read_runs", real_read_runs)  # once
+        child = procs.fork(writer)
+        child.expect("torn", DEADLINE)
+        assert child.kill() == -signal.SIGKILL
+        stored = OwnedFd(os.dup(pub.segment.fileno()))
+        if not in_place:
+            Segment.unlink_name(pub.name)  # a clean stop removed the name: adopt copies
+        successors.append(Publisher.adopt(pub.name, stored))
+        return real_read_runs(self, src, start, end, tmask)
+
+    monkeypatch.setattr(Subscriber, "_read_runs", interleaved_read_runs)
+    try:
+        got = sub.read(cap)
+        (successor,) = successors
+        assert [(r.seq, r.payload) for r in got] == [(s, record(s)) for s in range(1, cap)]
+        assert sub.lost == 1
+        assert (successor.write_seq, successor.segment.reserve_seq) == (cap, cap + 1)
+        # The successor reuses the torn seq for a whole record.
+        successor.publish(record(cap))
+        if in_place:
+            assert [(r.seq, r.payload) for r in sub.read(cap)] == [(cap, record(cap))]
+    finally:
+        for s in successors:
+            s.close()
+
+
 # -- attach/detach churn ---------------------------------------------------------------------
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 from helpers import Bus
+
+from shmd.bus.subscriber import RawRecord, Subscriber
 
 
 def test_reserve_commit_publishes_in_place(bus: Bus) -> None:
@@ -23,7 +27,8 @@ def test_reserve_commit_publishes_in_place(bus: Bus) -> None:
 
 
 def test_reservation_context_manager(bus: Bus) -> None:
-    """The with form commits on success and abandons on an exception, freeing the seq."""
+    """The with form commits on success and abandons on an exception, freeing the seq
+    (reserve_seq stays up: it is never lowered)."""
     pub = bus.publisher()
     sub = bus.subscriber(pub)
     with pub.reserve(3) as buf:
@@ -31,7 +36,7 @@ def test_reservation_context_manager(bus: Bus) -> None:
     with pytest.raises(RuntimeError), pub.reserve(3) as buf:
         buf[:] = b"bad"
         raise RuntimeError
-    assert pub.segment.reserve_seq == pub.segment.write_seq == 1
+    assert (pub.segment.write_seq, pub.segment.reserve_seq) == (1, 2)
     res = pub.reserve(3)
     assert res.seq == 1
     with pytest.raises(ValueError, match="Failed to commit 4 bytes since 3 were reserved"):
@@ -59,6 +64,40 @@ def test_reserve_batch_commits_every_slot_at_once(bus: Bus) -> None:
     ]
     abandoned = pub.reserve_batch(2, 4)
     abandoned.abandon()
-    assert pub.segment.reserve_seq == pub.segment.write_seq == 3
+    assert (pub.segment.write_seq, pub.segment.reserve_seq) == (3, 5)
+    assert pub.publish(b"next") == 3  # the first abandoned seq, under the standing reserve
+    assert (pub.segment.write_seq, pub.segment.reserve_seq) == (4, 5)
+    assert pub.publish_batch([b"a", b"b"]) == 5
+    assert (pub.segment.write_seq, pub.segment.reserve_seq) == (6, 6)
     with pytest.raises(ValueError, match="Failed to reserve 9 slots since the ring has 8"):
         pub.reserve_batch(9, 4)
+
+
+def test_a_reader_copying_an_abandoned_slot_drops_it(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reservation half-filled over the oldest unread slot and abandoned while a reader a
+    ring behind copies that slot: the reader's re-check still sees it reserved and drops it."""
+    cap = 8
+    pub = bus.publisher(capacity=cap)
+    sub = bus.subscriber(pub, start="oldest")
+    pub.publish_batch([b"rec%d" % s for s in range(cap)])
+    real_read_runs = Subscriber._read_runs
+
+    def interleaved_read_runs(
+        self: Subscriber,
+        src: mmap.mmap | memoryview,
+        start: int,
+        end: int,
+        tmask: int | None,
+    ) -> tuple[list[RawRecord], int]:
+        monkeypatch.setattr(Subscriber, "_read_runs", real_read_runs)  # once
+        res = pub.reserve(4)  # seq 8: slot 0, which holds seq 0
+        res.buffer[:2] = b"\xee\xee"
+        res.abandon()
+        return real_read_runs(self, src, start, end, tmask)
+
+    monkeypatch.setattr(Subscriber, "_read_runs", interleaved_read_runs)
+    got = sub.read(cap)
+    assert [(r.seq, r.payload) for r in got] == [(s, b"rec%d" % s) for s in range(1, cap)]
+    assert sub.lost == 1

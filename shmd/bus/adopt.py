@@ -100,19 +100,29 @@ def copy_state(old: Segment, new: Segment) -> None:
     table_end = OFF_READERS + g.max_readers * READER_ENTRY_SIZE
     new.control[OFF_READERS:table_end] = old.control[OFF_READERS:table_end]
     new.q[Segment.BYTES_PUBLISHED] = old.q[Segment.BYTES_PUBLISHED]
+    # The ring comes with whatever the old writer half-wrote, so the copy
+    # says the same as the original about which slots may be torn.
+    new.q[Segment.RESERVE_SEQ] = old.q[Segment.RESERVE_SEQ]
     new.ring[:] = old.ring
 
 
 def take_over(table: ReaderTable, header: Header, *, in_place: bool) -> None:
     """Make an adopted segment ours: commit nothing half-written, active again.
 
-    Records the previous writer reserved but never committed are discarded
-    (``reserve_seq = write_seq``); evicted entries are freed (their readers
-    left with the old writer); every other entry keeps its cursor.
+    Records the previous writer reserved but never committed are discarded:
+    the next publish rewrites their slots from ``write_seq`` on.  Evicted
+    entries are freed (their readers left with the old writer); every other
+    entry keeps its cursor.
+
+    ``reserve_seq`` stays where the previous writer left it, never lowered.
+    A lagging reader may have loaded it *before* that writer reserved, then
+    copied one of the slots it was half-way through overwriting; the reader
+    trusts its copy only if ``reserve_seq``, re-read after the copy, says
+    nobody wrote there.  Lowered back to ``write_seq`` here, it would say
+    exactly that, and the torn record would be delivered.
     """
     seg = table.segment
     with table.locked():
-        seg.q[Segment.RESERVE_SEQ] = header.write_seq
         seg.u[Segment.WRITER_PID] = os.getpid()
         seg.u[Segment.WRITER_WAITING] = 0
         table.free_all_evicted()

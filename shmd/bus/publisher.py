@@ -3,7 +3,9 @@
 Publishing a batch of n records is::
 
     [block policy: wait until the slowest reader leaves n free slots]
-    reserve_seq = write_seq + n          (readers: these slots are in flux)
+    reserve_seq = write_seq + n          (readers: these slots are in flux;
+                                          never lowered: an abandoned or dead
+                                          writer's reserve stands)
     write n slots (header + payload)     (plain stores into the ring)
     write_seq = reserve_seq              (commit: readers may read them)
     fence; if sleep_count moved since we last looked (a reader announced a
@@ -112,6 +114,10 @@ class Publisher:
         #: Readers evicted since the owner last looked (it closes their connections).
         self.evictions: list[Eviction] = []
         self._seq = segment.write_seq
+        #: The highest ``reserve_seq`` stored: it never goes down (see
+        #: shmd.bus.adopt.take_over), so after an abandoned reservation or a
+        #: take-over the next publishes may find their slots reserved already.
+        self._reserved = segment.reserve_seq
         self._mask = self.geometry.capacity - 1
         self._slot = self.geometry.slot_size
         self._max_payload = self.geometry.max_payload
@@ -195,6 +201,7 @@ class Publisher:
         )
         take_over(pub.table, header, in_place=in_place)
         pub._seq = pub._room_until = header.write_seq
+        pub._reserved = seg.reserve_seq
         pub._sleep_seen = -1
         return pub
 
@@ -332,9 +339,10 @@ class Publisher:
             # waking early can cost a reader one more wake-up, never lose one.
             self._wake_sleepers(count, topics)
         q = self._q
-        q[_RESERVE_SEQ] = seq + 1
-        if not _TSO:
-            libc.store_fence()  # the reserve must be visible before the slot changes
+        if seq >= self._reserved:
+            q[_RESERVE_SEQ] = self._reserved = seq + 1
+            if not _TSO:
+                libc.store_fence()  # the reserve must be visible before the slot changes
         ring = self._ring
         off = (seq & self._mask) * self._slot
         self._pack(ring, off, seq, _monotonic_ns(), length, topic, 0, 0)
@@ -384,12 +392,10 @@ class Publisher:
         self, payloads: Sequence[bytes | bytearray | memoryview], topic: int
     ) -> None:
         n = len(payloads)
-        seg = self.segment
         if self._block:
             self._wait_for_space(n)
         seq = self._seq
-        seg.q[Segment.RESERVE_SEQ] = seq + n
-        libc.store_fence()  # the reserve must be visible before any slot changes
+        self._reserve_to(seq + n)
         ts = time.monotonic_ns()
         lengths = list(map(len, payloads))
         nbytes = sum(lengths)
@@ -410,6 +416,12 @@ class Publisher:
             write_loop(ring, cap, slot, seq, ts, topic, payloads)
         seq += n
         self._commit(seq, nbytes, 1 << topic)
+
+    def _reserve_to(self, end: int) -> None:
+        """Raise ``reserve_seq`` to ``end`` (never lower it), visible before any slot changes."""
+        if end > self._reserved:
+            self._q[_RESERVE_SEQ] = self._reserved = end
+            libc.store_fence()  # the reserve before the slots' stores
 
     def _wait_for_space(self, n: int) -> None:
         """Block policy: make sure ``n`` slots are free for every reader (see shmd.bus.block)."""
@@ -441,8 +453,7 @@ class Publisher:
         if self._block:
             self._wait_for_space(count)
         seq = self._seq
-        self.segment.q[Segment.RESERVE_SEQ] = seq + count
-        libc.store_fence()
+        self._reserve_to(seq + count)
         ring, mask, slot = self.segment.ring, self._mask, self._slot
         if count == 1:  # reserve(): one slice, no comprehension
             off = (seq & mask) * slot + RECORD_HEADER_SIZE

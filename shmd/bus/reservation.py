@@ -59,12 +59,16 @@ class Reservation:
         return self.seq + n - 1
 
     def abandon(self) -> None:
-        """Give the slots back without publishing."""
+        """Give the slots back without publishing.
+
+        The next publish reuses them.  ``reserve_seq`` stays up (see
+        :func:`shmd.bus.adopt.take_over`): the caller may have written into
+        a slot a lagging reader was copying.
+        """
         if not self._done:
             self._done = True
             for b in self.buffers:
                 b.release()
-            self._pub.segment.q[Segment.RESERVE_SEQ] = self._pub.write_seq
 
     def __enter__(self) -> memoryview:
         return self.buffer
