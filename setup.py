@@ -16,7 +16,8 @@ setup(
     ext_modules=[
         Extension(
             "shmd._sys._core",
-            sources=["shmd/_sys/_core.c"],
+            sources=["shmd/_sys/_core.c", "shmd/_sys/_writer.c", "shmd/_sys/_reader.c"],
+            depends=["shmd/_sys/_bus.h"],
             extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", *extra],
             extra_link_args=[f for f in extra if f.startswith("-fsanitize")],
         )

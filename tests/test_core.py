@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from shmd._sys import _core, libc
+from shmd.bus import layout
 
 
 @pytest.fixture
@@ -164,7 +165,131 @@ def test_mutex_lock_reports_a_timeout_as_etimedout(area: int) -> None:
 
 def test_fences_take_no_arguments() -> None:
     """The three barriers are plain no-argument calls."""
-    for fence in (_core.fence, _core.store_fence, _core.load_fence):
+    for fence in (_core.fence, _core.load_fence):
         fence()
         with pytest.raises(TypeError):
             fence(1)  # type: ignore[call-arg]
+
+
+# -- the hot path's types ----------------------------------------------------------------
+
+
+def test_the_cores_layout_is_the_layout_modules() -> None:
+    """Every offset the C knows (shmd/_sys/_bus.h) equals shmd.bus.layout's."""
+    names = {
+        "OFF_ACTIVE": layout.OFF_ACTIVE,
+        "OFF_WRITE_SEQ": layout.OFF_WRITE_SEQ,
+        "OFF_RESERVE_SEQ": layout.OFF_RESERVE_SEQ,
+        "OFF_WRITER_WAITING": layout.OFF_WRITER_WAITING,
+        "OFF_SLEEP_COUNT": layout.OFF_SLEEP_COUNT,
+        "OFF_BYTES_PUBLISHED": layout.OFF_BYTES_PUBLISHED,
+        "OFF_SEM": layout.OFF_SEM,
+        "OFF_READERS": layout.OFF_READERS,
+        "READER_ENTRY_SIZE": layout.READER_ENTRY_SIZE,
+        "R_STATE": layout.RU_STATE * 4,
+        "R_CURSOR": layout.RQ_CURSOR * 8,
+        "R_DELIVERED": layout.RQ_DELIVERED * 8,
+        "R_LOST": layout.RQ_LOST * 8,
+        "R_LAST_ACTIVE_NS": layout.RQ_LAST_ACTIVE_NS * 8,
+        "R_SLEEP_SEQ": layout.RU_SLEEP_SEQ * 4,
+        "R_WAKE_SEQ": layout.RU_WAKE_SEQ * 4,
+        "R_TOPICS": layout.RQ_TOPICS * 8,
+        "R_TOKEN": layout.RQ_TOKEN * 8,
+        "RECORD_HEADER_SIZE": layout.RECORD_HEADER_SIZE,
+        "TOPIC_MAX": layout.TOPIC_MAX,
+        "STATE_ATTACHED": int(layout.ReaderState.ATTACHED),
+        "REC_TOPIC": 20,
+    }
+    assert names == _core.LAYOUT
+    offsets = {name: 0 for name, _ in layout.RECORD_HEADER_FIELDS}
+    at = 0
+    for name, code in layout.RECORD_HEADER_FIELDS:
+        offsets[name] = at
+        at += {"Q": 8, "I": 4}[code]
+    assert offsets["topic"] == _core.LAYOUT["REC_TOPIC"]
+
+
+def _callbacks() -> dict[str, object]:
+    return {"slow": lambda payload, topic: 0, "on_blocking": lambda row: None}
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"capacity": 3}, ValueError, "geometry is invalid"),
+        ({"slot_size": 32}, ValueError, "geometry is invalid"),
+        ({"reserve_seq": 100}, ValueError, "geometry is invalid"),
+        ({"capacity": 64}, ValueError, "mappings are smaller than its geometry"),
+        ({"slow": 5}, TypeError, "not callable"),
+    ],
+    ids=["capacity", "slot", "reserve", "too-small", "callback"],
+)
+def test_a_writer_on_bad_arguments_is_refused_and_holds_nothing(
+    change: dict[str, object], error: type[Exception], match: str
+) -> None:
+    """A Writer made with a bad geometry or callback raises, and leaves both maps closable."""
+    control, ring = mmap.mmap(-1, mmap.PAGESIZE), mmap.mmap(-1, 8 * 64)
+    args: dict[str, object] = {
+        "control": control,
+        "ring": ring,
+        "capacity": 8,
+        "slot_size": 64,
+        "write_seq": 0,
+        "reserve_seq": 0,
+        **_callbacks(),
+        **change,
+    }
+    with pytest.raises(error, match=match):
+        _core.Writer(**args)  # type: ignore[arg-type]
+    control.close()  # BufferError if the failed Writer still held an export
+    ring.close()
+
+
+def test_a_reader_needs_a_writable_control_part() -> None:
+    """A Reader refuses a read-only control buffer (it stores its cursor there)."""
+    ring = mmap.mmap(-1, 8 * 64)
+    with pytest.raises(BufferError):
+        _core.Reader(
+            control=bytes(mmap.PAGESIZE),
+            ring=ring,
+            ring_view=memoryview(ring),
+            capacity=8,
+            slot_size=64,
+            index=0,
+            token=1,
+            block=False,
+            eventfd=-1,
+            on_error=lambda code, seq: None,
+        )
+    ring.close()
+
+
+def test_a_closed_writer_sends_publish_to_the_slow_path_and_lets_go() -> None:
+    """After close(), publish() goes to the slow callable, and the maps can be unmapped."""
+    control, ring = mmap.mmap(-1, mmap.PAGESIZE), mmap.mmap(-1, 8 * 64)
+    calls: list[tuple[object, int]] = []
+
+    def slow(payload: object, topic: int) -> int:
+        calls.append((payload, topic))
+        return 42
+
+    w = _core.Writer(
+        control=control,
+        ring=ring,
+        capacity=8,
+        slot_size=64,
+        write_seq=0,
+        reserve_seq=0,
+        slow=slow,
+        on_blocking=lambda row: None,
+    )
+    assert w.publish(b"x") == 0
+    assert w.publish(b"y", topic=3) == 1 and w.seq == 2
+    w.close()
+    assert w.closed
+    control.close()
+    ring.close()
+    assert w.publish(b"z", 5) == 42
+    assert calls == [(b"z", 5)]
+    with pytest.raises(TypeError, match="topic is str, not an int"):
+        w.publish(b"z", "5")  # type: ignore[arg-type]

@@ -16,7 +16,6 @@ import fcntl
 import functools
 import hashlib
 import json
-import mmap
 import os
 import random
 import shutil
@@ -60,7 +59,6 @@ from shmd.bus.layout import (
     OFF_SLOT_SIZE,
     OFF_VERSION,
     OFF_WRITE_SEQ,
-    RU_SLEEP_SEQ,
     Geometry,
     Policy,
     ReaderState,
@@ -129,16 +127,9 @@ def raw_attach(bus: ProcBus, instance: str) -> tuple[Connection, Subscriber]:
 
 
 def announce_sleep_raw(sub: Subscriber) -> None:
-    """Announce a sleep as the protocol says, without Subscriber.prepare_sleep's
+    """Announce a sleep as the protocol says (step [S3] alone), without Subscriber.prepare_sleep's
     drain of the eventfd first (as a reader that does not use shmd's code may)."""
-    seg = sub.segment
-    _, u0 = Segment.entry_words(sub.index)
-    assert seg.lock(None) is libc.LockResult.ACQUIRED
-    try:
-        seg.u[u0 + RU_SLEEP_SEQ] += 1
-        seg.u[Segment.SLEEP_COUNT] += 1
-    finally:
-        seg.unlock()
+    sub._r.announce()
 
 
 # -- a stalled or malicious participant cannot stop the bus ------------------------------------
@@ -167,8 +158,8 @@ def test_mutex_hog_costs_the_writer_one_timeout_and_is_named(
     child.expect("locked", DEADLINE)
     mark = w.mark()
     # 100 ticks/s: if commits waited mutex_timeout for the hog (2/s), 200
-    # more ticks would take 100 s.  (The healthy reader cannot announce a
-    # sleep meanwhile: it looks again every 50 ms.)
+    # more ticks would take 100 s.  (Readers announce their sleeps without
+    # the mutex: the healthy one sleeps and wakes as always.)
     receives_more(world, "healthy", 200)
     assert not w.find("mutex_stalled", since=mark)  # publishing never takes the mutex
     late = world.file_reader("late")  # a reader-table change meets the hog
@@ -183,14 +174,15 @@ def test_mutex_hog_costs_the_writer_one_timeout_and_is_named(
     assert child.kill() == -signal.SIGKILL
     w.wait_for("reader_lost", DEADLINE, reader="hog")
     assert w.wait_for("mutex_recovered", DEADLINE, since=mark)["stalled"] > 0
-    # Whoever locks first after the kill (the writer, or either reader
-    # announcing a sleep) gets EOWNERDEAD and repairs the table.
+    # The writer is the only one that locks (readers never do): it gets
+    # EOWNERDEAD and repairs the table.
     died = wait_until(
-        lambda: [e for d in (w, healthy, late) for e in d.find("mutex_owner_died")],
+        lambda: w.find("mutex_owner_died"),
         DEADLINE,
-        what="somebody repairing the mutex the hog died holding",
+        what="the writer repairing the mutex the hog died holding",
     )
-    assert died[0]["role"] in ("writer", "reader")
+    assert died[0]["role"] == "writer"
+    assert not [e for d in (healthy, late) for e in d.find("mutex_owner_died")]
     receives_more(world, "healthy", 20)
     w.terminate()
     assert w.wait_exit(DEADLINE) == 0
@@ -374,7 +366,6 @@ def test_writers_killed_mid_record_never_deliver_it_torn(shm_name: str, procs: P
 @pytest.mark.parametrize("topics", [ALL_TOPICS, topic_mask([0])], ids=["all", "filtered"])
 def test_reader_lapped_while_copying_drops_positions_not_seqs(
     bus: Bus,
-    monkeypatch: pytest.MonkeyPatch,
     topics: int,
 ) -> None:
     """A writer that laps a reader between its read plan and its copy leaves records of the
@@ -384,21 +375,13 @@ def test_reader_lapped_while_copying_drops_positions_not_seqs(
     pub = bus.publisher(capacity=cap)
     sub = bus.subscriber(pub, start="oldest", topics=topics)
     pub.publish_batch([record(s) for s in range(cap)])
-    real_read_runs = Subscriber._read_runs
 
-    def lapping_read_runs(
-        self: Subscriber,
-        src: mmap.mmap | memoryview,
-        start: int,
-        end: int,
-        tmask: int | None,
-    ) -> tuple[list[RawRecord], int]:
-        monkeypatch.setattr(Subscriber, "_read_runs", real_read_runs)  # once
+    def lap_the_reader(start: int, end: int) -> None:
+        sub._r.hook = None  # once
         first = pub.write_seq
         pub.publish_batch([record(s) for s in range(first, first + cap // 2)])
-        return real_read_runs(self, src, start, end, tmask)
 
-    monkeypatch.setattr(Subscriber, "_read_runs", lapping_read_runs)
+    sub._r.hook = lap_the_reader  # between the read's plan and its copy
     got = sub.read(cap)
     assert [(r.seq, r.payload) for r in got] == [(s, record(s)) for s in range(cap // 2, cap)]
     assert sub.lost == cap // 2
@@ -409,7 +392,6 @@ def test_reader_lapped_while_copying_drops_positions_not_seqs(
 def test_reader_copying_a_dead_writers_half_written_slot_drops_it(
     bus: Bus,
     procs: Procs,
-    monkeypatch: pytest.MonkeyPatch,
     in_place: bool,
 ) -> None:
     """A reader a whole ring behind plans its read, a writer reserves the oldest unread slot,
@@ -419,7 +401,6 @@ def test_reader_copying_a_dead_writers_half_written_slot_drops_it(
     pub = bus.publisher(capacity=cap, slot_size=64)
     sub = bus.subscriber(pub, start="oldest")
     pub.publish_batch([record(s) for s in range(cap)])  # a full ring the reader has not read
-    real_read_runs = Subscriber._read_runs
     successors: list[Publisher] = []
 
     def writer(ch: ChildEnd) -> None:
@@ -428,14 +409,8 @@ def test_reader_copying_a_dead_writers_half_written_slot_drops_it(
         ch.send("torn")
         ch.recv(timeout=3600)  # killed here
 
-    def interleaved_read_runs(
-        self: Subscriber,
-        src: mmap.mmap | memoryview,
-        start: int,
-        end: int,
-        tmask: int | None,
-    ) -> tuple[list[RawRecord], int]:
-        monkeypatch.setattr(Subscriber, "_read_runs", real_read_runs)  # once
+    def tear_the_slot(start: int, end: int) -> None:
+        sub._r.hook = None  # once
         child = procs.fork(writer)
         child.expect("torn", DEADLINE)
         assert child.kill() == -signal.SIGKILL
@@ -443,9 +418,8 @@ def test_reader_copying_a_dead_writers_half_written_slot_drops_it(
         if not in_place:
             Segment.unlink_name(pub.name)  # a clean stop removed the name: adopt copies
         successors.append(Publisher.adopt(pub.name, stored))
-        return real_read_runs(self, src, start, end, tmask)
 
-    monkeypatch.setattr(Subscriber, "_read_runs", interleaved_read_runs)
+    sub._r.hook = tear_the_slot  # between the read's plan and its copy
     try:
         got = sub.read(cap)
         (successor,) = successors

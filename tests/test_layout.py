@@ -42,7 +42,6 @@ from shmd.bus.layout import (
     RECORD_HEADER,
     RECORD_HEADER_FIELDS,
     RECORD_HEADER_SIZE,
-    RECORD_READ_HEADER,
     TOPIC_MAX,
     Geometry,
     Header,
@@ -56,8 +55,6 @@ from shmd.bus.layout import (
     encode_name,
     encode_record_header,
     entry_offset,
-    slot_packer,
-    slot_stride,
     topic_mask,
     validate_header,
 )
@@ -327,28 +324,6 @@ def test_record_header_round_trip(seq: int, ts: int, length: int, topic: int) ->
     assert decode_record_header(b"pad" + raw, 3) == (seq, ts, length, topic)
 
 
-@given(
-    st.integers(5, 64).map(lambda w: w * 8),
-    st.lists(
-        st.tuples(seqs, st.integers(0, U64), st.integers(0, 1 << 20), st.integers(0, TOPIC_MAX)),
-        min_size=1,
-        max_size=8,
-    ),
-)
-def test_slot_stride_decodes_what_encode_wrote(
-    slot_size: int,
-    records: list[tuple[int, int, int, int]],
-) -> None:
-    """slot_stride unpacks the header of every slot of a run, as decode_record_header does."""
-    buf = bytearray(slot_size * len(records))
-    for i, r in enumerate(records):
-        buf[i * slot_size : i * slot_size + RECORD_HEADER_SIZE] = encode_record_header(*r)
-    stride = slot_stride(slot_size)
-    assert stride.size == slot_size
-    assert list(stride.iter_unpack(buf)) == records
-    assert [decode_record_header(bytes(buf), i * slot_size) for i in range(len(records))] == records
-
-
 def test_record_row_indices_follow_record_fields() -> None:
     """REC_SEQ, REC_TIMESTAMP, REC_TOPIC and REC_PAYLOAD are Record's field positions."""
     fields = Record._fields
@@ -362,18 +337,13 @@ def test_record_row_indices_follow_record_fields() -> None:
 
 
 def test_record_structs_are_built_from_the_field_list() -> None:
-    """The header, the read prefix, the stride and the packer agree with RECORD_HEADER_FIELDS."""
+    """The header struct and its decoder agree with RECORD_HEADER_FIELDS."""
     names = [name for name, _ in RECORD_HEADER_FIELDS]
     assert names[:4] == ["seq", "timestamp_ns", "length", "topic"]
     assert RECORD_HEADER.size == RECORD_HEADER_SIZE == 32
-    assert RECORD_READ_HEADER.size == 24
-    assert slot_stride(64).size == 64
-    packed = slot_packer(5, 64 - RECORD_HEADER_SIZE - 5).pack(9, 8, 5, 7, 0, 0, b"hello")
-    assert len(packed) == 64
+    packed = encode_record_header(9, 8, 5, 7) + b"hello"
     assert decode_record_header(packed) == (9, 8, 5, 7)
     assert RECORD_HEADER.unpack_from(packed) == (9, 8, 5, 7, 0, 0)
-    assert packed[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + 5] == b"hello"
-    assert packed[RECORD_HEADER_SIZE + 5 :] == bytes(64 - RECORD_HEADER_SIZE - 5)
 
 
 # -- reader entries, names, topics, policy --------------------------------------------

@@ -12,9 +12,8 @@ import pytest
 from helpers import Bus, ChildEnd, Procs, drain, eventfd_count, in_dev_shm
 from structlog.testing import capture_logs
 
-from shmd.bus import publisher as publisher_module
 from shmd.bus.layout import Policy, topic_mask
-from shmd.bus.publisher import EARLY_WAKE_MAX, Publisher
+from shmd.bus.publisher import Publisher, ReaderHandle
 from shmd.errors import GeometryError, PayloadTooLarge, SegmentClosed, TopicError
 
 
@@ -232,54 +231,31 @@ def test_awake_reader_costs_no_eventfd_write(bus: Bus) -> None:
     assert eventfd_count(sub.eventfd.fileno()) == 0
 
 
-def test_a_reader_woken_before_the_commit_is_woken_again_after_it(
-    bus: Bus,
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("size", [1, 4096, 8000], ids=["small", "4KiB", "big"])
+def test_wake_ups_come_after_the_commit(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
-    """publish() wakes sleepers before it writes a small record; a reader that looks too soon
-    finds nothing, announces again, and the commit's own check wakes it a second time."""
-    pub = bus.publisher(capacity=64)
+    """A sleeping reader's eventfd is written only once the record is committed, whatever its
+    size (no early wake-up: a woken reader always finds the record)."""
+    pub = bus.publisher(capacity=4, slot_size=8192)
     sub = bus.subscriber(pub)
     assert sub.eventfd is not None
-    seen: list[tuple[int, list[bytes | memoryview], float | None]] = []
-
-    def write_then_look(fd: int, data: bytes) -> int:
-        written = os.write(fd, data)
-        if not seen:  # the early wake-up: the reader runs before the commit
-            woken = eventfd_count(sub.eventfd.fileno())  # type: ignore[union-attr]
-            seen.append((woken, [r.payload for r in sub.read()], sub.prepare_sleep()))
-        return written
-
-    monkeypatch.setattr(publisher_module, "_write", write_then_look)
-    assert sub.prepare_sleep() is None
-    pub.publish(b"small")
-    assert seen == [(1, [], None)]  # woken, nothing committed yet, asleep again
-    assert eventfd_count(sub.eventfd.fileno()) == 1  # the second wake-up, after the commit
-    assert [r.payload for r in sub.read()] == [b"small"]
-
-
-def test_big_records_wake_after_the_commit_only(
-    bus: Bus,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A record longer than EARLY_WAKE_MAX is committed before its wake-up is written."""
-    pub = bus.publisher(capacity=4, slot_size=EARLY_WAKE_MAX + 64)
-    sub = bus.subscriber(pub)
-    assert sub.eventfd is not None
+    fd = sub.eventfd.fileno()
     committed_at_wake: list[int] = []
+    real = pub.table.restore_nonblocking
 
-    def spy(fd: int, data: bytes) -> int:
+    def spy(h: ReaderHandle, efd: int) -> None:
+        # The core calls this right before the eventfd write it is about to make.
         committed_at_wake.append(pub.segment.write_seq)
-        return os.write(fd, data)
+        real(h, efd)
 
-    monkeypatch.setattr(publisher_module, "_write", spy)
+    monkeypatch.setattr(pub.table, "restore_nonblocking", spy)
     assert sub.prepare_sleep() is None
-    pub.publish(bytes(EARLY_WAKE_MAX + 1))
+    os.set_blocking(fd, True)  # so that the core reports the write it is about to make
+    pub.publish(bytes(size))
     assert committed_at_wake == [1]
+    assert eventfd_count(fd) == 1
     assert len(sub.read()) == 1
-    assert sub.prepare_sleep() is None
-    pub.publish(bytes(EARLY_WAKE_MAX))
-    assert committed_at_wake == [1, 1]  # the small one's wake-up came before its commit
 
 
 def test_an_unanswered_announcement_stands_and_is_answered_once(bus: Bus) -> None:

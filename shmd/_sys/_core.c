@@ -1,21 +1,22 @@
 /*
  * shmd._sys._core: the compiled bottom of shmd.
  *
- * This first part of the core holds what every sleep and every repair goes
- * through: the segment's process-shared robust pthread mutex, its POSIX
- * semaphore, and real memory barriers.  Each function is a direct libc call
- * (no ctypes on these paths) with the GIL released wherever it may block.
+ * One extension module, three files: this one holds the module, the
+ * segment's process-shared robust pthread mutex, its POSIX semaphore and
+ * memory barriers for what stays in Python; _writer.c (Writer) and
+ * _reader.c (Reader) hold the bus's hot path, publishing, reading and the
+ * sleep handshake, with every shared access a C11 atomic (_bus.h).
  *
- * Contract with shmd/_sys/libc.py, the one Python module that imports this:
- * addresses are plain integers that libc.Pinned took from a writable buffer
- * it keeps exported, so the memory cannot be unmapped under us; the pthread
- * and semaphore functions return their error number (0 for success) as a
+ * Contract with shmd/_sys/libc.py for the functions here: addresses are
+ * plain integers that libc.Pinned took from a writable buffer it keeps
+ * exported, so the memory cannot be unmapped under us; the pthread and
+ * semaphore functions return their error number (0 for success) as a
  * Python int, and libc.py maps each errno to the exception and the reason a
  * user reads (its per-call tables).  Argument errors and interrupted waits
- * raise here, as any C function of CPython does.
+ * raise here, as any C function of CPython does.  Writer and Reader take the
+ * Segment's mmaps themselves, as buffer exports held until their close().
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_bus.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -247,15 +248,14 @@ core_sem_drain(PyObject *Py_UNUSED(module), PyObject *arg)
 
 /* -- memory barriers --------------------------------------------------------
  *
- * Candidly: these order the interpreter's plain loads and stores into the
- * mapping (memoryview item assignment is a plain C store) only in the way a
- * C compiler and CPU honour a fence between non-atomic accesses, which is
- * what every ring written from Python relies on today.  The C11 model makes
- * promises only about atomics; the hot paths move into this module as C11
- * atomics with their orders next (issue #15), and these calls go with them.
- * Measured here (timeit, one run, a loaded 2-core VM): fence() 23 ns; the
- * _thread.lock round trip that was x86-64's full barrier 118 ns.  A mutex
- * lock+unlock through libc.py's wrappers: 300 ns, against 1.05 us by ctypes.
+ * For what stays in Python, off the hot path: the block policy's
+ * writer_waiting handshake, deactivate(), the slowest-cursor scan and
+ * Subscriber.still_valid().  Candidly: they order the interpreter's plain
+ * loads and stores into the mapping (memoryview item access is a plain C
+ * access) only in the way a C compiler and CPU honour a fence between
+ * non-atomic accesses; the C11 model promises more only for atomics, which
+ * is why everything per record or per sleep is in _writer.c and _reader.c.
+ * Measured here (timeit, one run, a loaded 2-core VM): fence() 23 ns.
  */
 
 PyDoc_STRVAR(fence_doc,
@@ -265,16 +265,6 @@ static PyObject *
 core_fence(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(unused))
 {
     atomic_thread_fence(memory_order_seq_cst);
-    Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(store_fence_doc,
-"store_fence()\n\nStores before it are visible before stores after it (release fence).");
-
-static PyObject *
-core_store_fence(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(unused))
-{
-    atomic_thread_fence(memory_order_release);
     Py_RETURN_NONE;
 }
 
@@ -288,6 +278,51 @@ core_load_fence(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(unused))
     Py_RETURN_NONE;
 }
 
+/* -- shared with _writer.c and _reader.c --------------------------------------- */
+
+uint64_t
+shmd_monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void
+shmd_views_release(shmd_views *v)
+{
+    if (v->ctl.obj != NULL) {
+        PyBuffer_Release(&v->ctl);
+    }
+    if (v->ring.obj != NULL) {
+        PyBuffer_Release(&v->ring);
+    }
+    v->ctl.buf = v->ring.buf = NULL;
+}
+
+int
+shmd_views_take(shmd_views *v, PyObject *control, PyObject *ring, int ring_writable,
+                Py_ssize_t control_size, Py_ssize_t ring_size)
+{
+    /* The control part is written by both sides; the ring only by the writer
+     * (readers map it PROT_READ: a stray store faults in the reader). */
+    if (PyObject_GetBuffer(control, &v->ctl, PyBUF_WRITABLE) < 0) {
+        return -1;
+    }
+    if (PyObject_GetBuffer(ring, &v->ring, ring_writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&v->ctl);
+        return -1;
+    }
+    if (v->ctl.len < control_size || v->ring.len < ring_size
+        || ((uintptr_t)v->ctl.buf % 8) != 0 || ((uintptr_t)v->ring.buf % 8) != 0) {
+        shmd_views_release(v);
+        PyErr_SetString(PyExc_ValueError,
+                        "Failed to use the segment since its mappings are smaller than its geometry");
+        return -1;
+    }
+    return 0;
+}
+
 static PyMethodDef core_methods[] = {
     {"mutex_init", core_mutex_init, METH_O, mutex_init_doc},
     {"mutex_lock", (PyCFunction)(void (*)(void))core_mutex_lock, METH_FASTCALL, mutex_lock_doc},
@@ -297,16 +332,51 @@ static PyMethodDef core_methods[] = {
     {"sem_wait", (PyCFunction)(void (*)(void))core_sem_wait, METH_FASTCALL, sem_wait_doc},
     {"sem_drain", core_sem_drain, METH_O, sem_drain_doc},
     {"fence", core_fence, METH_NOARGS, fence_doc},
-    {"store_fence", core_store_fence, METH_NOARGS, store_fence_doc},
     {"load_fence", core_load_fence, METH_NOARGS, load_fence_doc},
     {NULL, NULL, 0, NULL},
 };
 
+/* The layout as _bus.h knows it, for tests/test_core.py to hold against
+ * shmd/bus/layout.py. */
+static int
+add_layout(PyObject *module)
+{
+    PyObject *d = Py_BuildValue(
+        "{sisisisisisisisisisisisisisisisisisisisisisi}",
+        "OFF_ACTIVE", OFF_ACTIVE, "OFF_WRITE_SEQ", OFF_WRITE_SEQ,
+        "OFF_RESERVE_SEQ", OFF_RESERVE_SEQ, "OFF_WRITER_WAITING", OFF_WRITER_WAITING,
+        "OFF_SLEEP_COUNT", OFF_SLEEP_COUNT, "OFF_BYTES_PUBLISHED", OFF_BYTES_PUBLISHED,
+        "OFF_SEM", OFF_SEM, "OFF_READERS", OFF_READERS, "READER_ENTRY_SIZE", READER_ENTRY_SIZE,
+        "R_STATE", R_STATE, "R_CURSOR", R_CURSOR, "R_DELIVERED", R_DELIVERED, "R_LOST", R_LOST,
+        "R_LAST_ACTIVE_NS", R_LAST_ACTIVE_NS, "R_SLEEP_SEQ", R_SLEEP_SEQ,
+        "R_WAKE_SEQ", R_WAKE_SEQ, "R_TOPICS", R_TOPICS, "R_TOKEN", R_TOKEN,
+        "RECORD_HEADER_SIZE", RECORD_HEADER_SIZE, "TOPIC_MAX", TOPIC_MAX,
+        "STATE_ATTACHED", STATE_ATTACHED, "REC_TOPIC", REC_TOPIC);
+    if (d == NULL) {
+        return -1;
+    }
+    int rc = PyModule_AddObjectRef(module, "LAYOUT", d);
+    Py_DECREF(d);
+    return rc;
+}
+
 static int
 core_exec(PyObject *module)
 {
+    /* The shared words are plain memory another process also touches: that
+     * is sound only with lock-free atomics (no hidden lock in this process). */
+    if (ATOMIC_LLONG_LOCK_FREE != 2 || ATOMIC_INT_LOCK_FREE != 2) {
+        PyErr_SetString(PyExc_ImportError,
+                        "Failed to load shmd's core since this CPU has no lock-free 64-bit atomics");
+        return -1;
+    }
     if (PyModule_AddIntConstant(module, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0
-        || PyModule_AddIntConstant(module, "SEM_SIZE", (long)sizeof(sem_t)) < 0) {
+        || PyModule_AddIntConstant(module, "SEM_SIZE", (long)sizeof(sem_t)) < 0
+        || PyModule_AddIntConstant(module, "COPY_BATCH_BYTES", COPY_BATCH_BYTES) < 0
+        || PyModule_AddIntConstant(module, "DEFER_CURSOR_MIN_CAPACITY", DEFER_CURSOR_MIN_CAPACITY) < 0
+        || add_layout(module) < 0
+        || PyModule_AddType(module, &shmd_WriterType) < 0
+        || PyModule_AddType(module, &shmd_ReaderType) < 0) {
         return -1;
     }
     return 0;

@@ -21,7 +21,6 @@ import ctypes.util
 import enum
 import errno as E  # noqa: N812 - the errno tables read better with a short prefix
 import os
-import platform
 from collections.abc import Callable, Mapping
 
 try:
@@ -59,7 +58,6 @@ if _core.MUTEX_SIZE > MUTEX_AREA or _core.SEM_SIZE > SEM_AREA:  # pragma: no cov
         f"Failed to import shmd since this libc's pthread_mutex_t ({_core.MUTEX_SIZE} bytes) "
         f"or sem_t ({_core.SEM_SIZE}) does not fit the segment's {MUTEX_AREA}/{SEM_AREA} bytes"
     )
-_machine = platform.machine()
 
 EOWNERDEAD = E.EOWNERDEAD
 ENOTRECOVERABLE = E.ENOTRECOVERABLE
@@ -283,23 +281,16 @@ def sem_drain(address: int) -> None:
 
 # -- memory ordering ------------------------------------------------------------
 
-# Python has no memory-barrier primitive, and both the sleep handshake and the
-# block-policy handshake need a StoreLoad barrier (store my flag, then load the
-# other side's), which even x86's TSO does not give for free: fence() is the
-# core's atomic_thread_fence(memory_order_seq_cst), an mfence (x86-64) or
-# dmb ish (aarch64).  store_fence() and load_fence() are release and acquire
-# fences: they order the reserve, the slots and the commit (and a reader's
-# mirror image) on weakly ordered CPUs.
-#: A full memory barrier, StoreLoad included.
+# The hot paths (publishing, reading, the sleep announcement) order their
+# shared accesses themselves, as C11 atomics in the core (shmd/_sys/_writer.c,
+# _reader.c).  What is left in Python is off those paths and needs only these:
+# the block policy's writer_waiting handshake and deactivate() a StoreLoad
+# barrier (store my flag, then load the other side's: not free even under
+# x86's TSO), still_valid() and the slowest-cursor scan an acquire fence.
+#: A full memory barrier, StoreLoad included: atomic_thread_fence(memory_order_seq_cst).
 fence: Callable[[], None] = _core.fence
-#: StoreStore (and LoadStore): stores before it are visible before stores after it.
-store_fence: Callable[[], None] = _core.store_fence
-#: LoadLoad (and LoadStore): loads before it complete before loads after it.
+#: Loads before it complete before loads and stores after it (an acquire fence).
 load_fence: Callable[[], None] = _core.load_fence
-#: True where store_fence() and load_fence() compile to nothing (x86-64 is
-#: TSO: stores are not reordered with stores, nor loads with loads), so the
-#: hot paths skip the call.
-TSO = _machine == "x86_64"
 
 
 # -- malloc tuning for big records ----------------------------------------------------------

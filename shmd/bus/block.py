@@ -43,6 +43,10 @@ def slowest(pub: Blocked) -> tuple[int, ReaderHandle | None]:
         c = q[h.q0 + RQ_CURSOR]
         if c < low:
             low, who = c, h
+    # Acquire: the slots below the cursors we loaded are no longer being
+    # copied once we overwrite them; pairs with the reader's release store of
+    # its cursor ([R5], shmd/_sys/_reader.c publish_cursor).
+    libc.load_fence()
     return low, who
 
 

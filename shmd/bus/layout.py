@@ -18,7 +18,6 @@ the spec is explicit so that another language can read it).
 from __future__ import annotations
 
 import enum
-import functools
 import mmap
 import struct
 from dataclasses import dataclass
@@ -156,8 +155,8 @@ _READ_CODES = "".join(c for name, c in RECORD_HEADER_FIELDS if name not in ("fla
 #: The whole header, as the writer packs it.
 RECORD_HEADER = struct.Struct("<" + _HEADER_CODES)
 RECORD_HEADER_SIZE = RECORD_HEADER.size  # 32
-#: (seq, timestamp_ns, length, topic): the prefix of the header the readers unpack.
-RECORD_READ_HEADER = struct.Struct("<" + _READ_CODES)
+#: (seq, timestamp_ns, length, topic): the prefix of the header a record's reader needs.
+_READ_HEADER = struct.Struct("<" + _READ_CODES)
 TOPIC_MAX = 63
 
 
@@ -168,29 +167,8 @@ def encode_record_header(seq: int, timestamp_ns: int, length: int, topic: int) -
 
 def decode_record_header(buf: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, int]:
     """(seq, timestamp_ns, length, topic) of the record at ``offset``."""
-    seq, ts, length, topic = RECORD_READ_HEADER.unpack_from(buf, offset)
+    seq, ts, length, topic = _READ_HEADER.unpack_from(buf, offset)
     return seq, ts, length, topic
-
-
-def slot_stride(slot_size: int) -> struct.Struct:
-    """A struct spanning one whole slot whose first fields are the read header.
-
-    ``stride.iter_unpack(ring[a:b])`` decodes the headers of every slot in a
-    contiguous run in one C-level loop: the reader's batch path uses it so
-    that a batch costs one Python call for headers, not one per record.
-    """
-    return struct.Struct(f"<{_READ_CODES}{slot_size - RECORD_READ_HEADER.size}x")
-
-
-@functools.lru_cache(maxsize=64)
-def slot_packer(payload: int, pad: int) -> struct.Struct:
-    """A struct for one whole slot: the header, ``payload`` bytes (zero-padded), ``pad`` bytes.
-
-    The writer's dense batch path packs every slot of a run with it, one
-    C-level call per slot and one copy for the run.  Cached: a stream of
-    batches of one size builds its struct once.
-    """
-    return struct.Struct(f"<{_HEADER_CODES}{payload}s{pad}x")
 
 
 class Record(NamedTuple):

@@ -1,6 +1,6 @@
 """The writer side of the bus: owns the segment, publishes, wakes readers.
 
-Publishing a batch of n records is::
+Publishing a batch of n records is (docs/PROTOCOL.md, "Publishing")::
 
     [block policy: wait until the slowest reader leaves n free slots]
     reserve_seq = write_seq + n          (readers: these slots are in flux;
@@ -15,33 +15,31 @@ Publishing a batch of n records is::
 so a reader that is awake costs the writer no syscall, and publishing never
 takes the shared mutex.  Every word of the sleep handshake has one writer:
 ``sleep_seq`` the reader, ``wake_seq`` the writer, ``sleep_count`` the
-readers (among themselves under the mutex).  It is Dekker's: the reader
-stores ``sleep_seq``/``sleep_count`` then loads ``write_seq``, the writer
-stores ``write_seq`` then loads ``sleep_count``, each with a full fence in
-between, so at least one of them sees the other (see Subscriber.prepare_sleep).
+readers (an atomic increment).  It is Dekker's: the reader stores
+``sleep_seq``/``sleep_count`` then loads ``write_seq``, the writer stores
+``write_seq`` then loads ``sleep_count``, each with a full fence in between,
+so at least one of them sees the other.
+
+All of that is the compiled core's ``Writer`` (shmd/_sys/_writer.c, with
+each step's memory order written beside it); this class keeps what is not
+per record: the reader table, the block policy's wait, adoption, closing.
 """
 
 from __future__ import annotations
 
-import os
-import struct
 import time
 from collections.abc import Sequence
 from types import TracebackType
 
 import structlog
 
-from shmd._sys import libc
+from shmd._sys import _core, libc
 from shmd._sys.fd import OwnedFd
 from shmd.bus import block
 from shmd.bus.adopt import create_segment, open_stored, take_over
 from shmd.bus.layout import (
     ALL_TOPICS,
-    RECORD_HEADER,
     RECORD_HEADER_SIZE,
-    RU_SLEEP_SEQ,
-    RU_WAKE_SEQ,
-    TOPIC_MAX,
     Geometry,
     Policy,
     ReaderEntry,
@@ -50,31 +48,17 @@ from shmd.bus.readers import Eviction, ReaderHandle, ReaderTable
 from shmd.bus.reservation import Reservation
 from shmd.bus.ring import check_record
 from shmd.bus.segment import Segment
-from shmd.bus.slots import DENSE_SLOT_MAX, write_dense, write_loop
 from shmd.errors import SegmentClosed
 
 # ReaderHandle and Eviction (what the reader table hands out) and
 # Reservation live in their own modules; re-exported here, where their
 # users meet them.
-__all__ = ["EARLY_WAKE_MAX", "Eviction", "Publisher", "ReaderHandle", "Reservation"]
+__all__ = ["Eviction", "Publisher", "ReaderHandle", "Reservation"]
 
 log = structlog.get_logger("shmd.bus.publisher")
 
-_ONE = (1).to_bytes(8, "little")
-_TSO = libc.TSO
-_fence = libc.fence
-_monotonic_ns = time.monotonic_ns
-_get_blocking = os.get_blocking
-_write = os.write
-#: _room_until when nothing limits it (any policy but block).
-_UNBOUNDED = 1 << 64
-_RESERVE_SEQ = Segment.RESERVE_SEQ
-_WRITE_SEQ = Segment.WRITE_SEQ
-_BYTES_PUBLISHED = Segment.BYTES_PUBLISHED
-_SLEEP_COUNT = Segment.SLEEP_COUNT
-
-#: A row of Publisher._wake_table.
-_WakeRow = tuple[int, int, int, int, ReaderHandle]
+#: room_until when nothing limits it (any policy but block).
+_UNBOUNDED = (1 << 64) - 1
 
 
 class Publisher:
@@ -84,11 +68,7 @@ class Publisher:
     :meth:`unlink` is called (the daemon decides, from its configuration).
     The reader table is :attr:`table` (shmd.bus.readers), adoption and
     stale-segment replacement are in shmd.bus.adopt, the block policy's
-    waiting in shmd.bus.block; this class publishes and wakes.  It stays a
-    little over 400 lines on purpose: publish(), the batch path, the commit
-    and the wake-up share the cached views and the sleep bookkeeping as
-    plain attributes, and each hop to another object would be paid again,
-    cold, after every sleep.
+    waiting in shmd.bus.block, publishing and waking in the core's Writer.
     """
 
     def __init__(
@@ -113,38 +93,32 @@ class Publisher:
         self.readers: dict[int, ReaderHandle] = self.table.handles
         #: Readers evicted since the owner last looked (it closes their connections).
         self.evictions: list[Eviction] = []
-        self._seq = segment.write_seq
-        #: The highest ``reserve_seq`` stored: it never goes down (see
-        #: shmd.bus.adopt.take_over), so after an abandoned reservation or a
-        #: take-over the next publishes may find their slots reserved already.
-        self._reserved = segment.reserve_seq
         self._mask = self.geometry.capacity - 1
         self._slot = self.geometry.slot_size
         self._max_payload = self.geometry.max_payload
-        #: publish()'s size limit: max_payload while open, -1 once closed, so
-        #: one comparison sends a closed publisher's publish to the slow path.
-        self._fast_max = self._max_payload
-        self._pack = RECORD_HEADER.pack_into
-        # The segment's views, for the hot paths (one lookup instead of two).
-        self._q, self._u, self._ring = segment.q, segment.u, segment.ring
         self._block = policy is Policy.BLOCK
-        #: Block policy: seqs below this are known to be free for every reader
-        #: (cursors only move forward), so most publishes skip the space check.
-        #: Whatever can move a cursor back (a reader added, restored or
-        #: resumed) lowers it.  Other policies: _UNBOUNDED (lowered the same
-        #: way, the next publish() puts it back).
-        self._room_until = self._seq if self._block else _UNBOUNDED
-        #: ``sleep_count`` when the writer last looked at the entries (-1: look
-        #: at the next commit).
-        self._sleep_seen = -1
-        #: One row per reader for _wake_sleepers: (word index of sleep_seq,
-        #: of wake_seq, topics, eventfd number, handle).  Rebuilt, with the
-        #: two fields below reset, whenever the reader table changes, so it
-        #: never names an eventfd we closed.
-        self._wake_table: list[_WakeRow] = []
-        #: Rows of readers seen asleep whose topics no commit since has
-        #: carried: the only ones to look at while ``sleep_count`` stays the same.
-        self._waiting: list[_WakeRow] = []
+        #: The compiled hot path: publishing, committing, waking.
+        self._w = _core.Writer(
+            control=segment._control,
+            ring=segment._ring_map,
+            capacity=self.geometry.capacity,
+            slot_size=self._slot,
+            write_seq=segment.write_seq,
+            reserve_seq=segment.reserve_seq,
+            slow=self._publish_slow,
+            on_blocking=self._eventfd_blocking,
+        )
+        # Block policy: seqs below room_until are known to be free for every
+        # reader (cursors only move forward), so most publishes skip the
+        # space check.  Whatever can move a cursor back (a reader added,
+        # restored or resumed) lowers it.  Other policies: unbounded (lowered
+        # the same way, the next publish() puts it back).
+        if self._block:
+            self._w.room_until = segment.write_seq
+        #: The handles in the core's wake table, by row.
+        self._wake_handles: list[ReaderHandle] = []
+        # No Python frame per record: publish is the core's own method.
+        self.publish = self._w.publish  # type: ignore[method-assign]  # the bound C method
         self._closed = False
         self._unlinked = False
 
@@ -200,9 +174,7 @@ class Publisher:
             seg, Policy(header.policy), block_timeout=block_timeout, mutex_timeout=mutex_timeout
         )
         take_over(pub.table, header, in_place=in_place)
-        pub._seq = pub._room_until = header.write_seq
-        pub._reserved = seg.reserve_seq
-        pub._sleep_seen = -1
+        pub._w.forget_sleepers()
         return pub
 
     @property
@@ -219,7 +191,7 @@ class Publisher:
     @property
     def write_seq(self) -> int:
         """The seq the next record gets."""
-        return self._seq
+        return int(self._w.seq)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -237,7 +209,7 @@ class Publisher:
         if self._closed:
             return
         self._closed = True
-        self._fast_max = -1
+        self._w.close()  # before the eventfds it names, and the mappings it holds
         self.table.close()
         self.segment.close()
 
@@ -275,7 +247,7 @@ class Publisher:
     ) -> ReaderHandle:
         """Take a free table entry for a reader and make its eventfd (:meth:`ReaderTable.add`)."""
         self._check_open()
-        return self.table.add(name, pid, self._seq, topics=topics, start=start, eventfd=eventfd)
+        return self.table.add(name, pid, self._w.seq, topics=topics, start=start, eventfd=eventfd)
 
     def remove_reader(self, index: int) -> ReaderEntry | None:
         """Free a reader's entry, close its eventfd; the entry as it was (None: unknown)."""
@@ -287,7 +259,7 @@ class Publisher:
 
     def resume_reader(self, index: int, pid: int, cursor: int) -> int:
         """A restored reader reconnected (:meth:`ReaderTable.resume`); the cursor used."""
-        return self.table.resume(index, pid, cursor, self._seq)
+        return self.table.resume(index, pid, cursor, self._w.seq)
 
     def free_unclaimed(self) -> None:
         """Free attached entries that no restored handle owns (their readers are gone)."""
@@ -307,67 +279,29 @@ class Publisher:
 
     def _rewound(self, cursor: int) -> None:
         """A reader's cursor was set to ``cursor``: the known room ends there."""
-        self._room_until = min(self._room_until, cursor + self.geometry.capacity)
+        self._w.room_until = min(self._w.room_until, cursor + self.geometry.capacity)
 
     # -- publishing ---------------------------------------------------------------------
 
     def publish(self, payload: bytes | bytearray | memoryview, topic: int = 0) -> int:
         """Publish one record; returns its seq.
 
-        The latency path (one record, often to a sleeping reader): the same
-        steps as a batch of one, written out flat, because every call and
-        attribute lookup here is paid again, cold, after each sleep (1-3 us
-        each on the VM this was measured on).  One comparison chain sends
-        everything unusual (closed, too big, bad topic, block policy out of
-        known room) to :meth:`_publish_slow`.
+        The compiled core's ``Writer.publish`` (shmd/_sys/_writer.c), bound
+        on the instance in ``__init__`` so that a record costs no Python
+        frame; this method is what it stands for, and what it calls
+        (:meth:`_publish_slow`) when it cannot go on alone.
         """
-        length = len(payload)
-        seq = self._seq
-        if length > self._fast_max or seq >= self._room_until or not 0 <= topic <= TOPIC_MAX:
-            return self._publish_slow(payload, topic)
-        # Before any store: a topic that is not an int fails here, not half-way.
-        topics = 1 << topic
-        u = self._u
-        count = u[_SLEEP_COUNT]
-        if length <= EARLY_WAKE_MAX and (count != self._sleep_seen or self._waiting):
-            # Wake sleepers first: a wake-up takes longer to arrive (~20 us
-            # on the VM this was measured on) than the rest of this publish
-            # of a small record, so the reader still finds the record
-            # committed, and it is woken that much sooner.  If it does not
-            # (the writer was preempted), it finds nothing, announces a new
-            # sleep, and the check after the commit below wakes it again:
-            # waking early can cost a reader one more wake-up, never lose one.
-            self._wake_sleepers(count, topics)
-        q = self._q
-        if seq >= self._reserved:
-            q[_RESERVE_SEQ] = self._reserved = seq + 1
-            if not _TSO:
-                libc.store_fence()  # the reserve must be visible before the slot changes
-        ring = self._ring
-        off = (seq & self._mask) * self._slot
-        self._pack(ring, off, seq, _monotonic_ns(), length, topic, 0, 0)
-        off += RECORD_HEADER_SIZE
-        ring[off : off + length] = payload
-        # _commit, inline: the wake-up first, statistics after it.
-        if not _TSO:
-            libc.store_fence()  # the slot must be visible before the commit
-        q[_WRITE_SEQ] = self._seq = seq + 1
-        _fence()  # StoreLoad (see _commit)
-        count = u[_SLEEP_COUNT]
-        if count != self._sleep_seen or self._waiting:
-            self._wake_sleepers(count, topics)
-        q[_BYTES_PUBLISHED] += length
-        return seq
+        return self._w.publish(payload, topic)
 
     def _publish_slow(self, payload: bytes | bytearray | memoryview, topic: int) -> int:
         """publish() when its one check fails: raise what is wrong, or make room and retry."""
         self._check_open()
         check_record(len(payload), topic, self._max_payload)
         if self._block:
-            self._wait_for_space(1)  # leaves _seq < _room_until, or raises
+            self._wait_for_space(1)  # leaves write_seq < room_until, or raises
         else:
-            self._room_until = _UNBOUNDED
-        return self.publish(payload, topic)
+            self._w.room_until = _UNBOUNDED
+        return self._w.publish(payload, topic)
 
     def publish_batch(
         self,
@@ -378,55 +312,21 @@ class Publisher:
         self._check_open()
         n = len(payloads)
         if n == 0:
-            return self._seq - 1
+            return self._w.seq - 1
         check_record(max(map(len, payloads)), topic, self._max_payload)
         cap = self.geometry.capacity
-        if n <= cap:
-            self._publish_chunk(payloads, topic)
-        else:  # more than the ring holds: one commit per ring-full
-            for i in range(0, n, cap):
-                self._publish_chunk(payloads[i : i + cap], topic)
-        return self._seq - 1
-
-    def _publish_chunk(
-        self, payloads: Sequence[bytes | bytearray | memoryview], topic: int
-    ) -> None:
-        n = len(payloads)
-        if self._block:
-            self._wait_for_space(n)
-        seq = self._seq
-        self._reserve_to(seq + n)
-        ts = time.monotonic_ns()
-        lengths = list(map(len, payloads))
-        nbytes = sum(lengths)
-        longest = max(lengths)
-        pad = self._slot - RECORD_HEADER_SIZE - longest
-        # Dense batches (records that nearly fill their slots) are built
-        # whole in C: one struct.pack per slot via map(), one join, one copy
-        # per run; about 5x faster than a Python loop for 64-byte records.
-        # Sparse ones (small records in big slots) would copy mostly padding,
-        # and non-bytes payloads do not pack as "s": those take the loop.
-        ring, cap, slot = self._ring, self._mask + 1, self._slot
-        if n > 1 and slot <= DENSE_SLOT_MAX and pad <= max(256, longest):
-            try:
-                write_dense(ring, cap, slot, seq, ts, topic, payloads, lengths, longest, pad)
-            except struct.error:
-                write_loop(ring, cap, slot, seq, ts, topic, payloads)
-        else:
-            write_loop(ring, cap, slot, seq, ts, topic, payloads)
-        seq += n
-        self._commit(seq, nbytes, 1 << topic)
-
-    def _reserve_to(self, end: int) -> None:
-        """Raise ``reserve_seq`` to ``end`` (never lower it), visible before any slot changes."""
-        if end > self._reserved:
-            self._q[_RESERVE_SEQ] = self._reserved = end
-            libc.store_fence()  # the reserve before the slots' stores
+        # More than the ring holds: one commit per ring-full.
+        for i in range(0, n, cap):
+            chunk = payloads[i : i + cap] if n > cap else payloads
+            if self._block:
+                self._wait_for_space(len(chunk))
+            self._w.write_batch(chunk, topic)
+        return self._w.seq - 1
 
     def _wait_for_space(self, n: int) -> None:
         """Block policy: make sure ``n`` slots are free for every reader (see shmd.bus.block)."""
-        if self._seq + n > self._room_until:
-            self._room_until = block.wait_for_space(self, n)
+        if self._w.seq + n > self._w.room_until:
+            self._w.room_until = block.wait_for_space(self, n)
 
     def reserve(self, size: int, topic: int = 0) -> Reservation:
         """A slot's payload buffer to fill in place; commit it with ``Reservation.commit``.
@@ -452,87 +352,29 @@ class Publisher:
             )
         if self._block:
             self._wait_for_space(count)
-        seq = self._seq
-        self._reserve_to(seq + count)
+        seq = self._w.seq
+        self._w.reserve_to(seq + count)
         ring, mask, slot = self.segment.ring, self._mask, self._slot
-        if count == 1:  # reserve(): one slice, no comprehension
-            off = (seq & mask) * slot + RECORD_HEADER_SIZE
-            return Reservation(self, seq, topic, [ring[off : off + size]])
         offsets = [((s & mask) * slot + RECORD_HEADER_SIZE) for s in range(seq, seq + count)]
         return Reservation(self, seq, topic, [ring[o : o + size] for o in offsets])
 
     def _commit_reserved(self, seq: int, count: int, topic: int, length: int) -> None:
-        ring, mask, slot, pack = self.segment.ring, self._mask, self._slot, self._pack
-        ts = time.monotonic_ns()
-        end = seq + count
-        for s in range(seq, end):
-            pack(ring, (s & mask) * slot, s, ts, length, topic, 0, 0)
-        self._commit(end, length * count, 1 << topic)
-
-    def _commit(self, new_seq: int, nbytes: int, topics: int) -> None:
-        seg = self.segment
-        q = seg.q
-        if not _TSO:
-            libc.store_fence()  # the slots must be visible before the commit
-        q[Segment.WRITE_SEQ] = self._seq = new_seq
-        # StoreLoad: our write_seq store must be visible before we read
-        # `sleep_count`, or a reader going to sleep right now and we could
-        # miss each other (it sees the old write_seq, we see no new sleeper).
-        libc.fence()
-        count = seg.u[Segment.SLEEP_COUNT]
-        # Unchanged, and nobody left waiting for a topic: every reader is
-        # awake and will see the records itself.
-        if count != self._sleep_seen or self._waiting:
-            self._wake_sleepers(count, topics)
-        q[Segment.BYTES_PUBLISHED] += nbytes
+        if seq != self._w.seq:
+            raise ValueError(
+                f"Failed to commit the reservation of seq {seq} since seq {self._w.seq} "
+                "was published after it was made"
+            )
+        self._w.commit_reserved(count, topic, length)
 
     def _readers_changed(self) -> None:
-        """Rebuild the wake table from ``readers``; call it before closing any eventfd."""
-        self._wake_table = [
-            (h.u0 + RU_SLEEP_SEQ, h.u0 + RU_WAKE_SEQ, h.topics, h.eventfd.fileno(), h)
-            for h in self.readers.values()
-        ]
-        # The next commit looks at every entry: whoever was waiting for a
-        # topic is found again there.
-        self._waiting = []
-        self._sleep_seen = -1
+        """Hand the core the new wake table; call it before closing any eventfd."""
+        self._wake_handles = list(self.readers.values())
+        self._w.set_readers([(h.index, h.topics, h.eventfd.fileno()) for h in self._wake_handles])
 
-    def _wake_sleepers(self, count: int, topics: int) -> None:
-        """Answer every sleep announcement of a reader subscribed to ``topics``.
-
-        A reader announces by bumping its own ``sleep_seq`` and then, under
-        the mutex, ``sleep_count``; the writer answers by storing
-        ``wake_seq = sleep_seq`` and writing the eventfd.  When
-        ``sleep_count`` has not moved since the last look, only readers seen
-        asleep for other topics can still want a wake-up.  Flat, like
-        publish(): it is on the latency path.
-        """
-        u = self._u
-        if count != self._sleep_seen:
-            # Read before the entries: an announcement made after this load
-            # moves sleep_count again and is seen at the next commit.
-            self._sleep_seen = count
-            rows = self._wake_table
-        else:
-            rows = self._waiting
-        waiting: list[_WakeRow] = []
-        for row in rows:
-            sleep_at, wake_at, subscribed, fd, h = row
-            asked = u[sleep_at]
-            if asked == u[wake_at]:
-                continue
-            if not subscribed & topics:
-                waiting.append(row)
-                continue
-            u[wake_at] = asked
-            # See ReaderTable.write_eventfd (the same steps, without its call).
-            if _get_blocking(fd):
-                self.table.restore_nonblocking(h, fd)
-            try:
-                _write(fd, _ONE)
-            except BlockingIOError:
-                pass
-        self._waiting = waiting
+    def _eventfd_blocking(self, row: int) -> None:
+        """The core found a reader's eventfd without O_NONBLOCK (see ReaderTable.write_eventfd)."""
+        h = self._wake_handles[row]
+        self.table.restore_nonblocking(h, h.eventfd.fileno())
 
     def heartbeat(self, rate: float | None = None) -> None:
         """Record that the writer is alive, and its publish rate (shown by status tools).
@@ -546,8 +388,3 @@ class Publisher:
         if rate is not None:
             q[Segment.RATE_MILLI] = max(0, round(rate * 1000))
         self.table.check_stall()
-
-
-#: publish() wakes sleeping readers before it writes a record up to this long
-#: (copying more could take longer than the wake-up takes to arrive).
-EARLY_WAKE_MAX = 4096

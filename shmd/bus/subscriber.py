@@ -1,57 +1,42 @@
 """The reader side of the bus: read every record from a cursor, sleep when idle.
 
-A reader writes only into the control part (the mutex, ``sleep_count`` and its
-own table entry); the ring is mapped read-only.  Reading a batch::
+A reader writes only into the control part (``sleep_count`` and its own table
+entry); the ring is mapped read-only.  Reading a batch (docs/PROTOCOL.md,
+"Reading")::
 
     W = write_seq; R = reserve_seq          (what is committed, what is in flux)
-    decode the headers of [cursor, W) in one struct.iter_unpack per run
-    copy payloads (or slice zero-copy views)
+    copy payloads (or slice zero-copy views) of [max(cursor, R - capacity), W)
     R' = reserve_seq                         (re-read after copying)
     records below R' - capacity were being overwritten while we copied:
     they are dropped and counted as lost, never delivered half-written
 
 A reader that the writer lapped learns exactly how many records it lost and
-resumes at the oldest record still present.
-
-Kept whole (a little over 500 lines): reading and the sleep handshake share
-the entry's cursor, the cursor a read leaves for later and the views cached
-for the read path, and each half must settle what the other left before it
-runs; split, every step would go through a second object's state.
+resumes at the oldest record still present.  Reading and the sleep
+announcement are the compiled core's ``Reader`` (shmd/_sys/_reader.c, each
+step's memory order written beside it); this class attaches, waits, closes,
+and turns the core's errors into the library's.
 """
 
 from __future__ import annotations
 
-import mmap
-import os
 import select
 import time
 
 import structlog
 
-from shmd._sys import libc
+from shmd._sys import _core, libc
 from shmd._sys.fd import OwnedFd
 from shmd.bus.layout import (
-    ALL_TOPICS,
-    RECORD_HEADER_SIZE,
-    RECORD_READ_HEADER,
-    RQ_CURSOR,
-    RQ_DELIVERED,
-    RQ_LAST_ACTIVE_NS,
-    RQ_LOST,
     RQ_TOKEN,
-    RQ_TOPICS,
-    RU_SLEEP_SEQ,
     RU_STATE,
-    RU_WAKE_SEQ,
     Policy,
     RawRecord,
     ReaderState,
     Record,
-    slot_stride,
 )
-from shmd.bus.ring import drop_lapped, plan_read, runs, still_valid
+from shmd.bus.ring import still_valid
 from shmd.bus.segment import Segment
-from shmd.errors import ReaderEvicted, SegmentClosed, SegmentLayoutError
+from shmd.errors import ReaderEvicted, SegmentClosed, SegmentError, SegmentLayoutError
 
 # Record and RawRecord, the rows a reader hands out, are defined with the
 # record header in shmd.bus.layout; they are re-exported here, where their
@@ -60,24 +45,15 @@ __all__ = ["COPY_BATCH_BYTES", "RawRecord", "Record", "Subscriber"]
 
 log = structlog.get_logger("shmd.bus.subscriber")
 
-_WRITE_SEQ = Segment.WRITE_SEQ
-_RESERVE_SEQ = Segment.RESERVE_SEQ
-_ATTACHED = int(ReaderState.ATTACHED)
-_TSO = libc.TSO
-#: (seq, timestamp_ns, length, topic) of the record header at an offset.
-_HEAD = RECORD_READ_HEADER.unpack_from
-
+#: The codes of the core's on_error (shmd/_sys/_reader.c).
+_ERR_EVICTED, _ERR_CORRUPT, _ERR_CLOSED_SLEEP = 2, 3, 4
 
 #: The most slot bytes one copying read_batch copies (at least one record).
-COPY_BATCH_BYTES = 1 << 20
+COPY_BATCH_BYTES = _core.COPY_BATCH_BYTES
 
 #: Rings with at least this many slots let a one-record read leave its cursor
 #: to the next call (one slot is then at most 1/64 of the writer's room).
-DEFER_CURSOR_MIN_CAPACITY = 64
-
-#: How long a reader sleeps when it cannot take the mutex to announce its sleep
-#: (someone holds it far too long): it re-checks rather than risk a lost wake-up.
-DEGRADED_SLEEP = 0.05
+DEFER_CURSOR_MIN_CAPACITY = _core.DEFER_CURSOR_MIN_CAPACITY
 
 
 class Subscriber:
@@ -97,45 +73,42 @@ class Subscriber:
                 f"Failed to attach since reader index {index} is outside the table "
                 f"(0..{segment.geometry.max_readers - 1})"
             )
+        if not segment.control_writable:
+            raise SegmentError(
+                f"Failed to attach to reader entry {index} since the segment's control part "
+                "is mapped read-only (a reader writes its cursor and sleep announcements "
+                "there: open it with control_writable=True)"
+            )
         self.segment = segment
         self.index = index
         self.eventfd = eventfd
         self.mutex_timeout = mutex_timeout
         g = segment.geometry
         self._cap = g.capacity
-        self._mask = g.capacity - 1
-        self._slot = g.slot_size
-        self._max_payload = g.max_payload
-        self._stride = slot_stride(g.slot_size)
-        self._copy_limit = max(1, COPY_BATCH_BYTES // g.slot_size)
         # Copying reads allocate a slot-sized object per record.
         libc.keep_big_allocations(g.slot_size, g.capacity * g.slot_size)
         self._q0, self._u0 = Segment.entry_words(index)
         q = segment.q
         self._token = q[self._q0 + RQ_TOKEN] if token is None else token
-        self._cursor: int = q[self._q0 + RQ_CURSOR]
-        self._topics: int = q[self._q0 + RQ_TOPICS]
-        self._block = segment.header().policy == Policy.BLOCK
-        self._ring_map = segment._ring_map
-        # The segment's views and our entry's word indices, for read_batch
-        # (each lookup saved is ~1 us after a sleep).  Segment.close()
-        # releases the views, so a read after it fails on the first access.
-        self._q, self._u, self._ring = q, segment.u, segment.ring
-        self._state_at = self._u0 + RU_STATE
-        self._token_at = self._q0 + RQ_TOKEN
-        self.delivered = 0
-        self.lost = 0
-        self._held = False  # records read with hold=True whose slots are not released
-        #: A one-record read left its cursor for the next call to publish (see read_batch).
-        self._cursor_owed = False
-        #: Whether one-record reads may leave their cursor: only where one slot
-        #: is a small part of the ring (a few big slots: the writer needs it).
-        self._may_owe = g.capacity >= DEFER_CURSOR_MIN_CAPACITY
-        #: The cursor at our last post of the writer's semaphore (block policy).
-        self._posted_at = -1
         #: wait()'s epoll, made at its first call and kept (closed by close()).
         self._waiter: select.epoll | None = None
         self._check_entry()
+        #: The compiled hot path: reading, the sleep announcement.
+        self._r = _core.Reader(
+            control=segment._control,
+            ring=segment._ring_map,
+            ring_view=segment.ring,
+            capacity=g.capacity,
+            slot_size=g.slot_size,
+            index=index,
+            token=self._token,
+            block=segment.header().policy == Policy.BLOCK,
+            eventfd=-1 if eventfd is None else eventfd.fileno(),
+            on_error=self._fail,
+        )
+        # No Python frame per read or sleep: these are the core's own methods.
+        self.read_batch = self._r.read_batch  # type: ignore[method-assign]  # bound C method
+        self.prepare_sleep = self._r.prepare_sleep  # type: ignore[method-assign]  # bound C method
 
     @classmethod
     def attach(
@@ -163,7 +136,17 @@ class Subscriber:
     @property
     def cursor(self) -> int:
         """The seq this reader reads next."""
-        return self._cursor
+        return int(self._r.cursor)
+
+    @property
+    def delivered(self) -> int:
+        """Records this subscriber delivered (carried over from a previous one: see carry_over)."""
+        return int(self._r.delivered)
+
+    @property
+    def lost(self) -> int:
+        """Records the writer overwrote before this reader read them (of any topic)."""
+        return int(self._r.lost)
 
     @property
     def active(self) -> bool:
@@ -172,7 +155,7 @@ class Subscriber:
 
     def available(self) -> int:
         """Committed records past the cursor (some may be for other topics)."""
-        return max(0, self.segment.q[Segment.WRITE_SEQ] - self._cursor)
+        return max(0, self.segment.q[Segment.WRITE_SEQ] - self._r.cursor)
 
     def still_valid(self, seq: int) -> bool:
         """Whether a zero-copy record ``seq`` was intact until now (call after using it)."""
@@ -190,6 +173,22 @@ class Subscriber:
                 f"(state {ReaderState(state).name if state in (0, 1, 2) else state})"
             )
 
+    def _fail(self, code: int, seq: int) -> None:
+        """The core's on_error: raise the error for ``code`` (see shmd/_sys/_reader.c)."""
+        if code == _ERR_EVICTED:
+            self._check_entry()  # raises the error that says what happened
+            raise ReaderEvicted(
+                f"Failed to read since the writer evicted reader entry {self.index}"
+            )
+        if code == _ERR_CORRUPT:
+            raise SegmentLayoutError(
+                f"Failed to read record {seq} since its slot holds another record although "
+                "the writer had not lapped us (corrupt segment)"
+            )
+        if code == _ERR_CLOSED_SLEEP:
+            raise SegmentClosed("Failed to sleep since the subscriber was closed")
+        raise SegmentClosed("Failed to read since the subscriber was closed")
+
     # -- reading -------------------------------------------------------------------
 
     def read(self, limit: int = 4096, *, copy: bool = True) -> list[Record]:
@@ -202,7 +201,7 @@ class Subscriber:
         new = tuple.__new__
         return [new(Record, t) for t in self.read_batch(limit, copy=copy)]
 
-    def read_batch(  # noqa: PLR0912, PLR0915 - flat on purpose: each call costs, cold, after a sleep
+    def read_batch(
         self,
         limit: int = 4096,
         *,
@@ -211,9 +210,11 @@ class Subscriber:
     ) -> list[RawRecord]:
         """As :meth:`read`, as plain ``(seq, timestamp_ns, topic, payload)`` tuples.
 
-        The hot path: building a NamedTuple costs more than the whole rest of
-        a 64-byte record's read, so loops that handle millions of records a
-        second (the reader daemon, the benchmarks) unpack plain tuples.
+        The hot path (the core's ``Reader.read_batch``, shmd/_sys/_reader.c,
+        bound on the instance in ``__init__``): building a NamedTuple costs
+        more than the whole rest of a 64-byte record's read, so loops that
+        handle millions of records a second (the reader daemon, the
+        benchmarks) unpack plain tuples.
 
         A copying read returns at most :data:`COPY_BATCH_BYTES` of slots (and
         at least one record), whatever ``limit`` says: fresh copies that stay
@@ -225,131 +226,13 @@ class Subscriber:
         these slots until :meth:`release`: under the block policy the views
         cannot be overwritten while the caller uses them (the way iceoryx2
         loans samples).  Reading on before releasing is fine.
-        """
-        q = self._q
-        try:
-            write_seq = q[_WRITE_SEQ]
-        except ValueError:
-            # Segment.close() released the view: reading after close() is a
-            # caller's mistake and gets the named error.
-            raise SegmentClosed("Failed to read since the subscriber was closed") from None
-        cursor = self._cursor
-        if write_seq <= cursor:
-            if self._cursor_owed:
-                self._settle()
-            if self._block:
-                self._post_owed()
-            return []
-        if self._u[self._state_at] != _ATTACHED or q[self._token_at] != self._token:
-            self._check_entry()  # raises the error that says what happened
-        if not _TSO:
-            libc.load_fence()  # write_seq before reserve_seq and the slots
-        if copy and limit > self._copy_limit:
-            limit = self._copy_limit
-        reserve, cap = q[_RESERVE_SEQ], self._cap
-        if cursor + cap >= reserve:  # not lapped: plan_read's answer, without the call
-            start, end, lost = cursor, min(write_seq, cursor + limit), 0
-        else:
-            start, end, lost = plan_read(cursor, write_seq, reserve, cap, limit)
-        ring = self._ring
-        # Slicing the mmap copies into a bytes object; slicing the memoryview
-        # makes a view into the ring (zero-copy).  (_ring_map is None only
-        # after close(), which the first load above already caught.)
-        src: mmap.mmap | memoryview = self._ring_map if copy else ring  # type: ignore[assignment]
-        tmask = self._topics
-        everything = tmask == ALL_TOPICS
-        one = end - start == 1
-        if one:
-            # One record (a paced stream, woken per record): the same steps
-            # as below without building a run, which after a sleep, with
-            # cold caches, costs more than the record itself.
-            base = (start & self._mask) * self._slot
-            seq, ts, length, topic = _HEAD(ring, base)
-            bad = start if seq != start else -1
-            base += RECORD_HEADER_SIZE
-            out: list[RawRecord] = (
-                [(seq, ts, topic, src[base : base + length])]
-                if everything or tmask >> topic & 1
-                else []
-            )
-        else:
-            out, bad = self._read_runs(src, start, end, tmask if not everything else None)
-        if not _TSO:
-            libc.load_fence()  # the copies before the re-read
-        oldest_ok = q[_RESERVE_SEQ] - cap
-        if start < oldest_ok:
-            cut = min(oldest_ok, end)
-            lost += cut - start
-            out = drop_lapped(out, start, end, cut, everything)
-        elif bad >= 0:
-            raise SegmentLayoutError(
-                f"Failed to read record {bad} since its slot holds another record although "
-                "the writer had not lapped us (corrupt segment)"
-            )
-        self._cursor = end
-        self.delivered += len(out)
-        self.lost += lost
-        if hold:
-            self._held = True
-        elif one and self._may_owe and not self._cursor_owed:
-            # Publishing the cursor is four stores and a clock read, as much
-            # as the rest of a one-record read; on the latency path it would
-            # come before the caller has its record.  The next call publishes
-            # it (a read, prepare_sleep, release, close), so the writer sees
-            # this reader at most one slot behind, the way the floor's reader
-            # hands back credit only before it sleeps.  Not in a ring of a few
-            # big slots, where one slot is room the writer waits for (and a
-            # big record's copy dwarfs the stores anyway).
-            self._cursor_owed = True
-        else:
-            self._publish_cursor()
-        return out
 
-    def _read_runs(
-        self,
-        src: mmap.mmap | memoryview,
-        start: int,
-        end: int,
-        tmask: int | None,
-    ) -> tuple[list[RawRecord], int]:
-        """Records ``[start, end)`` (of topics in ``tmask``, None: all), and the
-        first seq whose slot held another record (-1: none)."""
-        ring = self.segment.ring
-        slot, mask, hdr, stride = self._slot, self._mask, RECORD_HEADER_SIZE, self._stride
-        out: list[RawRecord] = []
-        bad = -1
-        # Most reads do not wrap the ring: one run, without a generator.
-        pieces = (
-            runs(start, end, self._cap)
-            if (start & mask) + end - start > self._cap
-            else ((start, end - start),)
-            if end > start
-            else ()
-        )
-        for first, count in pieces:
-            base = (first & mask) * slot
-            # One C-level pass decodes every header of the run.
-            heads = list(stride.iter_unpack(ring[base : base + count * slot]))
-            # The run's first and last slots must hold the seqs we expect; a
-            # mismatch is either the writer lapping us (settled by the
-            # reserve_seq re-read below) or a corrupt segment.  Per-record
-            # integrity is what that re-read guarantees: no record at or
-            # above reserve_seq - capacity was touched while we copied.
-            if bad < 0 and (heads[0][0] != first or heads[-1][0] != first + count - 1):
-                bad = first
-            starts = range(base + hdr, base + count * slot, slot)
-            if tmask is None:
-                out += [
-                    (h[0], h[1], h[3], src[o : o + h[2]])
-                    for h, o in zip(heads, starts, strict=True)
-                ]
-            else:
-                out += [
-                    (h[0], h[1], h[3], src[o : o + h[2]])
-                    for h, o in zip(heads, starts, strict=True)
-                    if tmask >> h[3] & 1
-                ]
-        return out, bad
+        A one-record read in a ring of at least 64 slots leaves its cursor
+        to the next call (a read, :meth:`prepare_sleep`, :meth:`release`,
+        :meth:`close`): the four stores would come before the caller has its
+        record, on the latency path.
+        """
+        return self._r.read_batch(limit, copy=copy, hold=hold)
 
     def release(self) -> None:
         """Let the writer reuse the slots of records read with ``hold=True``.
@@ -358,119 +241,31 @@ class Subscriber:
         so zero-copy views stay valid.  :meth:`prepare_sleep` releases too.
         It also stores a cursor a one-record read left for later.
         """
-        if self._held or self._cursor_owed:
-            self._settle()
-
-    def _settle(self) -> None:
-        """Publish a cursor a read left for later, if the entry is still ours.
-
-        Between that read and now the writer may have evicted us and given
-        the entry to another reader: our cursor must not land in its entry.
-        """
-        if (
-            not self.segment.closed
-            and self._u[self._state_at] == _ATTACHED
-            and self._q[self._token_at] == self._token
-        ):
-            self._publish_cursor()
-        else:
-            # Closed (close() already stored a left cursor; held slots went
-            # with the mapping) or no longer our entry: nothing to store.
-            self._held = self._cursor_owed = False
-
-    def _publish_cursor(self) -> None:
-        self._held = self._cursor_owed = False
-        seg = self.segment
-        q, q0 = seg.q, self._q0
-        cursor = self._cursor
-        q[q0 + RQ_CURSOR] = cursor
-        q[q0 + RQ_DELIVERED] = self.delivered
-        q[q0 + RQ_LOST] = self.lost
-        q[q0 + RQ_LAST_ACTIVE_NS] = time.monotonic_ns()
-        # No fence between the cursor store and the writer_waiting load: a
-        # fence here would be paid on every read, and the writer waits
-        # rarely.  Without it both sides can miss each other once (the
-        # writer sees the old cursor, we see writer_waiting = 0); then we
-        # post at our next read (see _post_owed) or after prepare_sleep's
-        # fence, and the writer re-checks the cursors every
-        # WAIT_SLICE anyway (shmd.bus.block.wait_for_space).
-        if self._block and seg.u[Segment.WRITER_WAITING]:
-            self._posted_at = cursor
-            seg.sem_post()
-
-    def _post_owed(self) -> None:
-        """Post the writer that waits for space we freed but did not post for."""
-        if self._posted_at != self._cursor and self.segment.u[Segment.WRITER_WAITING]:
-            self._posted_at = self._cursor
-            self.segment.sem_post()
+        self._r.settle()
 
     def carry_over(self, delivered: int, lost: int) -> None:
         """Continue counting from another subscriber's totals (a reader resuming on a
         restarted writer's segment); stored in the entry too, for the writer's reports."""
-        self.delivered, self.lost = delivered, lost
-        q, q0 = self.segment.q, self._q0
-        q[q0 + RQ_DELIVERED] = delivered
-        q[q0 + RQ_LOST] = lost
+        self._r.set_totals(delivered, lost)
 
     # -- sleeping -------------------------------------------------------------------
-
-    def _lock(self) -> bool:
-        result = self.segment.lock(self.mutex_timeout)
-        if result is libc.LockResult.TIMEOUT:
-            return False
-        if result is libc.LockResult.OWNER_DIED:
-            # Nothing to repair for us: the one word readers change under the
-            # mutex is sleep_count, and only its changes mean anything (ours
-            # follows right away).
-            log.warning("mutex_owner_died", role="reader", segment=self.segment.name)
-        return True
 
     def prepare_sleep(self) -> float | None:
         """Announce that this reader is going to sleep.
 
         Returns how long to sleep: 0.0 = do not (records arrived or the
-        writer went inactive in between), None = until the eventfd fires,
-        or a short timeout when the mutex could not be taken in time.
+        writer went inactive in between), None = until the eventfd fires.
+        (The core's ``Reader.prepare_sleep``, bound on the instance.)
 
         The eventfd is drained here, before announcing, not after waking:
         the wake-up path then costs no syscall, and a write answering this
         announcement can only come after the drain.  An announcement the
         writer has not answered yet (we withdrew it, or woke for something
         else) stands: the writer answers it at its next commit with one
-        eventfd write, so we do not announce again.
+        eventfd write, so we do not announce again.  Announcing takes no
+        lock: ``sleep_count`` is an atomic increment.
         """
-        seg = self.segment
-        if seg.closed:
-            raise SegmentClosed("Failed to sleep since the subscriber was closed")
-        u, q = seg.u, seg.q
-        if self._held or self._cursor_owed:
-            self._settle()  # a sleeping reader must not hold the writer up
-        if q[Segment.WRITE_SEQ] > self._cursor or not u[Segment.ACTIVE]:
-            return 0.0
-        self._check_entry()  # an evicted reader must not announce into a reused entry
-        if self.eventfd is not None:
-            try:
-                os.read(self.eventfd.fileno(), 8)
-            except BlockingIOError:
-                pass  # nothing pending
-        sleep_seq = self._u0 + RU_SLEEP_SEQ
-        asked = u[sleep_seq]
-        if asked == u[self._u0 + RU_WAKE_SEQ]:
-            if not self._lock():
-                return DEGRADED_SLEEP
-            try:
-                u[sleep_seq] = (asked + 1) & 0xFFFFFFFF
-                u[Segment.SLEEP_COUNT] = (u[Segment.SLEEP_COUNT] + 1) & 0xFFFFFFFF
-            finally:
-                seg.unlock()
-        # StoreLoad: our announcement must be visible before we re-read
-        # write_seq (the writer stores write_seq, fences, reads sleep_count).
-        libc.fence()
-        if self._block:
-            self._post_owed()  # after a fence: a writer waiting for us is seen now
-        if q[Segment.WRITE_SEQ] > self._cursor or not u[Segment.ACTIVE]:
-            return 0.0  # the announcement stands: one spurious wake-up later, no lost one
-        return None
+        return self._r.prepare_sleep()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep on the eventfd until records are committed past the cursor.
@@ -479,11 +274,10 @@ class Subscriber:
         unless they are all of other topics or were lost to an overrun), or
         the writer went inactive.  False: ``timeout`` seconds passed first.
 
-        A wake-up alone promises nothing: the writer wakes a sleeping reader
-        of a small record *before* it commits it (the early wake-up of
-        docs/PROTOCOL.md), so a reader can wake to a ring that has nothing
-        new yet.  Then this announces a new sleep, which the writer answers
-        right after the commit, and sleeps again.
+        A wake-up alone promises nothing (an announcement that stood after
+        its reader woke for something else is answered later, with nothing
+        new): woken to a ring with nothing new, this announces a new sleep
+        and sleeps again.
 
         The simple one-fd wait, in an epoll this subscriber makes at the
         first call and keeps until :meth:`close`; daemons use
@@ -523,14 +317,12 @@ class Subscriber:
 
     def close(self) -> None:
         """Unmap the segment, close the eventfd and wait()'s epoll (never unlinks); idempotent."""
-        if self._cursor_owed:
-            self._settle()  # the writer's detach report counts every record we read
+        self._r.close()  # stores a cursor left for later; releases the mappings it holds
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
             waiter.close()  # before the eventfd it watches
         if self.eventfd is not None:
             self.eventfd.close()
-        self._ring_map = None
         self.segment.close()
 
     def __enter__(self) -> Subscriber:

@@ -1,0 +1,650 @@
+/*
+ * _core.Reader: a reader's hot path, reading and announcing sleep
+ * (docs/PROTOCOL.md "Reading", steps [R1]..[R5], and "Sleeping", [S1]..[S4]).
+ *
+ * shmd.bus.subscriber.Subscriber owns one and binds read_batch and
+ * prepare_sleep on itself, so neither costs a Python frame.  Errors a user
+ * can meet (reading after close, an entry the writer evicted, a corrupt
+ * slot) go to the `on_error(code, seq)` callable, which raises the
+ * library's exception for them; we return NULL with it set.
+ */
+#include "_bus.h"
+
+#include <errno.h>
+#include <semaphore.h>
+#include <string.h>
+#include <unistd.h>
+
+/* on_error's codes (shmd.bus.subscriber mirrors them). */
+enum { ERR_CLOSED_READ = 1, ERR_EVICTED = 2, ERR_CORRUPT = 3, ERR_CLOSED_SLEEP = 4 };
+
+
+typedef struct {
+    PyObject_HEAD
+    shmd_views v;
+    uint8_t *c, *r;   /* control part, ring (NULL once closed) */
+    uint8_t *e;       /* our table entry */
+    PyObject *ring_view; /* a memoryview of the ring, for zero-copy slices */
+    uint64_t capacity, mask, slot, max_payload;
+    uint64_t token, topics;
+    uint64_t cursor, delivered, lost;
+    uint64_t posted_at;  /* cursor at our last post of the writer's semaphore */
+    Py_ssize_t copy_limit;
+    int block, may_owe, cursor_owed, held;
+    int efd;             /* our eventfd's number, -1: none (owned by Python) */
+    PyObject *on_error;  /* on_error(code, seq): raises */
+    PyObject *hook;      /* tests: hook(start, end) between the plan and the copy */
+} Reader;
+
+static PyObject *
+fail(Reader *self, int code, uint64_t seq)
+{
+    PyObject *r = PyObject_CallFunction(self->on_error, "iK", code, (unsigned long long)seq);
+    if (r != NULL) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_RuntimeError, "Failed to read since on_error did not raise");
+    }
+    return NULL;
+}
+
+/* -- construction -------------------------------------------------------------- */
+
+static int
+Reader_init(Reader *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"control", "ring", "ring_view", "capacity", "slot_size",
+                             "index", "token", "block", "eventfd", "on_error", NULL};
+    PyObject *control, *ring, *ring_view, *on_error;
+    unsigned long long capacity, slot, token;
+    unsigned int index;
+    int block, efd;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOKKIKpiO", kwlist, &control, &ring,
+                                     &ring_view, &capacity, &slot, &index, &token, &block,
+                                     &efd, &on_error)) {
+        return -1;
+    }
+    if (self->c != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Failed to initialise the reader since it was already");
+        return -1;
+    }
+    if (capacity == 0 || (capacity & (capacity - 1)) != 0 || slot <= RECORD_HEADER_SIZE
+        || slot % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "Failed to make the reader since its geometry is invalid");
+        return -1;
+    }
+    if (!PyCallable_Check(on_error)) {
+        PyErr_SetString(PyExc_TypeError, "Failed to make the reader since on_error is not callable");
+        return -1;
+    }
+    Py_ssize_t control_size = OFF_READERS + (Py_ssize_t)(index + 1) * READER_ENTRY_SIZE;
+    if (shmd_views_take(&self->v, control, ring, 0, control_size,
+                        (Py_ssize_t)(capacity * slot)) < 0) {
+        return -1;
+    }
+    self->c = self->v.ctl.buf;
+    self->r = self->v.ring.buf;
+    self->e = self->c + OFF_READERS + (size_t)index * READER_ENTRY_SIZE;
+    self->capacity = capacity;
+    self->mask = capacity - 1;
+    self->slot = slot;
+    self->max_payload = slot - RECORD_HEADER_SIZE;
+    self->token = token;
+    /* The writer set these up before it handed us the entry. */
+    self->cursor = LOAD64(self->e + R_CURSOR, ACQUIRE);
+    self->topics = LOAD64(self->e + R_TOPICS, RELAXED);
+    self->delivered = self->lost = 0;
+    self->posted_at = UINT64_MAX;
+    self->copy_limit = (Py_ssize_t)(COPY_BATCH_BYTES / slot) > 0 ? (Py_ssize_t)(COPY_BATCH_BYTES / slot) : 1;
+    self->block = block;
+    self->may_owe = capacity >= DEFER_CURSOR_MIN_CAPACITY;
+    self->cursor_owed = self->held = 0;
+    self->efd = efd;
+    Py_INCREF(ring_view);
+    Py_XSETREF(self->ring_view, ring_view);
+    Py_INCREF(on_error);
+    Py_XSETREF(self->on_error, on_error);
+    return 0;
+}
+
+static int
+Reader_traverse(Reader *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->ring_view);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->hook);
+    return 0;
+}
+
+static int
+Reader_clear(Reader *self)
+{
+    Py_CLEAR(self->ring_view);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->hook);
+    return 0;
+}
+
+static void
+Reader_dealloc(Reader *self)
+{
+    PyObject_GC_UnTrack(self);
+    shmd_views_release(&self->v);
+    Reader_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* -- the cursor ------------------------------------------------------------------- */
+
+/* The entry is still ours: attached, with our token. */
+static inline int
+entry_is_ours(Reader *self)
+{
+    return LOAD32(self->e + R_STATE, ACQUIRE) == STATE_ATTACHED  /* pairs with the writer's
+                                                                    table change under the mutex */
+           && LOAD64(self->e + R_TOKEN, RELAXED) == self->token;
+}
+
+/* Block policy: post the writer's semaphore if it waits for space we freed
+ * and we have not posted for this cursor. */
+static inline void
+post_owed(Reader *self)
+{
+    if (self->posted_at != self->cursor && LOAD32(self->c + OFF_WRITER_WAITING, RELAXED)) {
+        self->posted_at = self->cursor;
+        sem_post((sem_t *)(void *)(self->c + OFF_SEM));
+    }
+}
+
+/* [R5] Store cursor and counters into our entry. */
+static void
+publish_cursor(Reader *self)
+{
+    uint8_t *e = self->e;
+    self->held = self->cursor_owed = 0;
+    /* Release: our copies of the slots below the cursor are done before the
+     * writer can see them free; pairs with the writer's acquire fence after
+     * it loads the cursors (shmd.bus.block.slowest). */
+    STORE64(e + R_CURSOR, self->cursor, RELEASE);
+    STORE64(e + R_DELIVERED, self->delivered, RELAXED);  /* statistics */
+    STORE64(e + R_LOST, self->lost, RELAXED);
+    STORE64(e + R_LAST_ACTIVE_NS, shmd_monotonic_ns(), RELAXED);
+    /* No fence between the cursor store and the writer_waiting load: one
+     * here would be paid on every read, and the writer waits rarely.  Both
+     * sides can miss each other once; we post at our next read (post_owed)
+     * or after the fence of our next sleep [S4], and the writer re-checks
+     * the cursors every 10 ms anyway (shmd.bus.block.wait_for_space). */
+    if (self->block && LOAD32(self->c + OFF_WRITER_WAITING, RELAXED)) {
+        self->posted_at = self->cursor;
+        sem_post((sem_t *)(void *)(self->c + OFF_SEM));
+    }
+}
+
+/* Publish a cursor a read left for later, if the entry is still ours (the
+ * writer may have evicted us and given it to another reader meanwhile). */
+static void
+settle(Reader *self)
+{
+    if (self->c != NULL && entry_is_ours(self)) {
+        publish_cursor(self);
+    } else {
+        self->held = self->cursor_owed = 0;
+    }
+}
+
+/* -- reading ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(read_batch_doc,
+"read_batch(limit=4096, copy=True, hold=False) -> [(seq, timestamp_ns, topic, payload)]\n\n"
+"Records from the cursor, in order, for this reader's topics (docs/PROTOCOL.md, Reading).");
+
+static int
+parse_read_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t *limit,
+                int *copy, int *hold)
+{
+    PyObject *vals[3] = {NULL, NULL, NULL};
+    static const char *names[3] = {"limit", "copy", "hold"};
+    if (nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "read_batch() takes at most 3 arguments");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        vals[i] = args[i];
+    }
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, k);
+        int found = 0;
+        for (int j = 0; j < 3; j++) {
+            if (PyUnicode_CompareWithASCIIString(name, names[j]) == 0) {
+                if (vals[j] != NULL) {
+                    PyErr_Format(PyExc_TypeError, "read_batch() got %s twice", names[j]);
+                    return -1;
+                }
+                vals[j] = args[nargs + k];
+                found = 1;
+            }
+        }
+        if (!found) {
+            PyErr_Format(PyExc_TypeError, "read_batch() got an unexpected keyword %R", name);
+            return -1;
+        }
+    }
+    *limit = 4096;
+    if (vals[0] != NULL && (*limit = PyLong_AsSsize_t(vals[0])) == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *copy = vals[1] == NULL ? 1 : PyObject_IsTrue(vals[1]);
+    *hold = vals[2] == NULL ? 0 : PyObject_IsTrue(vals[2]);
+    if (*copy < 0 || *hold < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+/* One record's row; NULL with an exception set. */
+static PyObject *
+record_row(Reader *self, uint64_t seq, uint64_t ts, uint32_t topic, size_t off, uint32_t length,
+           int copy)
+{
+    PyObject *payload;
+    if (copy) {
+        /* The seqlock's data read (see _bus.h): trusted only after [R4]. */
+        payload = PyBytes_FromStringAndSize((const char *)self->r + off, (Py_ssize_t)length);
+    } else {
+        payload = PySequence_GetSlice(self->ring_view, (Py_ssize_t)off,
+                                      (Py_ssize_t)(off + length));
+    }
+    if (payload == NULL) {
+        return NULL;
+    }
+    PyObject *row = PyTuple_New(4);
+    if (row == NULL) {
+        Py_DECREF(payload);
+        return NULL;
+    }
+    PyObject *a = PyLong_FromUnsignedLongLong(seq);
+    PyObject *b = PyLong_FromUnsignedLongLong(ts);
+    PyObject *t = PyLong_FromUnsignedLong(topic);
+    if (a == NULL || b == NULL || t == NULL) {
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        Py_XDECREF(t);
+        Py_DECREF(payload);
+        Py_DECREF(row);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(row, 0, a);
+    PyTuple_SET_ITEM(row, 1, b);
+    PyTuple_SET_ITEM(row, 2, t);
+    PyTuple_SET_ITEM(row, 3, payload);
+    return row;
+}
+
+/* [R1]-[R5] reader_read. */
+static PyObject *
+Reader_read_batch(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t limit;
+    int copy, hold;
+    if (parse_read_args(args, nargs, kwnames, &limit, &copy, &hold) < 0) {
+        return NULL;
+    }
+    if (self->c == NULL) {
+        return fail(self, ERR_CLOSED_READ, 0);
+    }
+    uint8_t *c = self->c;
+    uint64_t cursor = self->cursor;
+    /* [R1] Acquire: pairs with the writer's release store of write_seq [P4]:
+     * the slots below it are written. */
+    uint64_t w = LOAD64(c + OFF_WRITE_SEQ, ACQUIRE);
+    if (w <= cursor) {
+        if (self->cursor_owed) {
+            settle(self);
+        }
+        if (self->block) {
+            post_owed(self);
+        }
+        return PyList_New(0);
+    }
+    if (!entry_is_ours(self)) {
+        return fail(self, ERR_EVICTED, 0);
+    }
+    /* Ordered after the write_seq load by its acquire. */
+    uint64_t reserve = LOAD64(c + OFF_RESERVE_SEQ, RELAXED);
+    if (limit < 1) {
+        limit = 1;
+    }
+    if (copy && limit > self->copy_limit) {
+        limit = self->copy_limit;
+    }
+    /* [R2] The plan: the writer may be overwriting every seq below
+     * reserve - capacity, so those are lost. */
+    uint64_t cap = self->capacity;
+    uint64_t start = cursor, lost = 0;
+    if (reserve > cap && reserve - cap > cursor) {
+        start = reserve - cap;
+        lost = start - cursor;
+    }
+    uint64_t end = start;
+    if (w > start) {
+        end = w - start > (uint64_t)limit ? start + (uint64_t)limit : w;
+    }
+    if (self->hook != NULL) {
+        PyObject *r = PyObject_CallFunction(self->hook, "KK", (unsigned long long)start,
+                                            (unsigned long long)end);
+        if (r == NULL) {
+            return NULL;
+        }
+        Py_DECREF(r);
+        if (self->c == NULL) {
+            return fail(self, ERR_CLOSED_READ, 0);
+        }
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    uint64_t topics = self->topics;
+    uint64_t bad = UINT64_MAX;
+    /* [R3] Copy [start, end).  `first_kept[i]`: how many rows of `out` come
+     * from positions below start + i is what [R4] needs; rows are in
+     * position order, so counting rows per position as we go is enough. */
+    uint64_t n = end - start;
+    Py_ssize_t *rows_below = PyMem_Malloc((size_t)(n + 1) * sizeof(Py_ssize_t));
+    if (rows_below == NULL) {
+        Py_DECREF(out);
+        return PyErr_NoMemory();
+    }
+    for (uint64_t s = start; s < end; s++) {
+        rows_below[s - start] = PyList_GET_SIZE(out);
+        size_t off = (size_t)((s & self->mask) * self->slot);
+        const uint8_t *h = self->r + off;
+        /* The header's words: relaxed; what they say is trusted only once
+         * [R4] says the writer was not there. */
+        uint64_t seq = LOAD64(h + REC_SEQ, RELAXED);
+        uint64_t ts = LOAD64(h + REC_TIMESTAMP, RELAXED);
+        uint32_t length = LOAD32(h + REC_LENGTH, RELAXED);
+        uint32_t topic = LOAD32(h + REC_TOPIC, RELAXED);
+        if (seq != s || length > self->max_payload || topic > TOPIC_MAX) {
+            /* The writer lapping us (settled by [R4]) or a corrupt slot;
+             * either way its bytes are not a record to hand out. */
+            if (bad == UINT64_MAX) {
+                bad = s;
+            }
+            continue;
+        }
+        if (!(topics >> topic & 1)) {
+            continue;
+        }
+        PyObject *row = record_row(self, seq, ts, topic, off + RECORD_HEADER_SIZE, length, copy);
+        if (row == NULL || PyList_Append(out, row) < 0) {
+            Py_XDECREF(row);
+            PyMem_Free(rows_below);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(row);
+    }
+    rows_below[n] = PyList_GET_SIZE(out);
+    /* [R4] Acquire fence: our slot loads above are ordered before the
+     * re-read of reserve_seq; pairs with the writer's release fence after
+     * its reserve_seq store [P2]: if we saw any byte it wrote into a slot,
+     * we see its reserve now. */
+    atomic_thread_fence(ACQUIRE);
+    uint64_t again = LOAD64(c + OFF_RESERVE_SEQ, RELAXED);
+    uint64_t oldest_ok = again > cap ? again - cap : 0;
+    if (start < oldest_ok) {
+        /* Every position below `cut` may hold a torn record or a whole one
+         * of a later lap (whose header seq looks valid): drop them by
+         * position, never by their header's seq. */
+        uint64_t cut = oldest_ok < end ? oldest_ok : end;
+        lost += cut - start;
+        Py_ssize_t drop = rows_below[cut - start];
+        if (drop > 0 && PyList_SetSlice(out, 0, drop, NULL) < 0) {
+            PyMem_Free(rows_below);
+            Py_DECREF(out);
+            return NULL;
+        }
+    } else if (bad != UINT64_MAX) {
+        PyMem_Free(rows_below);
+        Py_DECREF(out);
+        return fail(self, ERR_CORRUPT, bad);
+    }
+    PyMem_Free(rows_below);
+    /* [R5] */
+    self->cursor = end;
+    self->delivered += (uint64_t)PyList_GET_SIZE(out);
+    self->lost += lost;
+    if (hold) {
+        self->held = 1;
+    } else if (n == 1 && self->may_owe && !self->cursor_owed) {
+        /* Publishing the cursor costs four stores and a clock read, as much
+         * as the rest of a one-record read; on the latency path it would come
+         * before the caller has its record.  The next call publishes it (a
+         * read, prepare_sleep, release, close), so the writer sees this
+         * reader at most one slot behind.  Not in a ring of few big slots,
+         * where one slot is room the writer waits for. */
+        self->cursor_owed = 1;
+    } else {
+        publish_cursor(self);
+    }
+    return out;
+}
+
+/* -- sleeping ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(prepare_sleep_doc,
+"prepare_sleep() -> 0.0 or None\n\n"
+"Announce that this reader goes to sleep: 0.0 = do not (records arrived or\n"
+"the writer went inactive), None = sleep until the eventfd fires.");
+
+/* [S1]-[S4] reader_prepare_sleep. */
+static PyObject *
+Reader_prepare_sleep(Reader *self, PyObject *Py_UNUSED(unused))
+{
+    if (self->c == NULL) {
+        return fail(self, ERR_CLOSED_SLEEP, 0);
+    }
+    uint8_t *c = self->c, *e = self->e;
+    if (self->held || self->cursor_owed) {
+        settle(self);  /* a sleeping reader must not hold the writer up */
+    }
+    /* [S1] Acquire: pairs with the writer's release stores of write_seq [P4]
+     * and active (shmd.bus.publisher.Publisher.deactivate). */
+    if (LOAD64(c + OFF_WRITE_SEQ, ACQUIRE) > self->cursor || !LOAD32(c + OFF_ACTIVE, ACQUIRE)) {
+        return PyFloat_FromDouble(0.0);
+    }
+    if (!entry_is_ours(self)) {
+        return fail(self, ERR_EVICTED, 0);  /* never announce into a reused entry */
+    }
+    /* [S2] Drain what the eventfd holds before announcing: a write answering
+     * this announcement can only come after it, and the wake-up path then
+     * costs no syscall but the epoll_wait that returns. */
+    if (self->efd >= 0) {
+        uint64_t junk;
+        if (read(self->efd, &junk, sizeof junk) < 0 && errno != EAGAIN) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    /* [S3] Announce, unless an earlier announcement still stands unanswered
+     * (the writer answers it at its next commit). */
+    uint32_t asked = LOAD32(e + R_SLEEP_SEQ, RELAXED);  /* our own word */
+    /* Acquire: pairs with the writer's release store of wake_seq [P5]. */
+    if (asked == LOAD32(e + R_WAKE_SEQ, ACQUIRE)) {
+        STORE32(e + R_SLEEP_SEQ, asked + 1, RELAXED);
+        /* Release: sleep_seq above is visible to a writer that sees this
+         * increment; pairs with its acquire load of sleep_count [P5].  An
+         * atomic read-modify-write: readers need no mutex among themselves. */
+        atomic_fetch_add_explicit(A32(c + OFF_SLEEP_COUNT), 1, RELEASE);
+    }
+    /* [S4] StoreLoad, the reader's half of the Dekker handshake: our
+     * announcement is visible before we re-read write_seq.  Pairs with the
+     * writer's seq_cst fence after its commit [P5]: at least one of us sees
+     * the other. */
+    atomic_thread_fence(SEQ_CST);
+    if (self->block) {
+        post_owed(self);  /* after a fence: a writer waiting for us is seen now */
+    }
+    if (LOAD64(c + OFF_WRITE_SEQ, ACQUIRE) > self->cursor || !LOAD32(c + OFF_ACTIVE, ACQUIRE)) {
+        /* The announcement stands: one spurious wake-up later, never a lost one. */
+        return PyFloat_FromDouble(0.0);
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(announce_doc,
+"announce()\n\nStep [S3] alone: announce a sleep, without the drain and the re-check (tests).");
+
+static PyObject *
+Reader_announce(Reader *self, PyObject *Py_UNUSED(unused))
+{
+    if (self->c == NULL) {
+        return fail(self, ERR_CLOSED_SLEEP, 0);
+    }
+    uint32_t asked = LOAD32(self->e + R_SLEEP_SEQ, RELAXED);
+    STORE32(self->e + R_SLEEP_SEQ, asked + 1, RELAXED);
+    atomic_fetch_add_explicit(A32(self->c + OFF_SLEEP_COUNT), 1, RELEASE);  /* as in [S3] */
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(settle_doc,
+"settle()\n\nPublish a cursor a read left for later, or release held slots.");
+
+static PyObject *
+Reader_settle(Reader *self, PyObject *Py_UNUSED(unused))
+{
+    if (self->held || self->cursor_owed) {
+        settle(self);
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(set_totals_doc,
+"set_totals(delivered, lost)\n\nContinue counting from these totals, stored in the entry too.");
+
+static PyObject *
+Reader_set_totals(Reader *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_totals() takes delivered and lost");
+        return NULL;
+    }
+    unsigned long long d = PyLong_AsUnsignedLongLong(args[0]);
+    unsigned long long l = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (self->c == NULL) {
+        return fail(self, ERR_CLOSED_READ, 0);
+    }
+    self->delivered = d;
+    self->lost = l;
+    STORE64(self->e + R_DELIVERED, d, RELAXED);  /* statistics */
+    STORE64(self->e + R_LOST, l, RELAXED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Reader_close(Reader *self, PyObject *Py_UNUSED(unused))
+{
+    if (self->cursor_owed) {
+        settle(self);  /* the writer's detach report counts every record we read */
+    }
+    self->c = self->r = self->e = NULL;
+    shmd_views_release(&self->v);
+    Py_CLEAR(self->ring_view);
+    Py_RETURN_NONE;
+}
+
+/* -- attributes ------------------------------------------------------------------------ */
+
+static PyObject *
+Reader_get_cursor(Reader *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->cursor);
+}
+
+static PyObject *
+Reader_get_delivered(Reader *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->delivered);
+}
+
+static PyObject *
+Reader_get_lost(Reader *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->lost);
+}
+
+static PyObject *
+Reader_get_topics(Reader *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->topics);
+}
+
+static PyObject *
+Reader_get_pending(Reader *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->held || self->cursor_owed);
+}
+
+static PyObject *
+Reader_get_hook(Reader *self, void *Py_UNUSED(c))
+{
+    return Py_NewRef(self->hook != NULL ? self->hook : Py_None);
+}
+
+static int
+Reader_set_hook(Reader *self, PyObject *value, void *Py_UNUSED(c))
+{
+    if (value == Py_None || value == NULL) {
+        Py_CLEAR(self->hook);
+        return 0;
+    }
+    if (!PyCallable_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "Failed to set the hook since it is not callable");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_XSETREF(self->hook, value);
+    return 0;
+}
+
+static PyGetSetDef Reader_getset[] = {
+    {"cursor", (getter)Reader_get_cursor, NULL, "The seq this reader reads next.", NULL},
+    {"delivered", (getter)Reader_get_delivered, NULL, "Records delivered.", NULL},
+    {"lost", (getter)Reader_get_lost, NULL, "Records overwritten before they were read.", NULL},
+    {"topics", (getter)Reader_get_topics, NULL, "The subscription mask.", NULL},
+    {"pending", (getter)Reader_get_pending, NULL,
+     "A read left its cursor for later, or holds slots.", NULL},
+    {"hook", (getter)Reader_get_hook, (setter)Reader_set_hook,
+     "Tests only: called as hook(start, end) between a read's plan and its copy.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef Reader_methods[] = {
+    {"read_batch", (PyCFunction)(void (*)(void))Reader_read_batch, METH_FASTCALL | METH_KEYWORDS,
+     read_batch_doc},
+    {"prepare_sleep", (PyCFunction)Reader_prepare_sleep, METH_NOARGS, prepare_sleep_doc},
+    {"announce", (PyCFunction)Reader_announce, METH_NOARGS, announce_doc},
+    {"settle", (PyCFunction)Reader_settle, METH_NOARGS, settle_doc},
+    {"set_totals", (PyCFunction)(void (*)(void))Reader_set_totals, METH_FASTCALL, set_totals_doc},
+    {"close", (PyCFunction)Reader_close, METH_NOARGS,
+     "close()\n\nStore a cursor left for later, then release the segment's buffers."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject shmd_ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmd._sys._core.Reader",
+    .tp_doc = "A reader's hot path: reading and announcing sleep (shmd/_sys/_reader.c).",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Reader_init,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_traverse = (traverseproc)Reader_traverse,
+    .tp_clear = (inquiry)Reader_clear,
+    .tp_methods = Reader_methods,
+    .tp_getset = Reader_getset,
+};
