@@ -16,6 +16,7 @@ messages), ``shmd.config`` (the YAML file), ``shmd.daemons`` (``shm-writer``,
 from shmd.bus.layout import ALL_TOPICS, Geometry, Policy
 from shmd.bus.publisher import Publisher, Reservation
 from shmd.bus.subscriber import Record, Subscriber
+from shmd.bus.wait import WaitStrategy
 from shmd.errors import ShmdError
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "Reservation",
     "ShmdError",
     "Subscriber",
+    "WaitStrategy",
 ]
 __version__ = "0.1.0"

@@ -43,6 +43,7 @@ from shmd.bus.layout import (
 )
 from shmd.bus.ring import slot_of
 from shmd.bus.segment import Segment
+from shmd.bus.wait import code_label
 from shmd.config import Config, ConfigError, ReaderSettings, load_config
 from shmd.control import protocol
 from shmd.control.frames import SOCKET_TYPES, ChannelError, WireError
@@ -124,6 +125,7 @@ def segment_status(seg: Segment) -> dict[str, Any]:
                 "delivered": e.delivered,
                 "lost": e.lost,
                 "asleep": e.asleep,
+                "wait": code_label(e.wait),
                 "topics": "all"
                 if e.topics == (1 << 64) - 1
                 else [t for t in range(64) if e.topics >> t & 1],
@@ -169,7 +171,7 @@ def render_status(st: dict[str, Any], colour: bool) -> str:
     if st["readers"]:
         head = (
             f"{'INSTANCE':<16} {'PID':>7} {'ALIVE':>5} {'CURSOR':>12} {'LAG':>8} "
-            f"{'LAG_S':>8} {'DELIVERED':>12} {'LOST':>10} {'ASLEEP':>6}"
+            f"{'LAG_S':>8} {'DELIVERED':>12} {'LOST':>10} {'ASLEEP':>6} {'WAIT':>7}"
         )
         lines += ["", c(head, "1")]
         for r in st["readers"]:
@@ -178,7 +180,7 @@ def render_status(st: dict[str, Any], colour: bool) -> str:
             lines.append(
                 f"{r['instance']:<16} {r['pid']:>7} {alive:>5} {r['cursor']:>12} {r['lag']:>8} "
                 f"{r['lag_seconds']:>8.3f} {r['delivered']:>12} {lost:>10} "
-                f"{'yes' if r['asleep'] else 'no':>6}"
+                f"{'yes' if r['asleep'] else 'no':>6} {r['wait']:>7}"
             )
     return "\n".join(lines)
 

@@ -322,6 +322,7 @@ def test_status_table_shows_writer_ring_and_reader_rows(quiet: Bus) -> None:
         "DELIVERED",
         "LOST",
         "ASLEEP",
+        "WAIT",
     ]
     table = {
         line.split()[0]: line.split()
@@ -330,7 +331,8 @@ def test_status_table_shows_writer_ring_and_reader_rows(quiet: Bus) -> None:
     }
     assert set(table) == {"1", "2"}, text
     for name, proc in (("1", r1), ("2", r2)):
-        _instance, pid, alive, cursor, lag, _lag_s, delivered, lost, _asleep = table[name]
+        _instance, pid, alive, cursor, lag, _lag_s, delivered, lost, _asleep, wait = table[name]
+        assert wait == "sleep"
         assert (pid, alive, cursor, lag, delivered, lost) == (
             str(proc.pid),
             "yes",

@@ -433,6 +433,13 @@ BAD = [
         "must be a topic id 0..63 (got integer 99)",
     ),
     ("reader:\n  defaults:\n    start: middle\n", 3, "reader.defaults.start", "latest | oldest"),
+    ("reader:\n  defaults:\n    wait: nap\n", 3, "reader.defaults.wait", "sleep | spin | backoff"),
+    (
+        "reader:\n  instances:\n    '1': {wait: backoff, backoff_spin: 2}\n",
+        3,
+        "reader.instances.1.backoff_spin",
+        "1",
+    ),
     (
         "reader:\n  defaults:\n    sink:\n      type: exec\n      command: []\n",
         5,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 
@@ -21,7 +22,9 @@ from helpers import (
 from shmd._sys.fd import OwnedFd
 from shmd.bus.layout import topic_mask
 from shmd.bus.loop import LoopExit, ReaderLoop, aiter_records
+from shmd.bus.publisher import Publisher
 from shmd.bus.subscriber import RawRecord, Record, Subscriber
+from shmd.bus.wait import WaitStrategy
 
 
 def payload(seq: int) -> bytes:
@@ -88,6 +91,72 @@ def test_deactivate_makes_every_loop_drain_and_return(bus: Bus, procs: Procs) ->
         assert child.expect("exit") == f"exit DRAINED True {n} 0"
         assert child.wait() == 0
     assert pub.evictions == []
+
+
+def read_past(pub: Publisher, index: int, seq: int) -> bool:
+    """Whether reader ``index`` published a cursor of at least ``seq``."""
+    return pub.segment.entry(index).cursor >= seq
+
+
+@pytest.mark.parametrize(
+    "wait", [WaitStrategy.spin(), WaitStrategy.backoff()], ids=lambda w: w.name
+)
+def test_a_loop_that_spins_or_backs_off_delivers_everything(
+    bus: Bus, procs: Procs, wait: WaitStrategy
+) -> None:
+    """A ReaderLoop process with the spin or backoff strategy delivers every record of a
+    stream with pauses in it, then returns DRAINED; a spinning one never announces a sleep."""
+    n = 500
+    pub = bus.publisher(capacity=64, policy="block", block_timeout=15.0)
+    handle = pub.add_reader("r", os.getpid())
+    child = procs.fork(loop_reader(pub, handle.index, wait))
+    child.expect("ready")
+    count = pub.segment.header().sleep_count
+    for i in range(0, n, 50):
+        pub.publish_batch([payload(s) for s in range(i, i + 50)])
+        # A pause: long enough for a backoff to reach its sleep (it spins 50 us,
+        # yields 1 ms), the loop finds nothing for a while.
+        wait_until(functools.partial(read_past, pub, handle.index, i + 50), "the loop reads")
+    pub.deactivate()
+    for s in range(n):
+        assert child.expect("record") == f"record {s} 0 {payload(s).hex()}"
+    assert child.expect("exit") == f"exit DRAINED {n} 0"
+    assert child.wait() == 0
+    if wait.name == "spin":
+        assert pub.segment.header().sleep_count == count
+        assert eventfd_count(handle.eventfd.fileno()) == 1  # deactivate's
+
+
+@pytest.mark.parametrize("wait", [WaitStrategy.sleep(), WaitStrategy.spin()], ids=lambda w: w.name)
+def test_a_loop_kept_busy_by_records_still_answers_its_other_fds(
+    bus: Bus, wait: WaitStrategy
+) -> None:
+    """A loop that never runs out of records still looks at its reactor's fds (every
+    LOOK_INTERVAL): a handler of a ready pipe stops it while records keep coming."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub, wait=wait)
+    r, w = (OwnedFd(fd) for fd in os.pipe())
+    deadline = time.monotonic() + 20
+    exhausted = []
+
+    def more(batch: list[RawRecord]) -> None:
+        if time.monotonic() < deadline:
+            pub.publish(b"more")  # the next turn finds a record again: no idle turn
+        else:
+            exhausted.append(True)
+
+    loop = ReaderLoop(sub, more)
+    try:
+        loop.reactor.add(r.fileno(), lambda ev: loop.stop())
+        os.write(w.fileno(), b"stop")
+        pub.publish(b"first")
+        assert loop.run() is LoopExit.STOPPED
+        assert not exhausted  # stopped by the pipe's handler, not by running dry
+    finally:
+        loop.reactor.remove(r.fileno())
+        loop.close()
+        r.close()
+        w.close()
 
 
 def test_loop_drains_past_long_runs_of_other_topics(bus: Bus) -> None:

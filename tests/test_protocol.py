@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shmd.bus import wait
 from shmd.control.fields import ALL_TOPICS, MAX_REASON, U32_MAX, U64_MAX, safe_reason
 from shmd.control.protocol import (
     MESSAGE_CLASSES,
@@ -25,6 +26,7 @@ from shmd.control.protocol import (
     RefuseCode,
     StartCode,
     VersionMismatch,
+    WaitCode,
     Welcome,
     decode,
 )
@@ -50,6 +52,7 @@ def hellos(draw: st.DrawFn) -> Hello:
         start=start,
         resume_cursor=draw(u64) if resume else 0,
         last_generation=draw(st.integers(1, U64_MAX) if resume else u64),
+        wait=draw(st.sampled_from(WaitCode)),
     )
 
 
@@ -104,8 +107,9 @@ def hello_body(
     generation: int = 0,
     pid: int = 42,
     start: int = 0,
+    wait: int = 0,
 ) -> bytes:
-    fixed = struct.pack("<QQQIB", topics, cursor, generation, pid, start)
+    fixed = struct.pack("<QQQIBB", topics, cursor, generation, pid, start, wait)
     return prefix(MessageType.HELLO) + fixed + string(instance)
 
 
@@ -163,17 +167,32 @@ def test_hello_bytes_are_pinned() -> None:
         start=StartCode.RESUME,
         resume_cursor=0x0102,
         last_generation=7,
+        wait=WaitCode.SPIN,
     )
     assert msg.encode().hex(" ") == (
-        "01 00 01 00"  # type 1 (Hello), version 1
+        "01 00 02 00"  # type 1 (Hello), version 2
         " 05 00 00 00 00 00 00 00"  # topic mask: topics 0 and 2
         " 02 01 00 00 00 00 00 00"  # resume cursor
         " 07 00 00 00 00 00 00 00"  # last generation
         " 34 12 00 00"  # pid
         " 02"  # start = resume
+        " 01"  # wait = spin
         " 01 00 31"  # instance "1"
     )
     assert msg.subscribes(0) and msg.subscribes(2) and not msg.subscribes(1)
+
+
+def test_wait_codes_are_the_buses() -> None:
+    """The Hello's wait codes are the ones the reader-table entry holds (shmd.bus.wait)."""
+    assert {c.name: c.value for c in WaitCode} == {c.name: c.value for c in wait.WaitCode}
+
+
+def test_a_hello_with_an_unknown_wait_code_is_rejected() -> None:
+    """A wait code the writer does not know fails the decode with the field's name."""
+    body = bytearray(Hello(instance="1", pid=1).encode())
+    body[4 + 29] = 9  # the wait byte
+    with pytest.raises(ProtocolError, match="wait 9 is not one of"):
+        decode(bytes(body), 0)
 
 
 def test_welcome_and_short_messages_bytes_are_pinned() -> None:
@@ -226,7 +245,7 @@ def test_wrong_version_is_rejected(msg: Message, version: int) -> None:
         decode(bytes(body), msg.N_FDS)
     assert exc.value.peer_version == version
     assert exc.value.msg_type == msg.TYPE
-    assert f"protocol version {version} but this side speaks 1" in str(exc.value)
+    assert f"protocol version {version} but this side speaks {PROTOCOL_VERSION}" in str(exc.value)
 
 
 def test_refuse_from_another_version_is_readable() -> None:
@@ -258,8 +277,8 @@ def test_unknown_type_is_rejected(msg_type: int) -> None:
 
 def test_unknown_type_of_another_version_is_a_version_mismatch() -> None:
     """A body of another version is reported as a version mismatch even when its type is unknown."""
-    with pytest.raises(VersionMismatch, match="message of type 9 since it is protocol version 2"):
-        decode(prefix(9, 2), 0)
+    with pytest.raises(VersionMismatch, match="message of type 9 since it is protocol version 3"):
+        decode(prefix(9, 3), 0)
 
 
 def test_short_prefix_is_rejected() -> None:

@@ -19,6 +19,7 @@ from daemon_bus import (
 )
 
 from shmd.bus.segment import Segment
+from shmd.bus.wait import code_label
 from shmd.config import load_config
 from shmd.control import protocol
 from shmd.control.connection import Connection
@@ -83,9 +84,29 @@ def test_reader_attaches_and_both_sides_log_it(bus: Bus) -> None:
     assert attached["capacity"] == 256 and attached["slot_size"] == 256
     assert attached["policy"] == "drop-oldest" and attached["instance"] == "1"
     assert attached["role"] == "reader" and on_writer["start"] == "latest"
+    assert attached["wait"] == on_writer["wait"] == "sleep"
     wait_until(lambda: ticks_reach(bus, "1", attached["seq"] + 3), what="ticks")
     # start latest: the first record is the first published after attaching.
     assert ticks(bus, "1")[0] == attached["seq"] + 1
+    w.terminate()
+    assert r.wait_exit() == 0 and w.wait_exit() == 0
+
+
+@pytest.mark.parametrize(("wait", "label"), [("spin", "spin"), ("backoff", "backoff(200us,2ms)")])
+def test_a_reader_that_spins_or_backs_off_gets_every_tick_and_says_how_it_waits(
+    bus: Bus, wait: str, label: str
+) -> None:
+    """reader.wait picks the strategy: both sides log it, shmctl status shows it, and the
+    reader receives the ticks as a sleeping one does."""
+    w = bus.writer()
+    r = bus.file_reader("1", wait=wait, backoff_spin=0.0002, backoff_yield=0.002)
+    attached = r.wait_for("attached")
+    on_writer = w.wait_for("reader_attached", reader="1")
+    assert attached["wait"] == label and on_writer["wait"] == wait
+    with Segment.open(name=bus.segment) as seg:
+        assert code_label(seg.entry(attached["index"]).wait) == wait
+    wait_until(lambda: ticks_reach(bus, "1", attached["seq"] + 3), what="ticks")
+    assert ticks(bus, "1")[:3] == [attached["seq"] + 1, attached["seq"] + 2, attached["seq"] + 3]
     w.terminate()
     assert r.wait_exit() == 0 and w.wait_exit() == 0
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import math
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 
@@ -46,6 +48,7 @@ from shmd.bus.layout import (
 from shmd.bus.publisher import Publisher
 from shmd.bus.segment import Segment
 from shmd.bus.subscriber import COPY_BATCH_BYTES, DEFER_CURSOR_MIN_CAPACITY, Subscriber
+from shmd.bus.wait import WaitStrategy
 from shmd.errors import (
     ReaderEvicted,
     SegmentClosed,
@@ -723,3 +726,225 @@ def test_every_record_is_delivered_once_or_counted_lost(
             sub.close()
     finally:
         pub.close()
+
+
+# -- read_into -----------------------------------------------------------------------------
+
+
+def test_read_into_copies_the_next_record_of_its_topics_into_the_buffer(bus: Bus) -> None:
+    """read_into fills the caller's buffer with the next record of its topics, skips the
+    others, returns None once caught up, and publishes its cursor by the next call."""
+    pub = bus.publisher(capacity=DEFER_CURSOR_MIN_CAPACITY)
+    sub = bus.subscriber(pub, topics=topic_mask([1]))
+    pub.publish(b"zero", topic=0)
+    pub.publish(b"one!", topic=1)
+    pub.publish(b"two", topic=2)
+    pub.publish(b"three", topic=1)
+    buf = bytearray(16)
+    assert sub.read_into(buf) == (*sub_row(pub, 1), 4)
+    assert bytes(buf[:4]) == b"one!"
+    got = sub.read_into(memoryview(buf))
+    assert got is not None and got[0] == 3 and got[2] == 1 and bytes(buf[: got[3]]) == b"three"
+    assert sub.read_into(buf) is None
+    assert sub.cursor == 4 and sub.delivered == 2 and sub.lost == 0
+    assert pub.segment.entry(sub.index).cursor == 4
+
+
+def sub_row(pub: Publisher, seq: int) -> tuple[int, int, int]:
+    """(seq, timestamp_ns, topic) of record ``seq`` as its slot holds them."""
+    g = pub.geometry
+    off = (seq % g.capacity) * g.slot_size
+    s, ts, _length, topic = decode_record_header(pub.segment.ring, off)
+    return (s, ts, topic)
+
+
+def test_read_into_keeps_a_record_too_long_for_the_buffer(bus: Bus) -> None:
+    """A record longer than the buffer raises ValueError and stays unread for a bigger one."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    pub.publish(b"x" * 20)
+    with pytest.raises(ValueError, match="Failed to read record 0 since it has 20 bytes and the "):
+        sub.read_into(bytearray(8))
+    assert sub.cursor == 0
+    big = bytearray(32)
+    got = sub.read_into(big)
+    assert got is not None and got[3] == 20 and bytes(big[:20]) == b"x" * 20
+
+
+def test_read_into_refuses_a_read_only_buffer(bus: Bus) -> None:
+    """bytes is not writable: a BufferError, and nothing is read."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    pub.publish(b"x")
+    with pytest.raises(BufferError, match="not writable"):
+        sub.read_into(b"\0" * 8)  # type: ignore[arg-type]
+    assert sub.cursor == 0
+
+
+def test_read_into_counts_what_the_writer_lapped(bus: Bus) -> None:
+    """A reader lapped by the writer gets the oldest record still there and counts the rest."""
+    pub = bus.publisher(capacity=8)
+    sub = bus.subscriber(pub, start="oldest")
+    pub.publish_batch([payload(i) for i in range(20)])
+    buf = bytearray(64)
+    got = sub.read_into(buf)
+    assert got is not None and got[0] == 12 and bytes(buf[: got[3]]) == payload(12)
+    assert sub.lost == 12
+
+
+def test_read_into_drops_a_slot_overwritten_while_it_copies(bus: Bus) -> None:
+    """The writer laps the reader between read_into's plan and its copy: the overwritten
+    record is counted lost and never delivered, the next one is."""
+    cap = 8
+    pub = bus.publisher(capacity=cap)
+    sub = bus.subscriber(pub, start="oldest")
+    pub.publish_batch([payload(i) for i in range(cap)])
+
+    def lap_the_reader(start: int, end: int) -> None:
+        sub._r.hook = None  # once
+        pub.publish(payload(cap))  # seq 8 into slot 0, where seq 0 is being read
+
+    sub._r.hook = lap_the_reader
+    buf = bytearray(64)
+    got = sub.read_into(buf)
+    assert got is not None and got[0] == 1 and bytes(buf[: got[3]]) == payload(1)
+    assert sub.lost == 1
+
+
+def test_read_into_after_close_raises_segment_closed(bus: Bus) -> None:
+    """read_into on a closed subscriber says it was closed."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    sub.close()
+    with pytest.raises(SegmentClosed, match="Failed to read since the subscriber was closed"):
+        sub.read_into(bytearray(8))
+
+
+# -- spinning ------------------------------------------------------------------------------
+
+
+def test_spin_times_out_without_records_and_announces_nothing(bus: Bus) -> None:
+    """spin() and its yield phase return False after their time; no sleep is announced."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    count = pub.segment.header().sleep_count
+    t0 = time.monotonic()
+    assert sub.spin(0.02) is False
+    t1 = time.monotonic()
+    assert sub.spin(0.0, 0.02) is False
+    assert t1 - t0 >= 0.02 and time.monotonic() - t1 >= 0.02
+    assert pub.segment.header().sleep_count == count
+    assert not pub.segment.entry(sub.index).asleep
+
+
+def test_spin_returns_at_once_for_records_or_an_inactive_writer(bus: Bus) -> None:
+    """Records past the cursor, or the active flag cleared, end a spin with True."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    pub.publish(b"x")
+    assert sub.spin(math.inf) is True
+    sub.read()
+    pub.deactivate()
+    assert sub.spin(math.inf) is True
+
+
+def test_spin_rejects_negative_times(bus: Bus) -> None:
+    """A negative or NaN time is a ValueError."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    for args in ((-1.0,), (0.0, math.nan)):
+        with pytest.raises(ValueError, match="Failed to spin since a time is negative or NaN"):
+            sub.spin(*args)
+
+
+def test_a_signal_handler_runs_while_spinning(bus: Bus) -> None:
+    """The GIL comes back every millisecond: a SIGALRM handler's exception ends a spin."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+
+    class Alarm(Exception):
+        pass
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise Alarm
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Alarm):
+            sub.spin(math.inf)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_close_is_refused_while_another_thread_spins(bus: Bus) -> None:
+    """close() from another thread while one spins without the GIL raises, and works after."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub)
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(sub.spin(30.0)))
+    t.start()
+    try:
+        wait_until(lambda: sub._r.spinning, "the thread spins")
+        with pytest.raises(RuntimeError, match="another thread is waiting in spin"):
+            sub.close()
+    finally:
+        pub.publish(b"end")
+        t.join()
+    assert result == [True]
+    sub.close()
+
+
+def test_a_spinning_waiter_is_never_woken_through_its_eventfd(bus: Bus, procs: Procs) -> None:
+    """A reader process waiting with the spin strategy gets every record, announces no
+    sleep, and the writer writes its eventfd only once: the shutdown wake-up."""
+    pub = bus.publisher(capacity=64, policy="block", block_timeout=30.0)
+    handle = pub.add_reader("spinner", os.getpid())
+
+    def body(ch: ChildEnd) -> None:
+        sub = attach(pub, handle, wait=WaitStrategy.spin())
+        ch.send("ready")
+        seqs: list[int] = []
+        while True:
+            assert sub.wait() is True
+            seqs += [r.seq for r in sub.read()]
+            if not sub.active and sub.available() == 0:
+                break
+        ch.send(f"got {len(seqs)} {seqs == list(range(len(seqs)))}")
+
+    child = procs.fork(body)
+    child.expect("ready")
+    count = pub.segment.header().sleep_count
+    for i in range(2000):
+        pub.publish(payload(i))  # block policy: waits for the reader when the ring is full
+    pub.deactivate()
+    assert child.expect("got") == "got 2000 True"
+    assert child.wait() == 0
+    assert pub.segment.header().sleep_count == count
+    assert eventfd_count(handle.eventfd.fileno()) == 1  # deactivate's
+
+
+def test_wait_with_the_spin_strategy_needs_no_eventfd(bus: Bus) -> None:
+    """A spinning subscriber without an eventfd waits: False on timeout, True for a record."""
+    pub = bus.publisher()
+    handle = pub.add_reader("r", os.getpid())
+    with Subscriber.attach(
+        index=handle.index, fd=pub.segment.fileno(), wait=WaitStrategy.spin()
+    ) as sub:
+        assert sub.wait(0.01) is False
+        pub.publish(b"x")
+        assert sub.wait(5) is True
+
+
+def test_wait_with_backoff_sleeps_after_its_spin_and_yield(bus: Bus) -> None:
+    """A backoff waiter that saw nothing for its spin and yield times announces a sleep and
+    is woken by the next record through its eventfd."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub, wait=WaitStrategy.backoff(1e-4, 1e-4))
+    count = pub.segment.header().sleep_count
+    assert sub.wait(0.05) is False
+    assert pub.segment.entry(sub.index).asleep
+    assert pub.segment.header().sleep_count == count + 1
+    pub.publish(b"x")
+    assert eventfd_count(sub.eventfd.fileno()) == 1  # type: ignore[union-attr]

@@ -489,14 +489,14 @@ BAD_MESSAGES: list[tuple[str, bytes, int, protocol.RefuseCode, str]] = [
     ),
     (
         "wrong version",
-        frame(hello_body("v2", version=2)),
+        frame(hello_body("v3", version=3)),
         0,
         protocol.RefuseCode.VERSION,
-        "protocol version 2 but this side speaks 1",
+        "protocol version 3 but this side speaks 2",
     ),
     (
         "unknown type",
-        frame(b"\x63\x00\x01\x00"),
+        frame(b"\x63\x00\x02\x00"),
         0,
         protocol.RefuseCode.BAD_MESSAGE,
         "its type 99 is unknown",

@@ -11,6 +11,8 @@
 #include "_bus.h"
 
 #include <errno.h>
+#include <math.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <string.h>
 #include <unistd.h>
@@ -31,6 +33,7 @@ typedef struct {
     uint64_t posted_at;  /* cursor at our last post of the writer's semaphore */
     Py_ssize_t copy_limit;
     int block, may_owe, cursor_owed, held;
+    int spinning;        /* a thread waits in spin() without the GIL: close() refuses */
     int efd;             /* our eventfd's number, -1: none (owned by Python) */
     PyObject *on_error;  /* on_error(code, seq): raises */
     PyObject *hook;      /* tests: hook(start, end) between the plan and the copy */
@@ -492,6 +495,250 @@ Reader_prepare_sleep(Reader *self, PyObject *Py_UNUSED(unused))
     Py_RETURN_NONE;
 }
 
+/* -- reading into a caller's buffer ---------------------------------------------------- */
+
+PyDoc_STRVAR(read_into_doc,
+"read_into(buffer) -> (seq, timestamp_ns, topic, nbytes) or None\n\n"
+"Copy the next record of this reader's topics into `buffer` (any writable\n"
+"buffer), as socket.recv_into does: nothing is allocated for the payload.\n"
+"None: nothing new (the cursor may have moved past other topics' or lost\n"
+"records).  A record longer than the buffer raises ValueError and stays\n"
+"unread.");
+
+/* At most this many records of other topics (or lost ones) are skipped in one call. */
+#define READ_INTO_SKIP_MAX 4096
+
+/* [R1]-[R5] for one record, copied into `dst`. */
+static PyObject *
+Reader_read_into(Reader *self, PyObject *arg)
+{
+    Py_buffer dst;
+    if (PyObject_GetBuffer(arg, &dst, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (self->c == NULL) {
+        result = fail(self, ERR_CLOSED_READ, 0);
+        goto done;
+    }
+    uint8_t *c = self->c;
+    uint64_t cap = self->capacity;
+    for (int skipped = 0; skipped < READ_INTO_SKIP_MAX; skipped++) {
+        uint64_t cursor = self->cursor;
+        /* [R1] Acquire: pairs with the writer's release store of write_seq [P4]. */
+        uint64_t w = LOAD64(c + OFF_WRITE_SEQ, ACQUIRE);
+        if (w <= cursor) {
+            break;
+        }
+        if (!entry_is_ours(self)) {
+            result = fail(self, ERR_EVICTED, 0);
+            goto done;
+        }
+        /* Ordered after the write_seq load by its acquire. */
+        uint64_t reserve = LOAD64(c + OFF_RESERVE_SEQ, RELAXED);
+        /* [R2] */
+        uint64_t s = cursor, lost = 0;
+        if (reserve > cap && reserve - cap > cursor) {
+            s = reserve - cap;
+            lost = s - cursor;
+        }
+        if (self->hook != NULL) {
+            PyObject *r = PyObject_CallFunction(self->hook, "KK", (unsigned long long)s,
+                                                (unsigned long long)(s + 1));
+            if (r == NULL) {
+                goto done;
+            }
+            Py_DECREF(r);
+            if (self->c == NULL) {
+                result = fail(self, ERR_CLOSED_READ, 0);
+                goto done;
+            }
+        }
+        size_t off = (size_t)((s & self->mask) * self->slot);
+        const uint8_t *h = self->r + off;
+        /* [R3] The header's words: relaxed, trusted only after [R4]. */
+        uint64_t seq = LOAD64(h + REC_SEQ, RELAXED);
+        uint64_t ts = LOAD64(h + REC_TIMESTAMP, RELAXED);
+        uint32_t length = LOAD32(h + REC_LENGTH, RELAXED);
+        uint32_t topic = LOAD32(h + REC_TOPIC, RELAXED);
+        int valid = seq == s && length <= self->max_payload && topic <= TOPIC_MAX;
+        int wanted = valid && (self->topics >> topic & 1);
+        int fits = (Py_ssize_t)length <= dst.len;
+        if (wanted && fits) {
+            /* The seqlock's data read (see _bus.h): trusted only after [R4]. */
+            memcpy(dst.buf, self->r + off + RECORD_HEADER_SIZE, length);
+        }
+        /* [R4] Acquire fence, pairs with [P2]'s release fence (see read_batch). */
+        atomic_thread_fence(ACQUIRE);
+        uint64_t again = LOAD64(c + OFF_RESERVE_SEQ, RELAXED);
+        if (again > cap && s < again - cap) {
+            /* Overwritten while we looked: lost, by position. */
+            self->lost += lost + 1;
+            self->cursor = s + 1;
+            continue;
+        }
+        if (!valid) {
+            result = fail(self, ERR_CORRUPT, s);
+            goto done;
+        }
+        self->lost += lost;
+        if (!wanted) {
+            self->cursor = s + 1;
+            continue;
+        }
+        if (!fits) {
+            self->cursor = s;  /* the records before it were lost; this one stays */
+            PyErr_Format(PyExc_ValueError,
+                         "Failed to read record %llu since it has %u bytes and the buffer "
+                         "holds %zd", (unsigned long long)s, length, dst.len);
+            goto done;
+        }
+        /* [R5] as a one-record read_batch: the cursor may be left for later. */
+        self->cursor = s + 1;
+        self->delivered += 1;
+        if (self->may_owe && !self->cursor_owed) {
+            self->cursor_owed = 1;
+        } else {
+            publish_cursor(self);
+        }
+        result = Py_BuildValue("(KKIn)", (unsigned long long)seq, (unsigned long long)ts,
+                               (unsigned int)topic, (Py_ssize_t)length);
+        goto done;
+    }
+    /* Nothing delivered: publish a cursor that moved (or was owed). */
+    if (self->cursor_owed || LOAD64(self->e + R_CURSOR, RELAXED) != self->cursor) {
+        settle(self);
+    }
+    if (self->block) {
+        post_owed(self);
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&dst);
+    return result;
+}
+
+/* -- spinning ------------------------------------------------------------------------ */
+
+/* One pause in a busy-wait: tells the CPU (and an SMT sibling) we spin. */
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    atomic_signal_fence(SEQ_CST);
+#endif
+}
+
+/* The GIL is given back, and signals looked at, at least this often. */
+#define SPIN_CHUNK_NS 1000000u
+/* The clock (vDSO, no syscall) is read once per this many polls. */
+#define SPIN_POLLS_PER_CLOCK 64
+
+/* Whether records are committed past `cursor` or the writer went inactive.
+ * Acquire: pairs with the writer's release stores of write_seq [P4] and of
+ * active (Publisher.deactivate), as [S1]. */
+static inline int
+ready(const uint8_t *c, uint64_t cursor)
+{
+    return LOAD64(c + OFF_WRITE_SEQ, ACQUIRE) > cursor || !LOAD32(c + OFF_ACTIVE, ACQUIRE);
+}
+
+/* Poll until ready() or `until` (monotonic ns), pausing (or yielding) between
+ * polls; called without the GIL, touching only the mapping we hold. */
+static int
+poll_until(const uint8_t *c, uint64_t cursor, uint64_t until, int yield)
+{
+    for (;;) {
+        for (int i = 0; i < SPIN_POLLS_PER_CLOCK; i++) {
+            if (ready(c, cursor)) {
+                return 1;
+            }
+            if (yield) {
+                sched_yield();
+            } else {
+                cpu_relax();
+            }
+        }
+        if (shmd_monotonic_ns() >= until) {
+            return ready(c, cursor);
+        }
+    }
+}
+
+static uint64_t
+seconds_to_ns(double s)
+{
+    if (!(s > 0.0)) {
+        return 0;
+    }
+    if (s >= 1e9 || isinf(s)) {
+        return UINT64_MAX / 2;
+    }
+    return (uint64_t)(s * 1e9);
+}
+
+PyDoc_STRVAR(spin_doc,
+"spin(spin_seconds, yield_seconds=0.0) -> bool\n\n"
+"Busy-poll write_seq and active for spin_seconds (math.inf: until they\n"
+"change), then poll with sched_yield() between polls for yield_seconds.\n"
+"True: records are committed past the cursor, or the writer went inactive;\n"
+"False: the time is up.  Announces nothing, so the writer writes no\n"
+"eventfd for us.  The GIL is released meanwhile, and taken back every\n"
+"millisecond to run signal handlers (an exception of theirs is raised).");
+
+static PyObject *
+Reader_spin(Reader *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "spin() takes spin_seconds and yield_seconds");
+        return NULL;
+    }
+    double spin_s = PyFloat_AsDouble(args[0]);
+    double yield_s = nargs > 1 ? PyFloat_AsDouble(args[1]) : 0.0;
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (isnan(spin_s) || isnan(yield_s) || spin_s < 0.0 || yield_s < 0.0) {
+        PyErr_SetString(PyExc_ValueError, "Failed to spin since a time is negative or NaN");
+        return NULL;
+    }
+    if (self->c == NULL) {
+        return fail(self, ERR_CLOSED_SLEEP, 0);
+    }
+    if (self->held || self->cursor_owed) {
+        settle(self);  /* a waiting reader must not hold the writer up */
+    }
+    if (self->block) {
+        post_owed(self);
+    }
+    const uint8_t *c = self->c;
+    uint64_t cursor = self->cursor;
+    uint64_t now = shmd_monotonic_ns();
+    uint64_t phase_end[2] = {now + seconds_to_ns(spin_s), 0};
+    phase_end[1] = phase_end[0] + seconds_to_ns(yield_s);
+    int got = ready(c, cursor);
+    for (int phase = 0; phase < 2 && !got; phase++) {
+        while (!got && now < phase_end[phase]) {
+            uint64_t until = phase_end[phase] - now > SPIN_CHUNK_NS ? now + SPIN_CHUNK_NS
+                                                                   : phase_end[phase];
+            self->spinning = 1;
+            Py_BEGIN_ALLOW_THREADS
+            got = poll_until(c, cursor, until, phase);
+            Py_END_ALLOW_THREADS
+            self->spinning = 0;
+            if (!got && PyErr_CheckSignals() < 0) {
+                return NULL;
+            }
+            now = shmd_monotonic_ns();
+        }
+    }
+    return PyBool_FromLong(got);
+}
+
 PyDoc_STRVAR(announce_doc,
 "announce()\n\nStep [S3] alone: announce a sleep, without the drain and the re-check (tests).");
 
@@ -547,6 +794,13 @@ Reader_set_totals(Reader *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Reader_close(Reader *self, PyObject *Py_UNUSED(unused))
 {
+    if (self->spinning) {
+        /* That thread reads the mapping without the GIL: unmapping it now
+         * would pull the memory from under it. */
+        PyErr_SetString(PyExc_RuntimeError,
+                        "Failed to close the reader since another thread is waiting in spin()");
+        return NULL;
+    }
     if (self->cursor_owed) {
         settle(self);  /* the writer's detach report counts every record we read */
     }
@@ -589,6 +843,12 @@ Reader_get_pending(Reader *self, void *Py_UNUSED(c))
 }
 
 static PyObject *
+Reader_get_spinning(Reader *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->spinning);
+}
+
+static PyObject *
 Reader_get_hook(Reader *self, void *Py_UNUSED(c))
 {
     return Py_NewRef(self->hook != NULL ? self->hook : Py_None);
@@ -617,6 +877,8 @@ static PyGetSetDef Reader_getset[] = {
     {"topics", (getter)Reader_get_topics, NULL, "The subscription mask.", NULL},
     {"pending", (getter)Reader_get_pending, NULL,
      "A read left its cursor for later, or holds slots.", NULL},
+    {"spinning", (getter)Reader_get_spinning, NULL,
+     "A thread waits in spin() (without the GIL) right now.", NULL},
     {"hook", (getter)Reader_get_hook, (setter)Reader_set_hook,
      "Tests only: called as hook(start, end) between a read's plan and its copy.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -626,6 +888,8 @@ static PyMethodDef Reader_methods[] = {
     {"read_batch", (PyCFunction)(void (*)(void))Reader_read_batch, METH_FASTCALL | METH_KEYWORDS,
      read_batch_doc},
     {"prepare_sleep", (PyCFunction)Reader_prepare_sleep, METH_NOARGS, prepare_sleep_doc},
+    {"read_into", (PyCFunction)Reader_read_into, METH_O, read_into_doc},
+    {"spin", (PyCFunction)(void (*)(void))Reader_spin, METH_FASTCALL, spin_doc},
     {"announce", (PyCFunction)Reader_announce, METH_NOARGS, announce_doc},
     {"settle", (PyCFunction)Reader_settle, METH_NOARGS, settle_doc},
     {"set_totals", (PyCFunction)(void (*)(void))Reader_set_totals, METH_FASTCALL, set_totals_doc},

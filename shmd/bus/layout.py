@@ -84,10 +84,12 @@ R_TOPICS = 48  #: u64 subscription mask: bit t = topic t
 R_ATTACHED_NS = 56  #: u64 CLOCK_MONOTONIC
 R_NAME = 64  #: 32 bytes UTF-8, NUL padded
 R_TOKEN = 96  #: u64, incremented every time the entry is taken
+#: u32, written by the writer from the Hello: how the reader waits (shmd.bus.wait.WaitCode)
+R_WAIT = 104
 NAME_MAX = 31
 
-_ENTRY = struct.Struct("<IIQQQQIIQQ32sQ")
-assert _ENTRY.size == R_TOKEN + 8
+_ENTRY = struct.Struct("<IIQQQQIIQQ32sQI")
+assert _ENTRY.size == R_WAIT + 4
 
 # Word indices of the entry's fields, relative to ``Segment.entry_words(i)``:
 # ``seg.u[u0 + RU_STATE]`` is entry i's state, ``seg.q[q0 + RQ_CURSOR]`` its
@@ -96,6 +98,7 @@ RU_STATE = R_STATE // 4
 RU_PID = R_PID // 4
 RU_SLEEP_SEQ = R_SLEEP_SEQ // 4
 RU_WAKE_SEQ = R_WAKE_SEQ // 4
+RU_WAIT = R_WAIT // 4
 RQ_CURSOR = R_CURSOR // 8
 RQ_DELIVERED = R_DELIVERED // 8
 RQ_LOST = R_LOST // 8
@@ -406,6 +409,8 @@ class ReaderEntry:
     attached_ns: int
     name: str
     token: int
+    #: how the reader waits (shmd.bus.wait.WaitCode; 0 sleep)
+    wait: int
 
 
 def entry_offset(index: int) -> int:
@@ -422,7 +427,7 @@ def decode_entry(buf: bytes | memoryview, index: int) -> ReaderEntry:
         state = ReaderState.FREE
     name = f[10].split(b"\0", 1)[0].decode("utf-8", "replace")
     return ReaderEntry(
-        index, state, f[1], f[2], f[3], f[4], f[5], f[6] != f[7], f[8], f[9], name, f[11]
+        index, state, f[1], f[2], f[3], f[4], f[5], f[6] != f[7], f[8], f[9], name, f[11], f[12]
     )
 
 

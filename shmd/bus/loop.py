@@ -11,10 +11,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 
 from shmd._sys.reactor import Reactor
 from shmd.bus.subscriber import RawRecord, Record, Subscriber
+
+#: How often (seconds) a loop that does not sleep looks at its reactor's other
+#: fds (control socket, signals) with a zero-timeout poll.
+LOOK_INTERVAL = 0.01
 
 
 class LoopExit(enum.Enum):
@@ -47,8 +52,11 @@ class ReaderLoop:
         copy: bool = True,
         tick: Callable[[], float | None] | None = None,
     ) -> None:
-        if sub.eventfd is None:
-            raise ValueError("Failed to build a reader loop since the subscriber has no eventfd")
+        if sub.eventfd is None and sub.wait_strategy.sleeps:
+            raise ValueError(
+                "Failed to build a reader loop since the subscriber has no eventfd "
+                f"(its {sub.wait_strategy.name} strategy sleeps on one)"
+            )
         self.sub = sub
         self.on_records = on_records
         self.reactor = reactor if reactor is not None else Reactor()
@@ -60,7 +68,8 @@ class ReaderLoop:
         #: for periodic stats and watchdog pings.
         self.tick = tick
         self._stopped = False
-        self.reactor.add(sub.eventfd.fileno(), self._on_eventfd)
+        if sub.eventfd is not None:
+            self.reactor.add(sub.eventfd.fileno(), self._on_eventfd)
 
     def _on_eventfd(self, events: int) -> None:
         """Nothing to do: the wake-up only had to end the epoll_wait.
@@ -73,8 +82,13 @@ class ReaderLoop:
         """Make :meth:`run` return STOPPED at its next turn."""
         self._stopped = True
 
-    def drain(self) -> int:
-        """Deliver everything committed so far; returns records delivered."""
+    def drain(self, until: float | None = None) -> int:
+        """Deliver everything committed so far; returns records delivered.
+
+        With ``until`` (a time.monotonic() value), return once it has
+        passed even if records keep coming: a writer faster than this
+        reader would otherwise keep it here for good.
+        """
         total = 0
         sub = self.sub
         while True:
@@ -85,13 +99,27 @@ class ReaderLoop:
                 self.on_records(batch)
             elif sub.cursor == before:
                 return total
+            if until is not None and time.monotonic() >= until:
+                return total
 
     def run(self) -> LoopExit:
-        """Run until drained after the writer went inactive, or stopped."""
+        """Run until drained after the writer went inactive, or stopped.
+
+        Waits by the subscriber's :attr:`~Subscriber.wait_strategy`: ``sleep``
+        in the reactor's epoll; ``spin`` busy-polls (the reactor's other fds
+        are looked at every :data:`LOOK_INTERVAL`, with a zero-timeout
+        poll); ``backoff`` spins and yields for its times, then sleeps in
+        the epoll.  Whatever the strategy, a loop kept busy by records looks
+        at the other fds every :data:`LOOK_INTERVAL` too, so a signal or the
+        writer's hang-up is handled while records keep coming.
+        """
         sub = self.sub
+        strategy = sub.wait_strategy
+        spin, yield_ = strategy.spin_seconds, strategy.yield_seconds
+        next_look = time.monotonic() + LOOK_INTERVAL
         while not self._stopped:
             limit = self.tick() if self.tick is not None else None
-            self.drain()
+            self.drain(next_look)
             if self._stopped:
                 break
             if not sub.active:
@@ -99,12 +127,27 @@ class ReaderLoop:
                 # one more drain after seeing it delivers everything.
                 self.drain()
                 return LoopExit.DRAINED
+            now = time.monotonic()
+            if now >= next_look:
+                self.reactor.poll(0)
+                next_look = now + LOOK_INTERVAL
+                continue
+            if strategy.name == "spin":
+                left = next_look - now
+                sub.spin(left if limit is None else min(left, limit))
+                continue
+            if strategy.name == "backoff" and sub.spin(
+                spin if limit is None else min(spin, limit),
+                yield_ if limit is None else min(yield_, max(0.0, limit - spin)),
+            ):
+                continue
             sleep = sub.prepare_sleep()
             if sleep == 0.0:
                 continue
             if sleep is None or (limit is not None and limit < sleep):
                 sleep = limit
             self.reactor.poll(sleep)
+            next_look = time.monotonic() + LOOK_INTERVAL
         return LoopExit.STOPPED
 
     def close(self) -> None:

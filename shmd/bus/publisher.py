@@ -244,10 +244,13 @@ class Publisher:
         topics: int = ALL_TOPICS,
         start: str | int = "latest",
         eventfd: OwnedFd | None = None,
+        wait: int = 0,
     ) -> ReaderHandle:
         """Take a free table entry for a reader and make its eventfd (:meth:`ReaderTable.add`)."""
         self._check_open()
-        return self.table.add(name, pid, self._w.seq, topics=topics, start=start, eventfd=eventfd)
+        return self.table.add(
+            name, pid, self._w.seq, topics=topics, start=start, eventfd=eventfd, wait=wait
+        )
 
     def remove_reader(self, index: int) -> ReaderEntry | None:
         """Free a reader's entry, close its eventfd; the entry as it was (None: unknown)."""

@@ -39,6 +39,7 @@ from shmd.bus.layout import (
     RU_PID,
     RU_SLEEP_SEQ,
     RU_STATE,
+    RU_WAIT,
     RU_WAKE_SEQ,
     ReaderEntry,
     ReaderState,
@@ -222,6 +223,7 @@ class ReaderTable:
         topics: int = ALL_TOPICS,
         start: str | int = "latest",
         eventfd: OwnedFd | None = None,
+        wait: int = 0,
     ) -> ReaderHandle:
         """Take a free table entry for a reader and make its eventfd.
 
@@ -229,7 +231,8 @@ class ReaderTable:
         ``"oldest"`` (everything still in the ring) or an explicit cursor
         (resume after a writer restart; clamped into what the ring holds).
         ``eventfd`` is the reader's eventfd if the caller made it (the
-        table takes it over); by default a new one.
+        table takes it over); by default a new one.  ``wait`` is the
+        reader's wait strategy's code (shmd.bus.wait.WaitCode), for status.
         """
         raw_name = encode_name(name)
         seg, cap = self.segment, self.geometry.capacity
@@ -275,6 +278,7 @@ class ReaderTable:
             u[u0 + RU_SLEEP_SEQ] = 0
             u[u0 + RU_WAKE_SEQ] = 0
             u[u0 + RU_PID] = pid
+            u[u0 + RU_WAIT] = wait
             seg.control[off + R_NAME : off + R_NAME + 32] = raw_name
             u[u0 + RU_STATE] = ReaderState.ATTACHED
         handle = ReaderHandle(index, name, pid, topics, token, efd, q0, u0)
@@ -316,6 +320,11 @@ class ReaderTable:
         self._changed()
         self._rewound(entry.cursor)
         return handle
+
+    def set_wait(self, index: int, wait: int) -> None:
+        """Record how the reader of entry ``index`` waits (a WaitCode; informational)."""
+        _, u0 = Segment.entry_words(index)
+        self.segment.u[u0 + RU_WAIT] = wait
 
     def resume(self, index: int, pid: int, cursor: int, write_seq: int) -> int:
         """A restored reader reconnected: record its pid and cursor; returns the cursor used.

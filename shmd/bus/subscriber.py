@@ -36,6 +36,7 @@ from shmd.bus.layout import (
 )
 from shmd.bus.ring import still_valid
 from shmd.bus.segment import Segment
+from shmd.bus.wait import WaitStrategy
 from shmd.errors import ReaderEvicted, SegmentClosed, SegmentError, SegmentLayoutError
 
 # Record and RawRecord, the rows a reader hands out, are defined with the
@@ -67,6 +68,7 @@ class Subscriber:
         *,
         token: int | None = None,
         mutex_timeout: float = 0.5,
+        wait: WaitStrategy | None = None,
     ) -> None:
         if not 0 <= index < segment.geometry.max_readers:
             raise SegmentLayoutError(
@@ -83,6 +85,8 @@ class Subscriber:
         self.index = index
         self.eventfd = eventfd
         self.mutex_timeout = mutex_timeout
+        #: How wait() waits (and ReaderLoop): sleep, spin or backoff.
+        self.wait_strategy = wait if wait is not None else WaitStrategy.sleep()
         g = segment.geometry
         self._cap = g.capacity
         # Copying reads allocate a slot-sized object per record.
@@ -109,6 +113,8 @@ class Subscriber:
         # No Python frame per read or sleep: these are the core's own methods.
         self.read_batch = self._r.read_batch  # type: ignore[method-assign]  # bound C method
         self.prepare_sleep = self._r.prepare_sleep  # type: ignore[method-assign]  # bound C method
+        self.read_into = self._r.read_into  # type: ignore[method-assign]  # bound C method
+        self.spin = self._r.spin  # type: ignore[method-assign]  # bound C method
 
     @classmethod
     def attach(
@@ -120,13 +126,14 @@ class Subscriber:
         eventfd: OwnedFd | None = None,
         token: int | None = None,
         mutex_timeout: float = 0.5,
+        wait: WaitStrategy | None = None,
     ) -> Subscriber:
         """Map a segment (by received fd or by name) and take over table entry ``index``."""
         seg = Segment.open(
             name=name, fd=fd, control_writable=True, ring_writable=False, populate=True
         )
         try:
-            return cls(seg, index, eventfd, token=token, mutex_timeout=mutex_timeout)
+            return cls(seg, index, eventfd, token=token, mutex_timeout=mutex_timeout, wait=wait)
         except BaseException:
             seg.close()
             raise
@@ -234,6 +241,19 @@ class Subscriber:
         """
         return self._r.read_batch(limit, copy=copy, hold=hold)
 
+    def read_into(self, buffer: memoryview | bytearray, /) -> tuple[int, int, int, int] | None:
+        """Copy the next record of this reader's topics into ``buffer``, as ``recv_into`` does.
+
+        Returns ``(seq, timestamp_ns, topic, nbytes)``, the payload being
+        ``buffer[:nbytes]``, or None when there is nothing new (the cursor
+        may have moved past records of other topics or lost ones).  Nothing
+        is allocated for the payload, so a copying reader of big records
+        reuses one buffer.  A record longer than ``buffer`` raises
+        ValueError and stays unread (call again with a bigger buffer).
+        (The core's ``Reader.read_into``, bound on the instance.)
+        """
+        return self._r.read_into(buffer)
+
     def release(self) -> None:
         """Let the writer reuse the slots of records read with ``hold=True``.
 
@@ -248,7 +268,22 @@ class Subscriber:
         restarted writer's segment); stored in the entry too, for the writer's reports."""
         self._r.set_totals(delivered, lost)
 
-    # -- sleeping -------------------------------------------------------------------
+    # -- waiting -------------------------------------------------------------------
+
+    def spin(self, seconds: float, yield_seconds: float = 0.0, /) -> bool:
+        """Busy-poll for records (or the writer going inactive) without announcing a sleep.
+
+        Polls ``write_seq`` and ``active`` for ``seconds`` (``math.inf``:
+        until they change) with a pause instruction between looks, then for
+        ``yield_seconds`` with ``sched_yield()``; True once records are
+        committed past the cursor or the writer went inactive, False when
+        the time is up.  No syscall while spinning, and the writer writes
+        no eventfd for a reader that spins.  The GIL is released meanwhile
+        and taken back every millisecond, when signal handlers run (their
+        exception is raised).  (The core's ``Reader.spin``, bound on the
+        instance.)
+        """
+        return self._r.spin(seconds, yield_seconds)
 
     def prepare_sleep(self) -> float | None:
         """Announce that this reader is going to sleep.
@@ -268,7 +303,7 @@ class Subscriber:
         return self._r.prepare_sleep()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Sleep on the eventfd until records are committed past the cursor.
+        """Wait, by :attr:`wait_strategy`, until records are committed past the cursor.
 
         True: records are committed past the cursor (:meth:`read` finds them,
         unless they are all of other topics or were lost to an overrun), or
@@ -279,14 +314,29 @@ class Subscriber:
         new): woken to a ring with nothing new, this announces a new sleep
         and sleeps again.
 
-        The simple one-fd wait, in an epoll this subscriber makes at the
-        first call and keeps until :meth:`close`; daemons use
+        ``spin`` polls (:meth:`spin`) until then; ``backoff`` spins and
+        yields for its times first, then sleeps.  The sleep is the simple
+        one-fd wait, in an epoll this subscriber makes at the first call and
+        keeps until :meth:`close`; daemons use
         :class:`shmd.bus.loop.ReaderLoop`, which watches further fds in the
         same epoll.
         """
-        if self.eventfd is None:
-            raise ValueError("Failed to wait since this subscriber has no eventfd")
+        strategy = self.wait_strategy
+        if strategy.sleeps and self.eventfd is None:
+            raise ValueError(
+                f"Failed to wait since this subscriber has no eventfd (its {strategy.name} "
+                "strategy sleeps on one)"
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
+        if strategy.name != "sleep":
+            spin, yield_ = strategy.spin_seconds, strategy.yield_seconds
+            if timeout is not None:
+                spin = min(spin, timeout)
+                yield_ = min(yield_, timeout - spin)
+            if self._r.spin(spin, yield_):
+                return True
+            if not strategy.sleeps or (deadline is not None and time.monotonic() >= deadline):
+                return False
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             sleep = self.prepare_sleep()

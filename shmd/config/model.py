@@ -25,6 +25,7 @@ from shmd.bus.layout import (
     TOPIC_MAX,
     topic_mask,
 )
+from shmd.bus.wait import WaitName, WaitStrategy
 from shmd.config import checks
 from shmd.config.checks import IdEntry
 from shmd.config.schema import setting, spec, to_dict
@@ -214,6 +215,15 @@ class ReaderSettings:
     sink: SinkConfig = field(default_factory=JournalSinkConfig, metadata=spec(sorted_keys=True))
     stats_interval: float = _seconds(10.0, positive=True)
     reconnect_timeout: float = _seconds(10.0)
+    wait: WaitName = "sleep"
+    # backoff only: seconds of spinning, then of yielding, before sleeping.
+    backoff_spin: float = setting(50e-6, lo=0.0, hi=1.0)
+    backoff_yield: float = setting(1e-3, lo=0.0, hi=1.0)
+
+    @property
+    def wait_strategy(self) -> WaitStrategy:
+        """The wait strategy these settings name (shmd.bus.wait)."""
+        return WaitStrategy.named(self.wait, spin=self.backoff_spin, yield_=self.backoff_yield)
 
     @property
     def topic_mask(self) -> int:

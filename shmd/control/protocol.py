@@ -46,7 +46,8 @@ from shmd.control.fields import (
 )
 from shmd.errors import ShmdError
 
-PROTOCOL_VERSION: Final = 1
+#: 2: the Hello carries the reader's wait strategy.
+PROTOCOL_VERSION: Final = 2
 
 
 class ProtocolError(ShmdError):
@@ -105,6 +106,15 @@ class RefuseCode(enum.IntEnum):
     BUSY = 7  # temporarily unable (e.g. still recovering after a restart): retry later
 
 
+class WaitCode(enum.IntEnum):
+    """How a reader waits for records (the codes of shmd.bus.wait.WaitCode, which the
+    reader-table entry holds too; tests/test_protocol.py checks they agree)."""
+
+    SLEEP = 0  # blocks in epoll on its eventfd
+    SPIN = 1  # busy-polls write_seq; the writer never writes its eventfd
+    BACKOFF = 2  # spins, then yields, then sleeps
+
+
 class DetachCode(enum.IntEnum):
     NORMAL = 1  # the sender is done (a reader drained after the active flag cleared)
     SHUTDOWN = 2  # the writer is stopping
@@ -148,7 +158,7 @@ class Hello:
 
     TYPE: ClassVar[MessageType] = MessageType.HELLO
     N_FDS: ClassVar[int] = 0
-    _FIELDS: ClassVar[struct.Struct] = struct.Struct("<QQQIB")
+    _FIELDS: ClassVar[struct.Struct] = struct.Struct("<QQQIBB")
 
     instance: str
     pid: int
@@ -156,12 +166,15 @@ class Hello:
     start: StartCode = StartCode.LATEST
     resume_cursor: int = 0
     last_generation: int = 0
+    #: How the reader waits (shmd.bus.wait): informational, for logs and status.
+    wait: WaitCode = WaitCode.SLEEP
 
     def __post_init__(self) -> None:
         _validate(self, self._check)
 
     def _check(self) -> None:
         check_instance(self.instance)
+        _set(self, "wait", check_member("wait", WaitCode, self.wait))
         check_uint("the pid", self.pid, U32_MAX, minimum=1)
         check_uint("the topic mask", self.topics, U64_MAX, minimum=1)
         start = check_member("start", StartCode, self.start)
@@ -182,16 +195,16 @@ class Hello:
 
     def encode(self) -> bytes:
         fixed = self._FIELDS.pack(
-            self.topics, self.resume_cursor, self.last_generation, self.pid, self.start
+            self.topics, self.resume_cursor, self.last_generation, self.pid, self.start, self.wait
         )
         return PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + fixed + encode_string(self.instance)
 
     @classmethod
     def _decode(cls, r: BodyReader, version: int) -> Self:
-        topics, cursor, generation, pid, start = r.fixed(cls._FIELDS, "the fixed fields")
+        topics, cursor, generation, pid, start, wait = r.fixed(cls._FIELDS, "the fixed fields")
         instance = r.string("the instance name")
         r.end()
-        return _construct(cls, instance, pid, topics, start, cursor, generation)
+        return _construct(cls, instance, pid, topics, start, cursor, generation, wait)
 
 
 @dataclass(frozen=True, slots=True)

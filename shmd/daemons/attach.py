@@ -19,6 +19,7 @@ from structlog.typing import FilteringBoundLogger
 
 from shmd._sys.fd import OwnedFd
 from shmd.bus.subscriber import Subscriber
+from shmd.bus.wait import WaitStrategy
 from shmd.config import Config, ReaderSettings
 from shmd.control import protocol
 from shmd.control.connection import Connection
@@ -70,7 +71,7 @@ def attach_to_writer(
     try:
         frame = exchange_hello(conn, hello(instance, settings, old), cfg.control.handshake_timeout)
         msg, fds = answer(frame)
-        sub, lifeline = subscribe(msg, fds, old, cfg, log)
+        sub, lifeline = subscribe(msg, fds, old, cfg, log, wait=settings.wait_strategy)
     except BaseException:
         conn.close()
         raise
@@ -84,6 +85,7 @@ def attach_to_writer(
         policy=msg.policy.name.lower().replace("_", "-"),
         writer_pid=sub.segment.writer_pid,
         resumed=msg.resumed,
+        wait=sub.wait_strategy.label,
     )
     return Attached(conn, sub, lifeline, msg)
 
@@ -123,10 +125,15 @@ def hello(instance: str, settings: ReaderSettings, old: Subscriber | None) -> pr
             start=protocol.StartCode.RESUME,
             resume_cursor=old.cursor,
             last_generation=old.segment.generation,
+            wait=protocol.WaitCode(settings.wait_strategy.code),
         )
     start = protocol.StartCode.OLDEST if settings.start == "oldest" else protocol.StartCode.LATEST
     return protocol.Hello(
-        instance=instance, pid=os.getpid(), topics=settings.topic_mask, start=start
+        instance=instance,
+        pid=os.getpid(),
+        topics=settings.topic_mask,
+        start=start,
+        wait=protocol.WaitCode(settings.wait_strategy.code),
     )
 
 
@@ -190,6 +197,8 @@ def subscribe(
     old: Subscriber | None,
     cfg: Config,
     log: FilteringBoundLogger,
+    *,
+    wait: WaitStrategy | None = None,
 ) -> tuple[Subscriber, OwnedFd]:
     """Map the segment from the Welcome's fds; on a resume replace (and close) ``old``.
 
@@ -202,6 +211,7 @@ def subscribe(
             fd=segfd,
             eventfd=eventfd,
             mutex_timeout=cfg.segment.mutex_timeout,
+            wait=wait,
         )
     except BaseException:
         for f in (eventfd, segfd, lifeline):

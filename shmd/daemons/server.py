@@ -285,6 +285,7 @@ class ControlServer:
             )
         restored = self.restored.claim(hello.instance, peer.pid, resume, hello.resume_cursor)
         if restored is not None:
+            self.pub.table.set_wait(restored.index, int(hello.wait))
             return restored
         try:
             with self.host.lock:
@@ -293,6 +294,7 @@ class ControlServer:
                     peer.pid,
                     topics=hello.topics,
                     start=self._start(hello, resume),
+                    wait=int(hello.wait),
                 )
         except ReaderTableFull as exc:
             return (protocol.RefuseCode.TABLE_FULL, str(exc))
@@ -354,6 +356,7 @@ class ControlServer:
             generation=self.pub.generation,
             topics=f"{hello.topics:#x}",
             start=protocol.StartCode(hello.start).name.lower(),
+            wait=hello.wait.name.lower(),
         )
         return True
 

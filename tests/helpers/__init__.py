@@ -29,6 +29,7 @@ from shmd.bus.loop import ReaderLoop
 from shmd.bus.publisher import Publisher, ReaderHandle
 from shmd.bus.segment import Segment
 from shmd.bus.subscriber import RawRecord, Record, Subscriber
+from shmd.bus.wait import WaitStrategy
 
 HERE = Path(__file__).resolve().parent
 DEV_SHM = Path("/dev/shm")
@@ -359,7 +360,9 @@ def asleep_and_unlocked(pub: Publisher, index: int) -> Callable[[], bool]:
     return lambda: pub.segment.entry(index).asleep and mutex_free(pub.segment)
 
 
-def loop_reader(pub: Publisher, index: int) -> Callable[[ChildEnd], None]:
+def loop_reader(
+    pub: Publisher, index: int, wait: WaitStrategy | None = None
+) -> Callable[[ChildEnd], None]:
     """A child body: run a ReaderLoop on entry ``index``, report every record, then how it ended.
 
     Lines: ``ready``; ``record SEQ TOPIC HEX`` per record; ``exit RESULT DELIVERED LOST``.
@@ -367,7 +370,7 @@ def loop_reader(pub: Publisher, index: int) -> Callable[[ChildEnd], None]:
     handle = pub.readers[index]
 
     def body(ch: ChildEnd) -> None:
-        sub = attach(pub, handle)
+        sub = attach(pub, handle, wait=wait)
 
         def on_records(batch: list[RawRecord]) -> None:
             for seq, _ts, topic, data in batch:
