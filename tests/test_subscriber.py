@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -496,6 +497,29 @@ def test_removed_reader_gets_reader_evicted(bus: Bus) -> None:
     pub.add_reader("new", os.getpid())  # same entry, new token
     with pytest.raises(ReaderEvicted, match="state ATTACHED"):
         sub.read()
+
+
+def _read_past_a_hostile_write_seq(pub: Publisher, sub: Subscriber, write_seq: int) -> None:
+    """A writer claims ``write_seq`` records; a zero-copy read with the largest limit
+    checks one ring of slots only and reports the corrupt slot."""
+    pub.segment.q[Segment.WRITE_SEQ] = write_seq
+    with pytest.raises(SegmentLayoutError, match="Failed to read record 1 since its slot"):
+        sub.read_batch(sys.maxsize, copy=False)
+    assert sub.cursor == 0
+
+
+@pytest.mark.parametrize("write_seq", [1 << 45, (1 << 61) + 1])
+def test_a_hostile_write_seq_is_read_one_ring_at_a_time(
+    bus: Bus, procs: Procs, write_seq: int
+) -> None:
+    """A write_seq far past reserve_seq makes a read plan at most one ring, not 2^45
+    positions (MemoryError) or 2^61 (an allocation wrapping to 8 bytes: SIGSEGV).
+
+    In a child, whose death by a signal would show (found writing fuzz/fuzz_read.py)."""
+    pub = bus.publisher()
+    sub = bus.subscriber(pub, start="oldest")
+    child = procs.fork(lambda ch: _read_past_a_hostile_write_seq(pub, sub, write_seq))
+    assert child.wait(60) == 0
 
 
 def test_read_after_close_raises_segment_closed(bus: Bus) -> None:

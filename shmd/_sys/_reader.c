@@ -320,6 +320,15 @@ Reader_read_batch(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     if (copy && limit > self->copy_limit) {
         limit = self->copy_limit;
     }
+    /* Never more positions than the ring has: an honest writer never commits
+     * more than a ring past R - capacity (W <= R), but a hostile or broken
+     * one can set write_seq anywhere, and with a caller's huge limit the plan
+     * below would span 2^61 positions (its row counts' allocation wrapping
+     * to 8 bytes: a heap overflow) or ask for terabytes (found writing
+     * fuzz/fuzz_read.py). */
+    if ((uint64_t)limit > self->capacity) {
+        limit = (Py_ssize_t)self->capacity;
+    }
     /* [R2] The plan: the writer may be overwriting every seq below
      * reserve - capacity, so those are lost. */
     uint64_t cap = self->capacity;

@@ -223,6 +223,8 @@ class Subscriber:
         handle millions of records a second (the reader daemon, the
         benchmarks) unpack plain tuples.
 
+        A read plans at most one ring (``capacity`` records), whatever
+        ``limit`` says, so a hostile ``write_seq`` costs one ring's checks.
         A copying read returns at most :data:`COPY_BATCH_BYTES` of slots (and
         at least one record), whatever ``limit`` says: fresh copies that stay
         small enough for the cache are much faster to make (measured here:

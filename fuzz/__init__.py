@@ -1,0 +1,1 @@
+"""Fuzz targets for what shmd trusts from another process (see fuzz/README.md)."""
