@@ -514,6 +514,32 @@ PyDoc_STRVAR(read_into_doc,
 "records).  A record longer than the buffer raises ValueError and stays\n"
 "unread.");
 
+/* (seq, timestamp_ns, topic, nbytes); NULL with an exception set.  Built by
+ * hand: Py_BuildValue's format parsing cost more than the rest of the read. */
+static PyObject *
+into_row(uint64_t seq, uint64_t ts, uint32_t topic, uint32_t length)
+{
+    PyObject *row = PyTuple_New(4);
+    if (row == NULL) {
+        return NULL;
+    }
+    PyObject *items[4] = {PyLong_FromUnsignedLongLong(seq), PyLong_FromUnsignedLongLong(ts),
+                          PyLong_FromUnsignedLong(topic), PyLong_FromUnsignedLong(length)};
+    for (int i = 0; i < 4; i++) {
+        if (items[i] == NULL) {
+            for (int j = 0; j < 4; j++) {
+                Py_XDECREF(items[j]);
+            }
+            Py_DECREF(row);
+            return NULL;
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        PyTuple_SET_ITEM(row, i, items[i]);
+    }
+    return row;
+}
+
 /* At most this many records of other topics (or lost ones) are skipped in one call. */
 #define READ_INTO_SKIP_MAX 4096
 
@@ -610,8 +636,7 @@ Reader_read_into(Reader *self, PyObject *arg)
         } else {
             publish_cursor(self);
         }
-        result = Py_BuildValue("(KKIn)", (unsigned long long)seq, (unsigned long long)ts,
-                               (unsigned int)topic, (Py_ssize_t)length);
+        result = into_row(seq, ts, topic, length);
         goto done;
     }
     /* Nothing delivered: publish a cursor that moved (or was owed). */
