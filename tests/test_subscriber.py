@@ -967,8 +967,14 @@ def test_wait_with_backoff_sleeps_after_its_spin_and_yield(bus: Bus) -> None:
     pub = bus.publisher()
     sub = bus.subscriber(pub, wait=WaitStrategy.backoff(1e-4, 1e-4))
     count = pub.segment.header().sleep_count
-    assert sub.wait(0.05) is False
-    assert pub.segment.entry(sub.index).asleep
-    assert pub.segment.header().sleep_count == count + 1
-    pub.publish(b"x")
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(sub.wait(30.0)))
+    t.start()
+    try:
+        wait_until(lambda: pub.segment.entry(sub.index).asleep, "the waiter sleeps")
+        assert pub.segment.header().sleep_count == count + 1
+    finally:
+        pub.publish(b"x")
+        t.join()
+    assert result == [True]
     assert eventfd_count(sub.eventfd.fileno()) == 1  # type: ignore[union-attr]
