@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -53,3 +58,41 @@ def test_the_read_model_sees_the_corrupt_and_the_valid_inputs() -> None:
     fuzz_read._write(seg, good)
     rows, end, lost = fuzz_read.expected(seg, good, 0, good.limit, good.copy)
     assert [r[0] for r in rows] == list(range(8)) and (end, lost) == (8, 0)
+
+
+#: Seconds each target is fuzzed for in the suite (coverage-guided, under atheris).
+FUZZ_SECONDS = 10
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_a_bounded_fuzzing_run_finds_nothing(target: str, tmp_path: Path) -> None:
+    """atheris fuzzes the target for FUZZ_SECONDS from a copy of its corpus: it ends
+    without a crash or a broken promise, having run many inputs."""
+    if importlib.util.find_spec("atheris") is None:
+        pytest.skip("atheris is not installed (the fuzz extra; packaging/dev setup installs it)")
+    corpus = tmp_path / "corpus"
+    shutil.copytree(CORPUS / target, corpus)
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fuzz",
+            target,
+            str(corpus),
+            f"-max_total_time={FUZZ_SECONDS}",
+            "-rss_limit_mb=2048",
+            f"-artifact_prefix={tmp_path}/",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=FUZZ_SECONDS + 120,
+        check=False,
+    )
+    tail = proc.stderr[-3000:]
+    assert proc.returncode == 0, tail
+    done = re.search(r"Done (\d+) runs in", proc.stderr)
+    assert done is not None, tail
+    assert int(done.group(1)) >= 1000, tail
+    assert not list(tmp_path.glob("crash-*")), tail
