@@ -15,7 +15,7 @@
  *
  *   spin -a [-DPOLICY_BLOCK | -DPOLICY_DROP] [-DBROKEN_NO_RECHECK]
  *           [-DBROKEN_NO_RESERVE_RECHECK] bus.pml
- *   gcc -O2 -DSAFETY -o pan pan.c && ./pan -m100000
+ *   gcc -O2 -DSAFETY -o pan pan.c && ./pan -m10000
  *
  * Properties (assertions and end states; pan reports either as an error):
  *  (a) a reader delivers record s only if the slot it copied held record s
@@ -32,7 +32,7 @@
 
 #define CAP 2           /* ring capacity (slots; CLEAR_LOCALS below assumes 2) */
 #ifndef NREC
-#define NREC 4          /* records the writer publishes (NREC > CAP: it laps) */
+#define NREC 3          /* records the writer publishes (NREC > CAP: it laps) */
 #endif
 #define NR 2            /* readers */
 
@@ -72,67 +72,81 @@ bit wake_seq[NR];       /* the writer's word */
 /* The eventfd: writes add 1, a read empties it, epoll_wait returns while it
  * is not 0; those see only "0 or not", so a bit is the same counter. */
 bit efd[NR];
-byte lost[NR];          /* records counted lost */
+/* The entry's `delivered` and `lost` counters are statistics nobody else
+ * reads; they are not kept (their history would multiply the states).
+ * What they count is checked per pass instead: a pass partitions
+ * [cursor, stop) into the lost [cursor, cut) and the delivered [cut, stop),
+ * the next pass starts at stop, so with cursor <= start <= cut <= stop every
+ * record below the final cursor (= NREC) is delivered once or counted lost
+ * once. */
 
-/* What each reader delivered, for the checks (not in the segment). */
-byte delivered[NR];
-byte seen[NR];          /* bit s: record s delivered */
+/* Each atomic step below holds exactly one load or store of a shared word
+ * (or, in [P3], the writer's slot stores, which no reader can tell apart
+ * from one step: a copy tears between the reader's own two loads), and
+ * then whatever the process does with its own locals before its next
+ * shared access: the interleavings of the C's shared accesses, without
+ * the intermediate states of local computation. */
 
 proctype Writer()
 {
     byte seq = 0;           /* Writer.seq: the next seq */
     bit moved;              /* [P5]: sleep_count != sleep_seen */
     bit sleep_seen_valid = 0;   /* Writer.sleep_seen_valid */
-    byte r;
-    bit asked;
+    byte r = 0;
+    bit asked;              /* sleep_seq[r] as loaded */
+    byte pending = 0;       /* [P5]: 1 wake_seq[r] to store, 2 eventfd to write */
 
-    do
-    :: seq < NREC ->
-        /* Writer_publish: one record. */
+next:
+    if
+    :: seq >= NREC -> goto last
+    :: else -> skip
+    fi;
+    /* Writer_publish: one record. */
 #ifdef POLICY_BLOCK
 P1_room:
-        /* [P1] block policy: wait until write_seq + n - min(cursor) <= capacity
-         * (shmd.bus.block.wait_for_space re-checks the cursors at least every
-         * 10 ms, so it is a wait for this condition). */
-        (seq + 1 - cursor[0] <= CAP && seq + 1 - cursor[1] <= CAP);
+    /* [P1] block policy: wait until write_seq + n - min(cursor) <= capacity
+     * (shmd.bus.block.wait_for_space re-checks the cursors at least every
+     * 10 ms, so it is a wait for this condition). */
+    (seq + 1 - cursor[0] <= CAP && seq + 1 - cursor[1] <= CAP);
 #endif
 P2_reserve:
-        /* [P2] reserve_to: reserve_seq = write_seq + n (relaxed), never
-         * lowered, then a release fence (SC here).  The writer is the only
-         * writer of reserve_seq, so the test is of its own copy. */
-        reserve_seq = seq + 1;
+    /* [P2] reserve_to: reserve_seq = write_seq + n (relaxed; never lowered,
+     * and one writer only raises it), then a release fence (SC here). */
+    reserve_seq = seq + 1;
 P3_write_slot:
-        /* [P3] write_slot: the header's seq, then the payload (one step:
-         * a reader's copy tears between its own two loads). */
-        d_step { slot_seq[seq % CAP] = seq; slot_data[seq % CAP] = seq };
+    /* [P3] write_slot: the header's seq, then the payload. */
+    d_step { slot_seq[seq % CAP] = seq; slot_data[seq % CAP] = seq };
 P4_commit:
-        /* [P4] commit: store write_seq (release). */
-        write_seq = seq + 1;
+    /* [P4] commit: store write_seq (release). */
+    write_seq = seq + 1;
 P5_wake:
-        /* [P5] writer_wake: full fence (SC here), load sleep_count (acquire). */
-        d_step { seq++; moved = announced; announced = 0 /* sleep_seen = count */ };
+    /* [P5] writer_wake: full fence (SC here), load sleep_count (acquire). */
+    atomic {
+        seq++;
+        moved = announced;
+        announced = 0;                  /* sleep_seen = count */
         if
         :: sleep_seen_valid && !moved ->
-            skip                /* nobody announced since our last look */
+            goto next                   /* nobody announced since our last look */
         :: else ->
-            d_step { sleep_seen_valid = 1; moved = 0; r = 0 };
-            do
-            :: r < NR ->
-                asked = sleep_seq[r];           /* relaxed, after the acquire */
-                if
-                :: asked != wake_seq[r] ->      /* our own word */
-                    wake_seq[r] = asked;        /* release: answers it */
-                    efd[r] = 1                  /* write_eventfd: + 1 */
-                :: else -> skip
-                fi;
-                d_step { asked = 0; r++ }
-            :: else -> r = 0; break
-            od
+            sleep_seen_valid = 1;
+            moved = 0
         fi
-        /* [P6] bytes_published: statistics, not modelled. */
-    :: else -> break
+    };
+    do
+    :: atomic { r < NR && pending == 0 ->
+            asked = sleep_seq[r];       /* relaxed, after the acquire */
+            if
+            :: asked != wake_seq[r] -> pending = 1  /* wake_seq: our own word */
+            :: else -> asked = 0; r++
+            fi }
+    :: atomic { pending == 1 -> wake_seq[r] = asked; pending = 2 }  /* release: answers it */
+    :: atomic { pending == 2 -> efd[r] = 1; pending = 0; asked = 0; r++ }  /* write_eventfd */
+    :: atomic { r >= NR && pending == 0 -> r = 0; goto next }
     od;
+    /* [P6] bytes_published: statistics, not modelled. */
 
+last:
     /* After the last record the writer either shuts down or stays up
      * publishing nothing more (an idle bus, where a lost wake-up is never
      * repaired by a later commit). */
@@ -163,22 +177,25 @@ proctype Reader(byte r)
     byte start, stop, cut, s, n;
     bit ok[CAP];            /* [R3]: the slot's header seq was the expected one */
     byte val[CAP];          /* [R3]: the payload copied */
+    bit half = 0;           /* [R3]: header loaded, payload not yet */
     bit draining = 0;       /* saw is_active = 0: drain up to write_seq, then leave */
 
 read:
     /* Reader_read_batch */
 R1_load:
     /* [R1] write_seq (acquire), then reserve_seq (relaxed). */
-    w = write_seq;
-    if
-    :: w <= cursor[r] -> w = 0; goto nothing_new
-    :: else -> skip
-    fi;
-    res = reserve_seq;
+    atomic {
+        w = write_seq;
+        if
+        :: w <= cursor[r] -> w = 0; goto nothing_new
+        :: else -> skip
+        fi
+    };
+    atomic {
+        res = reserve_seq;
 R2_plan:
-    /* [R2] start = max(cursor, R - capacity); lost = start - cursor (our
-     * own cursor: only locals here). */
-    d_step {
+        /* [R2] start = max(cursor, R - capacity); lost = start - cursor
+         * (cursor[r] is our own word). */
         start = cursor[r];
         if
         :: res > CAP && res - CAP > start ->
@@ -196,25 +213,25 @@ R3_copy:
     /* [R3] copy [start, stop): per record the header's seq, then the
      * payload, each one load. */
     do
-    :: s < stop ->
-        ok[s - start] = (slot_seq[s % CAP] == s);
-        if
-        :: ok[s - start] -> val[s - start] = slot_data[s % CAP]
-        :: else -> skip     /* the writer lapping us, settled by [R4] */
-        fi;
-        s++
-    :: else -> break
+    :: atomic { s < stop && !half ->
+            ok[s - start] = (slot_seq[s % CAP] == s);
+            if
+            :: ok[s - start] -> half = 1
+            :: else -> s++      /* the writer lapping us, settled by [R4] */
+            fi }
+    :: atomic { half -> val[s - start] = slot_data[s % CAP]; half = 0; s++ }
+    :: atomic { s >= stop && !half -> break }
     od;
 R4_recheck:
     /* [R4] acquire fence (SC here), re-read reserve_seq; positions below
      * R' - capacity may have been overwritten while we copied: drop them
      * by position and count them lost. */
+    atomic {
 #ifdef BROKEN_NO_RESERVE_RECHECK
-    again = res;            /* BROKEN: trusts the reserve_seq of [R1] */
+        again = res;        /* BROKEN: trusts the reserve_seq of [R1] */
 #else
-    again = reserve_seq;
+        again = reserve_seq;
 #endif
-    d_step {
         cut = start;
         if
         :: again > CAP && again - CAP > start ->
@@ -225,6 +242,8 @@ R4_recheck:
         :: else -> skip
         fi;
         n = n + cut - start;
+        /* (a) [cursor, cut) lost, [cut, stop) delivered: a partition. */
+        assert(cursor[r] <= start && start <= cut && cut <= stop);
         /* Deliver [cut, stop). */
         s = cut;
         do
@@ -234,40 +253,49 @@ R4_recheck:
              * torn, not a later lap's. */
             assert(ok[s - start]);
             assert(val[s - start] == s);
-            /* (a) exactly once */
-            assert((seen[r] & (1 << s)) == 0);
-            seen[r] = seen[r] | (1 << s);
-            delivered[r]++;
             s++
         :: else -> break
         od;
 #ifdef POLICY_BLOCK
         assert(n == 0);     /* (a) the block policy loses nothing */
 #endif
-        lost[r] = lost[r] + n
+        skip                /* lost += n, delivered += stop - cut */
+#ifdef POLICY_BLOCK
     };
 R5_cursor:
-    /* [R5] publish_cursor: store cursor (release). */
-    cursor[r] = stop;
-    d_step { CLEAR_LOCALS };
-    goto read;
+    /* [R5] publish_cursor: store cursor (release), which the writer's
+     * [P1] loads. */
+    atomic {
+#else
+        ;
+        /* [R5] publish_cursor: store cursor (release); under drop-oldest no
+         * other process loads it, so it is part of this step. */
+#endif
+        cursor[r] = stop;
+        CLEAR_LOCALS;
+        goto read
+    };
 
 nothing_new:
-    if
-    :: draining -> goto done
-    :: else -> skip
-    fi;
     /* Reader_prepare_sleep */
 S1_check:
     /* [S1] write_seq > cursor or active = 0 (both acquire): do not sleep. */
-    if
-    :: write_seq > cursor[r] -> goto read
-    :: else -> skip
-    fi;
-    if
-    :: !is_active -> draining = 1; goto read
-    :: else -> skip
-    fi;
+    atomic {
+        if
+        :: draining -> goto done    /* drained after active = 0: leave */
+        :: else -> skip
+        fi;
+        if
+        :: write_seq > cursor[r] -> goto read
+        :: else -> skip
+        fi
+    };
+    atomic {
+        if
+        :: !is_active -> draining = 1; goto read
+        :: else -> skip
+        fi
+    };
 S2_drain:
     /* [S2] read the eventfd (non-blocking): drop answered wake-ups. */
     efd[r] = 0;
@@ -276,8 +304,8 @@ S3_announce:
      * then sleep_count + 1 (fetch-and-add, release). */
     if
     :: sleep_seq[r] == wake_seq[r] ->
-        sleep_seq[r] = 1 - sleep_seq[r];  /* + 1 */
-        announced = 1       /* sleep_count + 1 */
+        sleep_seq[r] = 1 - sleep_seq[r];    /* + 1 */
+        announced = 1                       /* sleep_count + 1 */
     :: else -> skip         /* an earlier announcement stands */
     fi;
 S4_recheck:
@@ -287,15 +315,17 @@ S4_recheck:
     :: write_seq > cursor[r] -> goto read
     :: else -> skip
     fi;
-    if
-    :: !is_active -> draining = 1; goto read
-    :: else -> skip
-    fi;
+    atomic {
+        if
+        :: !is_active -> draining = 1; goto read
+        :: else -> skip
+        fi
+    };
 #endif
 S5_sleep:
     /* [S5] epoll_wait on the eventfd. */
     if
-    :: efd[r] > 0 -> goto read
+    :: efd[r] -> goto read
     :: timeout ->
         /* (b) nothing in the system can move and nobody will write our
          * eventfd: we must have read every committed record, and the
@@ -306,9 +336,9 @@ S5_sleep:
     fi;
 
 done:
-    /* (a) every record delivered exactly once or counted lost. */
-    assert(cursor[r] == write_seq && write_seq == NREC);
-    assert(delivered[r] + lost[r] == NREC)
+    /* (a) every record delivered exactly once or counted lost: the passes
+     * partitioned [0, NREC). */
+    assert(cursor[r] == write_seq && write_seq == NREC)
 }
 
 init
