@@ -9,13 +9,14 @@
  * caller's epoll_wait).  model/README.md says what is modelled and what
  * is not.
  *
- * Every statement below is one atomic step of SPIN's interleaving, and
- * each shared load or store of the C is one statement, so the model's
- * executions are the C's executions under sequential consistency.
+ * Each atomic step holds one shared load or store of the C (see the note
+ * above the Writer), so the model's executions are the C's executions
+ * under sequential consistency: the fences are all in place, weaker orders
+ * are not checked (docs/PROTOCOL.md argues them).
  *
  *   spin -a [-DPOLICY_BLOCK | -DPOLICY_DROP] [-DBROKEN_NO_RECHECK]
  *           [-DBROKEN_NO_RESERVE_RECHECK] bus.pml
- *   gcc -O2 -DSAFETY -o pan pan.c && ./pan -m10000
+ *   gcc -O2 -DSAFETY -o pan pan.c && ./pan -m20000
  *
  * Properties (assertions and end states; pan reports either as an error):
  *  (a) a reader delivers record s only if the slot it copied held record s
