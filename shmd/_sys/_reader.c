@@ -244,6 +244,29 @@ parse_read_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_s
     return 0;
 }
 
+/* A slot's record header, as [R3] loads it. */
+typedef struct {
+    uint64_t seq, ts;
+    uint32_t length, topic;
+    size_t off; /* the slot's offset in the ring */
+} slot_head;
+
+/* [R3] Load the header of the slot of position `s`; whether it is a record
+ * to hand out (its seq, a length that fits the slot, a topic id).  The
+ * words are loaded relaxed: what they say is trusted only once [R4] says
+ * the writer was not there. */
+static inline int
+load_head(const Reader *self, uint64_t s, slot_head *hd)
+{
+    hd->off = (size_t)((s & self->mask) * self->slot);
+    const uint8_t *h = self->r + hd->off;
+    hd->seq = LOAD64(h + REC_SEQ, RELAXED);
+    hd->ts = LOAD64(h + REC_TIMESTAMP, RELAXED);
+    hd->length = LOAD32(h + REC_LENGTH, RELAXED);
+    hd->topic = LOAD32(h + REC_TOPIC, RELAXED);
+    return hd->seq == s && hd->length <= self->max_payload && hd->topic <= TOPIC_MAX;
+}
+
 /* One record's row; NULL with an exception set. */
 static PyObject *
 record_row(Reader *self, uint64_t seq, uint64_t ts, uint32_t topic, size_t off, uint32_t length,
@@ -369,15 +392,8 @@ Reader_read_batch(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     }
     for (uint64_t s = start; s < end; s++) {
         rows_below[s - start] = PyList_GET_SIZE(out);
-        size_t off = (size_t)((s & self->mask) * self->slot);
-        const uint8_t *h = self->r + off;
-        /* The header's words: relaxed; what they say is trusted only once
-         * [R4] says the writer was not there. */
-        uint64_t seq = LOAD64(h + REC_SEQ, RELAXED);
-        uint64_t ts = LOAD64(h + REC_TIMESTAMP, RELAXED);
-        uint32_t length = LOAD32(h + REC_LENGTH, RELAXED);
-        uint32_t topic = LOAD32(h + REC_TOPIC, RELAXED);
-        if (seq != s || length > self->max_payload || topic > TOPIC_MAX) {
+        slot_head hd;
+        if (!load_head(self, s, &hd)) {
             /* The writer lapping us (settled by [R4]) or a corrupt slot;
              * either way its bytes are not a record to hand out. */
             if (bad == UINT64_MAX) {
@@ -385,10 +401,11 @@ Reader_read_batch(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
             }
             continue;
         }
-        if (!(topics >> topic & 1)) {
+        if (!(topics >> hd.topic & 1)) {
             continue;
         }
-        PyObject *row = record_row(self, seq, ts, topic, off + RECORD_HEADER_SIZE, length, copy);
+        PyObject *row = record_row(self, hd.seq, hd.ts, hd.topic, hd.off + RECORD_HEADER_SIZE,
+                                    hd.length, copy);
         if (row == NULL || PyList_Append(out, row) < 0) {
             Py_XDECREF(row);
             PyMem_Free(rows_below);
@@ -589,19 +606,16 @@ Reader_read_into(Reader *self, PyObject *arg)
                 goto done;
             }
         }
-        size_t off = (size_t)((s & self->mask) * self->slot);
-        const uint8_t *h = self->r + off;
-        /* [R3] The header's words: relaxed, trusted only after [R4]. */
-        uint64_t seq = LOAD64(h + REC_SEQ, RELAXED);
-        uint64_t ts = LOAD64(h + REC_TIMESTAMP, RELAXED);
-        uint32_t length = LOAD32(h + REC_LENGTH, RELAXED);
-        uint32_t topic = LOAD32(h + REC_TOPIC, RELAXED);
-        int valid = seq == s && length <= self->max_payload && topic <= TOPIC_MAX;
+        /* [R3] */
+        slot_head hd;
+        int valid = load_head(self, s, &hd);
+        uint64_t seq = hd.seq, ts = hd.ts;
+        uint32_t length = hd.length, topic = hd.topic;
         int wanted = valid && (self->topics >> topic & 1);
         int fits = (Py_ssize_t)length <= dst.len;
         if (wanted && fits) {
             /* The seqlock's data read (see _bus.h): trusted only after [R4]. */
-            memcpy(dst.buf, self->r + off + RECORD_HEADER_SIZE, length);
+            memcpy(dst.buf, self->r + hd.off + RECORD_HEADER_SIZE, length);
         }
         /* [R4] Acquire fence, pairs with [P2]'s release fence (see read_batch). */
         atomic_thread_fence(ACQUIRE);
