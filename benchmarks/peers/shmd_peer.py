@@ -35,6 +35,7 @@ import os
 import select
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -385,6 +386,8 @@ class ShmdImpl:
     """shmd's library: one variant per column (see the module docstring)."""
 
     kind: Kind = "shmd"
+    #: The writer process's function (a test wraps it to count publish calls).
+    writer_target: Callable[..., WriterStats] = staticmethod(writer_role)
 
     def __init__(self, variant: Variant) -> None:
         self.variant: Variant = variant
@@ -427,7 +430,8 @@ class ShmdImpl:
                 readers = [
                     Role(reader_role, (chan, case, i, self.variant)) for i in range(case.readers)
                 ]
-                return run_roles(Role(writer_role, (chan, case, self.variant)), readers, timeout)
+                writer = Role(type(self).writer_target, (chan, case, self.variant))
+                return run_roles(writer, readers, timeout)
             finally:
                 chan.close()
                 # A writer killed by the harness (timeout, failure) cannot unlink.
