@@ -12,10 +12,12 @@ Terms
     never counted as the best peer) or shmd (``kind="shmd"``). An impl satisfies the
     :class:`Impl` protocol below.
 *case*
-    One cell row: :class:`ThroughputCase` (N readers, fixed payload, R records; the
-    ``series`` is ``"throughput"`` for the main table or ``"scale"`` for the readers
-    1..64 series that is plotted) or :class:`LatencyCase` (one reader, 64 B records paced
-    at ``rate_hz``; ``rate_hz == 0`` means back-to-back ping-pong, for floors).
+    One cell row: :class:`ThroughputCase` (N readers, fixed payload; a warm-up of one
+    ring lap and ``warmup_s``, not timed, then a timed part of at least ``records``
+    records and ``seconds``; the ``series`` is ``"throughput"`` for the main table or
+    ``"scale"`` for the readers 1..64 series that is plotted) or :class:`LatencyCase`
+    (one reader, 64 B records paced at ``rate_hz``; ``rate_hz == 0`` means back-to-back
+    ping-pong, for floors).
 *run*
     One impl executing one case once, in fresh processes started by :func:`run_roles`.
     Repetitions are interleaved: rep 0 runs case 1 on A, B, C, then case 2 on A, B, C ...;
@@ -29,6 +31,11 @@ CLOCK_MONOTONIC ns taken right before the send call). Every reader checks every 
 length, head seq and tail seq against the count it expects, so a dropped, duplicated,
 reordered, truncated or torn record makes the run *invalid*: it is reported loudly, its
 numbers are never used, and ``benchmarks.run.main`` returns 1.
+
+In throughput runs the send time's bit 62 (:data:`STEADY`) marks the first timed
+record and bit 63 (:data:`LAST`) the last record of the run (a CLOCK_MONOTONIC stamp
+never reaches them): readers stop at LAST and time from the arrival of STEADY, and a
+reader that saw the timed part start elsewhere than the writer makes the run invalid.
 
 Process model
 -------------
@@ -1372,6 +1379,7 @@ def render_markdown(report: Report) -> str:
         f"Host: {host.get('cpus')} CPUs, Linux {host.get('kernel')}, Python {host.get('python')}; "
         f"load average {host.get('loadavg_start')} at start, {host.get('loadavg_end')} at end.",
         _mode_line(cfg),
+        *_variant_lines(report),
         "Cells: median over repetitions (min-max). Ratio columns: shmd median / best peer "
         "median (floors are not peers; a copying shmd is compared with copying peers only, "
         "a zero-copy one with all); above 1 is better for rates, below 1 for costs. "
@@ -1433,6 +1441,21 @@ def _mode_line(cfg: Mapping[str, Any]) -> str:
         f"at least {cfg.get('warmup_s', 0):g} s, not timed, then times at least "
         f"{cfg.get('seconds', 0):g} s and at least 20 ring laps), " + reps
     )
+
+
+def _variant_lines(report: Report) -> list[str]:
+    """What the shmd columns are, for the shmd variants in the report."""
+    names = {i.name for i in report.impls if i.kind == "shmd" and not i.skipped}
+    said = {
+        "shmd": "`shmd`: one publish() per record, as every peer sends (the headline)",
+        "shmd-batch": "`shmd-batch`: the batched writer (publish_batch / reserve_batch); "
+        "no peer batches",
+        "shmd-zc": "`shmd-zc`: one reserve() per record, zero-copy readers",
+        "shmd-spin": "`shmd-spin`: readers busy-poll (WaitStrategy.spin()), no peer's reader "
+        "spins; run only where readers + writer <= the CPUs",
+    }
+    lines = [said[n] for n in said if n in names]
+    return ["shmd columns: " + "; ".join(lines) + "."] if lines else []
 
 
 def _steady_table(report: Report) -> list[str]:
