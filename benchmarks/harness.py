@@ -12,10 +12,12 @@ Terms
     never counted as the best peer) or shmd (``kind="shmd"``). An impl satisfies the
     :class:`Impl` protocol below.
 *case*
-    One cell row: :class:`ThroughputCase` (N readers, fixed payload, R records; the
-    ``series`` is ``"throughput"`` for the main table or ``"scale"`` for the readers
-    1..64 series that is plotted) or :class:`LatencyCase` (one reader, 64 B records paced
-    at ``rate_hz``; ``rate_hz == 0`` means back-to-back ping-pong, for floors).
+    One cell row: :class:`ThroughputCase` (N readers, fixed payload; a warm-up of one
+    ring lap and ``warmup_s``, not timed, then a timed part of at least ``records``
+    records and ``seconds``; the ``series`` is ``"throughput"`` for the main table or
+    ``"scale"`` for the readers 1..64 series that is plotted) or :class:`LatencyCase`
+    (one reader, 64 B records paced at ``rate_hz``; ``rate_hz == 0`` means back-to-back
+    ping-pong, for floors).
 *run*
     One impl executing one case once, in fresh processes started by :func:`run_roles`.
     Repetitions are interleaved: rep 0 runs case 1 on A, B, C, then case 2 on A, B, C ...;
@@ -29,6 +31,11 @@ CLOCK_MONOTONIC ns taken right before the send call). Every reader checks every 
 length, head seq and tail seq against the count it expects, so a dropped, duplicated,
 reordered, truncated or torn record makes the run *invalid*: it is reported loudly, its
 numbers are never used, and ``benchmarks.run.main`` returns 1.
+
+In throughput runs the send time's bit 62 (:data:`STEADY`) marks the first timed
+record and bit 63 (:data:`LAST`) the last record of the run (a CLOCK_MONOTONIC stamp
+never reaches them): readers stop at LAST and time from the arrival of STEADY, and a
+reader that saw the timed part start elsewhere than the writer makes the run invalid.
 
 Process model
 -------------
@@ -140,13 +147,24 @@ MIB = 1024 * KIB
 
 @dataclass(frozen=True)
 class ThroughputCase:
-    """N readers each receive every one of ``records`` records of ``payload`` bytes."""
+    """N readers each receive every record of ``payload`` bytes: a warm-up, then the timed part.
+
+    The warm-up (not timed, every record checked as usual) is at least one ring lap
+    (``depth`` records) and at least ``warmup_s`` seconds; the timed part is at least
+    ``records`` records and at least ``seconds`` seconds. The writer decides where each
+    ends by the same rule for every impl and marks the records (:data:`STEADY`, :data:`LAST`).
+    """
 
     readers: int
     payload: int
+    #: Timed records at least (full mode: 20 ring laps).
     records: int
     depth: int
     series: Series = "throughput"
+    #: Timed seconds at least (0: ``records`` alone decides; quick mode).
+    seconds: float = 0.0
+    #: Warm-up seconds at least, besides the one ring lap.
+    warmup_s: float = 0.0
 
     @property
     def key(self) -> str:
@@ -191,9 +209,39 @@ def queue_depth(payload: int) -> int:
 
 
 def default_records(payload: int, quick: bool) -> int:
-    """Records per throughput run: a byte budget per reader, clamped to a record range."""
-    budget, low, high = (64 * MIB, 100, 20_000) if quick else (1024 * MIB, 500, 200_000)
-    return max(low, min(high, budget // payload))
+    """Timed records per throughput run at least.
+
+    Quick mode (it only proves the benchmark works): a byte budget per reader of 64 MiB,
+    clamped to 100-20,000 records. Full mode: 20 ring laps (``20 * queue_depth``), and
+    the run goes on until its duration target (``--seconds``) too.
+    """
+    if quick:
+        return max(100, min(20_000, (64 * MIB) // payload))
+    return FULL_LAPS * queue_depth(payload)
+
+
+#: Full mode: the timed part is at least this many ring laps ...
+FULL_LAPS = 20
+#: ... and at least this many seconds (``--seconds``),
+FULL_SECONDS = 2.0
+#: after a warm-up of one ring lap and at least this many seconds.
+FULL_WARMUP_S = 0.3
+
+#: Flags in the send-time field of a throughput record (CLOCK_MONOTONIC ns stays far below
+#: 2^62): the first timed record (the warm-up is over) and the last record of the run.
+STEADY = 1 << 62
+LAST = 1 << 63
+TIME_MASK = STEADY - 1
+
+
+def steady_plan(case: ThroughputCase) -> tuple[int, int, int, int]:
+    """(warm-up records, warm-up ns, timed records, timed ns): each part's minimums."""
+    return (
+        max(1, case.depth),
+        int(case.warmup_s * 1e9),
+        max(1, case.records),
+        int(case.seconds * 1e9),
+    )
 
 
 # --------------------------------------------------------------------------- results
@@ -201,13 +249,20 @@ def default_records(payload: int, quick: bool) -> int:
 
 @dataclass(frozen=True)
 class WriterStats:
-    """What the writer role measured (times are CLOCK_MONOTONIC ns)."""
+    """What the writer role measured (times are CLOCK_MONOTONIC ns).
+
+    Throughput runs: ``records`` counts every record sent, warm-up included; the first
+    ``warmup_records`` were the warm-up; ``t_start_ns`` is the send stamp of the first
+    timed record, and ``cpu_ns`` and ``calls`` (publish/send calls) cover the timed part.
+    """
 
     records: int
     t_start_ns: int
     t_end_ns: int
     cpu_ns: int
     peak_rss_kib: int
+    warmup_records: int = 0
+    calls: int = 0
 
 
 @dataclass(frozen=True)
@@ -226,6 +281,11 @@ class ReaderStats:
     latencies_ns: list[int] = field(default_factory=list)
     # Counters a transport wants in the report (Reader.notes()), e.g. missed wake-ups.
     notes: dict[str, int] = field(default_factory=dict)
+    # Throughput runs: records before the first timed one (the warm-up as this reader saw
+    # it) and that record's send stamp; t_first_ns is when it arrived, t_last_ns when the
+    # last did, and cpu_ns is counted from its arrival.
+    warmup_records: int = 0
+    steady_stamp_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -725,32 +785,87 @@ def stream_writer_role(ctl: RoleControl, impl: StreamImpl, channel: Any, case: C
         writer.wait_readers(ctl.deadline)
         ctl.ready()
         ctl.wait_go()
-        cpu0 = time.process_time_ns()
         if isinstance(case, LatencyCase):
-            records = case.count
-            t_start, t_end = send_paced(writer.send, case.payload, records, case.rate_hz)
+            cpu0 = time.process_time_ns()
+            t_start, t_end = send_paced(writer.send, case.payload, case.count, case.rate_hz)
+            sent = Sent(0, case.count, case.count, t_start, t_end, cpu0)
         else:
-            records = case.records
-            t_start, t_end = _send_burst(writer.send, case.payload, records)
+            sent = send_steady(writer.send, case)
         ctl.sent()
         # Charge background threads (I/O threads, feeders) until every reader is done.
         ctl.wait_close()
-        cpu = time.process_time_ns() - cpu0
+        cpu = time.process_time_ns() - sent.cpu_start
     finally:
         writer.close()
-    return WriterStats(records, t_start, t_end, cpu, vm_hwm_kib())
+    return sent.stats(cpu)
 
 
-def _send_burst(send: Callable[[bytearray], None], payload: int, records: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Sent:
+    """What a writer loop did: warm-up records, all records, timed calls, timed part."""
+
+    warmup: int
+    records: int
+    calls: int
+    t_start: int
+    t_end: int
+    #: process_time_ns() when the timed part began.
+    cpu_start: int
+
+    def stats(self, cpu_ns: int) -> WriterStats:
+        return WriterStats(
+            self.records,
+            self.t_start,
+            self.t_end,
+            cpu_ns,
+            vm_hwm_kib(),
+            self.warmup,
+            self.calls,
+        )
+
+
+def send_steady(send: Callable[[bytearray], object], case: ThroughputCase) -> Sent:
+    """Every throughput writer's loop: warm-up, then the timed part, one record per send.
+
+    One record buffer, stamped in place right before each send (shmd's per-record writer
+    calls it with ``Publisher.publish``). The warm-up ends at the first record after one
+    ring lap and ``warmup_s``; that record carries :data:`STEADY` and its stamp is
+    ``t_start``. The timed part ends with the first record after ``records`` timed
+    records and ``seconds``, which carries :data:`LAST`.
+    """
+    payload = case.payload
     record = bytearray(payload)
     tail = payload - TAIL.size
     pack_head, pack_tail, now = HEAD.pack_into, TAIL.pack_into, time.monotonic_ns
-    t_start = now()
-    for seq in range(records):
-        pack_head(record, 0, seq, now())
+    warm_n, warm_ns, timed_n, timed_ns = steady_plan(case)
+    seq = 0
+    warm_end = now() + warm_ns
+    while True:
+        t = now()
+        if seq >= warm_n and t >= warm_end:
+            break
+        pack_head(record, 0, seq, t)
         pack_tail(record, tail, seq)
         send(record)
-    return t_start, now()
+        seq += 1
+    warmup = seq
+    last_from = warmup + timed_n - 1
+    cpu0 = time.process_time_ns()
+    t = t_start = now()
+    end = t_start + timed_ns
+    flags = STEADY
+    while True:
+        if seq >= last_from and t >= end:
+            flags |= LAST
+        pack_head(record, 0, seq, t | flags)
+        pack_tail(record, tail, seq)
+        send(record)
+        seq += 1
+        if flags >= LAST:
+            break
+        flags = 0
+        t = now()
+    return Sent(warmup, seq, seq - warmup, t_start, now(), cpu0)
 
 
 def send_paced(
@@ -787,11 +902,16 @@ def stream_reader_role(
         ctl.ready()
         cpu0 = time.process_time_ns()
         if isinstance(case, LatencyCase):
-            got = receive_latency(reader.recv, case.count, case.payload)
+            error, records, t_first, t_last, latencies = receive_latency(
+                reader.recv, case.count, case.payload
+            )
+            warmup, steady_stamp = 0, 0
         else:
-            got = receive_all(reader.recv, case.records, case.payload)
+            error, records, t_first, t_last, warmup, steady_stamp, cpu0 = receive_steady(
+                reader.recv, case.payload
+            )
+            latencies = []
         cpu = time.process_time_ns() - cpu0
-        error, records, t_first, t_last, latencies = got
         stats = ReaderStats(
             index=index,
             ok=not error,
@@ -804,6 +924,8 @@ def stream_reader_role(
             peak_rss_kib=vm_hwm_kib(),
             latencies_ns=latencies,
             notes=dict(getattr(reader, "notes", dict)()),
+            warmup_records=warmup,
+            steady_stamp_ns=steady_stamp,
         )
         # The verdict goes out before the transport closes (see _gather).
         ctl.result(stats)
@@ -813,24 +935,34 @@ def stream_reader_role(
 
 
 Received = tuple[str, int, int, int, list[int]]  # error, good records, t_first, t_last, latencies
+# error, good records, t_first (timed part), t_last, warm-up records, steady stamp, cpu0
+Steady = tuple[str, int, int, int, int, int, int]
 
 
-def receive_all(recv: Callable[[], Buffer], records: int, payload: int) -> Received:
-    """Receive ``records`` records, checking each; stops at the first bad one."""
+def receive_steady(recv: Callable[[], Buffer], payload: int) -> Steady:
+    """Receive and check records up to the one marked LAST; the timed part starts at STEADY.
+
+    Warm-up records are checked like any other. Stops at the first bad record.
+    """
     unpack_head, unpack_tail, now = HEAD.unpack_from, TAIL.unpack_from, time.monotonic_ns
+    cpu_now = time.process_time_ns
     tail = payload - TAIL.size
-    t_first = 0
-    for seq in range(records):
+    seq = t_first = warmup = steady_stamp = 0
+    cpu0 = cpu_now()
+    while True:
         record = recv()
-        if seq == 0:
-            t_first = now()
-        if (
-            len(record) != payload
-            or unpack_head(record, 0)[0] != seq
-            or unpack_tail(record, tail)[0] != seq
-        ):
-            return check(record, seq, payload), seq, t_first, now(), []
-    return "", records, t_first, now(), []
+        if len(record) != payload:
+            return check(record, seq, payload), seq, t_first, now(), warmup, steady_stamp, cpu0
+        head, sent = unpack_head(record, 0)
+        if head != seq or unpack_tail(record, tail)[0] != seq:
+            return check(record, seq, payload), seq, t_first, now(), warmup, steady_stamp, cpu0
+        seq += 1
+        if sent >= STEADY:
+            if sent & STEADY:
+                t_first, cpu0 = now(), cpu_now()
+                warmup, steady_stamp = seq - 1, sent & TIME_MASK
+            if sent >= LAST:
+                return "", seq, t_first, now(), warmup, steady_stamp, cpu0
 
 
 def receive_latency(recv: Callable[[], Buffer], records: int, payload: int) -> Received:
@@ -926,12 +1058,28 @@ def validate(case: Case, result: CaseResult) -> str:
     problems = [r.error for r in result.readers if not r.ok]
     if problems:
         return "; ".join(problems)
-    expected = case.count if isinstance(case, LatencyCase) else case.records
+    w = result.writer
+    expected = case.count if isinstance(case, LatencyCase) else w.records
     if len(result.readers) != case.readers:
         return f"{len(result.readers)} of {case.readers} readers reported"
     short = [r for r in result.readers if r.records != expected]
     if short:
         return f"reader {short[0].index} got {short[0].records} of {expected} records"
+    if isinstance(case, ThroughputCase):
+        warm_n, _, timed_n, _ = steady_plan(case)
+        if w.warmup_records < warm_n or w.records - w.warmup_records < timed_n:
+            return (
+                f"the writer sent {w.warmup_records} warm-up and "
+                f"{w.records - w.warmup_records} timed records, fewer than the case's "
+                f"{warm_n} and {timed_n}"
+            )
+        for r in result.readers:
+            if (r.warmup_records, r.steady_stamp_ns) != (w.warmup_records, w.t_start_ns):
+                return (
+                    f"reader {r.index} saw the timed part start at record {r.warmup_records} "
+                    f"(stamp {r.steady_stamp_ns}), the writer at {w.warmup_records} "
+                    f"(stamp {w.t_start_ns})"
+                )
     return ""
 
 
@@ -956,14 +1104,21 @@ def metrics_for(case: Case, result: CaseResult) -> dict[str, float]:
             "max_ns": float(max(samples)),
             **rss,
         }
-    slowest = max(r.t_last_ns for r in readers) - w.t_start_ns
-    rate = case.records / (slowest / 1e9)
+    # Only the timed part counts: from the arrival of the first timed record to the
+    # arrival of the last one, at each reader; the run's rate is its slowest reader's.
+    timed = w.records - w.warmup_records
+    span = max(max(1, r.t_last_ns - r.t_first_ns) for r in readers)
+    rate = min(timed / (max(1, r.t_last_ns - r.t_first_ns) / 1e9) for r in readers)
     return {
         "rec_per_s": rate,
         "mib_per_s": rate * case.payload / MIB,
-        "writer_cpu_ns": w.cpu_ns / case.records,
-        "writer_wall_ns": (w.t_end_ns - w.t_start_ns) / case.records,
-        "reader_cpu_ns": statistics.median(r.cpu_ns for r in readers) / case.records,
+        "writer_cpu_ns": w.cpu_ns / timed,
+        "writer_wall_ns": (w.t_end_ns - w.t_start_ns) / timed,
+        "reader_cpu_ns": statistics.median(r.cpu_ns for r in readers) / timed,
+        "warmup_records": float(w.warmup_records),
+        "timed_records": float(timed),
+        "timed_s": span / 1e9,
+        "records_per_call": timed / w.calls if w.calls else 0.0,
         **rss,
     }
 
@@ -1223,8 +1378,8 @@ def render_markdown(report: Report) -> str:
         "",
         f"Host: {host.get('cpus')} CPUs, Linux {host.get('kernel')}, Python {host.get('python')}; "
         f"load average {host.get('loadavg_start')} at start, {host.get('loadavg_end')} at end.",
-        f"Mode: {'quick' if cfg.get('quick') else 'full'}, {cfg.get('reps')} repetitions "
-        "interleaved across implementations, fresh processes per run.",
+        _mode_line(cfg),
+        *_variant_lines(report),
         "Cells: median over repetitions (min-max). Ratio columns: shmd median / best peer "
         "median (floors are not peers; a copying shmd is compared with copying peers only, "
         "a zero-copy one with all); above 1 is better for rates, below 1 for costs. "
@@ -1271,9 +1426,86 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines + _appendix(report))
 
 
+def _mode_line(cfg: Mapping[str, Any]) -> str:
+    reps = (
+        f"{cfg.get('reps')} repetitions interleaved across implementations, "
+        "fresh processes per run."
+    )
+    if cfg.get("quick"):
+        return (
+            "Mode: **QUICK** (short runs of milliseconds where start-up costs dominate: "
+            "they only prove that the benchmark works; do not compare these numbers), " + reps
+        )
+    return (
+        f"Mode: **FULL** (steady state: every throughput run warms up for one ring lap and "
+        f"at least {cfg.get('warmup_s', 0):g} s, not timed, then times at least "
+        f"{cfg.get('seconds', 0):g} s and at least 20 ring laps), " + reps
+    )
+
+
+def _variant_lines(report: Report) -> list[str]:
+    """What the shmd columns are, for the shmd variants in the report."""
+    names = {i.name for i in report.impls if i.kind == "shmd" and not i.skipped}
+    said = {
+        "shmd": "`shmd`: one publish() per record, as every peer sends (the headline)",
+        "shmd-batch": "`shmd-batch`: the batched writer (publish_batch / reserve_batch); "
+        "no peer batches",
+        "shmd-zc": "`shmd-zc`: one reserve() per record, zero-copy readers",
+        "shmd-spin": "`shmd-spin`: readers busy-poll (WaitStrategy.spin()), no peer's reader "
+        "spins; run only where readers + writer <= the CPUs",
+    }
+    lines = [said[n] for n in said if n in names]
+    return ["shmd columns: " + "; ".join(lines) + "."] if lines else []
+
+
+def _steady_table(report: Report) -> list[str]:
+    """Per throughput case and impl: warm-up records, timed records and seconds (medians)."""
+    cases = [c for c in report.cases if isinstance(c, ThroughputCase)]
+    impls = [i for i in report.impls if any(report.runs_for(c.key, i.name) for c in cases)]
+    if not cases or not impls:
+        return []
+    out = [
+        "## Warm-up and timed part (medians over repetitions)",
+        "",
+        "Each cell: warm-up records (not timed) + timed records in timed seconds (slowest "
+        "reader); the last column: records per publish/send call in the timed part.",
+        "",
+        "| case | " + " | ".join(i.name for i in impls) + " |",
+        "|" + "---|" * (len(impls) + 1),
+    ]
+    for c in cases:
+        cells = [c.label]
+        for i in impls:
+            w = report.spread_of(c.key, i.name, "warmup_records")
+            n = report.spread_of(c.key, i.name, "timed_records")
+            t = report.spread_of(c.key, i.name, "timed_s")
+            cells.append(
+                "—"
+                if w is None or n is None or t is None
+                else f"{si(w.median)} + {si(n.median)} in {t.median:.2f} s"
+            )
+        out.append("| " + " | ".join(cells) + " |")
+    calls = []
+    for i in impls:
+        per = [
+            s.median
+            for c in cases
+            if (s := report.spread_of(c.key, i.name, "records_per_call")) is not None
+        ]
+        if per:
+            calls.append(
+                f"{i.name} {min(per):g}-{max(per):g}"
+                if min(per) != max(per)
+                else f"{i.name} {per[0]:g}"
+            )
+    if calls:
+        out += ["", "Records per publish/send call: " + ", ".join(calls) + "."]
+    return [*out, ""]
+
+
 def _appendix(report: Report) -> list[str]:
     """Notes, failed runs and not-applicable reasons, after the tables."""
-    lines: list[str] = []
+    lines: list[str] = _steady_table(report)
     notes = _notes(report)
     if notes:
         lines += ["## Notes (transport counters, summed over readers and repetitions)", ""]

@@ -1,7 +1,12 @@
 """The one entry point of the comparative benchmark.
 
     python -m benchmarks.run [--quick] [--peers zmq,unix,...] [--readers 1,4]
-                             [--payloads 64,4096,1048576] [--out DIR]
+                             [--payloads 64,4096,1048576] [--seconds 2] [--out DIR]
+
+Full mode (the default) measures steady state: every throughput case warms up for one
+ring lap and 0.3 s (not timed, every record checked), then times at least ``--seconds``
+and at least 20 ring laps. ``--quick`` only proves the benchmark works (a lap of warm-up
+and a few thousand timed records); its numbers are not for comparison.
 
 Prints the Markdown tables to stdout (progress to stderr) and writes ``results.md``,
 ``results.json`` and ``scale.svg`` into ``--out``. Exit status: 0 when every run was valid,
@@ -23,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.harness import (
+    FULL_SECONDS,
+    FULL_WARMUP_S,
     MIN_PAYLOAD,
     Case,
     Impl,
@@ -111,7 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a few seconds per case and 3 repetitions (default: full, 5)",
+        help="short runs that only prove the benchmark works, 3 repetitions "
+        "(default: full, steady state, 5)",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help=f"full mode: timed seconds per throughput run at least (default {FULL_SECONDS:g}; "
+        "and at least 20 ring laps)",
     )
     p.add_argument(
         "--peers",
@@ -143,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--records",
         type=int,
         default=None,
-        help="records per throughput run (default: by payload, see PERFORMANCE.md)",
+        help="timed records per throughput run at least (default: quick by payload, "
+        "full 20 ring laps; see PERFORMANCE.md)",
     )
     p.add_argument(
         "--latency-rate",
@@ -262,6 +278,8 @@ def _plan(
 ) -> tuple[list[Case], list[tuple[Case, Impl]], dict[str, object]]:
     """Cases in table order, (case, impl) pairs in run order, and the effective settings."""
     quick: bool = args.quick
+    seconds = 0.0 if quick else (FULL_SECONDS if args.seconds is None else args.seconds)
+    warmup_s = 0.0 if quick else FULL_WARMUP_S
     latency_count = args.latency_count or (1000 if quick else 10_000)
     cases: list[Case] = []
     plan: list[tuple[Case, Impl]] = []
@@ -269,7 +287,9 @@ def _plan(
         for payload in args.payloads:
             for readers in args.readers:
                 records = args.records or default_records(payload, quick)
-                case = ThroughputCase(readers, payload, records, queue_depth(payload))
+                case = ThroughputCase(
+                    readers, payload, records, queue_depth(payload), "throughput", seconds, warmup_s
+                )
                 cases.append(case)
                 plan += [(case, impl) for impl in usable]
     if "latency" in args.only:
@@ -287,11 +307,15 @@ def _plan(
         payload = args.scale_payload
         for readers in args.scale_readers:
             records = args.records or max(1, default_records(payload, quick) // 2)
-            case = ThroughputCase(readers, payload, records, queue_depth(payload), "scale")
+            case = ThroughputCase(
+                readers, payload, records, queue_depth(payload), "scale", seconds / 2, warmup_s
+            )
             cases.append(case)
             plan += [(case, impl) for impl in usable if impl.name in scale_names]
     config: dict[str, object] = {
         "quick": quick,
+        "seconds": seconds,
+        "warmup_s": warmup_s,
         "readers": args.readers,
         "payloads": args.payloads,
         "latency_rate_hz": args.latency_rate,

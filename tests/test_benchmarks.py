@@ -18,12 +18,14 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+
+from shmd import Publisher
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -36,6 +38,7 @@ from benchmarks.harness import (  # noqa: E402
     MIB,
     Buffer,
     Case,
+    CaseResult,
     Chart,
     ImplInfo,
     Kind,
@@ -43,15 +46,18 @@ from benchmarks.harness import (  # noqa: E402
     Metric,
     PassFd,
     Reader,
+    ReaderStats,
     Report,
     RunDir,
     RunRecord,
     StreamImpl,
     ThroughputCase,
     Writer,
+    WriterStats,
     _role_main,
     check,
     default_records,
+    metrics_for,
     percentile,
     pin_cpus,
     queue_depth,
@@ -63,8 +69,16 @@ from benchmarks.harness import (  # noqa: E402
     spread,
     stamp,
     sweep_stale,
+    validate,
 )
-from benchmarks.peers import floor, iceoryx2_peer, mp_queue, unix_sock, zmq_ipc  # noqa: E402
+from benchmarks.peers import (  # noqa: E402
+    floor,
+    iceoryx2_peer,
+    mp_queue,
+    shmd_peer,
+    unix_sock,
+    zmq_ipc,
+)
 
 ALL_IMPLS = [*zmq_ipc.IMPLS, *iceoryx2_peer.IMPLS, *unix_sock.IMPLS, *mp_queue.IMPLS, *floor.IMPLS]
 SHM_DIR = Path("/dev/shm")
@@ -478,7 +492,8 @@ def test_reader_notes_are_summed_into_the_run_and_listed(clean_run: Path) -> Non
     case = ThroughputCase(3, 64, 40, 8)
     record = run_one(CountingUnix(), case, 0, timeout=60)
     assert record.status == "ok", record.detail
-    assert record.metrics["note_recv_calls"] == 3 * 40
+    # 40 timed records after a warm-up of one lap (depth 8), at each of 3 readers.
+    assert record.metrics["note_recv_calls"] == 3 * (40 + 8)
     report = Report(
         {},
         {"reps": 1},
@@ -487,7 +502,7 @@ def test_reader_notes_are_summed_into_the_run_and_listed(clean_run: Path) -> Non
         [record, replace(record, rep=1)],
         {},
     )
-    assert "- counting-unix, throughput readers=3 payload=64: recv_calls = 240" in render_markdown(
+    assert "- counting-unix, throughput readers=3 payload=64: recv_calls = 288" in render_markdown(
         report
     )
 
@@ -854,7 +869,8 @@ def test_default_sizes_stay_within_their_bounds() -> None:
     """Record counts and queue depths are clamped for tiny and huge payloads."""
     assert default_records(64, quick=True) == 20_000
     assert default_records(MIB, quick=True) == 100
-    assert default_records(MIB, quick=False) == 1024
+    assert default_records(MIB, quick=False) == 20 * 8  # 20 laps of the 8-record ring
+    assert default_records(64, quick=False) == 20 * 1024
     assert queue_depth(64) == 1024 and queue_depth(MIB) == 8
 
 
@@ -862,3 +878,149 @@ def test_metric_formatting_is_compact() -> None:
     """Cells print three significant digits with k/M suffixes."""
     assert [si(x) for x in (999.0, 1234.0, 2.5e6)] == ["999", "1.23k", "2.5M"]
     assert Metric("x", "x", True, si).fmt(12345.0) == "12.3k"
+
+
+# --------------------------------------------------------------------------- steady state
+
+
+_EVERY_IMPL: list[Any] = [*ALL_IMPLS, *shmd_peer.IMPLS]
+THROUGHPUT_IMPLS = [i for i in _EVERY_IMPL if i.supports(ThroughputCase(1, 64, 10, 8)) is None]
+
+
+@pytest.mark.parametrize("impl", THROUGHPUT_IMPLS, ids=lambda i: i.name)
+def test_every_impl_gets_the_same_warm_up_and_only_the_timed_part_is_timed(
+    impl: Any, clean_run: Path
+) -> None:
+    """Every impl's readers check one ring lap of warm-up; the numbers cover only what follows."""
+    skip_if_unavailable(impl)
+    case = ThroughputCase(2, 64, 30, 8)
+    if impl.supports(case):  # spinning readers: only as many as the CPUs allow
+        case = replace(case, readers=1)
+    result: CaseResult = impl.run(case, 60)
+    assert validate(case, result) == ""
+    w = result.writer
+    # The same warm-up for everyone: exactly one lap of the 8-record ring (no warm-up
+    # seconds in this case), then at least the 30 timed records.
+    assert w.warmup_records == 8
+    timed = w.records - w.warmup_records
+    assert timed >= 30
+    for r in result.readers:
+        # Every reader saw every record, warm-up included, and agrees with the writer
+        # where the timed part starts (record 8, carrying the writer's stamp t_start).
+        assert (r.records, r.warmup_records, r.steady_stamp_ns) == (w.records, 8, w.t_start_ns)
+        assert w.t_start_ns <= r.t_first_ns <= r.t_last_ns
+    m = metrics_for(case, result)
+    assert (m["warmup_records"], m["timed_records"]) == (8, timed)
+    slowest = max(r.t_last_ns - r.t_first_ns for r in result.readers)
+    assert m["rec_per_s"] == pytest.approx(timed / (slowest / 1e9))
+    assert m["timed_s"] == pytest.approx(slowest / 1e9)
+
+
+def test_a_reader_that_disagrees_where_the_timed_part_starts_makes_the_run_invalid() -> None:
+    """validate() rejects a run whose reader saw the warm-up end elsewhere than the writer."""
+    case = ThroughputCase(1, 64, 10, 8)
+    writer = WriterStats(18, 1000, 2000, 5, 1, warmup_records=8, calls=10)
+
+    def reader(warmup: int, stamp: int) -> ReaderStats:
+        return ReaderStats(0, True, "", 18, 18 * 64, 1500, 1900, 5, 1, [], {}, warmup, stamp)
+
+    assert validate(case, CaseResult(writer, [reader(8, 1000)])) == ""
+    assert "reader 0 saw the timed part start at record 7" in validate(
+        case, CaseResult(writer, [reader(7, 1000)])
+    )
+    assert "(stamp 999)" in validate(case, CaseResult(writer, [reader(8, 999)]))
+    short = replace(writer, warmup_records=7, records=17)
+    assert "fewer than the case's 8 and 10" in validate(
+        case, CaseResult(short, [replace(reader(7, 1000), records=17)])
+    )
+
+
+def test_full_mode_cases_run_for_seconds_and_laps_after_a_warm_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Full mode asks every throughput case for --seconds and 20 laps after 0.3 s of warm-up."""
+    args = bench_run.build_parser().parse_args(["--seconds", "3", "--only", "throughput"])
+    cases, _, config = bench_run._plan(args, [])
+    full = [c for c in cases if isinstance(c, ThroughputCase)]
+    assert len(full) == len(cases) == 6
+    assert {(c.seconds, c.warmup_s) for c in full} == {(3.0, 0.3)}
+    assert all(c.records == 20 * c.depth for c in full)
+    quick = bench_run.build_parser().parse_args(["--quick", "--only", "throughput"])
+    qcases, _, qconfig = bench_run._plan(quick, [])
+    assert {(c.seconds, c.warmup_s) for c in qcases if isinstance(c, ThroughputCase)} == {
+        (0.0, 0.0)
+    }
+    report = Report({}, {**qconfig, "reps": 1}, [], qcases, [], {})
+    assert "Mode: **QUICK**" in render_markdown(report)
+    assert "Mode: **FULL**" in render_markdown(replace(report, config={**config, "reps": 1}))
+
+
+@dataclass(frozen=True)
+class CountedWriterStats(WriterStats):
+    """WriterStats plus how often the writer called each publishing method."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+PUBLISHING = ("publish", "publish_batch", "reserve", "reserve_batch")
+
+
+def counting_writer_role(ctl: Any, chan: Any, case: Case, variant: Any) -> WriterStats:
+    """shmd_peer.writer_role with every publishing method of its Publisher counted."""
+    counts = dict.fromkeys(PUBLISHING, 0)
+    real_create = Publisher.create
+
+    def create(*args: Any, **kwargs: Any) -> Any:
+        pub = real_create(*args, **kwargs)
+        for name in PUBLISHING:
+            inner = getattr(pub, name)
+
+            def counted(*a: Any, _inner: Any = inner, _name: str = name, **k: Any) -> Any:
+                counts[_name] += 1
+                return _inner(*a, **k)
+
+            setattr(pub, name, counted)
+        return pub
+
+    # This runs in the spawned writer process only.
+    Publisher.create = create  # type: ignore[method-assign]
+    stats = shmd_peer.writer_role(ctl, chan, case, variant)
+    return CountedWriterStats(
+        **{k: getattr(stats, k) for k in WriterStats.__dataclass_fields__}, counts=counts
+    )
+
+
+class CountingShmd(shmd_peer.ShmdImpl):
+    """A shmd variant whose writer counts its publishing calls."""
+
+    writer_target = staticmethod(counting_writer_role)
+
+
+@pytest.mark.parametrize("payload", [64, 4096], ids=["64B", "4KiB"])
+def test_the_shmd_writer_publishes_one_record_per_call_and_the_batch_one_does_not(
+    payload: int, clean_run: Path
+) -> None:
+    """shmd calls publish() once per record (as the peers send); shmd-batch batches."""
+    case = ThroughputCase(1, payload, 300, 16)
+    one = CountingShmd("record").run(case, 60)
+    assert validate(case, one) == ""
+    counts = cast(Any, one.writer).counts
+    assert counts == {
+        "publish": one.writer.records,
+        "publish_batch": 0,
+        "reserve": 0,
+        "reserve_batch": 0,
+    }
+    assert metrics_for(case, one)["records_per_call"] == 1
+
+    batched = CountingShmd("batch").run(case, 60)
+    assert validate(case, batched) == ""
+    counts = cast(Any, batched.writer).counts
+    method = "publish_batch" if payload < shmd_peer.RESERVE_FROM else "reserve_batch"
+    assert counts["publish"] == counts["reserve"] == 0
+    # Batches of half the 16-slot ring: two for the warm-up (one lap), then the timed
+    # 300 records in 37 whole batches and one of the 4 left.
+    w = batched.writer
+    assert (w.warmup_records, w.records, w.calls) == (16, 316, 38)
+    assert counts[method] == 2 + 38
+    assert metrics_for(case, batched)["records_per_call"] == pytest.approx(300 / 38)
