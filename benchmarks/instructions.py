@@ -36,7 +36,9 @@ from shmd import Publisher, Subscriber
 from shmd._sys.fd import OwnedFd
 
 n, case = int(sys.argv[1]), sys.argv[2]
-pub = Publisher.create(f"/shmd-instr-{os.getpid()}", capacity=1024, slot_size=128, max_readers=2)
+tag = os.environ.get("SHMD_INSTR_TAG", "run")
+pub = Publisher.create(f"/shmd-instr-{tag}-{os.getpid()}", capacity=1024, slot_size=128,
+                       max_readers=2)
 try:
     h = pub.add_reader("r", os.getpid())
     sub = Subscriber.attach(index=h.index, fd=pub.segment.fileno(),
@@ -62,6 +64,7 @@ try:
     run(n, case)
     sub.close()
 finally:
+    pub.unlink()  # the creator owns the name
     pub.close()
 """
 
