@@ -1453,6 +1453,8 @@ def _variant_lines(report: Report) -> list[str]:
         "shmd-zc": "`shmd-zc`: one reserve() per record, zero-copy readers",
         "shmd-spin": "`shmd-spin`: readers busy-poll (WaitStrategy.spin()), no peer's reader "
         "spins; run only where readers + writer <= the CPUs",
+        "shmd-into": "`shmd-into`: readers copy each record into one reused buffer "
+        "(read_into), as the unix-seqpacket readers recv_into theirs",
     }
     lines = [said[n] for n in said if n in names]
     return ["shmd columns: " + "; ".join(lines) + "."] if lines else []

@@ -26,6 +26,10 @@ format, warm-up, timed part and per-record checks as every other impl (see
     A spinning reader takes a core, so it runs only where readers + writer <= the CPUs
     this process may use; no peer's reader spins (iceoryx2's sleeps in
     ``Listener.timed_wait``), so it is labelled, not a like-for-like column.
+``shmd-into``
+    ``shmd``'s writer, with readers that copy each record into one reused buffer
+    (``read_into``), as the unix-seqpacket peer's readers ``recv_into`` theirs: no
+    allocation per record.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from benchmarks.harness import (
     HEAD,
@@ -72,7 +76,7 @@ from shmd.bus.segment import Segment
 from shmd.bus.wait import WaitStrategy
 from shmd.errors import SegmentNotFound
 
-Variant = Literal["record", "batch", "zc", "spin"]
+Variant = Literal["record", "batch", "zc", "spin", "into"]
 
 #: Records per publish_batch in throughput runs (bounded by half the ring).
 BATCH = 64
@@ -308,6 +312,19 @@ def reader_role(  # noqa: PLR0912, PLR0915 - one measuring loop, kept in one pie
     cpu_now = time.process_time_ns
     tail = payload - TAIL.size
     read_batch, prepare_sleep, spin_wait = sub.read_batch, sub.prepare_sleep, sub.spin
+    read: Callable[..., list[Any]] = read_batch
+    if variant == "into":
+        into_buf = bytearray(payload)
+        into_view = memoryview(into_buf)
+        read_into = sub.read_into
+
+        def read_one(limit: int, *, copy: bool, hold: bool) -> list[Any]:
+            # One record per call into the reused buffer, as a batch of one.
+            got = read_into(into_buf)
+            return [] if got is None else [(got[0], got[1], got[2], into_view[: got[3]])]
+
+        read = read_one
+
     expected = 0
     error = ""
     t_first = warmup = steady_stamp = 0
@@ -316,7 +333,7 @@ def reader_role(  # noqa: PLR0912, PLR0915 - one measuring loop, kept in one pie
         ctl.ready()
         cpu0 = cpu_now()
         while not done and not error:
-            batch = read_batch(4096, copy=not zero_copy, hold=zero_copy)
+            batch = read(4096, copy=not zero_copy, hold=zero_copy)
             if not batch:
                 if spin:
                     spin_wait(math.inf)
@@ -392,9 +409,13 @@ class ShmdImpl:
     def __init__(self, variant: Variant) -> None:
         self.variant: Variant = variant
         self.zero_copy = variant == "zc"
-        self.name = {"record": "shmd", "batch": "shmd-batch", "zc": "shmd-zc", "spin": "shmd-spin"}[
-            variant
-        ]
+        self.name = {
+            "record": "shmd",
+            "batch": "shmd-batch",
+            "zc": "shmd-zc",
+            "spin": "shmd-spin",
+            "into": "shmd-into",
+        }[variant]
 
     def available(self) -> str | None:
         return None
@@ -443,4 +464,10 @@ class ShmdImpl:
             rundir.close()
 
 
-IMPLS = [ShmdImpl("record"), ShmdImpl("batch"), ShmdImpl("zc"), ShmdImpl("spin")]
+IMPLS = [
+    ShmdImpl("record"),
+    ShmdImpl("batch"),
+    ShmdImpl("zc"),
+    ShmdImpl("spin"),
+    ShmdImpl("into"),
+]
