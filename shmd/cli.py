@@ -273,9 +273,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     daemon = ReaderDaemon(cfg, settings, instance, logs.get_logger(), sink=sink)
 
     def stop() -> None:
-        assert daemon.loop is not None
-        daemon.stop_reason = "limit"
-        daemon.loop.stop()
+        daemon.stop("limit")
 
     sink.on_limit = stop
     try:

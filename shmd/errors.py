@@ -73,7 +73,28 @@ class ReaderEvicted(ShmdError):
 
 
 class WriterGone(ShmdError):
-    """The writer of a segment is no longer running."""
+    """The writer of a segment is no longer running (and, for a client, none came back)."""
+
+
+class ConnectError(ShmdError):
+    """A client could not join the bus (:func:`shmd.connect`)."""
+
+
+class BusUnavailable(ConnectError):
+    """No writer answered on the control socket: it does not exist, or nothing listens."""
+
+
+class NotAdmitted(ConnectError):
+    """This user may not join the bus: the socket's permissions, or the writer's admission."""
+
+
+class Refused(ConnectError):
+    """The writer refused the Hello for another reason (a name in use, a full table, ...)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        #: The Refuse's code, lower case (``duplicate_instance``, ``table_full``, ...).
+        self.code = code
 
 
 class SegmentClosed(ShmdError, ValueError):

@@ -33,6 +33,9 @@ from typing import IO, Any
 import pytest
 import yaml
 
+from shmd.control import protocol
+from shmd.control.connection import Connection
+
 # Generous: a loaded machine makes these waits slow, not wrong; a passing test never waits it out.
 DEFAULT_TIMEOUT = 20.0
 BIN = Path(sys.executable).parent
@@ -475,3 +478,12 @@ def wait_readable(fd: int, timeout: float, what: str) -> None:
     r, _, _ = select.select([fd], [], [], timeout)
     if not r:
         raise AssertionError(f"{what} did not happen within {timeout:g} s")
+
+
+def publish(conn: Connection, topic: int, payload: bytes) -> int:
+    """Publish one record through the control socket (as shmctl publish does); its seq."""
+    conn.send(protocol.Publish(topic=topic, payload=payload).encode(), timeout=5)
+    with conn.recv(timeout=5) as answer:
+        ack = protocol.decode(answer.body, len(answer.fds))
+    assert isinstance(ack, protocol.PublishAck), ack
+    return ack.seq

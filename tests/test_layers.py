@@ -20,18 +20,27 @@ ALLOWED: dict[str, set[str]] = {
     "shmd._sys": {"shmd.errors"},
     "shmd.bus": {"shmd.errors", "shmd._sys"},
     "shmd.control": {"shmd.errors", "shmd._sys"},
+    "shmd.client": {"shmd.errors", "shmd._sys", "shmd.bus", "shmd.control"},
     "shmd.config": {"shmd.errors", "shmd._sys", "shmd.bus", "shmd.control"},
-    "shmd.daemons": {"shmd.errors", "shmd._sys", "shmd.bus", "shmd.control", "shmd.config"},
+    "shmd.daemons": {
+        "shmd.errors",
+        "shmd._sys",
+        "shmd.bus",
+        "shmd.control",
+        "shmd.client",
+        "shmd.config",
+    },
     "shmd.cli": {
         "shmd.errors",
         "shmd._sys",
         "shmd.bus",
         "shmd.control",
+        "shmd.client",
         "shmd.config",
         "shmd.daemons",
         "shmd",
     },
-    "shmd": {"shmd.errors", "shmd.bus"},
+    "shmd": {"shmd.errors", "shmd.bus", "shmd.client"},
 }
 
 

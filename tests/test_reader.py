@@ -12,6 +12,7 @@ import pytest
 from daemon_bus import (
     Bus,
     assert_contiguous,
+    publish,
     read_lines,
     running_bus,
     tick_numbers,
@@ -22,7 +23,6 @@ from shmd.bus.segment import Segment
 from shmd.bus.wait import code_label
 from shmd.config import load_config
 from shmd.control import protocol
-from shmd.control.connection import Connection
 from shmd.control.frames import FRAME_HEADER, FRAME_MAGIC
 from shmd.control.listener import connect
 from shmd.daemons import logs
@@ -57,15 +57,6 @@ def write_seq(bus: Bus) -> int:
 
 def frame(body: bytes) -> bytes:
     return FRAME_HEADER.pack(FRAME_MAGIC, 0, len(body), 0, 0) + body
-
-
-def publish(conn: Connection, topic: int, payload: bytes) -> int:
-    """Publish one record through the control socket (as shmctl publish does); its seq."""
-    conn.send(protocol.Publish(topic=topic, payload=payload).encode(), timeout=5)
-    with conn.recv(timeout=5) as answer:
-        ack = protocol.decode(answer.body, len(answer.fds))
-    assert isinstance(ack, protocol.PublishAck), ack
-    return ack.seq
 
 
 # -- attaching ------------------------------------------------------------------------------------

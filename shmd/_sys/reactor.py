@@ -95,6 +95,11 @@ class Reactor:
         self._wake = OwnedFd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
         self.add(self._wake.fileno(), self._on_wake)
 
+    def fileno(self) -> int:
+        """The epoll fd: readable while a watched fd is ready (for a foreign event loop)."""
+        assert self._epoll is not None
+        return self._epoll.fileno()
+
     def add(self, fd: int, handler: Handler, events: int = select.EPOLLIN) -> None:
         """Watch ``fd``; ``handler(events)`` runs when it is ready."""
         assert self._epoll is not None

@@ -22,6 +22,45 @@ from shmd.bus.subscriber import RawRecord, Record, Subscriber
 LOOK_INTERVAL = 0.01
 
 
+def wait_turn(sub: Subscriber, reactor: Reactor, limit: float | None) -> bool:
+    """Wait once, by ``sub``'s strategy, for records, with ``reactor``'s fds watched too.
+
+    Returns after at most ``limit`` seconds (None: no limit but the
+    strategy's), or sooner once records may be there, the writer went
+    inactive, or a watched fd was handled: the caller reads, then calls
+    again.  ``sleep`` announces the sleep and polls the reactor, which the
+    eventfd wakes; ``spin`` busy-polls for at most :data:`LOOK_INTERVAL`,
+    then looks at the reactor's fds with a zero-timeout poll; ``backoff``
+    spins and yields for its times, then sleeps.
+
+    ``limit`` 0 announces the sleep whatever the strategy and polls
+    without waiting: the reactor's epoll fd then becomes readable once
+    there is something to do, which is how a foreign event loop waits
+    (:meth:`shmd.client.Subscription.poll`).
+
+    Returns whether the reactor was polled (its fds looked at).
+    """
+    strategy = sub.wait_strategy
+    if limit != 0 and strategy.name == "spin":
+        sub.spin(LOOK_INTERVAL if limit is None else min(LOOK_INTERVAL, limit))
+        reactor.poll(0)
+        return True
+    if limit != 0 and strategy.name == "backoff":
+        spin, yield_ = strategy.spin_seconds, strategy.yield_seconds
+        if limit is not None:
+            spin = min(spin, limit)
+            yield_ = min(yield_, max(0.0, limit - spin))
+        if sub.spin(spin, yield_):
+            return False
+    sleep = sub.prepare_sleep()
+    if sleep == 0.0:
+        return False
+    if sleep is None or (limit is not None and limit < sleep):
+        sleep = limit
+    reactor.poll(sleep)
+    return True
+
+
 class LoopExit(enum.Enum):
     """Why :meth:`ReaderLoop.run` returned."""
 
@@ -114,8 +153,6 @@ class ReaderLoop:
         writer's hang-up is handled while records keep coming.
         """
         sub = self.sub
-        strategy = sub.wait_strategy
-        spin, yield_ = strategy.spin_seconds, strategy.yield_seconds
         next_look = time.monotonic() + LOOK_INTERVAL
         while not self._stopped:
             limit = self.tick() if self.tick is not None else None
@@ -127,26 +164,10 @@ class ReaderLoop:
                 # one more drain after seeing it delivers everything.
                 self.drain()
                 return LoopExit.DRAINED
-            now = time.monotonic()
-            if now >= next_look:
+            if time.monotonic() >= next_look:
                 self.reactor.poll(0)
-                next_look = now + LOOK_INTERVAL
+            elif not wait_turn(sub, self.reactor, limit):
                 continue
-            if strategy.name == "spin":
-                left = next_look - now
-                sub.spin(left if limit is None else min(left, limit))
-                continue
-            if strategy.name == "backoff" and sub.spin(
-                spin if limit is None else min(spin, limit),
-                yield_ if limit is None else min(yield_, max(0.0, limit - spin)),
-            ):
-                continue
-            sleep = sub.prepare_sleep()
-            if sleep == 0.0:
-                continue
-            if sleep is None or (limit is not None and limit < sleep):
-                sleep = limit
-            self.reactor.poll(sleep)
             next_look = time.monotonic() + LOOK_INTERVAL
         return LoopExit.STOPPED
 
