@@ -9,7 +9,7 @@ installed package: ``python -m benchmarks.run`` from a checkout runs it.
 Exit statuses: 0 success, 1 failure (one ``shmctl: error: ...`` line, never
 a traceback), 2 usage errors (argparse's convention).
 
-A little over 500 lines, kept whole on purpose: each subcommand is one
+Under 600 lines, kept whole on purpose: each subcommand is one
 short section (its command function beside what only it uses) and the
 parser names them all; split into modules, following one command would
 mean hopping between files for no layer boundary.
@@ -33,6 +33,7 @@ from typing import Any, TextIO
 import yaml
 
 from shmd.bus.layout import (
+    ALL_TOPICS,
     REC_PAYLOAD,
     REC_SEQ,
     REC_TIMESTAMP,
@@ -46,11 +47,12 @@ from shmd.bus.segment import Segment
 from shmd.bus.wait import code_label
 from shmd.config import Config, ConfigError, ReaderSettings, load_config
 from shmd.control import protocol
+from shmd.control.fields import TopicMap
 from shmd.control.frames import SOCKET_TYPES, ChannelError, WireError
 from shmd.control.listener import connect
 from shmd.daemons import logs
 from shmd.daemons.process import EXIT_FAILURE, EXIT_OK, check_config, pid_alive
-from shmd.errors import SegmentNotFound, ShmdError
+from shmd.errors import SegmentNotFound, ShmdError, TopicError
 
 EXAMPLES = {
     "status": """examples:
@@ -60,10 +62,12 @@ EXAMPLES = {
     "tail": """examples:
   shmctl tail                        # new records as text, until Ctrl-C
   shmctl tail --from oldest -n 10    # the 10 oldest records still in the ring
-  shmctl tail --topic 3 --format json""",
+  shmctl tail --topic 3 --format json
+  shmctl tail --topic ticks          # by name (segment.topics)""",
     "publish": """examples:
   shmctl publish hello world         # two records, topic 0
   printf 'a\\nb\\n' | shmctl publish --topic 2
+  shmctl publish --topic ticks 42    # by name (segment.topics)
   producer | shmctl publish --framing length""",
     "check-config": """examples:
   shmctl check-config                # /etc/shmd/shmd.yaml (or $SHMD_CONFIG)
@@ -93,8 +97,20 @@ def _use_colour(stream: TextIO) -> bool:
 # -- status -------------------------------------------------------------------------
 
 
-def segment_status(seg: Segment) -> dict[str, Any]:
-    """Everything ``shmctl status`` shows, as plain data (the ``--json`` document)."""
+def _topic_labels(mask: int, topics: TopicMap) -> str | list[str]:
+    """A reader's topics as ``shmctl status`` shows them: "all", else names or ids."""
+    if mask == ALL_TOPICS:
+        return "all"
+    return [topics.label(t) for t in range(64) if mask >> t & 1]
+
+
+def segment_status(seg: Segment, topics: TopicMap | None = None) -> dict[str, Any]:
+    """Everything ``shmctl status`` shows, as plain data (the ``--json`` document).
+
+    ``topics`` (the configuration's ``segment.topics``) names the readers'
+    topics in ``topic_names``.
+    """
+    names = TopicMap() if topics is None else topics
     h = seg.header()
     g = seg.geometry
     now = time.monotonic_ns()
@@ -127,8 +143,9 @@ def segment_status(seg: Segment) -> dict[str, Any]:
                 "asleep": e.asleep,
                 "wait": code_label(e.wait),
                 "topics": "all"
-                if e.topics == (1 << 64) - 1
+                if e.topics == ALL_TOPICS
                 else [t for t in range(64) if e.topics >> t & 1],
+                "topic_names": _topic_labels(e.topics, names),
                 "idle_seconds": round(max(0, now - e.last_active_ns) / 1e9, 3),
             }
         )
@@ -148,8 +165,14 @@ def segment_status(seg: Segment) -> dict[str, Any]:
         "size": g.segment_size,
         "created": h.created_ns / 1e9,
         "heartbeat_age": round((now - h.heartbeat_ns) / 1e9, 3) if h.heartbeat_ns else None,
+        "topics": dict(names),
         "readers": readers,
     }
+
+
+def _topics_text(reader: dict[str, Any]) -> str:
+    names = reader.get("topic_names", reader["topics"])
+    return names if isinstance(names, str) else ",".join(str(n) for n in names)
 
 
 def render_status(st: dict[str, Any], colour: bool) -> str:
@@ -171,7 +194,7 @@ def render_status(st: dict[str, Any], colour: bool) -> str:
     if st["readers"]:
         head = (
             f"{'INSTANCE':<16} {'PID':>7} {'ALIVE':>5} {'CURSOR':>12} {'LAG':>8} "
-            f"{'LAG_S':>8} {'DELIVERED':>12} {'LOST':>10} {'ASLEEP':>6} {'WAIT':>7}"
+            f"{'LAG_S':>8} {'DELIVERED':>12} {'LOST':>10} {'ASLEEP':>6} {'WAIT':>7} TOPICS"
         )
         lines += ["", c(head, "1")]
         for r in st["readers"]:
@@ -180,13 +203,23 @@ def render_status(st: dict[str, Any], colour: bool) -> str:
             lines.append(
                 f"{r['instance']:<16} {r['pid']:>7} {alive:>5} {r['cursor']:>12} {r['lag']:>8} "
                 f"{r['lag_seconds']:>8.3f} {r['delivered']:>12} {lost:>10} "
-                f"{'yes' if r['asleep'] else 'no':>6} {r['wait']:>7}"
+                f"{'yes' if r['asleep'] else 'no':>6} {r['wait']:>7} {_topics_text(r)}"
             )
     return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    name = args.segment or _config(args).segment.name
+    if args.segment:
+        # The configuration only names the topics here: a file that does not
+        # load (or is not this bus's) shows ids.
+        try:
+            topics = load_config(getattr(args, "config", None)).segment.topics
+        except ConfigError:
+            topics = TopicMap()
+        name = args.segment
+    else:
+        cfg = _config(args)
+        name, topics = cfg.segment.name, cfg.segment.topics
     try:
         seg = Segment.open(name=name, control_writable=False)
     except SegmentNotFound:
@@ -197,7 +230,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     colour = _use_colour(sys.stdout)
     try:
         while True:
-            st = segment_status(seg)
+            st = segment_status(seg, topics)
             if args.json:
                 print(json.dumps(st), flush=True)
             else:
@@ -260,7 +293,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     cfg = _config(args)
     logs.configure_logging("ctl", level="warning", target="console")
     base = cfg.reader.defaults
-    topics: Any = "all" if not args.topic else tuple(sorted(set(args.topic)))
+    topics: Any = "all" if not args.topic else tuple(sorted(set(args.topic_ids)))
     settings = ReaderSettings(
         topics=topics,
         start=args.start,
@@ -339,7 +372,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         with conn:
             for payload in payloads:
                 conn.send(
-                    protocol.Publish(topic=args.topic, payload=payload).encode(),
+                    protocol.Publish(topic=args.topic_ids[0], payload=payload).encode(),
                     timeout=ctl.handshake_timeout,
                 )
                 frame = conn.recv(timeout=ctl.handshake_timeout)
@@ -468,10 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", choices=("text", "hex", "json"), default="text")
     t.add_argument(
         "--topic",
-        type=int,
         action="append",
-        metavar="ID",
-        help="only this topic (repeatable; default: all)",
+        metavar="TOPIC",
+        help="only this topic, an id 0..63 or a name of segment.topics (repeatable; default: all)",
     )
     t.add_argument("--from", dest="start", choices=("latest", "oldest"), default="latest")
     t.add_argument("-n", type=int, metavar="N", help="exit after N records")
@@ -485,7 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pb = add("publish", "publish records from arguments or standard input")
     pb.add_argument("records", nargs="*", help="payloads (default: read standard input)")
-    pb.add_argument("--topic", type=int, default=0, help="topic id 0..63 (default 0)")
+    pb.add_argument(
+        "--topic",
+        default="0",
+        metavar="TOPIC",
+        help="topic id 0..63 or a name of segment.topics (default 0)",
+    )
     pb.add_argument(
         "--framing",
         choices=("newline", "length"),
@@ -506,16 +543,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _topic_ids(args: argparse.Namespace) -> list[int]:
+    """``--topic``'s values as ids: ids as given, names through the config's segment.topics."""
+    given: list[str] = args.topic if isinstance(args.topic, list) else [args.topic]
+    numbers = [t for t in given if t.lstrip("+-").isdigit() and t.isascii()]
+    for t in numbers:
+        if not 0 <= int(t) <= 63:
+            raise TopicError(f"must be between 0 and 63 (got {t})")
+    # Ids need no configuration; names are looked up in its segment.topics.
+    topics = TopicMap() if len(numbers) == len(given) else _config(args).segment.topics
+    return [int(t) if t in numbers else topics.resolve(t) for t in given]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``shmctl``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "check-config" and args.file:
         args.config = args.file
-    if args.command in ("tail", "publish") and getattr(args, "topic", None) is not None:
-        topics = args.topic if isinstance(args.topic, list) else [args.topic]
-        if any(not 0 <= t <= 63 for t in topics):
-            parser.error("--topic must be between 0 and 63")
+    if args.command in ("tail", "publish") and args.topic is not None:
+        try:
+            args.topic_ids = _topic_ids(args)
+        except CliError as exc:
+            print(f"shmctl: error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        except TopicError as exc:
+            parser.error(f"--topic: {exc}")
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "status": cmd_status,
         "tail": cmd_tail,

@@ -52,6 +52,19 @@ class TopicError(ShmdError, ValueError):
     """A topic id outside 0..63."""
 
 
+class UnknownTopic(TopicError):
+    """A topic name the bus's topic map (``segment.topics``) does not hold.
+
+    ``name`` is the name asked for, ``known`` the names the map holds.
+    """
+
+    def __init__(self, name: str, known: tuple[str, ...]) -> None:
+        self.name = name
+        self.known = known
+        has = f"this bus has: {', '.join(known)}" if known else "this bus names no topics"
+        super().__init__(f"unknown topic {name!r} ({has})")
+
+
 class MutexError(ShmdError):
     """The shared mutex cannot be used."""
 

@@ -323,6 +323,7 @@ def test_status_table_shows_writer_ring_and_reader_rows(quiet: Bus) -> None:
         "LOST",
         "ASLEEP",
         "WAIT",
+        "TOPICS",
     ]
     table = {
         line.split()[0]: line.split()
@@ -331,8 +332,10 @@ def test_status_table_shows_writer_ring_and_reader_rows(quiet: Bus) -> None:
     }
     assert set(table) == {"1", "2"}, text
     for name, proc in (("1", r1), ("2", r2)):
-        _instance, pid, alive, cursor, lag, _lag_s, delivered, lost, _asleep, wait = table[name]
-        assert wait == "sleep"
+        _instance, pid, alive, cursor, lag, _lag_s, delivered, lost, _asleep, wait, topics = table[
+            name
+        ]
+        assert wait == "sleep" and topics == "all"
         assert (pid, alive, cursor, lag, delivered, lost) == (
             str(proc.pid),
             "yes",
@@ -558,6 +561,57 @@ def test_tail_topic_option_prints_only_those_topics(quiet: Bus) -> None:
     assert [(d["seq"], d["topic"], d["payload"]) for d in map(json.loads, out.splitlines())] == [
         (1, 2, "b")
     ]
+
+
+def test_tail_and_publish_take_topic_names(quiet: Bus) -> None:
+    """tail --topic and publish --topic take names of segment.topics as well as ids."""
+    bus = quiet
+    bus.configure(segment={"topics": {"ticks": 1, "frames": 2}})
+    bus.writer()
+    ok(run(bus, "publish", "--topic", "ticks", "a"))
+    ok(run(bus, "publish", "--topic", "frames", "b"))
+    ok(run(bus, "publish", "--topic", "3", "c"))
+    ok(run(bus, "publish", "--topic", "ticks", "d"))
+    out = ok(
+        run(
+            bus,
+            *("tail", "--from", "oldest", "--topic", "ticks", "--topic", "3"),
+            *("-n", "3", "--format", "json"),
+        )
+    )
+    assert [(d["seq"], d["topic"], d["payload"]) for d in map(json.loads, out.splitlines())] == [
+        (0, 1, "a"),
+        (2, 3, "c"),
+        (3, 1, "d"),
+    ]
+
+
+@pytest.mark.parametrize("command", ["tail", "publish"])
+def test_an_unknown_topic_name_is_a_usage_error(quiet: Bus, command: str) -> None:
+    """--topic with a name segment.topics lacks exits 2, its error line naming the known names."""
+    bus = quiet
+    bus.configure(segment={"topics": {"ticks": 1, "frames": 2}})
+    done = run(bus, command, "--topic", "tick", *(["x"] if command == "publish" else []))
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.startswith("usage: shmctl") and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "shmctl: error: --topic: unknown topic 'tick' (this bus has: frames, ticks)"
+    )
+
+
+def test_status_names_the_readers_topics(quiet: Bus) -> None:
+    """status shows each reader's topics by name where segment.topics names them."""
+    bus = quiet
+    bus.configure(segment={"topics": {"ticks": 1, "frames": 2}})
+    bus.writer()
+    bus.file_reader("1", topics=["ticks", 5])
+    st = wait_status(bus, lambda s: len(s["readers"]) == 1, "reader 1 attached")
+    row = rows(st)["1"]
+    assert (row["topics"], row["topic_names"]) == ([1, 5], ["ticks", "5"])
+    assert st["topics"] == {"ticks": 1, "frames": 2}
+    text = ok(run(bus, "status"))
+    line = next(line for line in text.splitlines() if line.split()[:1] == ["1"])
+    assert line.split()[-1] == "ticks,5", text
 
 
 def test_tail_from_latest_skips_records_already_published(quiet: Bus) -> None:

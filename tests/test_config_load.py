@@ -407,6 +407,66 @@ BAD = [
     ("writer:\n  source:\n    rate: -1\n", 3, "writer.source.rate", "between 0 and"),
     ("writer:\n  source:\n    topic: 64\n", 3, "writer.source.topic", "between 0 and 63"),
     ("writer:\n  status_interval: 0\n", 2, "writer.status_interval", "greater than 0"),
+    (
+        "segment:\n  topics: {ticks: 1}\nwriter:\n  source:\n    topic: tick\n",
+        5,
+        "writer.source.topic",
+        "unknown topic 'tick' (segment.topics names: ticks)",
+    ),
+    (
+        "writer:\n  source:\n    topic: ticks\n",
+        3,
+        "writer.source.topic",
+        "unknown topic 'ticks' (segment.topics names: none (segment.topics is empty))",
+    ),
+    (
+        "writer:\n  source:\n    topic: [1]\n",
+        3,
+        "writer.source.topic",
+        "must be a topic id 0..63 or a name of segment.topics (got a list)",
+    ),
+    (
+        "segment:\n  topics: {ticks: 1, frames: 2}\n"
+        "reader:\n  defaults:\n    topics: [ticks, fx]\n",
+        5,
+        "reader.defaults.topics[1]",
+        "unknown topic 'fx' (segment.topics names: frames, ticks)",
+    ),
+    (
+        "segment:\n  topics: {ticks: 1}\nreader:\n  instances:\n    a: {topics: [1, ticks]}\n",
+        5,
+        "reader.instances.a.topics[1]",
+        "topic 1 is listed twice ('ticks' is topic 1)",
+    ),
+    (
+        "segment:\n  topics:\n    ticks: 1\n    frames: 1\n",
+        4,
+        "segment.topics.frames",
+        "topic id 1 is given to 'ticks' already",
+    ),
+    (
+        "segment:\n  topics:\n    Ticks: 1\n",
+        3,
+        "segment.topics.Ticks",
+        "topic name 'Ticks' must be",
+    ),
+    ("segment:\n  topics:\n    '7': 1\n", 3, "segment.topics.7", "topic name '7' must be"),
+    (
+        "segment:\n  topics:\n    ticks: 64\n",
+        3,
+        "segment.topics.ticks",
+        "topic id 0..63 (got integer 64)",
+    ),
+    ("segment:\n  topics:\n    ticks: one\n", 3, "segment.topics.ticks", "(got string 'one')"),
+    ("segment:\n  topics: [ticks]\n", 2, "segment.topics", "must be a mapping of topic names"),
+    (
+        "segment:\n  topics: {"
+        + ", ".join(f"t{i:02}{'x' * 29}: {i}" for i in range(64))
+        + "}\ncontrol:\n  max_message: 2048\n",
+        2,
+        "segment.topics",
+        "the Welcome carrying these 64 names is 2307 bytes, more than control.max_message 2048",
+    ),
     ("writer:\n  shutdown_grace: -0.5\n", 2, "writer.shutdown_grace", "between 0 and"),
     (
         "reader:\n  defaults:\n    topics: [0, 0]\n",
@@ -649,6 +709,47 @@ def test_topic_mask_follows_topics(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------
 # Users and groups
 # ---------------------------------------------------------------------------
+
+
+def test_topics_may_be_named_and_settings_hold_ids(tmp_path: Path) -> None:
+    """Names of segment.topics and ids are accepted alike wherever a topic is; settings hold ids."""
+    cfg = load_text(
+        tmp_path,
+        """
+        segment:
+          topics: {ticks: 3, frames: 1, fx.eur-usd_2: 63}
+        writer:
+          source: {type: fifo, path: /run/f, topic: frames}
+        reader:
+          defaults: {topics: [ticks, 0]}
+          instances:
+            a: {topics: [fx.eur-usd_2, frames, 5]}
+            b: {topics: all}
+        """,
+    )
+    assert cfg.segment.topics == {"frames": 1, "ticks": 3, "fx.eur-usd_2": 63}
+    assert list(cfg.segment.topics) == ["frames", "ticks", "fx.eur-usd_2"]
+    assert cfg.writer.source == FifoSourceConfig(path="/run/f", topic=1)
+    assert cfg.reader.defaults.topics == (0, 3)
+    assert cfg.reader_settings("a").topics == (1, 5, 63)
+    assert cfg.reader_settings("b").topics == "all"
+    assert (cfg.topic_name(3), cfg.topic_name(0)) == ("ticks", None)
+    assert cfg.segment.topics.label(63) == "fx.eur-usd_2"
+    # The journal sink's summaries name their topics: the map travels with it.
+    sink = cfg.reader_settings("a").sink
+    assert isinstance(sink, JournalSinkConfig) and sink.topic_names == cfg.segment.topics
+    assert config_to_dict(cfg)["segment"]["topics"] == {"frames": 1, "ticks": 3, "fx.eur-usd_2": 63}
+
+
+def test_a_python_source_gets_the_topic_names(tmp_path: Path) -> None:
+    """A python source's settings carry segment.topics, so its callable may publish by name."""
+    cfg = load_text(
+        tmp_path,
+        "segment: {topics: {ticks: 2}}\nwriter: {source: {type: python, callable: 'm:f'}}\n",
+    )
+    assert isinstance(cfg.writer.source, PythonSourceConfig)
+    assert cfg.writer.source.topic_names == {"ticks": 2}
+    assert default_config().segment.topics == {}
 
 
 def test_allowed_ids_resolve_and_unknown_names_only_warn(tmp_path: Path) -> None:

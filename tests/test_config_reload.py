@@ -22,12 +22,13 @@ def load_text(tmp_path: Path, text: str) -> Config:
 
 
 RICH = """
-segment: {name: /shmd-test-rich, capacity: 64, slot_size: 256, policy: block}
+segment: {name: /shmd-test-rich, capacity: 64, slot_size: 256, policy: block,
+          topics: {ticks: 9, frames: 2}}
 control: {mode: "0640", allowed_users: [root, 1001], type: stream}
 writer:
   source: {type: fifo, path: /run/shmd/in.fifo, framing: length, topic: 9}
 reader:
-  defaults: {topics: [1, 2], sink: {type: exec, command: [/bin/cat]}}
+  defaults: {topics: [1, frames], sink: {type: exec, command: [/bin/cat]}}
   instances:
     "1": {start: oldest}
     b: {sink: {type: file, path: /var/out, framing: length}}
@@ -91,3 +92,12 @@ def test_diff_reloadable_names_reader_instance_keys(tmp_path: Path) -> None:
     live, refused = diff_reloadable(old, new)
     assert live == ()
     assert "reader.instances.5.start" in refused
+
+
+def test_diff_reloadable_refuses_a_topic_map_change_as_one_key(tmp_path: Path) -> None:
+    """Adding, renaming or renumbering topics is one refused key, segment.topics."""
+    old = load_text(tmp_path, "segment: {topics: {ticks: 0}}\n")
+    for i, changed in enumerate(["{ticks: 1}", "{tick: 0}", "{ticks: 0, frames: 1}", "{}"]):
+        text = f"segment: {{topics: {changed}}}\n"
+        new = load_config(write(tmp_path, text, f"n{i}.yaml"), env={})
+        assert diff_reloadable(old, new) == ((), ("segment.topics",)), changed

@@ -9,10 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shmd.bus import wait
-from shmd.control.fields import ALL_TOPICS, MAX_REASON, U32_MAX, U64_MAX, safe_reason
+from shmd.control.fields import (
+    ALL_TOPICS,
+    MAX_REASON,
+    NO_TOPICS,
+    U32_MAX,
+    U64_MAX,
+    Invalid,
+    TopicMap,
+    safe_reason,
+)
 from shmd.control.protocol import (
     MESSAGE_CLASSES,
     PROTOCOL_VERSION,
+    WELCOME_FIXED_SIZE,
     Detach,
     DetachCode,
     Hello,
@@ -30,12 +40,17 @@ from shmd.control.protocol import (
     Welcome,
     decode,
 )
+from shmd.errors import TopicError, UnknownTopic
 
 # -- strategies -----------------------------------------------------------------
 
 u32 = st.integers(0, U32_MAX)
 u64 = st.integers(0, U64_MAX)
 instances = st.from_regex(r"[A-Za-z0-9_.:@-]{1,31}", fullmatch=True)
+topic_names = st.from_regex(r"[a-z][a-z0-9_.-]{0,31}", fullmatch=True)
+topic_maps = st.dictionaries(topic_names, st.integers(0, 63), max_size=64).map(
+    lambda d: TopicMap({n: t for t, n in {t: n for n, t in d.items()}.items()})
+)
 reasons = st.text(max_size=120).filter(
     lambda s: s.isprintable() and len(s.encode("utf-8")) <= MAX_REASON
 )
@@ -45,14 +60,16 @@ reasons = st.text(max_size=120).filter(
 def hellos(draw: st.DrawFn) -> Hello:
     start = draw(st.sampled_from(StartCode))
     resume = start == StartCode.RESUME
+    names = tuple(draw(st.lists(topic_names, max_size=64, unique=True)))
     return Hello(
         instance=draw(instances),
         pid=draw(st.integers(1, U32_MAX)),
-        topics=draw(st.integers(1, U64_MAX)),
+        topics=draw(st.integers(0 if names else 1, U64_MAX)),
         start=start,
         resume_cursor=draw(u64) if resume else 0,
         last_generation=draw(st.integers(1, U64_MAX) if resume else u64),
         wait=draw(st.sampled_from(WaitCode)),
+        topic_names=names,
     )
 
 
@@ -73,6 +90,7 @@ def welcomes(draw: st.DrawFn) -> Welcome:
         policy=draw(st.sampled_from(PolicyCode)),
         start_cursor=draw(u64),
         resumed=draw(st.booleans()),
+        topics=draw(topic_maps),
     )
 
 
@@ -108,12 +126,15 @@ def hello_body(
     pid: int = 42,
     start: int = 0,
     wait: int = 0,
+    names: tuple[bytes, ...] = (),
+    count: int | None = None,
 ) -> bytes:
     fixed = struct.pack("<QQQIBB", topics, cursor, generation, pid, start, wait)
-    return prefix(MessageType.HELLO) + fixed + string(instance)
+    tail = bytes([len(names) if count is None else count]) + b"".join(map(string, names))
+    return prefix(MessageType.HELLO) + fixed + string(instance) + tail
 
 
-def welcome_body(**changes: int) -> bytes:
+def welcome_body(topics: tuple[tuple[int, bytes], ...] = (), **changes: int) -> bytes:
     fields = {
         "generation": 7,
         "ring_offset": 16384,
@@ -127,7 +148,13 @@ def welcome_body(**changes: int) -> bytes:
         "resumed": 0,
     }
     fields.update(changes)
-    return prefix(MessageType.WELCOME) + struct.pack("<QQQQIIIIBB", *fields.values())
+    pairs = b"".join(bytes([t]) + string(n) for t, n in topics)
+    return (
+        prefix(MessageType.WELCOME)
+        + struct.pack("<QQQQIIIIBB", *fields.values())
+        + bytes([len(topics)])
+        + pairs
+    )
 
 
 # -- round trips ----------------------------------------------------------------
@@ -170,7 +197,7 @@ def test_hello_bytes_are_pinned() -> None:
         wait=WaitCode.SPIN,
     )
     assert msg.encode().hex(" ") == (
-        "01 00 02 00"  # type 1 (Hello), version 2
+        "01 00 03 00"  # type 1 (Hello), version 3
         " 05 00 00 00 00 00 00 00"  # topic mask: topics 0 and 2
         " 02 01 00 00 00 00 00 00"  # resume cursor
         " 07 00 00 00 00 00 00 00"  # last generation
@@ -178,8 +205,43 @@ def test_hello_bytes_are_pinned() -> None:
         " 02"  # start = resume
         " 01"  # wait = spin
         " 01 00 31"  # instance "1"
+        " 00"  # no topic names
     )
     assert msg.subscribes(0) and msg.subscribes(2) and not msg.subscribes(1)
+
+
+def test_hello_with_topic_names_bytes_are_pinned() -> None:
+    """A Hello naming topics carries them after the instance, and may send mask 0."""
+    msg = Hello(instance="1", pid=1, topics=0, topic_names=("ticks", "fx.eur"))
+    body = msg.encode()
+    assert body[4:12] == b"\0" * 8  # mask 0: only the named topics
+    assert body.endswith(bytes.fromhex("01 00 31 02 05 00") + b"ticks" + b"\x06\x00fx.eur")
+    assert decode(body, 0) == msg
+
+
+def test_welcome_with_a_topic_map_bytes_are_pinned() -> None:
+    """The Welcome carries the writer's topic map after its fixed fields, in id order."""
+    msg = Welcome(
+        7,
+        1024,
+        4096,
+        64,
+        3,
+        16384,
+        16384 + 4096 * 1024,
+        PolicyCode.DROP_OLDEST,
+        99,
+        False,
+        topics=TopicMap({"ticks": 3, "frames": 1}),
+    )
+    body = msg.encode()
+    assert body == welcome_body(((1, b"frames"), (3, b"ticks")))
+    assert (
+        body[54:] == bytes.fromhex("02 01 06 00") + b"frames" + bytes.fromhex("03 05 00") + b"ticks"
+    )
+    decoded = decode(body, 3)
+    assert isinstance(decoded, Welcome) and decoded.topics == {"frames": 1, "ticks": 3}
+    assert len(body) == WELCOME_FIXED_SIZE + (3 + 6) + (3 + 5)
 
 
 def test_wait_codes_are_the_buses() -> None:
@@ -198,7 +260,7 @@ def test_a_hello_with_an_unknown_wait_code_is_rejected() -> None:
 def test_welcome_and_short_messages_bytes_are_pinned() -> None:
     """Welcome, Refuse, Detach, Publish and PublishAck encode to the documented layouts."""
     assert decode(welcome_body(), 3).encode() == welcome_body()
-    assert len(welcome_body()) == 54
+    assert len(welcome_body()) == 55
     assert Refuse(RefuseCode.TABLE_FULL, "full").encode() == prefix(3) + b"\x04\x00" + string(
         b"full"
     )
@@ -277,8 +339,8 @@ def test_unknown_type_is_rejected(msg_type: int) -> None:
 
 def test_unknown_type_of_another_version_is_a_version_mismatch() -> None:
     """A body of another version is reported as a version mismatch even when its type is unknown."""
-    with pytest.raises(VersionMismatch, match="message of type 9 since it is protocol version 3"):
-        decode(prefix(9, 3), 0)
+    with pytest.raises(VersionMismatch, match="message of type 9 since it is protocol version 4"):
+        decode(prefix(9, 4), 0)
 
 
 def test_short_prefix_is_rejected() -> None:
@@ -313,7 +375,20 @@ def test_short_prefix_is_rejected() -> None:
         (welcome_body(resumed=2), r"resumed is 2, not 0 or 1"),
         (welcome_body(generation=0), r"the generation 0 is outside 1\.\."),
         (prefix(3) + b"\x00\x00" + string(b""), r"refuse code 0 is not one of 1 \(version\)"),
-        (prefix(3) + b"\x08\x00" + string(b""), r"refuse code 8 is not one of"),
+        (prefix(3) + b"\x09\x00" + string(b""), r"refuse code 9 is not one of"),
+        (hello_body(names=(b"ticks", b"ticks")), r"the topic name 'ticks' is given twice"),
+        (hello_body(names=(b"Ticks",)), r"the topic name 'Ticks' does not match"),
+        (hello_body(names=(b"7",)), r"the topic name '7' does not match"),
+        (hello_body(names=(b"t" * 33,)), r"the topic name 't{33}' does not match"),
+        (hello_body(count=65), r"65 topic names are more than the 64 topics"),
+        (hello_body(count=2, names=(b"a",)), r"topic name 1 needs"),
+        (
+            welcome_body(((3, b"ticks"), (1, b"frames"))),
+            r"named topic 1 has id 1, not above the previous one's 3",
+        ),
+        (welcome_body(((1, b"a"), (2, b"a"))), r"the topic name 'a' is given twice"),
+        (welcome_body(((64, b"a"),)), r"the id of topic 'a' 64 is outside 0\.\.63"),
+        (welcome_body(((1, b"A b"),)), r"the topic name 'A b' does not match"),
         (prefix(3) + b"\x01\x00" + string(b"\xc3"), r"the reason is not valid UTF-8"),
         (prefix(3) + b"\x01\x00" + string(b"a\x1b[2J"), r"control or other unprintable"),
         (prefix(3) + b"\x01\x00" + string(b"r" * 1025), r"1025 bytes of UTF-8, more than 1024"),
@@ -338,6 +413,9 @@ def test_valid_hand_built_bodies_decode() -> None:
     assert decode(welcome_body(), 3) == Welcome(
         7, 1024, 4096, 64, 3, 16384, 16384 + 4096 * 1024, PolicyCode.DROP_OLDEST, 99, False
     )
+    assert decode(hello_body(topics=0, names=(b"a",)), 0) == Hello(
+        "r1", pid=42, topics=0, topic_names=("a",)
+    )
 
 
 # -- building invalid messages ------------------------------------------------------
@@ -359,6 +437,19 @@ def test_valid_hand_built_bodies_decode() -> None:
         (lambda: Publish(-1, b""), "the topic -1 is outside 0..63"),
         (lambda: Publish(0, "text"), "the payload must be bytes, not str"),  # type: ignore[arg-type]
         (lambda: PublishAck(U64_MAX + 1), "sequence number"),
+        (
+            lambda: Hello("r", pid=1, topics=0),
+            "the topic mask 0 is outside 1..18446744073709551615",
+        ),
+        (lambda: Hello("r", pid=1, topic_names="ticks"), "must be a tuple of names, not str"),  # type: ignore[arg-type]
+        (
+            lambda: Hello("r", pid=1, topic_names=tuple(f"t{i}" for i in range(65))),
+            "65 topic names",
+        ),
+        (
+            lambda: Welcome(1, 8, 64, 4, 0, 0, 512, PolicyCode.BLOCK, 0, topics={"a": 1, "b": 1}),  # type: ignore[arg-type]
+            "topics 'a' and 'b' both have id 1",
+        ),
     ],
 )
 def test_building_an_invalid_message_fails(build: object, message: str) -> None:
@@ -399,6 +490,51 @@ def test_safe_reason_escapes_and_cuts() -> None:
     assert safe_reason("bad\nline\x1b[0m") == "bad\\nline\\x1b[0m"
     assert safe_reason("é" * 600) == "é" * (MAX_REASON // 2)
     assert safe_reason("x" + "é" * 600) == "x" + "é" * ((MAX_REASON - 1) // 2)
+
+
+# -- topic maps ---------------------------------------------------------------------
+
+
+def test_a_topic_map_resolves_names_and_ids() -> None:
+    """TopicMap resolves names, ids and digit strings, names ids, and builds masks."""
+    topics = TopicMap({"ticks": 3, "frames": 1})
+    assert list(topics) == ["frames", "ticks"]  # id order
+    assert topics.resolve("ticks") == 3 and topics.resolve(5) == 5 and topics.resolve("7") == 7
+    assert topics.name(3) == "ticks" and topics.name(4) is None
+    assert topics.label(1) == "frames" and topics.label(9) == "9"
+    assert topics.mask(["ticks", 0]) == 0b1001
+    assert topics.names_in(0b1011) == ("frames", "ticks")
+    assert topics == {"ticks": 3, "frames": 1} and hash(topics) == hash(
+        TopicMap({"frames": 1, "ticks": 3})
+    )
+    assert NO_TOPICS == {} and not NO_TOPICS
+
+
+def test_an_unknown_topic_name_lists_the_known_ones() -> None:
+    """resolve() of a name the map lacks raises UnknownTopic naming the bus's names."""
+    with pytest.raises(
+        UnknownTopic, match=r"^unknown topic 'foo' \(this bus has: frames, ticks\)$"
+    ):
+        TopicMap({"ticks": 3, "frames": 1}).resolve("foo")
+    with pytest.raises(UnknownTopic, match=r"this bus names no topics"):
+        NO_TOPICS.resolve("foo")
+    with pytest.raises(TopicError, match=r"ids are 0\.\.63"):
+        NO_TOPICS.resolve(64)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        ({"Ticks": 1}, "does not match"),
+        ({"a": 64}, r"outside 0\.\.63"),
+        ([("a", 1), ("a", 2)], "'a' is given twice"),
+        ({"a": 1, "b": 1}, "both have id 1"),
+    ],
+)
+def test_an_impossible_topic_map_is_refused(pairs: object, message: str) -> None:
+    """TopicMap refuses bad names, ids out of range, and names or ids given twice."""
+    with pytest.raises(Invalid, match=message):
+        TopicMap(pairs)  # type: ignore[arg-type]
 
 
 # -- fuzzing ------------------------------------------------------------------------

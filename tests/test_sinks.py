@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 
 from shmd.bus.segment import Segment
 from shmd.config import JournalSinkConfig, SinkConfig
+from shmd.control.fields import TopicMap
 from shmd.daemons.sinks import SINKS, JournalSink
 
 PAYLOAD_MAX = 256 - 32
@@ -342,6 +343,17 @@ def test_journal_sink_summarises_the_first_batch_at_once_whatever_the_uptime() -
         sink.close()
     summaries = [e for e in logs if e["event"] == "records"]
     assert [(e["count"], e["first_seq"], e["seq"]) for e in summaries] == [(2, 0, 1), (1, 2, 2)]
+
+
+def test_journal_sink_names_the_topic_where_segment_topics_does() -> None:
+    """A records line carries topic_name beside topic when the topic map names it."""
+    sink = JournalSink(JournalSinkConfig(topic_names=TopicMap({"ticks": 2})))
+    with capture_logs() as logs:
+        sink.write([(0, 1, 2, b"named")])
+        sink.write([(1, 2, 7, b"unnamed")])
+        sink.close()
+    summaries = [e for e in logs if e["event"] == "records"]
+    assert [(e["topic"], e.get("topic_name")) for e in summaries] == [(2, "ticks"), (7, None)]
 
 
 def test_every_sink_type_has_a_runtime_class() -> None:

@@ -312,6 +312,19 @@ PY_SOURCE = textwrap.dedent("""
             i += 10
 
 
+    def named():
+        for i in range(_go()):
+            yield f"zero {i}".encode()
+            yield ("ticks", f"tick {i}".encode())
+
+
+    def named_context(ctx):
+        for i in range(_go()):
+            ctx.publish(f"tick {i}".encode(), "ticks")
+            ctx.publish_batch([b"zero"], 0)
+        ctx.publish(b"lost", "nope")
+
+
     def failing():
         n = _go()
         for i in range(n):
@@ -320,7 +333,9 @@ PY_SOURCE = textwrap.dedent("""
 """)
 
 
-def python_bus(bus: Bus, spec: str, **segment: object) -> tuple[Path, Daemon, Daemon]:
+def python_bus(
+    bus: Bus, spec: str, reader_topics: object = "all", **segment: object
+) -> tuple[Path, Daemon, Daemon]:
     """A writer with a python: source from a module in the bus's directory, and a file reader."""
     (bus.dir / "shmd_test_source.py").write_text(PY_SOURCE)
     bus.add_python_path(bus.dir)
@@ -332,7 +347,7 @@ def python_bus(bus: Bus, spec: str, **segment: object) -> tuple[Path, Daemon, Da
         writer={"source": {"type": "python", "callable": spec}},
     )
     w = bus.writer()
-    r = bus.file_reader("1")
+    r = bus.file_reader("1", topics=reader_topics)
     return go, w, r
 
 
@@ -389,6 +404,33 @@ def test_python_source_that_raises_is_logged_and_the_writer_exits_1(bus: Bus) ->
     assert "Traceback" not in w.stderr()
     assert read_lines(bus.out("1")) == [f"ok {i}" for i in range(50)]
     assert not bus.segment_exists()
+
+
+def test_python_source_publishes_by_topic_name(bus: Bus) -> None:
+    """A generator's (name, bytes) items go to the named topic; a reader of that name gets them."""
+    go, w, r = python_bus(
+        bus, "shmd_test_source:named", reader_topics=["ticks"], topics={"ticks": 4}
+    )
+    go.write_text("40\n")
+    assert w.wait_exit() == 0, w.stderr()
+    assert r.wait_exit() == 0, r.stderr()
+    assert read_lines(bus.out("1")) == [f"tick {i}" for i in range(40)]
+
+
+def test_python_source_publishing_to_an_unknown_name_fails_saying_so(bus: Bus) -> None:
+    """ctx.publish() by a name segment.topics lacks raises UnknownTopic: source_failed names it."""
+    go, w, r = python_bus(
+        bus, "shmd_test_source:named_context", reader_topics=["ticks"], topics={"ticks": 4}
+    )
+    go.write_text("30\n")
+    assert w.wait_exit() == 1, w.stderr()
+    assert r.wait_exit() == 0, r.stderr()
+    failed = w.wait_for("source_failed")
+    assert failed["error"] == (
+        "shmd_test_source:named_context raised UnknownTopic: "
+        "unknown topic 'nope' (this bus has: ticks)"
+    )
+    assert read_lines(bus.out("1")) == [f"tick {i}" for i in range(30)]
 
 
 def test_python_source_that_cannot_be_imported_stops_the_writer(bus: Bus) -> None:

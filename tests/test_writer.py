@@ -26,6 +26,7 @@ from daemon_bus import (
 
 from shmd.bus.layout import ReaderState
 from shmd.bus.segment import Segment
+from shmd.bus.subscriber import Subscriber
 from shmd.config import load_config
 from shmd.control import protocol
 from shmd.control.frames import (
@@ -489,14 +490,14 @@ BAD_MESSAGES: list[tuple[str, bytes, int, protocol.RefuseCode, str]] = [
     ),
     (
         "wrong version",
-        frame(hello_body("v3", version=3)),
+        frame(hello_body("v4", version=4)),
         0,
         protocol.RefuseCode.VERSION,
-        "protocol version 3 but this side speaks 2",
+        "protocol version 4 but this side speaks 3",
     ),
     (
         "unknown type",
-        frame(b"\x63\x00\x02\x00"),
+        frame(b"\x63\x00\x03\x00"),
         0,
         protocol.RefuseCode.BAD_MESSAGE,
         "its type 99 is unknown",
@@ -510,7 +511,7 @@ BAD_MESSAGES: list[tuple[str, bytes, int, protocol.RefuseCode, str]] = [
     ),
     (
         "bad instance name",
-        frame(hello_body("x")[:-1] + b"/"),
+        frame(hello_body("x")[:-2] + b"/\x00"),  # the instance's byte, then no topic names
         0,
         protocol.RefuseCode.BAD_MESSAGE,
         "instance name '/' does not match",
@@ -593,6 +594,111 @@ def test_duplicate_instance_name_is_refused(bus: Bus) -> None:
     assert refused["code"] == "duplicate_instance" and refused["pid"] == os.getpid()
     keeps_receiving(bus, "1")
     stop_and_check_all_ticks(bus, w, {"1": r})
+
+
+# -- topics by name ------------------------------------------------------------------------
+
+
+TOPICS = {"ticks": 1, "frames": 2, "fx.eur": 5}
+
+
+def test_a_hello_naming_an_unknown_topic_is_refused_and_logged(bus: Bus) -> None:
+    """A Hello naming a topic segment.topics lacks gets Refuse UNKNOWN_TOPIC listing the names."""
+    bus.configure(segment={"topics": TOPICS})
+    w = bus.writer()
+    client = connect(bus.socket, SEQPACKET, timeout=5)
+    try:
+        hello = protocol.Hello("named", pid=os.getpid(), topics=0, topic_names=("ticks", "foo"))
+        client.send(hello.encode(), timeout=5)
+        with client.recv(timeout=5) as answer:
+            refuse = protocol.decode(answer.body, len(answer.fds))
+    finally:
+        client.close()
+    assert isinstance(refuse, protocol.Refuse)
+    assert refuse.code == protocol.RefuseCode.UNKNOWN_TOPIC
+    assert refuse.reason == "unknown topic 'foo' (this bus has: frames, fx.eur, ticks)"
+    refused = w.wait_for("reader_refused", reader="named")
+    assert refused["code"] == "unknown_topic" and refused["reason"] == refuse.reason
+    assert refused["pid"] == os.getpid() and refused["uid"] == os.getuid()
+    assert w.find("reader_attached", reader="named") == []
+
+
+def publish_on(bus: Bus, records: list[tuple[int, bytes]]) -> None:
+    """Publish ``(topic, payload)`` records over the control socket, each acknowledged."""
+    with connect(bus.socket, SEQPACKET, timeout=5) as conn:
+        for topic, payload in records:
+            conn.send(protocol.Publish(topic, payload).encode(), timeout=5)
+            with conn.recv(timeout=5) as answer:
+                ack = protocol.decode(answer.body, len(answer.fds))
+            assert isinstance(ack, protocol.PublishAck), ack
+
+
+def test_sighup_refuses_a_topic_map_change_and_keeps_the_old_names(bus: Bus) -> None:
+    """A reload renaming a topic is refused (segment.topics); Hellos still resolve the old names."""
+    bus.configure(segment={"topics": {"ticks": 1}})
+    w = bus.writer()
+    mark = w.mark()
+    bus.settings["segment"]["topics"] = {"tocks": 1}  # replaced, not merged
+    bus.configure()
+    w.send(signal.SIGHUP)
+    assert w.wait_for("reload", since=mark)["refused"] == "segment.topics"
+    assert w.wait_for("reload_refused", since=mark)["keys"] == "segment.topics"
+    with connect(bus.socket, SEQPACKET, timeout=5) as conn:
+        hello = protocol.Hello("old", pid=os.getpid(), topics=0, topic_names=("tocks",))
+        conn.send(hello.encode(), timeout=5)
+        with conn.recv(timeout=5) as answer:
+            refuse = protocol.decode(answer.body, len(answer.fds))
+    assert isinstance(refuse, protocol.Refuse)
+    assert refuse.reason == "unknown topic 'tocks' (this bus has: ticks)"
+
+
+@pytest.mark.parametrize("mask", [0, 1 << 7], ids=["names only", "names and an id"])
+def test_a_hello_naming_topics_receives_only_theirs(bus: Bus, mask: int) -> None:
+    """A reader saying Hello with topic names gets the map in its Welcome and only those records."""
+    bus.configure(segment={"topics": TOPICS}, writer={"source": {"rate": 0.0}})
+    w = bus.writer()
+    conn = connect(bus.socket, SEQPACKET, timeout=5)
+    sub: Subscriber | None = None
+    try:
+        hello = protocol.Hello(
+            "named",
+            pid=os.getpid(),
+            topics=mask,
+            start=protocol.StartCode.OLDEST,
+            topic_names=("frames", "fx.eur"),
+        )
+        conn.send(hello.encode(), timeout=5)
+        answer = conn.recv(timeout=5)
+        welcome = protocol.decode(answer.body, len(answer.fds))
+        if not isinstance(welcome, protocol.Welcome):
+            answer.close()
+            raise AssertionError(f"the writer answered {welcome}")
+        eventfd, segfd, lifeline = answer.fds  # ours now: the subscriber takes two
+        lifeline.close()
+        sub = Subscriber.attach(index=welcome.reader_index, fd=segfd, eventfd=eventfd)
+        assert welcome.topics == TOPICS
+        assert list(welcome.topics) == ["ticks", "frames", "fx.eur"]
+        attached = w.wait_for("reader_attached", reader="named")
+        want = (1 << 2) | (1 << 5) | mask
+        assert attached["topics"] == f"{want:#x}" and attached["topic_names"] == "frames,fx.eur"
+        sent = [(t, f"{t}:{i}".encode()) for i in range(10) for t in (0, 1, 2, 5, 7)]
+        publish_on(bus, sent)
+        expected = [(t, p) for t, p in sent if want >> t & 1]
+        got: list[tuple[int, bytes]] = []
+
+        def caught_up() -> bool:
+            assert sub is not None
+            got.extend((r.topic, bytes(r.payload)) for r in sub.read())
+            return len(got) >= len(expected)
+
+        wait_until(caught_up, 10.0, what="the named topics' records")
+        assert got == expected
+        assert sub.lost == 0
+    finally:
+        if sub is not None:
+            sub.close()
+        conn.close()
+    w.wait_for("reader_lost", reader="named")
 
 
 def test_silent_peer_is_refused_after_the_handshake_timeout(bus: Bus) -> None:

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from typing import Any, Literal, TypeAlias
 
 from shmd.bus.layout import MAX_SEGMENT, TOPIC_MAX
-from shmd.config.nodes import describe
+from shmd.config.nodes import Node, describe
 from shmd.config.schema import BadValue, Map
+from shmd.control.fields import TOPIC_NAME_PATTERN, TopicMap
 
 IdEntry: TypeAlias = str | int
 
@@ -35,6 +36,7 @@ CALLABLE_RE = re.compile(
     r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 )
 _OCTAL_RE = re.compile(r"0o?([0-7]{1,4})")
+_TOPIC_NAME_RE = re.compile(TOPIC_NAME_PATTERN)
 
 
 def segment_name(name: str, done: Mapping[str, Any]) -> None:
@@ -133,22 +135,81 @@ def read_ids(m: Map, name: str, default: tuple[IdEntry, ...]) -> tuple[IdEntry, 
     return tuple(out)
 
 
+def read_topic_map(m: Map, name: str, default: TopicMap) -> TopicMap:
+    """``segment.topics``: a mapping of topic names to distinct ids 0..63; null means none."""
+    n = m.node(name)
+    if n is None or n.value is None:
+        m.b.topics = default
+        return default
+    if not isinstance(n.value, dict):
+        m.bad(n, f"must be a mapping of topic names to ids 0..{TOPIC_MAX} (got {describe(n)})")
+    owner: dict[int, str] = {}
+    for topic, item in n.value.items():
+        if not _TOPIC_NAME_RE.fullmatch(topic):
+            m.bad(
+                item,
+                f"topic name {topic!r} must be a lower-case letter, then up to 31 "
+                "lower-case letters, digits, '_', '.' or '-'",
+            )
+        v = item.value
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= TOPIC_MAX:
+            m.bad(item, f"must be a topic id 0..{TOPIC_MAX} (got {describe(v)})")
+        if v in owner:
+            m.bad(item, f"topic id {v} is given to {owner[v]!r} already")
+        owner[v] = topic
+    found = TopicMap((t, i) for i, t in owner.items())
+    m.b.topics = found
+    return found
+
+
+def dump_topic_map(topics: TopicMap) -> dict[str, int]:
+    return dict(topics)
+
+
+def _topic_of(m: Map, item: Node, out_of_range: str) -> int:
+    """A topic given by id or by a name of segment.topics."""
+    v = item.value
+    if isinstance(v, str) and not v.isdigit():
+        known = m.b.topics
+        if v not in known:
+            has = ", ".join(sorted(known)) if known else "none (segment.topics is empty)"
+            m.bad(item, f"unknown topic {v!r} (segment.topics names: {has})")
+        return known[v]
+    if isinstance(v, bool) or not isinstance(v, int):
+        m.bad(
+            item,
+            f"must be a topic id 0..{TOPIC_MAX} or a name of segment.topics (got {describe(v)})",
+        )
+    if not 0 <= v <= TOPIC_MAX:
+        m.bad(item, out_of_range.format(v))
+    return v
+
+
+def read_topic(m: Map, name: str, default: int) -> int:
+    """One topic: an id 0..63 or a name of segment.topics, read as its id."""
+    n = m.node(name)
+    if n is None:
+        return default
+    return _topic_of(m, n, f"must be between 0 and {TOPIC_MAX} (got {{}})")
+
+
 def read_topics(m: Map, name: str, default: object) -> Literal["all"] | tuple[int, ...]:
-    """``all`` or a non-empty list of distinct topic ids, sorted."""
+    """``all`` or a non-empty list of distinct topics (ids or names), as sorted ids."""
     n = m.node(name)
     if n is None or n.value == "all":
         return "all"
     if not isinstance(n.value, list) or not n.value:
         m.bad(
-            n, f'must be "all" or a non-empty list of topic ids 0..{TOPIC_MAX} (got {describe(n)})'
+            n,
+            f'must be "all" or a non-empty list of topic ids 0..{TOPIC_MAX} or names '
+            f"of segment.topics (got {describe(n)})",
         )
     seen: set[int] = set()
     for item in n.value:
-        v = item.value
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= TOPIC_MAX:
-            m.bad(item, f"must be a topic id 0..{TOPIC_MAX} (got {describe(v)})")
+        v = _topic_of(m, item, f"must be a topic id 0..{TOPIC_MAX} (got integer {{}})")
         if v in seen:
-            m.bad(item, f"topic {v} is listed twice")
+            also = f" ({item.value!r} is topic {v})" if isinstance(item.value, str) else ""
+            m.bad(item, f"topic {v} is listed twice{also}")
         seen.add(v)
     return tuple(sorted(seen))
 

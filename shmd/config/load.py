@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 
 from shmd.config.errors import ConfigError
 from shmd.config.model import (
     Config,
     ControlConfig,
+    JournalSinkConfig,
     LoggingConfig,
+    PythonSourceConfig,
     ReaderConfig,
     ReaderSettings,
     SegmentConfig,
@@ -24,7 +27,9 @@ from shmd.config.model import (
 )
 from shmd.config.nodes import Builder, Node, describe, parse_yaml
 from shmd.config.schema import Map, field_of, file_fields, parse, union_tag
-from shmd.control.fields import INSTANCE_PATTERN
+from shmd.control.fields import INSTANCE_PATTERN, TopicMap
+from shmd.control.frames import FRAME_HEADER_SIZE
+from shmd.control.protocol import WELCOME_FIXED_SIZE
 
 DEFAULT_PATH = "/etc/shmd/shmd.yaml"
 ENV_VAR = "SHMD_CONFIG"
@@ -94,19 +99,61 @@ def _reader(b: Builder, node: Node | None) -> ReaderConfig:
     return ReaderConfig(defaults=defaults, instances=tuple(sorted(pairs)))
 
 
+def _named(settings: ReaderSettings, topics: TopicMap) -> ReaderSettings:
+    """The settings with a journal sink given the topic names its summaries show."""
+    if not isinstance(settings.sink, JournalSinkConfig) or not topics:
+        return settings
+    return replace(settings, sink=replace(settings.sink, topic_names=topics))
+
+
+def _with_names(readers: ReaderConfig, topics: TopicMap) -> ReaderConfig:
+    return ReaderConfig(
+        defaults=_named(readers.defaults, topics),
+        instances=tuple((name, _named(s, topics)) for name, s in readers.instances),
+    )
+
+
+def _writer_named(writer: WriterConfig, topics: TopicMap) -> WriterConfig:
+    """The settings with a python source given the topic names it may publish by."""
+    if not isinstance(writer.source, PythonSourceConfig) or not topics:
+        return writer
+    return replace(writer, source=replace(writer.source, topic_names=topics))
+
+
+def _check_welcome_fits(b: Builder, segment_node: Node | None, cfg: Config) -> None:
+    """The Welcome carries segment.topics: it must fit in one control.max_message frame."""
+    topics = cfg.segment.topics
+    size = FRAME_HEADER_SIZE + WELCOME_FIXED_SIZE + sum(3 + len(n) for n in topics)
+    if size <= cfg.control.max_message:
+        return
+    assert segment_node is not None and isinstance(segment_node.value, dict)
+    at = segment_node.value["topics"]
+    b.fail(
+        f"the Welcome carrying these {len(topics)} names is {size} bytes, more than "
+        f"control.max_message {cfg.control.max_message}; raise control.max_message "
+        "or use shorter names",
+        at.line,
+        at.key,
+    )
+
+
 def _build(tree: Node, path: str) -> Config:
     b = Builder(None, path)
     m = Map(b, tree, "", _keys(Config))
     warnings: list[str] = []
-    return Config(
-        segment=parse(b, SegmentConfig, m.node("segment"), "segment"),
+    # The segment first: its topic names are what the later sections' topics may use.
+    segment = parse(b, SegmentConfig, m.node("segment"), "segment")
+    cfg = Config(
+        segment=segment,
         control=parse(b, ControlConfig, m.node("control"), "control").resolved(warnings),
-        writer=parse(b, WriterConfig, m.node("writer"), "writer"),
-        reader=_reader(b, m.node("reader")),
+        writer=_writer_named(parse(b, WriterConfig, m.node("writer"), "writer"), segment.topics),
+        reader=_with_names(_reader(b, m.node("reader")), segment.topics),
         logging=parse(b, LoggingConfig, m.node("logging"), "logging"),
         source_path=path,
         warnings=tuple(warnings),
     )
+    _check_welcome_fits(b, m.node("segment"), cfg)
+    return cfg
 
 
 def _read(path: str) -> str:

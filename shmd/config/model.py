@@ -22,13 +22,13 @@ from shmd.bus.layout import (
     MAX_READERS,
     MAX_SLOT_SIZE,
     RECORD_HEADER_SIZE,
-    TOPIC_MAX,
     topic_mask,
 )
 from shmd.bus.wait import WaitName, WaitStrategy
 from shmd.config import checks
 from shmd.config.checks import IdEntry
 from shmd.config.schema import setting, spec, to_dict
+from shmd.control.fields import NO_TOPICS, TopicMap
 from shmd.control.frames import DEFAULT_MAX_MESSAGE
 
 # A record header and at least one 8-byte word of payload.
@@ -52,7 +52,8 @@ def _rate(default: float) -> Any:
 
 
 def _topic() -> Any:
-    return setting(0, lo=0, hi=TOPIC_MAX)
+    # An id 0..TOPIC_MAX or a name of segment.topics; read as the id.
+    return setting(0, read=checks.read_topic)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class SegmentConfig:
     block_timeout: float = _seconds(1.0, positive=True)
     unlink_on_exit: bool = True
     mutex_timeout: float = _seconds(0.5, positive=True)
+    # Topic names to ids; fixed for the writer's lifetime (a reload refuses a change).
+    topics: TopicMap = field(
+        default=NO_TOPICS, metadata=spec(read=checks.read_topic_map, dump=checks.dump_topic_map)
+    )
 
     @property
     def payload_max(self) -> int:
@@ -156,6 +161,8 @@ class StdinSourceConfig:
 class PythonSourceConfig:
     callable: str = field(metadata=spec(checks=(checks.callable_spec,)))
     type: Literal["python"] = "python"
+    # segment.topics, copied in at load time: the callable may publish by name.
+    topic_names: TopicMap = field(default=NO_TOPICS, metadata=spec(in_file=False))
 
 
 SourceConfig: TypeAlias = (
@@ -175,6 +182,8 @@ class WriterConfig:
 class JournalSinkConfig:
     summary_rate: float = _rate(1.0)
     type: Literal["journal"] = "journal"
+    # segment.topics, copied in at load time: the summaries name their topic.
+    topic_names: TopicMap = field(default=NO_TOPICS, metadata=spec(in_file=False))
 
 
 @dataclass(frozen=True)
@@ -259,6 +268,10 @@ class Config:
     # Non-fatal findings (e.g. a group name that does not exist yet), one
     # sentence each; the daemons log each as a config_warning event.
     warnings: tuple[str, ...] = field(default=(), compare=False, metadata=spec(in_file=False))
+
+    def topic_name(self, topic: int) -> str | None:
+        """The name ``segment.topics`` gives topic id ``topic``, or None."""
+        return self.segment.topics.name(topic)
 
     def reader_settings(self, instance: str) -> ReaderSettings:
         """The effective settings of reader ``instance`` (defaults if not listed)."""

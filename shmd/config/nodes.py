@@ -8,6 +8,7 @@ keys, duplicate keys) with a located :class:`~shmd.config.errors.ConfigError`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -58,6 +59,9 @@ class Builder:
         # ids of the YAML nodes already turned into Nodes: an alias hands
         # the composer's node for its anchor out again (see tree()).
         self._seen: set[int] = set()
+        # segment.topics once read: the topic keys of the later sections
+        # (reader topics, sources' topic) may name them.
+        self.topics: Mapping[str, int] = {}
 
     def construct(self, node: yaml.Node) -> Any:
         assert self.loader is not None  # only tree() calls this, with a loader

@@ -31,11 +31,15 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return to_dict(cfg)
 
 
+#: Mappings compared whole: a change anywhere in them is one change of this key.
+_WHOLE = frozenset({"segment.topics"})
+
+
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
+        if isinstance(v, Mapping) and key not in _WHOLE:
             # An empty mapping (no reader instances) contributes no key.
             out.update(_flatten(v, key + "."))
         else:

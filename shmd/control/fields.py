@@ -13,7 +13,10 @@ from __future__ import annotations
 import enum
 import re
 import struct
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Final, TypeVar
+
+from shmd.errors import TopicError, UnknownTopic
 
 U16_MAX: Final = 0xFFFF
 U32_MAX: Final = 0xFFFF_FFFF
@@ -26,9 +29,14 @@ ALL_TOPICS: Final = U64_MAX
 MAX_REASON: Final = 1024
 INSTANCE_PATTERN: Final = "[A-Za-z0-9_.:@-]{1,31}"
 _INSTANCE_RE: Final = re.compile(INSTANCE_PATTERN)
+# A topic's name (segment.topics): 1 to 32 bytes, never all digits (a digit
+# string is an id wherever a topic is asked for).
+TOPIC_NAME_PATTERN: Final = "[a-z][a-z0-9_.-]{0,31}"
+_TOPIC_NAME_RE: Final = re.compile(TOPIC_NAME_PATTERN)
 
 PREFIX: Final = struct.Struct("<HH")
 PREFIX_SIZE: Final = PREFIX.size
+LE_U8: Final = struct.Struct("<B")
 LE_U16: Final = struct.Struct("<H")
 LE_U32: Final = struct.Struct("<I")
 
@@ -80,6 +88,17 @@ def check_instance(value: object) -> str:
     return value
 
 
+def check_topic_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"a topic name must be a str, not {type(value).__name__}")
+    if not _TOPIC_NAME_RE.fullmatch(value):
+        raise Invalid(
+            f"the topic name {_show(value)} does not match {TOPIC_NAME_PATTERN} "
+            "(a lower-case letter, then up to 31 lower-case letters, digits, '_', '.' or '-')"
+        )
+    return value
+
+
 def check_reason(value: object) -> str:
     if not isinstance(value, str):
         raise Invalid(f"the reason must be a str, not {type(value).__name__}")
@@ -105,6 +124,93 @@ def safe_reason(text: str) -> str:
         ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
     )
     return escaped.encode("utf-8")[:MAX_REASON].decode("utf-8", errors="ignore")
+
+
+# -- topic names ---------------------------------------------------------------
+
+
+class TopicMap(Mapping[str, int]):
+    """Topic names to ids 0..63 (``segment.topics``; the Welcome's ``topics``).
+
+    Names match :data:`TOPIC_NAME_PATTERN`; names and ids are each unique.
+    It iterates in id order, is immutable and hashable, and equals any
+    mapping of the same pairs.  Building one from impossible pairs raises
+    :class:`Invalid`.
+    """
+
+    __slots__ = ("_ids", "_names")
+
+    def __init__(self, pairs: Mapping[str, int] | Iterable[tuple[str, int]] = ()) -> None:
+        items = pairs.items() if isinstance(pairs, Mapping) else pairs
+        ids: dict[str, int] = {}
+        names: dict[int, str] = {}
+        for name, topic in items:
+            check_topic_name(name)
+            check_uint(f"the id of topic {name!r}", topic, TOPIC_COUNT - 1)
+            if name in ids:
+                raise Invalid(f"the topic name {name!r} is given twice")
+            if topic in names:
+                raise Invalid(f"topics {names[topic]!r} and {name!r} both have id {topic}")
+            ids[name], names[topic] = topic, name
+        self._names: dict[int, str] = dict(sorted(names.items()))
+        self._ids: dict[str, int] = {n: t for t, n in self._names.items()}
+
+    def __getitem__(self, name: str) -> int:
+        return self._ids[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._ids.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._ids) == dict(other.items())
+
+    def __repr__(self) -> str:
+        return f"TopicMap({self._ids!r})"
+
+    def name(self, topic: int) -> str | None:
+        """The name of topic id ``topic``, or None if the map does not name it."""
+        return self._names.get(topic)
+
+    def label(self, topic: int) -> str:
+        """The name of topic id ``topic`` if it has one, else the id as text."""
+        return self._names.get(topic, str(topic))
+
+    def resolve(self, topic: str | int) -> int:
+        """The id of a topic given by name, by id, or by id as a digit string.
+
+        Raises :class:`~shmd.errors.UnknownTopic` for a name the map does not
+        hold and :class:`~shmd.errors.TopicError` for an id outside 0..63.
+        """
+        if isinstance(topic, str) and topic.isdigit() and topic.isascii():
+            topic = int(topic)
+        if isinstance(topic, str):
+            if topic not in self._ids:
+                raise UnknownTopic(topic, tuple(sorted(self._ids)))
+            return self._ids[topic]
+        if isinstance(topic, bool) or not isinstance(topic, int) or not 0 <= topic < TOPIC_COUNT:
+            raise TopicError(f"Failed to find topic {topic!r} since ids are 0..{TOPIC_COUNT - 1}")
+        return topic
+
+    def mask(self, topics: Iterable[str | int]) -> int:
+        """The u64 topic mask of these topics (names or ids)."""
+        mask = 0
+        for t in topics:
+            mask |= 1 << self.resolve(t)
+        return mask
+
+    def names_in(self, mask: int) -> tuple[str, ...]:
+        """The names of the topics of ``mask`` that the map names, in id order."""
+        return tuple(n for t, n in self._names.items() if mask >> t & 1)
+
+
+#: The empty map (a bus that names no topics).
+NO_TOPICS: Final = TopicMap()
 
 
 # -- bytes --------------------------------------------------------------------

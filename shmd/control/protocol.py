@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Final, Self, TypeAlias, TypeVar
 
 from shmd.control.fields import (
     ALL_TOPICS,
+    LE_U8,
     LE_U16,
     LE_U32,
+    NO_TOPICS,
     PREFIX,
     PREFIX_SIZE,
     TOPIC_COUNT,
@@ -37,17 +39,20 @@ from shmd.control.fields import (
     U64_MAX,
     BodyReader,
     Invalid,
+    TopicMap,
     check_instance,
     check_member,
     check_reason,
+    check_topic_name,
     check_uint,
     decode_bool,
     encode_string,
 )
 from shmd.errors import ShmdError
 
-#: 2: the Hello carries the reader's wait strategy.
-PROTOCOL_VERSION: Final = 2
+#: 2: the Hello carries the reader's wait strategy.  3: the Hello may name
+#: topics, the Welcome carries the writer's topic map.
+PROTOCOL_VERSION: Final = 3
 
 
 class ProtocolError(ShmdError):
@@ -104,6 +109,7 @@ class RefuseCode(enum.IntEnum):
     BAD_MESSAGE = 5  # the first message was not a valid Hello or Publish
     SHUTTING_DOWN = 6  # the writer is stopping
     BUSY = 7  # temporarily unable (e.g. still recovering after a restart): retry later
+    UNKNOWN_TOPIC = 8  # the Hello names a topic the writer's topic map does not hold
 
 
 class WaitCode(enum.IntEnum):
@@ -168,6 +174,9 @@ class Hello:
     last_generation: int = 0
     #: How the reader waits (shmd.bus.wait): informational, for logs and status.
     wait: WaitCode = WaitCode.SLEEP
+    #: Topics by name (the writer's ``segment.topics``), added to ``topics``;
+    #: with names, ``topics`` may be 0 ("only the named ones").
+    topic_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _validate(self, self._check)
@@ -176,7 +185,18 @@ class Hello:
         check_instance(self.instance)
         _set(self, "wait", check_member("wait", WaitCode, self.wait))
         check_uint("the pid", self.pid, U32_MAX, minimum=1)
-        check_uint("the topic mask", self.topics, U64_MAX, minimum=1)
+        if isinstance(self.topic_names, str) or not isinstance(self.topic_names, tuple | list):
+            raise Invalid(
+                f"topic_names must be a tuple of names, not {type(self.topic_names).__name__}"
+            )
+        names = tuple(check_topic_name(n) for n in self.topic_names)
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise Invalid(f"the topic name {twice!r} is given twice")
+        if len(names) > TOPIC_COUNT:
+            raise Invalid(f"{len(names)} topic names are more than the {TOPIC_COUNT} topics")
+        _set(self, "topic_names", names)
+        check_uint("the topic mask", self.topics, U64_MAX, minimum=0 if names else 1)
         start = check_member("start", StartCode, self.start)
         _set(self, "start", start)
         check_uint("the resume cursor", self.resume_cursor, U64_MAX)
@@ -197,14 +217,25 @@ class Hello:
         fixed = self._FIELDS.pack(
             self.topics, self.resume_cursor, self.last_generation, self.pid, self.start, self.wait
         )
-        return PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + fixed + encode_string(self.instance)
+        names = b"".join(encode_string(n) for n in self.topic_names)
+        return (
+            PREFIX.pack(self.TYPE, PROTOCOL_VERSION)
+            + fixed
+            + encode_string(self.instance)
+            + LE_U8.pack(len(self.topic_names))
+            + names
+        )
 
     @classmethod
     def _decode(cls, r: BodyReader, version: int) -> Self:
         topics, cursor, generation, pid, start, wait = r.fixed(cls._FIELDS, "the fixed fields")
         instance = r.string("the instance name")
+        (count,) = r.fixed(LE_U8, "the topic name count")
+        if count > TOPIC_COUNT:
+            raise Invalid(f"{count} topic names are more than the {TOPIC_COUNT} topics")
+        names = tuple(r.string(f"topic name {i}") for i in range(count))
         r.end()
-        return _construct(cls, instance, pid, topics, start, cursor, generation, wait)
+        return _construct(cls, instance, pid, topics, start, cursor, generation, wait, names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +263,8 @@ class Welcome:
     policy: PolicyCode
     start_cursor: int
     resumed: bool = False
+    #: The writer's topic map (``segment.topics``): names to ids.
+    topics: TopicMap = NO_TOPICS
 
     def __post_init__(self) -> None:
         _validate(self, self._check)
@@ -259,6 +292,10 @@ class Welcome:
         check_uint("the start cursor", self.start_cursor, U64_MAX)
         if not isinstance(self.resumed, bool):
             raise Invalid(f"resumed must be a bool, not {type(self.resumed).__name__}")
+        if not isinstance(self.topics, TopicMap):
+            if not isinstance(self.topics, Mapping):
+                raise Invalid(f"topics must be a TopicMap, not {type(self.topics).__name__}")
+            _set(self, "topics", TopicMap(self.topics))
 
     def encode(self) -> bytes:
         fixed = self._FIELDS.pack(
@@ -273,13 +310,27 @@ class Welcome:
             self.policy,
             self.resumed,
         )
-        return PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + fixed
+        pairs = b"".join(LE_U8.pack(t) + encode_string(n) for n, t in self.topics.items())
+        head = PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + fixed
+        return head + LE_U8.pack(len(self.topics)) + pairs
 
     @classmethod
     def _decode(cls, r: BodyReader, version: int) -> Self:
         (generation, offset, size, cursor, capacity, slot, readers, index, policy, resumed) = (
             r.fixed(cls._FIELDS, "the fields")
         )
+        (count,) = r.fixed(LE_U8, "the topic count")
+        if count > TOPIC_COUNT:
+            raise Invalid(f"{count} named topics are more than the {TOPIC_COUNT} topics")
+        pairs: list[tuple[str, int]] = []
+        for i in range(count):
+            (topic,) = r.fixed(LE_U8, f"the id of named topic {i}")
+            if pairs and topic <= pairs[-1][1]:
+                raise Invalid(
+                    f"named topic {i} has id {topic}, not above the previous one's "
+                    f"{pairs[-1][1]} (the map is sent in ascending id order)"
+                )
+            pairs.append((r.string(f"the name of topic {topic}"), topic))
         r.end()
         return _construct(
             cls,
@@ -293,6 +344,7 @@ class Welcome:
             policy,
             cursor,
             decode_bool("resumed", resumed),
+            TopicMap(pairs),
         )
 
 
@@ -435,6 +487,10 @@ class PublishAck:
 
 
 Message: TypeAlias = Hello | Welcome | Refuse | Detach | Publish | PublishAck
+
+#: A Welcome's size without its topic map (prefix, fixed fields, the map's count);
+#: each named topic adds 3 bytes and its name.
+WELCOME_FIXED_SIZE: Final = PREFIX_SIZE + Welcome._FIELDS.size + 1
 
 MESSAGE_CLASSES: Final[dict[int, type[Message]]] = {
     cls.TYPE: cls for cls in (Hello, Welcome, Refuse, Detach, Publish, PublishAck)

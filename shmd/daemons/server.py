@@ -25,7 +25,7 @@ from structlog.typing import FilteringBoundLogger
 
 from shmd._sys.fd import OwnedFd
 from shmd._sys.reactor import Reactor, Timer
-from shmd.bus.layout import ReaderEntry
+from shmd.bus.layout import ALL_TOPICS, ReaderEntry
 from shmd.bus.publisher import Publisher, ReaderHandle
 from shmd.config import Config
 from shmd.control import protocol
@@ -33,7 +33,7 @@ from shmd.control.connection import Connection
 from shmd.control.frames import SOCKET_TYPES, ChannelError, PeerClosed, WireError
 from shmd.control.listener import accept, bind_listener, check_inherited_listener
 from shmd.daemons import fdstore, logs
-from shmd.errors import ReaderTableFull, ShmdError
+from shmd.errors import ReaderTableFull, ShmdError, UnknownTopic
 
 Refusal = tuple[protocol.RefuseCode, str]
 
@@ -274,7 +274,16 @@ class ControlServer:
             return "oldest"
         return "latest"
 
-    def _admit(self, peer: Peer, hello: protocol.Hello, resume: bool) -> ReaderHandle | Refusal:
+    def _topics(self, hello: protocol.Hello) -> int | Refusal:
+        """The Hello's topic mask with its named topics added, or why it is refused."""
+        try:
+            return hello.topics | self.host.cfg.segment.topics.mask(hello.topic_names)
+        except UnknownTopic as exc:
+            return (protocol.RefuseCode.UNKNOWN_TOPIC, str(exc))
+
+    def _admit(
+        self, peer: Peer, hello: protocol.Hello, resume: bool, topics: int
+    ) -> ReaderHandle | Refusal:
         """The reader's entry (restored, or new), or why it is refused."""
         if self.host.shutting_down:
             return (protocol.RefuseCode.SHUTTING_DOWN, "the writer is shutting down")
@@ -292,7 +301,7 @@ class ControlServer:
                 handle = self.pub.add_reader(
                     hello.instance,
                     peer.pid,
-                    topics=hello.topics,
+                    topics=topics,
                     start=self._start(hello, resume),
                     wait=int(hello.wait),
                 )
@@ -309,7 +318,8 @@ class ControlServer:
             hello.start == protocol.StartCode.RESUME
             and hello.last_generation == self.pub.generation
         )
-        handle = self._admit(peer, hello, resume)
+        topics = self._topics(hello)
+        handle = topics if isinstance(topics, tuple) else self._admit(peer, hello, resume, topics)
         if isinstance(handle, tuple):
             self.log.warning(
                 logs.READER_REFUSED,
@@ -323,6 +333,7 @@ class ControlServer:
             return False
         self._handshake_done(peer)
         peer.handle, peer.instance = handle, hello.instance
+        mask = self.pub.segment.entry(handle.index).topics
         g = self.pub.geometry
         cursor = self.pub.segment.entry(handle.index).cursor
         welcome = protocol.Welcome(
@@ -336,6 +347,7 @@ class ControlServer:
             policy=protocol.PolicyCode(int(self.pub.policy)),
             start_cursor=cursor,
             resumed=resume,
+            topics=self.host.cfg.segment.topics,
         )
         try:
             peer.conn.queue(
@@ -346,6 +358,10 @@ class ControlServer:
             self.log.warning(logs.READER_ERROR, pid=peer.pid, reader=peer.instance, error=str(exc))
             self.drop(peer)
             return False
+        named: dict[str, str] = {}
+        names = () if mask == ALL_TOPICS else self.host.cfg.segment.topics.names_in(mask)
+        if names:
+            named["topic_names"] = ",".join(names)
         self.log.info(
             logs.READER_ATTACHED,
             reader=hello.instance,
@@ -354,9 +370,10 @@ class ControlServer:
             index=handle.index,
             seq=cursor,
             generation=self.pub.generation,
-            topics=f"{hello.topics:#x}",
+            topics=f"{mask:#x}",
             start=protocol.StartCode(hello.start).name.lower(),
             wait=hello.wait.name.lower(),
+            **named,
         )
         return True
 
@@ -371,7 +388,12 @@ class ControlServer:
             with self.host.lock:
                 seq = self.pub.publish(msg.payload, msg.topic)
         except ShmdError as exc:
-            self.log.warning(logs.RECORD_REFUSED, pid=peer.pid, error=str(exc), topic=msg.topic)
+            named: dict[str, str] = {}
+            if self.host.cfg.topic_name(msg.topic) is not None:
+                named["topic_name"] = self.host.cfg.segment.topics.label(msg.topic)
+            self.log.warning(
+                logs.RECORD_REFUSED, pid=peer.pid, error=str(exc), topic=msg.topic, **named
+            )
             self.drop(peer, refuse=(protocol.RefuseCode.BAD_MESSAGE, str(exc)[:512]))
             return False
         peer.published += 1

@@ -68,6 +68,7 @@ class JournalSink:
         # period, i.e. on a machine up for less than 1/summary_rate seconds),
         # never with summary_rate 0.
         self._next = float("-inf") if cfg.summary_rate > 0 else float("inf")
+        self._names = cfg.topic_names
         self._count = 0
         self._first_seq: int | None = None
         # (seq, topic, first 65 payload bytes) of the last record not yet summarised.
@@ -87,6 +88,9 @@ class JournalSink:
     def _summarise(self) -> None:
         assert self._tail is not None
         seq, topic, head = self._tail
+        named: dict[str, str] = {}
+        if self._names.name(topic) is not None:
+            named["topic_name"] = self._names.label(topic)
         log.info(
             "records",
             count=self._count,
@@ -94,6 +98,7 @@ class JournalSink:
             seq=seq,
             topic=topic,
             payload=_preview(head),
+            **named,
         )
         self._count, self._first_seq, self._tail = 0, None, None
 

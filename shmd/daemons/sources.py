@@ -29,6 +29,7 @@ from shmd.config import (
     StdinSourceConfig,
     TickerSourceConfig,
 )
+from shmd.control.fields import TopicMap
 from shmd.daemons.plugin import load_callable
 from shmd.errors import ShmdError
 
@@ -331,25 +332,30 @@ class StreamSource:
 class SourceContext:
     """What a ``python:`` source's callable is handed: publish, and when to stop."""
 
-    def __init__(self, host: SourceHost, stop: threading.Event) -> None:
+    def __init__(
+        self, host: SourceHost, stop: threading.Event, topics: TopicMap | None = None
+    ) -> None:
         self._host = host
         self.stopping = stop
         self.max_payload = host.max_payload
+        #: The bus's topic names (segment.topics).
+        self.topics = TopicMap() if topics is None else topics
 
-    def publish(self, payload: bytes, topic: int = 0) -> None:
-        """Publish one record."""
-        self._host.publish_batch((payload,), topic)
+    def publish(self, payload: bytes, topic: int | str = 0) -> None:
+        """Publish one record on a topic given by id or by name (UnknownTopic if not named)."""
+        self._host.publish_batch((payload,), self.topics.resolve(topic))
 
-    def publish_batch(self, payloads: Sequence[bytes], topic: int = 0) -> None:
+    def publish_batch(self, payloads: Sequence[bytes], topic: int | str = 0) -> None:
         """Publish records with one commit."""
-        self._host.publish_batch(payloads, topic)
+        self._host.publish_batch(payloads, self.topics.resolve(topic))
 
 
 class PythonSource:
     """``python: "package.module:callable"`` in a thread of its own.
 
     The callable is either a generator function (or returns an iterable):
-    each item is ``bytes`` (topic 0) or ``(topic, bytes)``; or a function
+    each item is ``bytes`` (topic 0) or ``(topic, bytes)``, the topic an id
+    or a name of ``segment.topics``; or a function
     taking one argument, a :class:`SourceContext`, that publishes itself and
     returns when ``ctx.stopping`` is set.  Either way, when it returns the
     source is finished and the writer shuts down cleanly.
@@ -357,13 +363,14 @@ class PythonSource:
 
     def __init__(self, cfg: PythonSourceConfig) -> None:
         self.spec = cfg.callable
+        self.topics = cfg.topic_names
         self.fn = load_callable(cfg.callable, SourceError)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
     def start(self, host: SourceHost) -> None:
-        ctx = SourceContext(host, self._stop)
+        ctx = SourceContext(host, self._stop, self.topics)
 
         def run() -> None:
             try:
@@ -388,7 +395,8 @@ class PythonSource:
                 return
             if isinstance(item, tuple):
                 topic, payload = item
-                host.publish_batch((bytes(payload),), int(topic))
+                name_or_id = topic if isinstance(topic, str) else int(topic)
+                host.publish_batch((bytes(payload),), self.topics.resolve(name_or_id))
             else:
                 host.publish_batch((bytes(item),), 0)  # type: ignore[call-overload]
 

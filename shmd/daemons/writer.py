@@ -136,7 +136,10 @@ class Writer:
                     return
                 self.pub.publish_batch(payloads, topic)
         except (PayloadTooLarge, ShmdError) as exc:
-            self.log.warning("record_refused", error=str(exc), topic=topic)
+            named: dict[str, str] = {}
+            if self.cfg.topic_name(topic) is not None:
+                named["topic_name"] = self.cfg.segment.topics.label(topic)
+            self.log.warning("record_refused", error=str(exc), topic=topic, **named)
         if self.pub.evictions and threading.current_thread() is threading.main_thread():
             self._handle_evictions()
 
