@@ -104,6 +104,33 @@ def test_clients_get_every_record_of_their_topics_in_order(bus: Bus, mode: str) 
         assert done["delivered"] == len(got)
 
 
+def test_clients_subscribed_by_name_get_only_those_topics(bus: Bus) -> None:
+    """A client of topics "one" and 2 (by name and id) gets exactly topics 1 and 2."""
+    w, fifo = fifo_writer(bus, topics={"zero": 0, "one": 1, "two": 2})
+    c = client(bus, "named", "one,2")
+    go(fifo, 90)
+    assert w.wait_exit() == 0
+    assert c.wait_exit() == 0, c.stderr()
+    assert read_lines(bus.dir / "named.out") == expected(90, {1, 2})
+
+
+def test_a_client_sees_the_names_and_an_unknown_name_is_refused(bus: Bus) -> None:
+    """The Welcome's map names the topics; a name the bus lacks is Refused(unknown_topic)."""
+    bus.configure(
+        segment={"topics": {"ticks": 0, "frames": 5}},
+        writer={"source": {"type": "ticker", "rate": 0.0}},
+    )
+    w = bus.writer()
+    with shmd.connect(bus.socket, name="n", topics=["frames"]) as sub:
+        assert dict(sub.topics) == {"ticks": 0, "frames": 5}
+        assert sub.topic_name(5) == "frames" and sub.topic_name(1) is None
+    with pytest.raises(Refused) as info:
+        shmd.connect(bus.socket, name="m", topics=["ticks", "tick"])
+    assert info.value.code == "unknown_topic"
+    assert "unknown topic 'tick' (this bus has: frames, ticks)" in str(info.value)
+    assert w.wait_for("reader_refused", code="unknown_topic")
+
+
 def test_a_killed_client_is_freed_and_64_clients_leave_the_writer_as_it_was(bus: Bus) -> None:
     """A SIGKILLed client is freed (reader_lost); 64 clients in turn leave no fd or mapping."""
     w = quiet_writer(bus)

@@ -55,8 +55,10 @@ class Options:
     socket: str = DEFAULT_SOCKET
     #: This reader's name: its identity in the segment, the writer's logs and shmctl.
     name: str = field(default_factory=lambda: f"client-{os.getpid()}")
-    #: The topic mask (bit t = topic t).
+    #: The topic mask (bit t = topic t); with ``topic_names``, may be 0.
     topics: int = ALL_TOPICS
+    #: Topics by name, resolved by the writer (segment.topics); added to the mask.
+    topic_names: tuple[str, ...] = ()
     #: "latest" (records published from now on) or "oldest" (whatever the ring still holds).
     start: str = "latest"
     wait: WaitStrategy = field(default_factory=WaitStrategy.sleep)
@@ -73,7 +75,12 @@ class Options:
 
     def __post_init__(self) -> None:
         try:
-            protocol.Hello(instance=self.name, pid=os.getpid(), topics=self.topics)
+            protocol.Hello(
+                instance=self.name,
+                pid=os.getpid(),
+                topics=self.topics,
+                topic_names=self.topic_names,
+            )
         except protocol.ProtocolError as exc:
             raise ValueError(f"Failed to set up a client since {exc.reason}") from None
         if self.start not in ("latest", "oldest"):
@@ -205,10 +212,16 @@ def hello(opts: Options, old: Subscriber | None) -> protocol.Hello:
             resume_cursor=old.cursor,
             last_generation=old.segment.generation,
             wait=wait,
+            topic_names=opts.topic_names,
         )
     start = protocol.StartCode.OLDEST if opts.start == "oldest" else protocol.StartCode.LATEST
     return protocol.Hello(
-        instance=opts.name, pid=os.getpid(), topics=opts.topics, start=start, wait=wait
+        instance=opts.name,
+        pid=os.getpid(),
+        topics=opts.topics,
+        start=start,
+        wait=wait,
+        topic_names=opts.topic_names,
     )
 
 

@@ -44,6 +44,7 @@ from shmd.client import handshake
 from shmd.client.handshake import DEFAULT_SOCKET, Options
 from shmd.control import protocol
 from shmd.control.connection import Connection
+from shmd.control.fields import NO_TOPICS, TopicMap
 from shmd.control.frames import ChannelError, PeerClosed
 from shmd.errors import ConnectError, ReaderEvicted, SegmentClosed, TopicError, WriterGone
 
@@ -63,26 +64,35 @@ def _silent() -> FilteringBoundLogger:
     )
 
 
-def topic_mask(topics: Literal["all"] | int | Iterable[int]) -> int:
-    """The u64 mask of ``topics``: "all", one id, or ids (0..63)."""
+#: What a client subscribes to: "all", a topic (id 0..63 or name), or several.
+Topics = Literal["all"] | int | str | Iterable[int | str]
+
+
+def topic_mask(topics: Topics) -> tuple[int, tuple[str, ...]]:
+    """The u64 mask of the ids in ``topics``, and its names (which the writer resolves)."""
     if topics == "all":
-        return ALL_TOPICS
-    ids = [topics] if isinstance(topics, int) else list(topics)
-    if not ids:
+        return ALL_TOPICS, ()
+    items = [topics] if isinstance(topics, int | str) else list(topics)
+    if not items:
         raise TopicError("Failed to subscribe since the list of topics is empty")
     mask = 0
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 63:
-            raise TopicError(f"Failed to subscribe since {t!r} is not a topic id 0..63")
-        mask |= 1 << t
-    return mask
+    names: list[str] = []
+    for t in items:
+        if isinstance(t, str):
+            if t not in names:
+                names.append(t)
+        elif isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 63:
+            raise TopicError(f"Failed to subscribe since {t!r} is not a topic id 0..63 or a name")
+        else:
+            mask |= 1 << t
+    return mask, tuple(names)
 
 
 def connect(
     socket: str = DEFAULT_SOCKET,
     *,
     name: str | None = None,
-    topics: Literal["all"] | int | Iterable[int] = "all",
+    topics: Topics = "all",
     start: Literal["latest", "oldest"] = "latest",
     wait: WaitStrategy | None = None,
     timeout: float = 10.0,
@@ -93,7 +103,10 @@ def connect(
     """Join the bus whose writer listens on ``socket``; returns an open :class:`Subscription`.
 
     ``name`` is this reader's identity (default ``client-<pid>``): two
-    readers of one name cannot be attached at once.  ``start="oldest"``
+    readers of one name cannot be attached at once.  ``topics`` takes ids
+    and names (``segment.topics`` of the writer's config; an unknown name is
+    :class:`~shmd.errors.Refused` with code ``unknown_topic``, naming the
+    ones the bus has).  ``start="oldest"``
     begins with whatever the ring still holds.  ``timeout`` is how long to
     keep trying while the socket is missing or nobody listens on it, and
     how long to wait for a restarted writer later.  ``log`` gets the
@@ -104,10 +117,12 @@ def connect(
     ``timeout``), :class:`~shmd.errors.NotAdmitted` (this user may not
     join) or another :class:`~shmd.errors.ConnectError`.
     """
+    mask, names = topic_mask(topics)
     opts = Options(
         socket=socket,
         name=name if name is not None else f"client-{os.getpid()}",
-        topics=topic_mask(topics),
+        topics=mask,
+        topic_names=names,
         start=start,
         wait=wait if wait is not None else WaitStrategy.sleep(),
         timeout=timeout,
@@ -571,6 +586,15 @@ class Subscription:
     def cursor(self) -> int:
         """The seq this reader reads next."""
         return self._current().cursor
+
+    @property
+    def topics(self) -> TopicMap:
+        """The writer's topic names (``segment.topics``), from the Welcome."""
+        return self.welcome.topics if self.welcome is not None else NO_TOPICS
+
+    def topic_name(self, topic: int) -> str | None:
+        """The name of topic id ``topic`` on this bus, None if it has none."""
+        return self.topics.name(topic)
 
     @property
     def generation(self) -> int:

@@ -2,7 +2,7 @@
 
     python client.py SOCKET NAME TOPICS MODE OUT [START]
 
-TOPICS is ``all`` or comma-separated ids; MODE how it reads: ``iter``
+TOPICS is ``all`` or comma-separated ids and names; MODE how it reads: ``iter``
 (``for rec in sub``), ``batches``, ``wait`` (wait + read_batch), ``into``
 (wait + read_into), ``poll`` (a selectors loop on fileno() + poll()) or
 ``async`` (``async for``).  Each record becomes a line ``SEQ TOPIC HEX`` in
@@ -71,7 +71,9 @@ def read(sub: shmd.Subscription, mode: str, out: IO[str]) -> None:
 def main() -> int:
     socket, name, topics, mode, out_path = sys.argv[1:6]
     start = sys.argv[6] if len(sys.argv) > 6 else "oldest"
-    wanted: Any = "all" if topics == "all" else [int(t) for t in topics.split(",")]
+    wanted: Any = (
+        "all" if topics == "all" else [int(t) if t.isdigit() else t for t in topics.split(",")]
+    )
     try:
         with shmd.connect(socket, name=name, topics=wanted, start=start) as sub:  # type: ignore[arg-type]  # a str from argv
             assert sub.welcome is not None
