@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import REPO, RUNTIME_DEBS, missing_debs
 
-from testbed.nsystemd import NamespacedSystemd
+from testbed.nsystemd import DEV_TREE, NamespacedSystemd
 from testbed.soak import (
     SOAK_DIR,
     WRITER,
@@ -200,6 +200,62 @@ def test_a_writer_restart_loses_nothing_under_block(fresh: NamespacedSystemd, ho
         procs = sink_log(fresh, r)
         assert [p.pid for p in procs] == [pids[unit]]
         assert_gapless(procs, published)
+
+
+CLIENT = "shm-client.service"
+
+
+def test_a_client_program_resumes_across_a_writer_restart_and_loses_nothing(
+    fresh: NamespacedSystemd,
+) -> None:
+    """A program on shmd.connect() (tests/helpers/client.py, as user shmd) reads on across
+    systemctl restart of the writer under block: every seq once, in order, exit 0."""
+    configure(fresh, "block")
+    tail = JournalTail(fresh)
+    start(fresh, tail)
+    fresh.copy_tree(REPO, ["tests/helpers/client.py"])
+    out = f"{SOAK_DIR}/client.out"
+    mark = len(tail.entries)
+    fresh.run(
+        "systemd-run",
+        f"--unit={CLIENT}",
+        "--property=User=shmd",
+        "--property=Group=shmd",
+        "--property=RemainAfterExit=yes",
+        f"--setenv=PYTHONPATH={DEV_TREE}",
+        "/usr/bin/python3",
+        f"{DEV_TREE}/tests/helpers/client.py",
+        "/run/shmd/control.sock",
+        "client-1",
+        "all",
+        "batches",
+        out,
+        "latest",
+    )
+    try:
+        wait_events(fresh, tail, "reader_attached", ("client-1",), since=mark)
+
+        def client_seqs() -> list[int]:
+            text = fresh.run("cat", out, check=False).stdout
+            return [int(line.split()[0]) for line in text.splitlines() if line]
+
+        fresh.wait_for(
+            lambda: len(client_seqs()) >= 200, TIMEOUT, "the client reading", interval=0.2
+        )
+        mark = len(tail.entries)
+        fresh.systemctl("restart", WRITER)
+        resumed = wait_events(fresh, tail, "reader_attached", ("client-1",), since=mark)
+        seq = int(resumed["client-1"]["SHMD_SEQ"])
+        assert resumed["client-1"]["SHMD_START"] == "resume"
+        fresh.wait_for(lambda: max(client_seqs()) >= seq + 200, TIMEOUT, "reading on", interval=0.2)
+        published = stop_and_collect(fresh, tail)
+        state = fresh.wait_unit(CLIENT, TIMEOUT, ActiveState="active", SubState="exited")
+        assert fresh.show(CLIENT, "ExecMainStatus")["ExecMainStatus"] == "0", state
+        seqs = client_seqs()
+        assert seqs == list(range(seqs[0], published)), "a gap or a duplicate"
+    finally:
+        fresh.systemctl("stop", CLIENT, check=False)
+        fresh.systemctl("reset-failed", CLIENT, check=False)
 
 
 def test_loss_under_drop_oldest_is_counted_exactly_across_a_restart(
