@@ -362,16 +362,19 @@ def test_a_collected_reader_lets_its_loans_go_and_its_views_keep_the_mapping(bus
     assert isinstance(view, memoryview)
     loan = view.obj
     assert isinstance(loan, _core.Loan)
-    assert len(maps_lines(pub.name)) == 4  # the writer's two mappings and the reader's
+
+    def reader_rings() -> int:
+        """The reader's read-only ring mappings (the writer maps its own read-write)."""
+        return sum(" r--s " in line for line in maps_lines(pub.name))
+
     # Its fds closed (the collector would warn of them), its Reader left to the collector.
     sub.segment.close()
     assert sub.eventfd is not None
     sub.eventfd.close()
-    assert len(maps_lines(pub.name)) == 4  # the Reader still holds both mappings
     del sub
     gc.collect()
     assert not loan.held  # the Reader let go: it was collected
     assert bytes(view) == b"kept"
-    assert len(maps_lines(pub.name)) == 3  # only the reader's ring stays, for the view
+    assert reader_rings() == 1  # kept for the view
     del view, loan
-    assert len(maps_lines(pub.name)) == 2
+    assert reader_rings() == 0
