@@ -1,16 +1,20 @@
-"""shmd._sys._core: the compiled core's argument checks, its semaphore waits and signals."""
+"""shmd._sys._core: the compiled core's argument checks, semaphore waits and signals, loans."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import gc
 import math
 import mmap
+import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from helpers import Bus, attach, maps_lines
 
 from shmd._sys import _core, libc
 from shmd.bus import layout
@@ -293,3 +297,84 @@ def test_a_closed_writer_sends_publish_to_the_slow_path_and_lets_go() -> None:
     assert calls == [(b"z", 5)]
     with pytest.raises(TypeError, match="topic is str, not an int"):
         w.publish(b"z", "5")  # type: ignore[arg-type]
+
+
+# -- loans: a hold read's views under the block policy -------------------------------------
+
+
+def test_a_hold_read_under_block_lends_each_payload_read_only(bus: Bus) -> None:
+    """Under block, a hold read's payloads are read-only views of one Loan per record; a
+    Loan's every export holds its slot, and one released can no longer be viewed."""
+    pub = bus.publisher(policy="block", block_timeout=60.0)
+    sub = bus.subscriber(pub)
+    pub.publish_batch([b"a" * 5, b"b" * 7])
+    (_, _, _, a), (_, _, _, b) = sub.read_batch(copy=False, hold=True)
+    assert isinstance(a, memoryview) and isinstance(b, memoryview)
+    la, lb = a.obj, b.obj
+    assert isinstance(la, _core.Loan) and isinstance(lb, _core.Loan)
+    assert (la.seq, lb.seq, la.held) == (0, 1, True)
+    assert a.readonly and bytes(a) == b"a" * 5 and bytes(b) == b"b" * 7
+    with pytest.raises(TypeError, match="not writable"):
+        ctypes.c_char.from_buffer(la)
+    again = memoryview(la)  # a second export of record 0
+    del a
+    sub.release()
+
+    def cursor() -> int:
+        return pub.segment.entry(sub.index).cursor
+
+    assert cursor() == 0
+    again.release()  # record 0's last export: republished at once
+    assert cursor() == 1 and not la.held and lb.held
+    with pytest.raises(BufferError, match="Failed to view record 0 since its slot was released"):
+        memoryview(la)
+    del b
+    assert cursor() == 2 and not lb.held
+
+
+def test_reads_other_than_a_hold_read_under_block_stay_ring_slices(bus: Bus) -> None:
+    """A zero-copy read without hold, and a hold read under drop-oldest, slice the ring view
+    itself (the hot path makes no loan); a copying hold read gives bytes."""
+    block = bus.publisher(policy="block", block_timeout=60.0)
+    sub = bus.subscriber(block)
+    block.publish_batch([b"x", b"y"])
+    ((*_, view),) = sub.read_batch(1, copy=False)
+    assert isinstance(view, memoryview) and view.obj is sub.segment.ring.obj
+    ((*_, data),) = sub.read_batch(copy=True, hold=True)
+    assert data == b"y"
+    sub.release()
+    drop = bus.publisher()
+    other = bus.subscriber(drop)
+    drop.publish(b"z")
+    ((*_, held),) = other.read_batch(copy=False, hold=True)
+    assert isinstance(held, memoryview) and held.obj is other.segment.ring.obj
+
+
+def test_a_collected_reader_lets_its_loans_go_and_its_views_keep_the_mapping(bus: Bus) -> None:
+    """A Subscriber dropped (never closed) with a held view alive is collected: no reference
+    cycle through the Loan keeps it, the view still reads its bytes, and the ring is unmapped
+    when the view goes."""
+    pub = bus.publisher(policy="block", block_timeout=60.0)
+    handle = pub.add_reader("r", os.getpid())
+    sub = attach(pub, handle)
+    pub.publish(b"kept")
+    ((*_, view),) = sub.read_batch(copy=False, hold=True)
+    assert isinstance(view, memoryview)
+    loan = view.obj
+    assert isinstance(loan, _core.Loan)
+
+    def reader_rings() -> int:
+        """The reader's read-only ring mappings (the writer maps its own read-write)."""
+        return sum(" r--s " in line for line in maps_lines(pub.name))
+
+    # Its fds closed (the collector would warn of them), its Reader left to the collector.
+    sub.segment.close()
+    assert sub.eventfd is not None
+    sub.eventfd.close()
+    del sub
+    gc.collect()
+    assert not loan.held  # the Reader let go: it was collected
+    assert bytes(view) == b"kept"
+    assert reader_rings() == 1  # kept for the view
+    del view, loan
+    assert reader_rings() == 0

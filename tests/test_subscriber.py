@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy
 import pytest
 from helpers import (
     Bus,
@@ -302,6 +303,153 @@ def test_zero_copy_views_turn_invalid_once_lapped(bus: Bus) -> None:
     pub.publish(payload(cap))  # overwrites slot 0
     assert not sub.still_valid(rec.seq)
     assert rec.payload == payload(cap)  # which is why the check exists
+
+
+# -- held views (block policy): a slot stays held while a view of it lives --------------
+
+
+def _held_ring(bus: Bus, cap: int = 8) -> tuple[Publisher, Subscriber]:
+    """A block-policy writer (patient: tests end its waits) whose ring is full for one reader."""
+    pub = bus.publisher(capacity=cap, policy="block", block_timeout=60.0)
+    sub = bus.subscriber(pub)
+    pub.publish_batch([payload(i) for i in range(cap)])
+    return pub, sub
+
+
+def _held_views(sub: Subscriber) -> list[memoryview]:
+    """The payloads of one zero-copy hold read (views, by type)."""
+    views = [r[3] for r in sub.read_batch(copy=False, hold=True)]
+    assert all(isinstance(v, memoryview) for v in views)
+    return [v for v in views if isinstance(v, memoryview)]
+
+
+def _writer_waiting(seg: Segment) -> Callable[[], bool]:
+    """A predicate: the writer sleeps on the semaphore waiting for space."""
+    return lambda: seg.u[Segment.WRITER_WAITING] == 1
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [
+        pytest.param(lambda v: numpy.frombuffer(v, dtype=numpy.uint8), id="numpy-array"),
+        pytest.param(lambda v: v[4:20], id="memoryview-slice"),
+    ],
+)
+def test_what_is_made_from_a_held_view_holds_its_slot_past_release(
+    bus: Bus, procs: Procs, keep: Callable[[memoryview], numpy.ndarray | memoryview]
+) -> None:
+    """Under block, an array or slice of a hold read's view kept past release() keeps the
+    writer off that slot and reads its record; once it goes, the waiting writer goes on with
+    no further call of the reader's."""
+    cap = 8
+    pub, sub = _held_ring(bus, cap)
+    rows = _held_views(sub)
+    kept = keep(rows[3])
+    want = bytes(kept)
+    assert want in payload(3)
+    del rows
+    sub.release()
+    assert pub.segment.entry(sub.index).cursor == 3  # records 0..2 are free, 3 is held
+    pub.publish_batch([payload(i) for i in range(cap, cap + 3)])  # into slots 0..2
+
+    def writer(ch: ChildEnd) -> None:
+        pub.publish(payload(cap + 3))  # slot 3: waits for the reader
+        ch.send("published")
+
+    child = procs.fork(writer)
+    wait_until(_writer_waiting(pub.segment), "the writer waits for slot 3")
+    assert sub.segment.write_seq == cap + 3  # it did not overwrite the held slot
+    assert bytes(kept) == want  # still record 3's bytes
+    del kept  # the last view of record 3: the reader republishes its cursor now
+    child.expect("published")
+    assert child.wait() == 0
+    assert pub.segment.entry(sub.index).cursor == cap
+    assert [r.payload for r in sub.read()] == [payload(i) for i in range(cap, cap + 4)]
+
+
+def test_held_views_dropped_before_release_free_their_slots_at_release(bus: Bus) -> None:
+    """Views of a hold read dropped before release() hold nothing after it; until then the
+    cursor stays where the hold read found it."""
+    pub, sub = _held_ring(bus)
+    rows = _held_views(sub)
+    assert [bytes(v) for v in rows] == [payload(i) for i in range(8)]
+    del rows
+    assert pub.segment.entry(sub.index).cursor == 0  # held until the release
+    sub.release()
+    assert pub.segment.entry(sub.index).cursor == 8
+    pub.publish_batch([payload(i) for i in range(8, 16)])  # a whole ring, no wait
+    assert pub.evictions == []
+    assert [r.seq for r in sub.read()] == list(range(8, 16))
+
+
+def test_the_cursor_stops_at_the_first_held_record_a_view_still_lives_on(bus: Bus) -> None:
+    """With views of records 2 and 5 alive after release() the cursor is 2; dropping 5 first
+    changes nothing, dropping 2 then frees the slots up to the cursor, and a read without
+    hold never publishes past a live view."""
+    pub, sub = _held_ring(bus)
+    rows = _held_views(sub)
+    two, five = rows[2], rows[5]
+    del rows
+    sub.release()
+
+    def entry() -> int:
+        return pub.segment.entry(sub.index).cursor
+
+    assert entry() == 2
+    del five
+    assert entry() == 2
+    pub.publish_batch([payload(8), payload(9)])  # slots 0 and 1
+    assert [r.seq for r in sub.read()] == [8, 9]  # a read without hold
+    assert entry() == 2 and sub.cursor == 10
+    assert bytes(two) == payload(2)
+    del two
+    assert entry() == 10
+
+
+def test_a_held_view_alive_at_close_keeps_the_mapping_not_the_entry(bus: Bus) -> None:
+    """close() with a live held view: the view still reads its record (the ring stays mapped
+    until it goes), the entry keeps the slot held until the writer frees it, and the view's
+    end then touches no entry."""
+    pub, sub = _held_ring(bus)
+    rows = _held_views(sub)
+    view = rows[6]
+    del rows
+
+    def reader_rings() -> int:
+        """The reader's read-only ring mappings (the writer maps its own read-write)."""
+        return sum(" r--s " in line for line in maps_lines(pub.name))
+
+    assert reader_rings() == 1
+    sub.close()
+    assert reader_rings() == 1  # kept for the view
+    assert pub.segment.entry(sub.index).cursor == 6  # the records it read, but the held one
+    assert bytes(view) == payload(6)
+    loan = view.obj
+    with pytest.raises(BufferError, match="Failed to view record 6 since its slot was released"):
+        memoryview(loan)
+    del loan
+    pub.remove_reader(sub.index)
+    new = pub.add_reader("new", os.getpid(), start=0)
+    del view
+    assert reader_rings() == 0
+    e = pub.segment.entry(new.index)
+    assert (e.name, e.cursor, e.delivered) == ("new", 0, 0)
+
+
+def test_held_views_under_drop_oldest_hold_nothing(bus: Bus) -> None:
+    """Under drop-oldest a hold read's views are plain ring slices: after release() the
+    writer laps them, and still_valid says so."""
+    pub = bus.publisher(capacity=8)
+    sub = bus.subscriber(pub)
+    pub.publish_batch([payload(i) for i in range(8)])
+    rows = _held_views(sub)
+    view = rows[0]
+    assert view.obj is sub.segment.ring.obj
+    del rows
+    sub.release()
+    pub.publish(payload(8))
+    assert not sub.still_valid(0)
+    assert bytes(view) == payload(8)
 
 
 def test_reader_cannot_write_the_ring_from_python(bus: Bus) -> None:

@@ -100,5 +100,6 @@ void shmd_views_release(shmd_views *v);
 
 extern PyTypeObject shmd_WriterType;
 extern PyTypeObject shmd_ReaderType;
+extern PyTypeObject shmd_LoanType;
 
 #endif

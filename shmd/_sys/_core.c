@@ -376,7 +376,8 @@ core_exec(PyObject *module)
         || PyModule_AddIntConstant(module, "DEFER_CURSOR_MIN_CAPACITY", DEFER_CURSOR_MIN_CAPACITY) < 0
         || add_layout(module) < 0
         || PyModule_AddType(module, &shmd_WriterType) < 0
-        || PyModule_AddType(module, &shmd_ReaderType) < 0) {
+        || PyModule_AddType(module, &shmd_ReaderType) < 0
+        || PyModule_AddType(module, &shmd_LoanType) < 0) {
         return -1;
     }
     return 0;

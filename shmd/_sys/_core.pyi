@@ -48,6 +48,13 @@ class Writer:
     def forget_sleepers(self) -> None: ...
     def close(self) -> None: ...
 
+class Loan:
+    """A held record's payload under the block policy (``memoryview.obj`` of a hold read's
+    payload): its slot stays held while any view of it lives (shmd/_sys/_reader.c)."""
+
+    seq: int
+    held: bool
+
 class Reader:
     """A reader's hot path (shmd/_sys/_reader.c)."""
 

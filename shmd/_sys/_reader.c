@@ -21,7 +21,9 @@
 enum { ERR_CLOSED_READ = 1, ERR_EVICTED = 2, ERR_CORRUPT = 3, ERR_CLOSED_SLEEP = 4 };
 
 
-typedef struct {
+struct Loan;
+
+typedef struct Reader {
     PyObject_HEAD
     shmd_views v;
     uint8_t *c, *r;   /* control part, ring (NULL once closed) */
@@ -37,7 +39,28 @@ typedef struct {
     int efd;             /* our eventfd's number, -1: none (owned by Python) */
     PyObject *on_error;  /* on_error(code, seq): raises */
     PyObject *hook;      /* tests: hook(start, end) between the plan and the copy */
+    /* Block policy: the records of hold reads whose views may still be alive,
+     * in seq order, each a strong reference (a Loan's pointer back to us is
+     * borrowed, and cleared when it leaves this list). */
+    struct Loan **loans;
+    Py_ssize_t nloans, loans_cap;
 } Reader;
+
+/* A held record's payload, exported read-only to the memoryview a hold read
+ * hands out (block policy only).  While anything made from that view lives
+ * (slices, numpy arrays), `exports` stays above 0 and the reader's published
+ * cursor stays at or below `seq`, so the writer cannot reuse the slot. */
+typedef struct Loan {
+    PyObject_HEAD
+    Py_buffer ring;        /* an export of the reader's ring view: the mapping
+                              stays while we live, even after the reader's close */
+    const uint8_t *buf;    /* the payload, in the ring */
+    Py_ssize_t len;
+    uint64_t seq;
+    Py_ssize_t exports;    /* our buffer's consumers (memoryviews' managed buffers) */
+    Reader *reader;        /* borrowed; NULL: not (or no longer) in a reader's list */
+    int open;              /* may be exported again: its slot is still held */
+} Loan;
 
 static PyObject *
 fail(Reader *self, int code, uint64_t seq)
@@ -109,6 +132,24 @@ Reader_init(Reader *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* Forget every loan: none holds a slot through us any more (closed,
+ * collected, or the entry is no longer ours).  Views already made keep
+ * reading their bytes (the mapping stays until the last one goes).  The
+ * array stays (only Reader_clear frees it): a read that reserved room in it
+ * (loans_reserve) can count on that room whatever its allocations run. */
+static void
+loans_drop_all(Reader *self)
+{
+    Py_ssize_t n = self->nloans;
+    self->nloans = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Loan *loan = self->loans[i];
+        loan->reader = NULL;
+        loan->open = 0;
+        Py_DECREF(loan);
+    }
+}
+
 static int
 Reader_traverse(Reader *self, visitproc visit, void *arg)
 {
@@ -121,6 +162,10 @@ Reader_traverse(Reader *self, visitproc visit, void *arg)
 static int
 Reader_clear(Reader *self)
 {
+    loans_drop_all(self);
+    PyMem_Free(self->loans);
+    self->loans = NULL;
+    self->loans_cap = 0;
     Py_CLEAR(self->ring_view);
     Py_CLEAR(self->on_error);
     Py_CLEAR(self->hook);
@@ -158,28 +203,70 @@ post_owed(Reader *self)
     }
 }
 
-/* [R5] Store cursor and counters into our entry. */
-static void
-publish_cursor(Reader *self)
+/* [R5] The stores themselves: `cursor` and the counters into our entry. */
+static inline void
+store_entry(Reader *self, uint64_t cursor)
 {
     uint8_t *e = self->e;
-    self->held = self->cursor_owed = 0;
     /* Release: our copies of the slots below the cursor are done before the
      * writer can see them free; pairs with the writer's acquire fence after
      * it loads the cursors (shmd.bus.block.slowest). */
-    STORE64(e + R_CURSOR, self->cursor, RELEASE);
+    STORE64(e + R_CURSOR, cursor, RELEASE);
     STORE64(e + R_DELIVERED, self->delivered, RELAXED);  /* statistics */
     STORE64(e + R_LOST, self->lost, RELAXED);
     STORE64(e + R_LAST_ACTIVE_NS, shmd_monotonic_ns(), RELAXED);
+}
+
+/* Drop the loans whose views are all gone (the writer may reuse their slots
+ * once we publish); the seq of the first one left, if below `cursor`. */
+__attribute__((noinline)) static uint64_t
+loans_floor(Reader *self, uint64_t cursor)
+{
+    Py_ssize_t kept = 0;
+    for (Py_ssize_t i = 0; i < self->nloans; i++) {
+        Loan *loan = self->loans[i];
+        if (loan->exports > 0) {
+            self->loans[kept++] = loan;
+            continue;
+        }
+        loan->reader = NULL;
+        loan->open = 0;
+        Py_DECREF(loan);  /* frees nothing of ours: the mapping is held by self->v */
+    }
+    self->nloans = kept;
+    return kept > 0 && self->loans[0]->seq < cursor ? self->loans[0]->seq : cursor;
+}
+
+/* [R5] under the block policy: the cursor stops at the first held record a
+ * view still lives on (loans), then the writer is posted if it waits.  Kept
+ * out of line: inlined, the registers it needs cost publish_cursor's
+ * drop-oldest path a few instructions a call (benchmarks/instructions.py). */
+__attribute__((noinline)) static void
+publish_blocking(Reader *self)
+{
+    store_entry(self, self->nloans > 0 ? loans_floor(self, self->cursor) : self->cursor);
     /* No fence between the cursor store and the writer_waiting load: one
      * here would be paid on every read, and the writer waits rarely.  Both
      * sides can miss each other once; we post at our next read (post_owed)
      * or after the fence of our next sleep [S4], and the writer re-checks
      * the cursors every 10 ms anyway (shmd.bus.block.wait_for_space). */
-    if (self->block && LOAD32(self->c + OFF_WRITER_WAITING, RELAXED)) {
+    if (LOAD32(self->c + OFF_WRITER_WAITING, RELAXED)) {
         self->posted_at = self->cursor;
         sem_post((sem_t *)(void *)(self->c + OFF_SEM));
     }
+}
+
+/* [R5] Store cursor and counters into our entry.  Drop-oldest (the
+ * benchmarks' hot path) pays one test of `block`, as it always did. */
+static void
+publish_cursor(Reader *self)
+{
+    self->held = self->cursor_owed = 0;
+    if (self->block) {
+        publish_blocking(self);
+        return;
+    }
+    store_entry(self, self->cursor);
 }
 
 /* Publish a cursor a read left for later, if the entry is still ours (the
@@ -191,6 +278,157 @@ settle(Reader *self)
         publish_cursor(self);
     } else {
         self->held = self->cursor_owed = 0;
+        loans_drop_all(self);  /* nothing is held through an entry that is not ours */
+    }
+}
+
+/* -- loans: held records' views ------------------------------------------------------ */
+
+static int
+Loan_getbuffer(Loan *self, Py_buffer *view, int flags)
+{
+    if (!self->open) {
+        view->obj = NULL;
+        PyErr_Format(PyExc_BufferError,
+                     "Failed to view record %llu since its slot was released",
+                     (unsigned long long)self->seq);
+        return -1;
+    }
+    /* Read-only: the ring is mapped PROT_READ; a writable request fails here. */
+    if (PyBuffer_FillInfo(view, (PyObject *)self, (void *)self->buf, self->len, 1, flags) < 0) {
+        return -1;
+    }
+    self->exports++;
+    return 0;
+}
+
+static void
+Loan_releasebuffer(Loan *self, Py_buffer *Py_UNUSED(view))
+{
+    if (--self->exports > 0) {
+        return;
+    }
+    Reader *r = self->reader;
+    /* The last view of the first record still held went (in whatever code
+     * dropped it): republish now, so a writer waiting for this slot (block
+     * policy) is posted at once instead of at our next call.  Not while a
+     * hold read still holds: release() or the next sleep publishes then.
+     * The list keeps a reference to us, so settle() dropping it frees
+     * nothing under the caller, which holds one too. */
+    if (r != NULL && !r->held && r->nloans > 0 && r->loans[0] == self) {
+        settle(r);
+    }
+}
+
+static void
+Loan_dealloc(Loan *self)
+{
+    /* Not in a reader's list (the list holds a reference), so nobody points at us. */
+    PyBuffer_Release(&self->ring);  /* may be the mapping's last export: munmap */
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Loan_get_seq(Loan *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->seq);
+}
+
+static PyObject *
+Loan_get_held(Loan *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->open);
+}
+
+static PyGetSetDef Loan_getset[] = {
+    {"seq", (getter)Loan_get_seq, NULL, "The record's seq.", NULL},
+    {"held", (getter)Loan_get_held, NULL,
+     "Its slot is still held for this view (False once released, or the reader closed).",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyBufferProcs Loan_as_buffer = {
+    .bf_getbuffer = (getbufferproc)Loan_getbuffer,
+    .bf_releasebuffer = (releasebufferproc)Loan_releasebuffer,
+};
+
+PyTypeObject shmd_LoanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmd._sys._core.Loan",
+    .tp_doc = "A held record's payload (block policy): its slot stays held while a view of "
+              "it lives (shmd/_sys/_reader.c).",
+    .tp_basicsize = sizeof(Loan),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Loan_dealloc,
+    .tp_as_buffer = &Loan_as_buffer,
+    .tp_getset = Loan_getset,
+};
+
+/* A memoryview over a new loan of the payload at `off`; NULL with an exception set.
+ * Out of line, as keep_loans: the read's hot loop never comes here. */
+__attribute__((noinline)) static PyObject *
+loan_view(Reader *self, uint64_t seq, size_t off, uint32_t length)
+{
+    Loan *loan = (Loan *)PyType_GenericAlloc(&shmd_LoanType, 0);  /* zeroed */
+    if (loan == NULL) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(self->ring_view, &loan->ring, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(loan);
+        return NULL;
+    }
+    if (loan->ring.len < 0 || (size_t)loan->ring.len < off + length) {
+        Py_DECREF(loan);
+        PyErr_SetString(PyExc_ValueError,
+                        "Failed to view a record since the ring view is smaller than the ring");
+        return NULL;
+    }
+    loan->buf = (const uint8_t *)loan->ring.buf + off;
+    loan->len = (Py_ssize_t)length;
+    loan->seq = seq;
+    loan->open = 1;
+    PyObject *view = PyMemoryView_FromObject((PyObject *)loan);
+    Py_DECREF(loan);  /* the view's managed buffer holds it */
+    return view;
+}
+
+/* Room for `n` more loans; -1 with an exception set.  Called before a hold
+ * read takes anything, so keep_loans after it cannot fail. */
+__attribute__((noinline)) static int
+loans_reserve(Reader *self, Py_ssize_t n)
+{
+    if (n <= self->loans_cap - self->nloans) {
+        return 0;
+    }
+    Py_ssize_t cap = self->loans_cap > 8 ? self->loans_cap : 8;
+    while (cap < self->nloans + n) {
+        cap *= 2;
+    }
+    Loan **grown = PyMem_Realloc(self->loans, (size_t)cap * sizeof *grown);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->loans = grown;
+    self->loans_cap = cap;
+    return 0;
+}
+
+/* Append the loans of a hold read's rows (every payload a loan's view, no
+ * more rows than loans_reserve made room for) to our list, in order. */
+__attribute__((noinline)) static void
+keep_loans(Reader *self, PyObject *rows)
+{
+    if (self->c == NULL) {
+        return;  /* closed meanwhile (a finalizer run by the read's allocations): not held */
+    }
+    Py_ssize_t n = PyList_GET_SIZE(rows);
+    for (Py_ssize_t i = 0; i < n && self->nloans < self->loans_cap; i++) {
+        PyObject *view = PyTuple_GET_ITEM(PyList_GET_ITEM(rows, i), 3);
+        Loan *loan = (Loan *)PyMemoryView_GET_BUFFER(view)->obj;
+        loan->reader = self;
+        self->loans[self->nloans++] = (Loan *)Py_NewRef(loan);
     }
 }
 
@@ -200,9 +438,17 @@ PyDoc_STRVAR(read_batch_doc,
 "read_batch(limit=4096, copy=True, hold=False) -> [(seq, timestamp_ns, topic, payload)]\n\n"
 "Records from the cursor, in order, for this reader's topics (docs/PROTOCOL.md, Reading).");
 
+/* How read_batch hands out a payload: its `copy` argument, or AS_LOAN for a
+ * zero-copy hold read under the block policy (one variable: a second one
+ * live through the copy loop costs the copying reads a spill). */
+enum { AS_SLICE = 0, AS_BYTES = 1, AS_LOAN = 2 };
+
+/* The arguments; `copy` one of the above.  A lending read reserves its
+ * loans' room here, where only calls that pass `hold` come: the copying and
+ * slicing reads pay no test for it. */
 static int
-parse_read_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t *limit,
-                int *copy, int *hold)
+parse_read_args(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                Py_ssize_t *limit, int *copy, int *hold)
 {
     PyObject *vals[3] = {NULL, NULL, NULL};
     static const char *names[3] = {"limit", "copy", "hold"};
@@ -236,8 +482,20 @@ parse_read_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_s
     if (vals[0] != NULL && (*limit = PyLong_AsSsize_t(vals[0])) == -1 && PyErr_Occurred()) {
         return -1;
     }
-    *copy = vals[1] == NULL ? 1 : PyObject_IsTrue(vals[1]);
-    *hold = vals[2] == NULL ? 0 : PyObject_IsTrue(vals[2]);
+    *copy = vals[1] == NULL ? AS_BYTES : PyObject_IsTrue(vals[1]);
+    if (vals[2] == NULL) {
+        *hold = 0;
+    } else if ((*hold = PyObject_IsTrue(vals[2])) > 0 && *copy == AS_SLICE && self->block) {
+        *copy = AS_LOAN;
+        /* Room for every row the read can hand out (at most a ring's). */
+        Py_ssize_t most = *limit < 1 ? 1 : *limit;
+        if ((uint64_t)most > self->capacity) {
+            most = (Py_ssize_t)self->capacity;
+        }
+        if (loans_reserve(self, most) < 0) {
+            return -1;
+        }
+    }
     if (*copy < 0 || *hold < 0) {
         return -1;
     }
@@ -270,12 +528,14 @@ load_head(const Reader *self, uint64_t s, slot_head *hd)
 /* One record's row; NULL with an exception set. */
 static PyObject *
 record_row(Reader *self, uint64_t seq, uint64_t ts, uint32_t topic, size_t off, uint32_t length,
-           int copy)
+           int how)
 {
     PyObject *payload;
-    if (copy) {
+    if (how == AS_BYTES) {
         /* The seqlock's data read (see _bus.h): trusted only after [R4]. */
         payload = PyBytes_FromStringAndSize((const char *)self->r + off, (Py_ssize_t)length);
+    } else if (how == AS_LOAN) {
+        payload = loan_view(self, seq, off, length);
     } else {
         payload = PySequence_GetSlice(self->ring_view, (Py_ssize_t)off,
                                       (Py_ssize_t)(off + length));
@@ -312,7 +572,7 @@ Reader_read_batch(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
 {
     Py_ssize_t limit;
     int copy, hold;
-    if (parse_read_args(args, nargs, kwnames, &limit, &copy, &hold) < 0) {
+    if (parse_read_args(self, args, nargs, kwnames, &limit, &copy, &hold) < 0) {
         return NULL;
     }
     if (self->c == NULL) {
@@ -340,7 +600,7 @@ Reader_read_batch(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     if (limit < 1) {
         limit = 1;
     }
-    if (copy && limit > self->copy_limit) {
+    if (copy == AS_BYTES && limit > self->copy_limit) {
         limit = self->copy_limit;
     }
     /* Never more positions than the ring has: an honest writer never commits
@@ -445,6 +705,9 @@ Reader_read_batch(Reader *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     self->delivered += (uint64_t)PyList_GET_SIZE(out);
     self->lost += lost;
     if (hold) {
+        if (copy == AS_LOAN) {
+            keep_loans(self, out);  /* the rows kept (a dropped row's loan held nothing) */
+        }
         self->held = 1;
     } else if (n == 1 && self->may_owe && !self->cursor_owed) {
         /* Publishing the cursor costs four stores and a clock read, as much
@@ -849,9 +1112,12 @@ Reader_close(Reader *self, PyObject *Py_UNUSED(unused))
                         "Failed to close the reader since another thread is waiting in spin()");
         return NULL;
     }
-    if (self->cursor_owed) {
-        settle(self);  /* the writer's detach report counts every record we read */
+    if (self->held || self->cursor_owed) {
+        /* The writer's detach report counts every record we read; a slot a
+         * live view holds stays held in the entry until the writer frees it. */
+        settle(self);
     }
+    loans_drop_all(self);  /* their views keep the mapping (not the slot) */
     self->c = self->r = self->e = NULL;
     shmd_views_release(&self->v);
     Py_CLEAR(self->ring_view);
@@ -887,7 +1153,7 @@ Reader_get_topics(Reader *self, void *Py_UNUSED(c))
 static PyObject *
 Reader_get_pending(Reader *self, void *Py_UNUSED(c))
 {
-    return PyBool_FromLong(self->held || self->cursor_owed);
+    return PyBool_FromLong(self->held || self->cursor_owed || self->nloans > 0);
 }
 
 static PyObject *
@@ -924,7 +1190,8 @@ static PyGetSetDef Reader_getset[] = {
     {"lost", (getter)Reader_get_lost, NULL, "Records overwritten before they were read.", NULL},
     {"topics", (getter)Reader_get_topics, NULL, "The subscription mask.", NULL},
     {"pending", (getter)Reader_get_pending, NULL,
-     "A read left its cursor for later, or holds slots.", NULL},
+     "A read left its cursor for later, or holds slots (a hold read, or a live view of one).",
+     NULL},
     {"spinning", (getter)Reader_get_spinning, NULL,
      "A thread waits in spin() (without the GIL) right now.", NULL},
     {"hook", (getter)Reader_get_hook, (setter)Reader_set_hook,

@@ -232,9 +232,19 @@ class Subscriber:
         43 us per MiB).
 
         ``hold=True`` (with ``copy=False``) keeps the writer from reusing
-        these slots until :meth:`release`: under the block policy the views
-        cannot be overwritten while the caller uses them (the way iceoryx2
-        loans samples).  Reading on before releasing is fine.
+        these slots (the way iceoryx2 loans samples, but by lifetime): under
+        the block policy each payload is a view of a ``_core.Loan``, and its
+        slot stays held until :meth:`release` (or the next sleep
+        announcement, or a read without ``hold``) *and* until the last view
+        made from it (a slice, a ``numpy.frombuffer`` array) is gone; then
+        the reader publishes its cursor at once, waking a writer that waits
+        for that slot.  So a view kept past the release still reads its own
+        record, at the price of the writer waiting for its slot (and
+        evicting this reader after ``block_timeout``).  Reading on before
+        releasing is fine.  After :meth:`close` live views stay readable
+        (the ring stays mapped until the last one goes) but their slots are
+        held only until the writer frees the entry.  Under drop-oldest
+        nothing is held: check :meth:`still_valid`.
 
         A one-record read in a ring of at least 64 slots leaves its cursor
         to the next call (a read, :meth:`prepare_sleep`, :meth:`release`,
@@ -260,8 +270,11 @@ class Subscriber:
         """Let the writer reuse the slots of records read with ``hold=True``.
 
         Until then, under the block policy, the writer cannot overwrite them,
-        so zero-copy views stay valid.  :meth:`prepare_sleep` releases too.
-        It also stores a cursor a one-record read left for later.
+        so zero-copy views stay valid.  A slot a view (or a slice of one, or
+        an array over one) still lives on stays held past this call, until
+        that view goes: the cursor published here stops at the first such
+        record.  :meth:`prepare_sleep` and a read without ``hold`` release
+        too.  It also stores a cursor a one-record read left for later.
         """
         self._r.settle()
 
