@@ -6,11 +6,13 @@ Each record is one frame of uint32 pixels.  ``read_batch(copy=False,
 hold=True)`` hands out views into the ring; ``numpy.frombuffer`` makes an
 array of a view without copying; ``release()`` gives the slots back.  The
 rule (docs/CLIENT.md, "Zero-copy records"): under the ``block`` policy the
-writer cannot reuse a held slot, so an array is valid from the read until
-``release()`` (or the next wait, which releases too) — use it, or copy what
-you keep, before then.  Under ``drop-oldest`` the writer does not wait for
-anyone: ``sub.still_valid(seq)`` after using the array tells whether it was
-intact.  Prints one line per frame (seq, mean, max) until the bus stops.
+writer cannot reuse a held slot, and a slot stays held while any array (or
+view) of its record lives, even past ``release()``: an array always reads its
+own frame, and a kept one holds the writer up (for longer than
+``block_timeout``, the writer evicts the reader).  Under ``drop-oldest``
+the writer does not wait for anyone: ``sub.still_valid(seq)`` after using
+the array tells whether it was intact.  Prints one line per frame (seq,
+mean, max) until the bus stops.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                     frame = numpy.frombuffer(view, dtype=numpy.uint32).reshape(height, width)
                     mean, peak = float(frame.mean()), int(frame.max())
                     intact = sub.still_valid(seq)
-                    del frame  # the array must not outlive the hold
+                    del frame  # done with it: its slot can go at the release
                     if intact:
                         print(seq, f"{mean:.1f}", peak, flush=True)
                     else:

@@ -247,7 +247,11 @@ class Subscription:
         return self._current().still_valid(seq)
 
     def release(self) -> None:
-        """Let the writer reuse the slots of records read with ``hold=True``."""
+        """Let the writer reuse the slots of records read with ``hold=True``.
+
+        Under block a slot stays held while a view of its record (or a slice
+        or numpy array of one) still lives: it goes when the last of them does.
+        """
         self._current().release()
 
     def wait(self, timeout: float | None = None) -> bool:
