@@ -147,6 +147,8 @@ def segment_status(seg: Segment, topics: TopicMap | None = None) -> dict[str, An
                 else [t for t in range(64) if e.topics >> t & 1],
                 "topic_names": _topic_labels(e.topics, names),
                 "idle_seconds": round(max(0, now - e.last_active_ns) / 1e9, 3),
+                "durable": e.durable_ms / 1000,
+                "redelivered": e.redelivered,
             }
         )
     return {
@@ -194,15 +196,19 @@ def render_status(st: dict[str, Any], colour: bool) -> str:
     if st["readers"]:
         head = (
             f"{'INSTANCE':<16} {'PID':>7} {'ALIVE':>5} {'CURSOR':>12} {'LAG':>8} "
-            f"{'LAG_S':>8} {'DELIVERED':>12} {'LOST':>10} {'ASLEEP':>6} {'WAIT':>7} TOPICS"
+            f"{'LAG_S':>8} {'DELIVERED':>12} {'LOST':>10} {'REDELIV':>8} {'ASLEEP':>6} "
+            f"{'WAIT':>7} TOPICS"
         )
         lines += ["", c(head, "1")]
         for r in st["readers"]:
-            alive = "yes" if r["alive"] else c("no", "31")
+            if r["state"] == "dormant":  # a durable reader between processes
+                alive = c("dormant", "33")
+            else:
+                alive = "yes" if r["alive"] else c("no", "31")
             lost = c(str(r["lost"]), "33") if r["lost"] else "0"
             lines.append(
                 f"{r['instance']:<16} {r['pid']:>7} {alive:>5} {r['cursor']:>12} {r['lag']:>8} "
-                f"{r['lag_seconds']:>8.3f} {r['delivered']:>12} {lost:>10} "
+                f"{r['lag_seconds']:>8.3f} {r['delivered']:>12} {lost:>10} {r['redelivered']:>8} "
                 f"{'yes' if r['asleep'] else 'no':>6} {r['wait']:>7} {_topics_text(r)}"
             )
     return "\n".join(lines)

@@ -321,6 +321,7 @@ def test_status_table_shows_writer_ring_and_reader_rows(quiet: Bus) -> None:
         "LAG_S",
         "DELIVERED",
         "LOST",
+        "REDELIV",
         "ASLEEP",
         "WAIT",
         "TOPICS",
@@ -332,9 +333,21 @@ def test_status_table_shows_writer_ring_and_reader_rows(quiet: Bus) -> None:
     }
     assert set(table) == {"1", "2"}, text
     for name, proc in (("1", r1), ("2", r2)):
-        _instance, pid, alive, cursor, lag, _lag_s, delivered, lost, _asleep, wait, topics = table[
-            name
-        ]
+        (
+            _instance,
+            pid,
+            alive,
+            cursor,
+            lag,
+            _lag_s,
+            delivered,
+            lost,
+            again,
+            _asleep,
+            wait,
+            topics,
+        ) = table[name]
+        assert again == "0"
         assert wait == "sleep" and topics == "all"
         assert (pid, alive, cursor, lag, delivered, lost) == (
             str(proc.pid),

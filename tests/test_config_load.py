@@ -465,7 +465,7 @@ BAD = [
         + "}\ncontrol:\n  max_message: 2048\n",
         2,
         "segment.topics",
-        "the Welcome carrying these 64 names is 2307 bytes, more than control.max_message 2048",
+        "the Welcome carrying these 64 names is 2315 bytes, more than control.max_message 2048",
     ),
     ("writer:\n  shutdown_grace: -0.5\n", 2, "writer.shutdown_grace", "between 0 and"),
     (

@@ -198,6 +198,7 @@ def test_the_cores_layout_is_the_layout_modules() -> None:
         "R_SLEEP_SEQ": layout.RU_SLEEP_SEQ * 4,
         "R_WAKE_SEQ": layout.RU_WAKE_SEQ * 4,
         "R_TOPICS": layout.RQ_TOPICS * 8,
+        "R_TAKEN": layout.RQ_TAKEN * 8,
         "R_TOKEN": layout.RQ_TOKEN * 8,
         "RECORD_HEADER_SIZE": layout.RECORD_HEADER_SIZE,
         "TOPIC_MAX": layout.TOPIC_MAX,

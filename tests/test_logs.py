@@ -289,6 +289,7 @@ MODULE_ROLES = {
     "daemons/writer.py": "writer",
     "daemons/server.py": "writer",
     "daemons/fdstore.py": "writer",
+    "daemons/dormant.py": "writer",
     "bus/publisher.py": "writer",
     "bus/readers.py": "writer",
     "bus/adopt.py": "writer",

@@ -70,6 +70,7 @@ def hellos(draw: st.DrawFn) -> Hello:
         last_generation=draw(st.integers(1, U64_MAX) if resume else u64),
         wait=draw(st.sampled_from(WaitCode)),
         topic_names=names,
+        durable_ms=draw(st.integers(0, U32_MAX)),
     )
 
 
@@ -91,6 +92,7 @@ def welcomes(draw: st.DrawFn) -> Welcome:
         start_cursor=draw(u64),
         resumed=draw(st.booleans()),
         topics=draw(topic_maps),
+        redeliver_until=draw(u64),
     )
 
 
@@ -128,8 +130,9 @@ def hello_body(
     wait: int = 0,
     names: tuple[bytes, ...] = (),
     count: int | None = None,
+    durable: int = 0,
 ) -> bytes:
-    fixed = struct.pack("<QQQIBB", topics, cursor, generation, pid, start, wait)
+    fixed = struct.pack("<QQQIBBI", topics, cursor, generation, pid, start, wait, durable)
     tail = bytes([len(names) if count is None else count]) + b"".join(map(string, names))
     return prefix(MessageType.HELLO) + fixed + string(instance) + tail
 
@@ -146,12 +149,13 @@ def welcome_body(topics: tuple[tuple[int, bytes], ...] = (), **changes: int) -> 
         "reader_index": 3,
         "policy": 0,
         "resumed": 0,
+        "redeliver_until": 0,
     }
     fields.update(changes)
     pairs = b"".join(bytes([t]) + string(n) for t, n in topics)
     return (
         prefix(MessageType.WELCOME)
-        + struct.pack("<QQQQIIIIBB", *fields.values())
+        + struct.pack("<QQQQIIIIBBQ", *fields.values())
         + bytes([len(topics)])
         + pairs
     )
@@ -195,15 +199,17 @@ def test_hello_bytes_are_pinned() -> None:
         resume_cursor=0x0102,
         last_generation=7,
         wait=WaitCode.SPIN,
+        durable_ms=30_000,
     )
     assert msg.encode().hex(" ") == (
-        "01 00 03 00"  # type 1 (Hello), version 3
+        "01 00 04 00"  # type 1 (Hello), version 4
         " 05 00 00 00 00 00 00 00"  # topic mask: topics 0 and 2
         " 02 01 00 00 00 00 00 00"  # resume cursor
         " 07 00 00 00 00 00 00 00"  # last generation
         " 34 12 00 00"  # pid
         " 02"  # start = resume
         " 01"  # wait = spin
+        " 30 75 00 00"  # durable grace: 30000 ms
         " 01 00 31"  # instance "1"
         " 00"  # no topic names
     )
@@ -237,7 +243,7 @@ def test_welcome_with_a_topic_map_bytes_are_pinned() -> None:
     body = msg.encode()
     assert body == welcome_body(((1, b"frames"), (3, b"ticks")))
     assert (
-        body[54:] == bytes.fromhex("02 01 06 00") + b"frames" + bytes.fromhex("03 05 00") + b"ticks"
+        body[62:] == bytes.fromhex("02 01 06 00") + b"frames" + bytes.fromhex("03 05 00") + b"ticks"
     )
     decoded = decode(body, 3)
     assert isinstance(decoded, Welcome) and decoded.topics == {"frames": 1, "ticks": 3}
@@ -260,11 +266,12 @@ def test_a_hello_with_an_unknown_wait_code_is_rejected() -> None:
 def test_welcome_and_short_messages_bytes_are_pinned() -> None:
     """Welcome, Refuse, Detach, Publish and PublishAck encode to the documented layouts."""
     assert decode(welcome_body(), 3).encode() == welcome_body()
-    assert len(welcome_body()) == 55
+    assert len(welcome_body()) == 63
     assert Refuse(RefuseCode.TABLE_FULL, "full").encode() == prefix(3) + b"\x04\x00" + string(
         b"full"
     )
     assert Detach(DetachCode.SHUTDOWN).encode() == prefix(4) + b"\x02\x00\x00\x00"
+    assert Detach(DetachCode.SUSPEND).encode() == prefix(4) + b"\x05\x00\x00\x00"
     assert Publish(5, b"abc").encode() == prefix(5) + b"\x05\x00\x00\x00\x03\x00\x00\x00abc"
     assert PublishAck(9, 2).encode() == prefix(6) + struct.pack("<QI", 9, 2)
 
@@ -339,8 +346,8 @@ def test_unknown_type_is_rejected(msg_type: int) -> None:
 
 def test_unknown_type_of_another_version_is_a_version_mismatch() -> None:
     """A body of another version is reported as a version mismatch even when its type is unknown."""
-    with pytest.raises(VersionMismatch, match="message of type 9 since it is protocol version 4"):
-        decode(prefix(9, 4), 0)
+    with pytest.raises(VersionMismatch, match="message of type 9 since it is protocol version 5"):
+        decode(prefix(9, 5), 0)
 
 
 def test_short_prefix_is_rejected() -> None:
@@ -392,7 +399,7 @@ def test_short_prefix_is_rejected() -> None:
         (prefix(3) + b"\x01\x00" + string(b"\xc3"), r"the reason is not valid UTF-8"),
         (prefix(3) + b"\x01\x00" + string(b"a\x1b[2J"), r"control or other unprintable"),
         (prefix(3) + b"\x01\x00" + string(b"r" * 1025), r"1025 bytes of UTF-8, more than 1024"),
-        (prefix(4) + b"\x05\x00" + string(b""), r"detach code 5 is not one of 1 \(normal\)"),
+        (prefix(4) + b"\x06\x00" + string(b""), r"detach code 6 is not one of 1 \(normal\)"),
         (prefix(5) + struct.pack("<II", 64, 0), r"the topic 64 is outside 0\.\.63"),
         (prefix(5) + struct.pack("<II", 0, 10) + b"short", r"the payload \(10 bytes\) needs"),
         (prefix(6) + struct.pack("<QI", 1, 0), r"the count 0 is outside 1\.\."),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from daemon_bus import (
@@ -366,3 +368,40 @@ def test_reader_events_map_to_journal_fields(bus: Bus) -> None:
     cleared = w.wait_for("active_cleared")
     assert drained["SHMD_SEQ"] == inactive["SHMD_SEQ"] == str(cleared["seq"])
     assert w.wait_for("reader_detached", reader="j")["reason"] == "drained"
+
+
+def test_a_killed_durable_reader_loses_nothing_and_counts_what_comes_twice(bus: Bus) -> None:
+    """A durable shm-reader SIGKILLed mid-stream: its successor resumes; repeats are counted."""
+    helpers = Path(__file__).parent / "helpers"
+    fifo, out, die = bus.dir / "go.fifo", bus.dir / "sink.out", bus.dir / "die"
+    os.mkfifo(fifo)
+    die.write_text("150")
+    bus.add_python_path(helpers)
+    bus.env.update(
+        SHMD_TEST_FIFO=str(fifo), SHMD_TEST_SINK_OUT=str(out), SHMD_TEST_DIE_FILE=str(die)
+    )
+    bus.configure(
+        segment={"capacity": 64, "policy": "block", "block_timeout": 20.0},
+        writer={"source": {"type": "python", "callable": "fifo_source:run"}},
+    )
+    w = bus.writer()
+    sink = {"type": "python", "callable": "dying_sink:write"}
+    first = bus.reader("1", sink=sink, durable_grace=30.0)
+    count = 600
+    with open(fifo, "w") as f:
+        f.write(f"{count}\n")
+    assert first.wait_exit() == -signal.SIGKILL
+    dormant = w.wait_for("reader_dormant", reader="1")
+    second = bus.reader("1", sink=sink, durable_grace=30.0)
+    attached = w.wait_for("reader_attached", reader="1", pid=second.pid)
+    assert int(attached["seq"]) == dormant["seq"]
+    assert w.wait_exit() == 0
+    assert second.wait_exit() == 0
+    drained = second.wait_for("drained")
+    lines = read_lines(out)
+    wanted = [f"{i} {i % 3} {f'rec {i} topic {i % 3}'.encode().hex()}" for i in range(count)]
+    twice = len(lines) - len(set(lines))
+    assert sorted(set(lines), key=lambda s: int(s.split()[0])) == wanted
+    assert twice > 0  # the killed one's last batch was written but not released
+    assert drained["redelivered"] == twice == int(attached["redelivered"])
+    assert drained["lost"] == 0

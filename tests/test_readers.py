@@ -169,3 +169,44 @@ def test_the_table_reports_changes_before_it_closes_an_eventfd(shm_name: str) ->
     finally:
         seg.close()
         Segment.unlink_name(shm_name)
+
+
+def test_a_suspended_durable_entry_keeps_its_cursor_and_is_taken_back_with_its_marks(
+    bus: Bus,
+) -> None:
+    """suspend() keeps the entry dormant (holding the ring); reawaken() counts what comes again."""
+    pub = bus.publisher(capacity=16, policy=Policy.BLOCK)
+    sub = bus.subscriber(pub, "dur", topics=0b01, start="oldest")
+    pub.publish_batch([b"a"] * 4, topic=0)
+    pub.publish_batch([b"b"] * 2, topic=1)
+    pub.publish_batch([b"c"] * 2, topic=0)
+    rows = sub.read_batch(hold=True)
+    assert [r[0] for r in rows] == [0, 1, 2, 3, 6, 7]
+    # Handed over up to seq 6 (its record is in hand), done below seq 2.
+    sub.take(7, 2)
+    entry = pub.segment.entry(sub.index)
+    assert (entry.cursor, entry.taken) == (2, 7)
+    handle = pub.readers[sub.index]
+    pub.table.suspend(sub.index)
+    assert pub.segment.entry(sub.index).state == ReaderState.DORMANT
+    assert sub.index in pub.readers  # still held: block waits for its cursor
+    cursor, taken, again = pub.table.reawaken(sub.index, 4242, 0b01, 0, 5000)
+    # Seqs 2, 3 and 6 are of topic 0 below the taken mark; 4 and 5 are not its topic.
+    assert (cursor, taken, again) == (2, 7, 3)
+    entry = pub.segment.entry(sub.index)
+    assert (entry.state, entry.pid, entry.redelivered, entry.durable_ms) == (
+        ReaderState.ATTACHED,
+        4242,
+        3,
+        5000,
+    )
+    assert handle.pid == 4242
+
+
+def test_count_records_counts_only_what_the_ring_still_holds(bus: Bus) -> None:
+    """Records overwritten by a later lap are not counted, nor those of other topics."""
+    pub = bus.publisher(capacity=8)
+    pub.publish_batch([b"x"] * 20, topic=2)
+    assert pub.table.count_records(0, 20, 1 << 2) == 8  # seqs 12..19 remain
+    assert pub.table.count_records(14, 17, 1 << 2) == 3
+    assert pub.table.count_records(14, 17, 1 << 3) == 0

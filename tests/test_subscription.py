@@ -156,6 +156,98 @@ def test_a_killed_client_is_freed_and_64_clients_leave_the_writer_as_it_was(bus:
     assert census() == before
 
 
+def durable_client(
+    bus: Bus, name: str, mode: str, out: str, *, die_after: int = 0, grace: float = 30.0
+) -> Daemon:
+    """tests/helpers/client.py as durable reader ``name`` writing ``out``, once connected."""
+    argv = [sys.executable, CLIENT, bus.socket, name, "all", mode, str(bus.dir / out)]
+    d = bus.spawn(f"client-{out}", [*argv, "oldest", str(grace), str(die_after)])
+    d.wait_for("connected")
+    return d
+
+
+@pytest.mark.parametrize("mode", ["iter", "batches", "poll", "async"])
+def test_a_killed_durable_client_resumes_at_its_cursor_and_counts_what_comes_twice(
+    bus: Bus, mode: str
+) -> None:
+    """Under block a SIGKILLed durable client's successor loses nothing; its repeats are counted."""
+    w, fifo = fifo_writer(bus, block_timeout=20.0)
+    first = durable_client(bus, "dur", mode, "a.out", die_after=150)
+    count = 600  # the writer blocks on the dead reader's cursor, ring laps before and after
+    go(fifo, count)
+    assert first.wait_exit() == -signal.SIGKILL
+    w.wait_for("reader_dormant", reader="dur")
+    second = durable_client(bus, "dur", mode, "b.out")
+    attached = w.wait_for("reader_attached", reader="dur", pid=second.pid)
+    assert w.wait_exit() == 0
+    assert second.wait_exit() == 0, second.stderr()
+    done = second.wait_for("done")
+    a, b = read_lines(bus.dir / "a.out"), read_lines(bus.dir / "b.out")
+    assert len(a) >= 150
+    everything = expected(count, {0, 1, 2})
+    assert a == everything[: len(a)]
+    # The successor starts at the first record its predecessor had not
+    # finished with, and goes on to the end without a gap.
+    start = everything.index(b[0])
+    assert start <= len(a)
+    assert b == everything[start:]
+    twice = len(set(a) & set(b))
+    assert twice > 0
+    assert done["redelivered"] == twice
+    assert int(attached["redelivered"]) == twice
+    assert done["lost"] == 0
+
+
+def test_a_durable_reader_that_does_not_come_back_is_freed_after_its_grace(bus: Bus) -> None:
+    """A dormant durable entry is freed (reader_lost) when its grace ends without a successor."""
+    w = quiet_writer(bus)
+    c = durable_client(bus, "brief", "iter", "c.out", grace=0.5)
+    c.kill()
+    assert c.wait_exit() == -signal.SIGKILL
+    w.wait_for("reader_dormant", reader="brief")
+    lost = w.wait_for("reader_lost", reader="brief")
+    assert "within 0.5 s" in lost["reason"]
+    # The entry is free again: a client of the same name starts afresh.
+    with shmd.connect(bus.socket, name="brief", timeout=5) as sub:
+        assert sub.welcome is not None and not sub.welcome.resumed
+
+
+def test_a_dormant_durable_reader_is_evicted_under_block_after_block_timeout(bus: Bus) -> None:
+    """Under block the writer waits block_timeout for a dormant reader, then evicts it."""
+    w, fifo = fifo_writer(bus, block_timeout=0.5)
+    c = durable_client(bus, "gone", "iter", "d.out", die_after=1)
+    go(fifo, 200)
+    assert c.wait_exit() == -signal.SIGKILL
+    w.wait_for("reader_dormant", reader="gone")
+    w.wait_for("reader_evicted", reader="gone")
+    lost = w.wait_for("reader_lost", reader="gone")
+    assert "evicted while dormant" in lost["reason"]
+    assert w.wait_exit() == 0
+
+
+def test_a_durable_client_that_closes_suspends_and_a_plain_one_of_its_name_frees_it(
+    bus: Bus,
+) -> None:
+    """close() of a durable client keeps its entry; a non-durable client of that name frees it."""
+    w = quiet_writer(bus)
+    with dial(bus.socket, timeout=5) as conn:
+        with shmd.connect(bus.socket, name="dur", durable=30) as sub:
+            assert sub.welcome is not None and not sub.welcome.resumed
+            publish(conn, 0, b"one")
+            assert [r.payload for r in itertools.islice(sub, 1)] == [b"one"]
+        w.wait_for("reader_dormant", reader="dur", reason="it suspended")
+        publish(conn, 0, b"two")
+        mark = len(w.events)
+        with shmd.connect(bus.socket, name="dur", durable=30) as sub:
+            assert sub.welcome is not None and sub.welcome.resumed
+            assert [r.payload for r in itertools.islice(sub, 1)] == [b"two"]
+            assert sub.redelivered == 0
+        w.wait_for("reader_dormant", reader="dur", since=mark)
+    with shmd.connect(bus.socket, name="dur") as sub:
+        assert sub.welcome is not None and not sub.welcome.resumed
+    w.wait_for("reader_lost", reader="dur")
+
+
 # -- a client in this process --------------------------------------------------------------------
 
 

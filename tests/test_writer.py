@@ -490,14 +490,14 @@ BAD_MESSAGES: list[tuple[str, bytes, int, protocol.RefuseCode, str]] = [
     ),
     (
         "wrong version",
-        frame(hello_body("v4", version=4)),
+        frame(hello_body("v5", version=5)),
         0,
         protocol.RefuseCode.VERSION,
-        "protocol version 4 but this side speaks 3",
+        "protocol version 5 but this side speaks 4",
     ),
     (
         "unknown type",
-        frame(b"\x63\x00\x03\x00"),
+        frame(b"\x63\x00\x04\x00"),
         0,
         protocol.RefuseCode.BAD_MESSAGE,
         "its type 99 is unknown",

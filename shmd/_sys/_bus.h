@@ -37,7 +37,7 @@
 #define READER_ENTRY_SIZE 128
 
 /* -- reader-table entry fields (byte offsets in an entry) ------------------- */
-#define R_STATE 0           /* u32: 0 free, 1 attached, 2 evicted */
+#define R_STATE 0           /* u32: 0 free, 1 attached, 2 evicted, 3 dormant */
 #define R_CURSOR 8          /* u64 */
 #define R_DELIVERED 16      /* u64 */
 #define R_LOST 24           /* u64 */
@@ -46,6 +46,7 @@
 #define R_WAKE_SEQ 44       /* u32: the writer's answers */
 #define R_TOPICS 48         /* u64: subscription mask */
 #define R_TOKEN 96          /* u64 */
+#define R_TAKEN 112         /* u64: durable readers: seq after the last record handed out */
 
 #define STATE_ATTACHED 1
 

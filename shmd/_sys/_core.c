@@ -342,14 +342,14 @@ static int
 add_layout(PyObject *module)
 {
     PyObject *d = Py_BuildValue(
-        "{sisisisisisisisisisisisisisisisisisisisisisi}",
+        "{sisisisisisisisisisisisisisisisisisisisisisisi}",
         "OFF_ACTIVE", OFF_ACTIVE, "OFF_WRITE_SEQ", OFF_WRITE_SEQ,
         "OFF_RESERVE_SEQ", OFF_RESERVE_SEQ, "OFF_WRITER_WAITING", OFF_WRITER_WAITING,
         "OFF_SLEEP_COUNT", OFF_SLEEP_COUNT, "OFF_BYTES_PUBLISHED", OFF_BYTES_PUBLISHED,
         "OFF_SEM", OFF_SEM, "OFF_READERS", OFF_READERS, "READER_ENTRY_SIZE", READER_ENTRY_SIZE,
         "R_STATE", R_STATE, "R_CURSOR", R_CURSOR, "R_DELIVERED", R_DELIVERED, "R_LOST", R_LOST,
         "R_LAST_ACTIVE_NS", R_LAST_ACTIVE_NS, "R_SLEEP_SEQ", R_SLEEP_SEQ,
-        "R_WAKE_SEQ", R_WAKE_SEQ, "R_TOPICS", R_TOPICS, "R_TOKEN", R_TOKEN,
+        "R_WAKE_SEQ", R_WAKE_SEQ, "R_TOPICS", R_TOPICS, "R_TOKEN", R_TOKEN, "R_TAKEN", R_TAKEN,
         "RECORD_HEADER_SIZE", RECORD_HEADER_SIZE, "TOPIC_MAX", TOPIC_MAX,
         "STATE_ATTACHED", STATE_ATTACHED, "REC_TOPIC", REC_TOPIC);
     if (d == NULL) {

@@ -1077,6 +1077,76 @@ Reader_settle(Reader *self, PyObject *Py_UNUSED(unused))
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(take_doc,
+"take(taken, released=None)\n\n"
+"A durable reader's two marks.  `taken`, stored in the entry, is the seq\n"
+"after the last record handed to the application: what a new process of\n"
+"this reader gets again below it is redelivered.  `released` publishes the\n"
+"cursor up to there (at most the read cursor): the application is done with\n"
+"every record below it; those above stay held until release() or a sleep.\n"
+"None publishes nothing.  Does nothing once the entry is not ours.");
+
+/* [R5] with the cursor published at `pos` (below the read cursor: the rest
+ * stays held), for take(). */
+static void
+publish_upto(Reader *self, uint64_t pos)
+{
+    self->cursor_owed = 0;
+    if (!self->block) {
+        store_entry(self, pos);
+        return;
+    }
+    store_entry(self, self->nloans > 0 ? loans_floor(self, pos) : pos);
+    /* As publish_blocking: no fence, the writer re-checks every 10 ms. */
+    if (LOAD32(self->c + OFF_WRITER_WAITING, RELAXED)) {
+        self->posted_at = pos;
+        sem_post((sem_t *)(void *)(self->c + OFF_SEM));
+    }
+}
+
+static PyObject *
+Reader_take(Reader *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "take() takes taken and an optional released");
+        return NULL;
+    }
+    unsigned long long taken = PyLong_AsUnsignedLongLong(args[0]);
+    if (taken == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int release = nargs == 2 && args[1] != Py_None;
+    unsigned long long released = 0;
+    if (release) {
+        released = PyLong_AsUnsignedLongLong(args[1]);
+        if (released == (unsigned long long)-1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if (self->c == NULL) {
+        return fail(self, ERR_CLOSED_READ, 0);
+    }
+    if (!entry_is_ours(self)) {
+        /* Evicted (the next read says so): nothing is held through it. */
+        self->held = self->cursor_owed = 0;
+        loans_drop_all(self);
+        Py_RETURN_NONE;
+    }
+    /* Relaxed: the writer reads it only after our connection closed (the
+     * kernel's hang-up orders it after every store we made), to tell a new
+     * process of ours what it gets again. */
+    STORE64(self->e + R_TAKEN, taken, RELAXED);
+    if (release) {
+        if (released >= self->cursor) {
+            publish_cursor(self);
+        } else {
+            publish_upto(self, released);
+            self->held = 1;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(set_totals_doc,
 "set_totals(delivered, lost)\n\nContinue counting from these totals, stored in the entry too.");
 
@@ -1207,6 +1277,7 @@ static PyMethodDef Reader_methods[] = {
     {"spin", (PyCFunction)(void (*)(void))Reader_spin, METH_FASTCALL, spin_doc},
     {"announce", (PyCFunction)Reader_announce, METH_NOARGS, announce_doc},
     {"settle", (PyCFunction)Reader_settle, METH_NOARGS, settle_doc},
+    {"take", (PyCFunction)(void (*)(void))Reader_take, METH_FASTCALL, take_doc},
     {"set_totals", (PyCFunction)(void (*)(void))Reader_set_totals, METH_FASTCALL, set_totals_doc},
     {"close", (PyCFunction)Reader_close, METH_NOARGS,
      "close()\n\nStore a cursor left for later, then release the segment's buffers."},

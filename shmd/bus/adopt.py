@@ -135,7 +135,9 @@ def take_over(table: ReaderTable, header: Header, *, in_place: bool) -> None:
         seq=header.write_seq,
         in_place=in_place,
         discarded=header.reserve_seq - header.write_seq,
-        readers=sum(1 for e in seg.entries() if e.state == ReaderState.ATTACHED),
+        readers=sum(
+            1 for e in seg.entries() if e.state in (ReaderState.ATTACHED, ReaderState.DORMANT)
+        ),
     )
 
 

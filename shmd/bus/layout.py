@@ -86,10 +86,18 @@ R_NAME = 64  #: 32 bytes UTF-8, NUL padded
 R_TOKEN = 96  #: u64, incremented every time the entry is taken
 #: u32, written by the writer from the Hello: how the reader waits (shmd.bus.wait.WaitCode)
 R_WAIT = 104
+#: u32, written by the writer from the Hello: a durable reader's grace in ms (0: not durable),
+#: how long the writer keeps the entry after the reader's process went (DORMANT)
+R_DURABLE_MS = 108
+#: u64, written by a durable reader only: the seq after the last record it handed to its
+#: application (the records in [cursor, taken) are delivered again to its next process)
+R_TAKEN = 112
+#: u64, written by the writer: records handed back to new processes of this durable reader
+R_REDELIVERED = 120
 NAME_MAX = 31
 
-_ENTRY = struct.Struct("<IIQQQQIIQQ32sQI")
-assert _ENTRY.size == R_WAIT + 4
+_ENTRY = struct.Struct("<IIQQQQIIQQ32sQIIQQ")
+assert _ENTRY.size == READER_ENTRY_SIZE
 
 # Word indices of the entry's fields, relative to ``Segment.entry_words(i)``:
 # ``seg.u[u0 + RU_STATE]`` is entry i's state, ``seg.q[q0 + RQ_CURSOR]`` its
@@ -106,6 +114,9 @@ RQ_LAST_ACTIVE_NS = R_LAST_ACTIVE_NS // 8
 RQ_TOPICS = R_TOPICS // 8
 RQ_ATTACHED_NS = R_ATTACHED_NS // 8
 RQ_TOKEN = R_TOKEN // 8
+RU_DURABLE_MS = R_DURABLE_MS // 4
+RQ_TAKEN = R_TAKEN // 8
+RQ_REDELIVERED = R_REDELIVERED // 8
 
 
 class ReaderState(enum.IntEnum):
@@ -115,6 +126,10 @@ class ReaderState(enum.IntEnum):
     ATTACHED = 1
     #: The writer evicted this reader (block policy timeout); the reader exits.
     EVICTED = 2
+    #: A durable reader's process went; the writer keeps the entry (its cursor
+    #: holds the ring under block) until a new process of it attaches or its
+    #: grace ends.
+    DORMANT = 3
 
 
 class Policy(enum.IntEnum):
@@ -411,6 +426,12 @@ class ReaderEntry:
     token: int
     #: how the reader waits (shmd.bus.wait.WaitCode; 0 sleep)
     wait: int
+    #: a durable reader's grace in ms (0: not durable)
+    durable_ms: int = 0
+    #: a durable reader's taken mark (see R_TAKEN)
+    taken: int = 0
+    #: records handed back again to new processes of this durable reader
+    redelivered: int = 0
 
 
 def entry_offset(index: int) -> int:
@@ -427,7 +448,22 @@ def decode_entry(buf: bytes | memoryview, index: int) -> ReaderEntry:
         state = ReaderState.FREE
     name = f[10].split(b"\0", 1)[0].decode("utf-8", "replace")
     return ReaderEntry(
-        index, state, f[1], f[2], f[3], f[4], f[5], f[6] != f[7], f[8], f[9], name, f[11], f[12]
+        index,
+        state,
+        f[1],
+        f[2],
+        f[3],
+        f[4],
+        f[5],
+        f[6] != f[7],
+        f[8],
+        f[9],
+        name,
+        f[11],
+        f[12],
+        f[13],
+        f[14],
+        f[15],
     )
 
 

@@ -245,11 +245,19 @@ class Publisher:
         start: str | int = "latest",
         eventfd: OwnedFd | None = None,
         wait: int = 0,
+        durable_ms: int = 0,
     ) -> ReaderHandle:
         """Take a free table entry for a reader and make its eventfd (:meth:`ReaderTable.add`)."""
         self._check_open()
         return self.table.add(
-            name, pid, self._w.seq, topics=topics, start=start, eventfd=eventfd, wait=wait
+            name,
+            pid,
+            self._w.seq,
+            topics=topics,
+            start=start,
+            eventfd=eventfd,
+            wait=wait,
+            durable_ms=durable_ms,
         )
 
     def remove_reader(self, index: int) -> ReaderEntry | None:

@@ -34,8 +34,11 @@ from shmd.bus.layout import (
     RQ_DELIVERED,
     RQ_LAST_ACTIVE_NS,
     RQ_LOST,
+    RQ_REDELIVERED,
+    RQ_TAKEN,
     RQ_TOKEN,
     RQ_TOPICS,
+    RU_DURABLE_MS,
     RU_PID,
     RU_SLEEP_SEQ,
     RU_STATE,
@@ -43,6 +46,7 @@ from shmd.bus.layout import (
     RU_WAKE_SEQ,
     ReaderEntry,
     ReaderState,
+    decode_record_header,
     encode_name,
     entry_offset,
 )
@@ -224,6 +228,7 @@ class ReaderTable:
         start: str | int = "latest",
         eventfd: OwnedFd | None = None,
         wait: int = 0,
+        durable_ms: int = 0,
     ) -> ReaderHandle:
         """Take a free table entry for a reader and make its eventfd.
 
@@ -232,7 +237,8 @@ class ReaderTable:
         (resume after a writer restart; clamped into what the ring holds).
         ``eventfd`` is the reader's eventfd if the caller made it (the
         table takes it over); by default a new one.  ``wait`` is the
-        reader's wait strategy's code (shmd.bus.wait.WaitCode), for status.
+        reader's wait strategy's code (shmd.bus.wait.WaitCode), for status;
+        ``durable_ms`` a durable reader's grace (0: not durable).
         """
         raw_name = encode_name(name)
         seg, cap = self.segment, self.geometry.capacity
@@ -275,6 +281,9 @@ class ReaderTable:
             q[q0 + RQ_ATTACHED_NS] = now
             q[q0 + RQ_TOPICS] = topics
             q[q0 + RQ_TOKEN] = token
+            q[q0 + RQ_TAKEN] = cursor
+            q[q0 + RQ_REDELIVERED] = 0
+            u[u0 + RU_DURABLE_MS] = durable_ms
             u[u0 + RU_SLEEP_SEQ] = 0
             u[u0 + RU_WAKE_SEQ] = 0
             u[u0 + RU_PID] = pid
@@ -304,12 +313,12 @@ class ReaderTable:
         return entry
 
     def restore(self, index: int, eventfd: OwnedFd) -> ReaderHandle | None:
-        """Re-own an attached entry of an adopted segment with its stored eventfd.
+        """Re-own an attached (or dormant) entry of an adopted segment with its stored eventfd.
 
-        Returns None (and closes the eventfd) when the entry is not attached.
+        Returns None (and closes the eventfd) when the entry is neither.
         """
         entry = self.segment.entry(index) if 0 <= index < self.geometry.max_readers else None
-        if entry is None or entry.state != ReaderState.ATTACHED:
+        if entry is None or entry.state not in (ReaderState.ATTACHED, ReaderState.DORMANT):
             eventfd.close()
             return None
         q0, u0 = Segment.entry_words(index)
@@ -341,6 +350,63 @@ class ReaderTable:
         self.handles[index].pid = pid
         self._rewound(cursor)
         return cursor
+
+    def suspend(self, index: int) -> None:
+        """A durable reader's process went: keep its entry and cursor, marked dormant.
+
+        The handle stays, so the block policy waits for its cursor like any
+        slow reader's (and evicts it after ``block_timeout``).
+        """
+        _, u0 = Segment.entry_words(index)
+        with self.locked():
+            self.segment.u[u0 + RU_STATE] = ReaderState.DORMANT
+
+    def reawaken(
+        self, index: int, pid: int, topics: int, wait: int, durable_ms: int
+    ) -> tuple[int, int, int]:
+        """A new process of a dormant durable reader: hand it the entry at its cursor.
+
+        Returns ``(cursor, taken, redelivered)``: where it resumes, the mark
+        below which its previous process had been handed records, and how
+        many records of its topics in between the ring still holds (they
+        are delivered again; counted in the entry's ``redelivered``).  The
+        topics and the grace are the new process's.  The handle set stays
+        the same, and with the same topics nothing the publisher caches
+        changes: then the caller need not hold off publishing (a publish
+        blocked on this reader's cursor waits for exactly this).
+        """
+        seg, handle = self.segment, self.handles[index]
+        q0, u0 = handle.q0, handle.u0
+        q, u = seg.q, seg.u
+        cursor, taken = q[q0 + RQ_CURSOR], q[q0 + RQ_TAKEN]
+        again = self.count_records(cursor, taken, topics)
+        with self.locked():
+            q[q0 + RQ_TOPICS] = topics
+            q[q0 + RQ_LAST_ACTIVE_NS] = time.monotonic_ns()
+            q[q0 + RQ_REDELIVERED] += again
+            u[u0 + RU_PID] = pid
+            u[u0 + RU_WAIT] = wait
+            u[u0 + RU_DURABLE_MS] = durable_ms
+            u[u0 + RU_STATE] = ReaderState.ATTACHED
+        changed = handle.topics != topics
+        handle.pid, handle.topics = pid, topics
+        if changed:
+            self._changed()
+        return cursor, taken, again
+
+    def count_records(self, start: int, end: int, topics: int) -> int:
+        """Records of ``topics`` with seqs in [start, end) that the ring still holds intact."""
+        seg, g = self.segment, self.geometry
+        write_seq = seg.q[Segment.WRITE_SEQ]
+        first = max(start, write_seq - g.capacity, 0)
+        count = 0
+        ring = seg.ring
+        for seq in range(first, min(end, write_seq)):
+            # Our own ring (the one writer): nothing writes it under us.
+            got, _, _, topic = decode_record_header(ring, (seq % g.capacity) * g.slot_size)
+            if got == seq and topics >> topic & 1:
+                count += 1
+        return count
 
     def free_unclaimed(self) -> None:
         """Free attached entries that no restored handle owns (their readers are gone)."""

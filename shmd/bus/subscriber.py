@@ -278,6 +278,16 @@ class Subscriber:
         """
         self._r.settle()
 
+    def take(self, taken: int, released: int | None = None) -> None:
+        """A durable reader's marks: handed out below ``taken``, done below ``released``.
+
+        ``taken`` goes into the entry (a new process of this reader gets the
+        records in [cursor, taken) again, counted as redelivered);
+        ``released`` publishes the cursor up to there, keeping the records
+        above held (see :meth:`release`).  (The core's ``Reader.take``.)
+        """
+        self._r.take(taken, released)
+
     def carry_over(self, delivered: int, lost: int) -> None:
         """Continue counting from another subscriber's totals (a reader resuming on a
         restarted writer's segment); stored in the entry too, for the writer's reports."""

@@ -29,6 +29,7 @@ from shmd.bus.subscriber import Subscriber
 from shmd.bus.wait import WaitStrategy
 from shmd.control import protocol
 from shmd.control.connection import Connection
+from shmd.control.fields import U32_MAX
 from shmd.control.frames import (
     DEFAULT_MAX_MESSAGE,
     SOCKET_TYPES,
@@ -72,6 +73,9 @@ class Options:
     max_message: int = DEFAULT_MAX_MESSAGE
     #: How long a reader waits for the shared mutex (seconds).
     mutex_timeout: float = 0.5
+    #: Durable: how long the writer keeps this reader's entry and cursor after
+    #: its process went, for the next process of this name (seconds; 0: not).
+    durable: float = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -93,13 +97,18 @@ class Options:
                 f"Failed to set up a client since the socket type {self.socket_type!r} is not "
                 f"one of {', '.join(sorted(SOCKET_TYPES))}"
             )
-        for what in ("timeout", "handshake_timeout", "mutex_timeout"):
+        for what in ("timeout", "handshake_timeout", "mutex_timeout", "durable"):
             value = getattr(self, what)
             if not isinstance(value, int | float) or not value >= 0:  # NaN fails too
                 raise ValueError(
                     f"Failed to set up a client since {what} must be a number of seconds >= 0 "
                     f"(got {value!r})"
                 )
+        if self.durable > U32_MAX / 1000:
+            raise ValueError(
+                f"Failed to set up a client since durable must be at most "
+                f"{U32_MAX // 1000} s (got {self.durable!r})"
+            )
 
 
 @dataclass
@@ -134,6 +143,9 @@ def attach(
     except BaseException:
         conn.close()
         raise
+    named: dict[str, int] = {}
+    if msg.redeliver_until:
+        named["redeliver_until"] = msg.redeliver_until
     log.info(
         "attached",
         generation=msg.generation,
@@ -145,6 +157,7 @@ def attach(
         writer_pid=sub.segment.writer_pid,
         resumed=msg.resumed,
         wait=sub.wait_strategy.label,
+        **named,
     )
     return Attached(conn, sub, lifeline, msg)
 
@@ -203,6 +216,7 @@ def _no_access(path: str) -> str:
 def hello(opts: Options, old: Subscriber | None) -> protocol.Hello:
     """Our Hello: where to start, or (``old``) where to resume."""
     wait = protocol.WaitCode(opts.wait.code)
+    durable_ms = round(opts.durable * 1000)
     if old is not None:
         return protocol.Hello(
             instance=opts.name,
@@ -213,6 +227,7 @@ def hello(opts: Options, old: Subscriber | None) -> protocol.Hello:
             last_generation=old.segment.generation,
             wait=wait,
             topic_names=opts.topic_names,
+            durable_ms=durable_ms,
         )
     start = protocol.StartCode.OLDEST if opts.start == "oldest" else protocol.StartCode.LATEST
     return protocol.Hello(
@@ -222,6 +237,7 @@ def hello(opts: Options, old: Subscriber | None) -> protocol.Hello:
         start=start,
         wait=wait,
         topic_names=opts.topic_names,
+        durable_ms=durable_ms,
     )
 
 

@@ -98,6 +98,7 @@ def connect(
     timeout: float = 10.0,
     handshake_timeout: float = 2.0,
     socket_type: Literal["seqpacket", "stream"] = "seqpacket",
+    durable: float = 0.0,
     log: FilteringBoundLogger | None = None,
 ) -> Subscription:
     """Join the bus whose writer listens on ``socket``; returns an open :class:`Subscription`.
@@ -109,7 +110,13 @@ def connect(
     ones the bus has).  ``start="oldest"``
     begins with whatever the ring still holds.  ``timeout`` is how long to
     keep trying while the socket is missing or nobody listens on it, and
-    how long to wait for a restarted writer later.  ``log`` gets the
+    how long to wait for a restarted writer later.  ``durable`` (seconds,
+    at most the writer's ``writer.max_durable_grace``) makes the reader
+    durable: when this process dies or closes while the bus runs, the
+    writer keeps the reader's entry and cursor that long, and the next
+    process of the same ``name`` resumes there; what it gets again is
+    counted in :attr:`Subscription.redelivered` (docs/CLIENT.md, "Durable
+    readers").  ``log`` gets the
     lifecycle events (attached, writer_lost, awaiting_writer, ...); by
     default nothing is logged.
 
@@ -128,6 +135,7 @@ def connect(
         timeout=timeout,
         handshake_timeout=handshake_timeout,
         socket_type=socket_type,
+        durable=durable,
     )
     sub = Subscription(opts, log=log)
     try:
@@ -172,6 +180,10 @@ class Subscription:
         #: The pid in the segment's header when we attached (see _await_writer).
         self._writer_pid = 0
         self._next_look = 0.0
+        #: Durable: records below this seq were handed to a previous process
+        #: of ours, and count as redelivered when they come (0: none left).
+        self._redeliver_until = 0
+        self._redelivered = 0
 
     # -- attaching ---------------------------------------------------------------------
 
@@ -207,14 +219,17 @@ class Subscription:
             self.lifeline.close()
         self.conn, self.sub, self.lifeline = got.conn, got.sub, got.lifeline
         self.welcome, self._writer_pid = got.welcome, got.sub.segment.writer_pid
+        if old is None:
+            self._redeliver_until = got.welcome.redeliver_until
         self._end, self._saw_inactive, self._lifeline_hup = None, False, False
         assert got.sub.eventfd is not None  # a Welcome always hands one over
         self.reactor.add(got.sub.eventfd.fileno(), self._on_eventfd)
         self.reactor.add(got.conn.fileno(), self._on_control)
         self.reactor.add(got.lifeline.fileno(), self._on_lifeline, 0)  # 0: hang-up only
-        # No Python frame per read: the subscriber's own (bound C) methods.
-        self.read_batch = got.sub.read_batch  # type: ignore[method-assign]  # bound C method
-        self.read_into = got.sub.read_into  # type: ignore[method-assign]  # bound C method
+        if not self.options.durable:
+            # No Python frame per read: the subscriber's own (bound C) methods.
+            self.read_batch = got.sub.read_batch  # type: ignore[method-assign]  # bound C method
+            self.read_into = got.sub.read_into  # type: ignore[method-assign]  # bound C method
 
     def _current(self) -> Subscriber:
         sub = self.sub
@@ -231,16 +246,28 @@ class Subscription:
 
         See :meth:`shmd.bus.subscriber.Subscriber.read_batch` (``copy=False``
         gives zero-copy views, ``hold=True`` keeps their slots from reuse
-        until :meth:`release`).  Pair it with :meth:`wait`.
+        until :meth:`release`).  Pair it with :meth:`wait`.  On a durable
+        subscription a record read without ``hold`` counts as done at once
+        (at-most-once); with ``hold`` it is done at :meth:`release`.
         """
-        return self._current().read_batch(limit, copy=copy, hold=hold)
+        sub = self._current()
+        rows = sub.read_batch(limit, copy=copy, hold=hold)
+        if hold:
+            sub.take(sub.cursor)
+        if self._redeliver_until and rows:
+            self._count_redelivered(rows)
+        return rows
 
     def read_into(self, buffer: memoryview | bytearray, /) -> tuple[int, int, int, int] | None:
         """Copy the next record into ``buffer``; ``(seq, timestamp_ns, topic, nbytes)`` or None.
 
         See :meth:`shmd.bus.subscriber.Subscriber.read_into`.  Never waits.
+        A durable subscription counts the record done at once (at-most-once).
         """
-        return self._current().read_into(buffer)
+        got = self._current().read_into(buffer)
+        if got is not None and got[0] < self._redeliver_until:
+            self._redelivered += 1
+        return got
 
     def still_valid(self, seq: int) -> bool:
         """Whether zero-copy record ``seq`` was intact until now (call after using its view)."""
@@ -274,11 +301,26 @@ class Subscription:
         return self._idle(timeout)
 
     def batches(self, limit: int = 4096, *, copy: bool = True) -> Iterator[list[RawRecord]]:
-        """Every record, in non-empty lists of plain tuples, until the subscription ends."""
+        """Every record, in non-empty lists of plain tuples, until the subscription ends.
+
+        Durable: a batch is done when the next one is asked for.
+        """
+        if not self.options.durable:
+            yield from self._batches(limit, copy, hold=False)
+            return
+        for batch in self._batches(limit, copy, hold=True):
+            sub = self._current()
+            sub.take(sub.cursor)
+            if self._redeliver_until:
+                self._count_redelivered(batch)
+            yield batch
+            self._current().release()
+
+    def _batches(self, limit: int, copy: bool, *, hold: bool) -> Iterator[list[RawRecord]]:
         while True:
             sub = self._current()
             before = sub.cursor
-            batch = sub.read_batch(limit, copy=copy)
+            batch = sub.read_batch(limit, copy=copy, hold=hold)
             if batch:
                 yield batch
                 if time.monotonic() >= self._next_look:
@@ -287,11 +329,31 @@ class Subscription:
                 return
 
     def __iter__(self) -> Iterator[Record]:
-        """Every record, copied, until the subscription ends."""
+        """Every record, copied, until the subscription ends.
+
+        Durable: a record is done when the next one is asked for.
+        """
         new = tuple.__new__
-        for batch in self.batches():
+        if not self.options.durable:
+            for batch in self._batches(4096, True, hold=False):
+                for row in batch:
+                    yield new(Record, row)
+            return
+        for batch in self._batches(4096, True, hold=True):
+            if self._redeliver_until:
+                self._count_redelivered(batch)
             for row in batch:
+                seq = row[0]
+                self._current().take(seq + 1, seq)
                 yield new(Record, row)
+
+    def _count_redelivered(self, rows: list[RawRecord]) -> None:
+        """Count the rows a previous process of ours was handed already."""
+        until = self._redeliver_until
+        again = sum(1 for row in rows if row[0] < until)
+        self._redelivered += again
+        if self._current().cursor >= until:
+            self._redeliver_until = 0  # past the mark: nothing more comes again
 
     # -- foreign event loops -----------------------------------------------------------
 
@@ -309,15 +371,26 @@ class Subscription:
         After an empty list the subscription has announced its sleep (what
         the strategy, even ``spin``, does here), so :meth:`fileno` becomes
         readable once there is something to do.  While a restarted writer
-        is awaited, this blocks for up to the timeout.
+        is awaited, this blocks for up to the timeout.  Durable: a list is
+        done when poll() is called again.
         """
+        return self._poll(limit, copy, take=True)
+
+    def _poll(self, limit: int, copy: bool, *, take: bool) -> list[Record] | None:
         self._drain_eventfd = True
         sub = self._current()
+        durable = bool(self.options.durable)
+        if durable:
+            sub.release()  # the caller is back: done with what it had
         new = tuple.__new__
         while True:
             before = sub.cursor
-            rows = sub.read_batch(limit, copy=copy)
+            rows = sub.read_batch(limit, copy=copy, hold=durable)
             if rows:
+                if durable and take:
+                    sub.take(sub.cursor)
+                if self._redeliver_until:
+                    self._count_redelivered(rows)
                 if time.monotonic() >= self._next_look:
                     self._look()
                 return [new(Record, row) for row in rows]
@@ -347,13 +420,15 @@ class Subscription:
         try:
             while True:
                 ready.clear()
-                records = self.poll()
+                records = self._poll(4096, True, take=False)
                 if records is None:
                     return
                 if not records:
                     await ready.wait()
                     continue
                 for rec in records:
+                    if self.options.durable:  # done with the one before
+                        self._current().take(rec.seq + 1, rec.seq)
                     yield rec
         finally:
             loop.remove_reader(fd)
@@ -405,6 +480,8 @@ class Subscription:
             "seq": sub.cursor,
             "generation": sub.segment.generation,
         }
+        if self.options.durable:
+            fields["redelivered"] = self._redelivered
         if end == "stopped":
             self.log.info("drained", reason=self.stop_reason, **fields)
             self.detach(protocol.DetachCode.NORMAL, self.stop_reason or "stopped")
@@ -563,9 +640,20 @@ class Subscription:
     # -- leaving -------------------------------------------------------------------------
 
     def detach(self, code: protocol.DetachCode, reason: str) -> None:
-        """Tell the writer we leave (best effort), so it logs a detach, not a loss."""
+        """Tell the writer we leave (best effort), so it logs a detach, not a loss.
+
+        A durable reader leaving a running bus suspends instead: the writer
+        keeps its entry for the next process of it.
+        """
         if self.conn is None or self.conn.closed:
             return
+        if (
+            self.options.durable
+            and code == protocol.DetachCode.NORMAL
+            and self.sub is not None
+            and self.sub.active
+        ):
+            code = protocol.DetachCode.SUSPEND
         if self.sub is not None:
             # A one-record read may have left its cursor for later: store it
             # now, so the writer's reader_detached reports every record read.
@@ -586,6 +674,11 @@ class Subscription:
     def lost(self) -> int:
         """Records this reader never got (overwritten under drop-oldest, or skipped on resume)."""
         return self._current().lost
+
+    @property
+    def redelivered(self) -> int:
+        """Durable: records delivered again that a previous process of this reader was handed."""
+        return self._redelivered
 
     @property
     def lag(self) -> int:

@@ -176,6 +176,9 @@ class WriterConfig:
     shutdown_grace: float = _seconds(5.0)
     status_interval: float = _seconds(1.0, positive=True)
     reconnect_grace: float = _seconds(10.0)
+    # The longest a durable reader's entry is kept after its process went
+    # (a reader's durable_grace, or a client's durable=, is capped to it).
+    max_durable_grace: float = _seconds(600.0)
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,9 @@ class ReaderSettings:
     sink: SinkConfig = field(default_factory=JournalSinkConfig, metadata=spec(sorted_keys=True))
     stats_interval: float = _seconds(10.0, positive=True)
     reconnect_timeout: float = _seconds(10.0)
+    # Durable: the writer keeps this reader's entry and cursor this many
+    # seconds after its process went, for the next one to resume (0: not durable).
+    durable_grace: float = _seconds(0.0)
     wait: WaitName = "sleep"
     # backoff only: seconds of spinning, then of yielding, before sleeping.
     backoff_spin: float = setting(50e-6, lo=0.0, hi=1.0)

@@ -18,6 +18,7 @@ LIVE_KEYS = frozenset(
         "control.allowed_groups",
         "writer.source.rate",
         "writer.status_interval",
+        "writer.max_durable_grace",
     }
 )
 

@@ -52,7 +52,7 @@ from shmd.errors import ShmdError
 
 #: 2: the Hello carries the reader's wait strategy.  3: the Hello may name
 #: topics, the Welcome carries the writer's topic map.
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4
 
 
 class ProtocolError(ShmdError):
@@ -126,6 +126,7 @@ class DetachCode(enum.IntEnum):
     SHUTDOWN = 2  # the writer is stopping
     EVICTED = 3  # the writer removed the reader (it held the ring up under policy block)
     ERROR = 4  # the sender hit an error and is leaving (the reason says which)
+    SUSPEND = 5  # a durable reader leaves and a new process of it comes back: keep its entry
 
 
 def _validate(msg: object, check: Callable[[], None]) -> None:
@@ -164,7 +165,7 @@ class Hello:
 
     TYPE: ClassVar[MessageType] = MessageType.HELLO
     N_FDS: ClassVar[int] = 0
-    _FIELDS: ClassVar[struct.Struct] = struct.Struct("<QQQIBB")
+    _FIELDS: ClassVar[struct.Struct] = struct.Struct("<QQQIBBI")
 
     instance: str
     pid: int
@@ -177,12 +178,17 @@ class Hello:
     #: Topics by name (the writer's ``segment.topics``), added to ``topics``;
     #: with names, ``topics`` may be 0 ("only the named ones").
     topic_names: tuple[str, ...] = ()
+    #: A durable reader's grace in ms (0: not durable): how long the writer
+    #: keeps its entry and cursor after its process went, for a new process
+    #: of the same name to resume there.
+    durable_ms: int = 0
 
     def __post_init__(self) -> None:
         _validate(self, self._check)
 
     def _check(self) -> None:
         check_instance(self.instance)
+        check_uint("the durable grace", self.durable_ms, U32_MAX)
         _set(self, "wait", check_member("wait", WaitCode, self.wait))
         check_uint("the pid", self.pid, U32_MAX, minimum=1)
         if isinstance(self.topic_names, str) or not isinstance(self.topic_names, tuple | list):
@@ -215,7 +221,13 @@ class Hello:
 
     def encode(self) -> bytes:
         fixed = self._FIELDS.pack(
-            self.topics, self.resume_cursor, self.last_generation, self.pid, self.start, self.wait
+            self.topics,
+            self.resume_cursor,
+            self.last_generation,
+            self.pid,
+            self.start,
+            self.wait,
+            self.durable_ms,
         )
         names = b"".join(encode_string(n) for n in self.topic_names)
         return (
@@ -228,14 +240,18 @@ class Hello:
 
     @classmethod
     def _decode(cls, r: BodyReader, version: int) -> Self:
-        topics, cursor, generation, pid, start, wait = r.fixed(cls._FIELDS, "the fixed fields")
+        topics, cursor, generation, pid, start, wait, durable = r.fixed(
+            cls._FIELDS, "the fixed fields"
+        )
         instance = r.string("the instance name")
         (count,) = r.fixed(LE_U8, "the topic name count")
         if count > TOPIC_COUNT:
             raise Invalid(f"{count} topic names are more than the {TOPIC_COUNT} topics")
         names = tuple(r.string(f"topic name {i}") for i in range(count))
         r.end()
-        return _construct(cls, instance, pid, topics, start, cursor, generation, wait, names)
+        return _construct(
+            cls, instance, pid, topics, start, cursor, generation, wait, names, durable
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +267,7 @@ class Welcome:
     TYPE: ClassVar[MessageType] = MessageType.WELCOME
     N_FDS: ClassVar[int] = 3
     FD_NAMES: ClassVar[tuple[str, str, str]] = ("eventfd", "segment", "lifeline")
-    _FIELDS: ClassVar[struct.Struct] = struct.Struct("<QQQQIIIIBB")
+    _FIELDS: ClassVar[struct.Struct] = struct.Struct("<QQQQIIIIBBQ")
 
     generation: int
     capacity: int
@@ -265,6 +281,10 @@ class Welcome:
     resumed: bool = False
     #: The writer's topic map (``segment.topics``): names to ids.
     topics: TopicMap = NO_TOPICS
+    #: A durable reader's new process: the records below this seq (from
+    #: ``start_cursor``) were handed to its previous process, and come again
+    #: (0: none).
+    redeliver_until: int = 0
 
     def __post_init__(self) -> None:
         _validate(self, self._check)
@@ -290,6 +310,7 @@ class Welcome:
             )
         _set(self, "policy", check_member("the policy", PolicyCode, self.policy))
         check_uint("the start cursor", self.start_cursor, U64_MAX)
+        check_uint("the redelivery mark", self.redeliver_until, U64_MAX)
         if not isinstance(self.resumed, bool):
             raise Invalid(f"resumed must be a bool, not {type(self.resumed).__name__}")
         if not isinstance(self.topics, TopicMap):
@@ -309,6 +330,7 @@ class Welcome:
             self.reader_index,
             self.policy,
             self.resumed,
+            self.redeliver_until,
         )
         pairs = b"".join(LE_U8.pack(t) + encode_string(n) for n, t in self.topics.items())
         head = PREFIX.pack(self.TYPE, PROTOCOL_VERSION) + fixed
@@ -316,9 +338,19 @@ class Welcome:
 
     @classmethod
     def _decode(cls, r: BodyReader, version: int) -> Self:
-        (generation, offset, size, cursor, capacity, slot, readers, index, policy, resumed) = (
-            r.fixed(cls._FIELDS, "the fields")
-        )
+        (
+            generation,
+            offset,
+            size,
+            cursor,
+            capacity,
+            slot,
+            readers,
+            index,
+            policy,
+            resumed,
+            until,
+        ) = r.fixed(cls._FIELDS, "the fields")
         (count,) = r.fixed(LE_U8, "the topic count")
         if count > TOPIC_COUNT:
             raise Invalid(f"{count} named topics are more than the {TOPIC_COUNT} topics")
@@ -345,6 +377,7 @@ class Welcome:
             cursor,
             decode_bool("resumed", resumed),
             TopicMap(pairs),
+            until,
         )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from structlog.typing import FilteringBoundLogger
@@ -316,10 +316,25 @@ class RestoredReaders:
             self.pub.resume_reader(handle.index, pid, cursor)
         return handle
 
-    def expire(self, grace: float) -> None:
-        """The grace is over: the readers that did not reconnect within it are gone."""
+    def pop_durable(self, name: str) -> ReaderHandle | None:
+        """The held entry of durable reader ``name``, for a new process of it; None if none."""
+        handle = next((h for h in self.handles.values() if h.name == name), None)
+        if handle is None or not self.pub.segment.entry(handle.index).durable_ms:
+            return None
+        del self.handles[handle.index]
+        return handle
+
+    def expire(self, grace: float, keep: Callable[[ReaderHandle, str], bool]) -> None:
+        """The grace is over: the readers that did not reconnect within it are gone.
+
+        ``keep`` may keep one instead (a durable reader's entry: True).
+        """
+        why = f"did not reconnect within {grace:g} s of the writer's restart"
         for index in list(self.handles):
-            self.forget(index, f"did not reconnect within {grace:g} s of the writer's restart")
+            if keep(self.handles[index], why):
+                del self.handles[index]
+            else:
+                self.forget(index, why)
 
     def forget(self, index: int, reason: str) -> None:
         """Free a restored reader's entry and stored eventfd; log it as lost."""

@@ -93,6 +93,7 @@ READER_REFUSED = "reader_refused"
 READER_ATTACHED = "reader_attached"
 READER_DETACHED = "reader_detached"
 READER_LOST = "reader_lost"
+READER_DORMANT = "reader_dormant"
 READER_ERROR = "reader_error"
 READER_EVICTED = "reader_evicted"
 EVENTFD_TAMPERED = "eventfd_tampered"
@@ -153,6 +154,7 @@ WRITER_EVENTS = frozenset(
         READER_ATTACHED,
         READER_DETACHED,
         READER_LOST,
+        READER_DORMANT,
         READER_ERROR,
         READER_EVICTED,
         EVENTFD_TAMPERED,

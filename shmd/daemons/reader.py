@@ -76,6 +76,7 @@ def client_options(cfg: Config, settings: ReaderSettings, instance: str) -> Opti
         socket_type=cfg.control.type,
         max_message=cfg.control.max_message,
         mutex_timeout=cfg.segment.mutex_timeout,
+        durable=settings.durable_grace,
     )
 
 
@@ -169,6 +170,9 @@ class ReaderDaemon:
         self._stats_mark = (now, sub.delivered)
         lag = sub.available()
         level = self.log.warning if sub.lost > self._reported_lost else self.log.info
+        durable: dict[str, int] = {}
+        if self.settings.durable_grace:
+            durable["redelivered"] = self.client.redelivered
         level(
             logs.STATS,
             delivered=sub.delivered,
@@ -177,6 +181,7 @@ class ReaderDaemon:
             lag=lag,
             rate=round(rate, 1),
             generation=sub.segment.generation,
+            **durable,
         )
         self._reported_lost = sub.lost
         sdnotify.status(

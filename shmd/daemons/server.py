@@ -12,6 +12,7 @@ when it is shutting down.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import select
@@ -33,6 +34,7 @@ from shmd.control.connection import Connection
 from shmd.control.frames import SOCKET_TYPES, ChannelError, PeerClosed, WireError
 from shmd.control.listener import accept, bind_listener, check_inherited_listener
 from shmd.daemons import fdstore, logs
+from shmd.daemons.dormant import DormantReaders
 from shmd.errors import ReaderTableFull, ShmdError, UnknownTopic
 
 Refusal = tuple[protocol.RefuseCode, str]
@@ -69,6 +71,12 @@ class Peer:
     handle: ReaderHandle | None = None
     instance: str | None = None
     detached: bool = False
+    #: Its Detach was SUSPEND (a durable reader leaving to come back).
+    suspended: bool = False
+    #: A durable reader's grace in seconds (its Hello's, capped); 0: not durable.
+    durable: float = 0.0
+    #: A durable reader's new process: (redeliver_until, records handed back).
+    redeliver: tuple[int, int] | None = None
     published: int = 0
     connected_at: float = field(default_factory=time.monotonic)
 
@@ -125,6 +133,8 @@ class ControlServer:
         self.lifeline_r = lifeline_r
         #: Readers of an adopted segment, waiting for them to reconnect.
         self.restored = fdstore.RestoredReaders(pub, restored, host.lock, host.log)
+        #: Durable readers whose process went, kept for their grace.
+        self.dormant = DormantReaders(pub, host.reactor, host.lock, host.log)
         self.peers: dict[int, Peer] = {}  # by connection fd
         self._last_lost: dict[int, int] = {}
         self.listener, self.bound_path = open_listener(host.cfg, control)
@@ -246,6 +256,7 @@ class ControlServer:
             return self._on_publish(peer, msg)
         if isinstance(msg, protocol.Detach):
             peer.detached = True
+            peer.suspended = msg.code == protocol.DetachCode.SUSPEND
             self.drop(peer, reason=msg.reason or msg.code.name.lower())
             return False
         reason = f"a {type(msg).__name__} is not for the writer"
@@ -292,6 +303,15 @@ class ControlServer:
                 protocol.RefuseCode.DUPLICATE_INSTANCE,
                 f"a reader named {hello.instance!r} is attached already",
             )
+        if hello.durable_ms and not resume:
+            back = self._reawaken(peer, hello, topics)
+            if back is not None:
+                return back
+        elif not hello.durable_ms:
+            # Freed, if it was dormant: this process starts afresh below.
+            self.dormant.forget(
+                hello.instance, "a new process of it attached without asking to be durable"
+            )
         restored = self.restored.claim(hello.instance, peer.pid, resume, hello.resume_cursor)
         if restored is not None:
             self.pub.table.set_wait(restored.index, int(hello.wait))
@@ -304,11 +324,35 @@ class ControlServer:
                     topics=topics,
                     start=self._start(hello, resume),
                     wait=int(hello.wait),
+                    durable_ms=int(peer.durable * 1000),
                 )
         except ReaderTableFull as exc:
             return (protocol.RefuseCode.TABLE_FULL, str(exc))
         fdstore.keep_reader(handle.index, handle.eventfd)
         return handle
+
+    def _reawaken(self, peer: Peer, hello: protocol.Hello, topics: int) -> ReaderHandle | None:
+        """A new process of a durable reader: its kept entry at its cursor, or None if none."""
+        handle = self.dormant.claim(hello.instance) or self.restored.pop_durable(hello.instance)
+        if handle is None:
+            return None
+        # Under block the source may be waiting for this reader's cursor,
+        # holding the lock: with its topics unchanged, none is needed.
+        lock = self.host.lock if handle.topics != topics else contextlib.nullcontext()
+        with lock:
+            cursor, taken, again = self.pub.table.reawaken(
+                handle.index, peer.pid, topics, int(hello.wait), int(peer.durable * 1000)
+            )
+        peer.redeliver = (taken if taken > cursor else 0, again)
+        return handle
+
+    def keep_durable(self, handle: ReaderHandle, reason: str) -> bool:
+        """Keep a durable reader's entry for its grace (False: it is not durable)."""
+        grace = self.pub.segment.entry(handle.index).durable_ms / 1000
+        if not grace:
+            return False
+        self.dormant.keep(handle, grace, reason)
+        return True
 
     def _on_hello(self, peer: Peer, hello: protocol.Hello) -> bool:
         if peer.handle is not None or peer.published:
@@ -318,6 +362,7 @@ class ControlServer:
             hello.start == protocol.StartCode.RESUME
             and hello.last_generation == self.pub.generation
         )
+        peer.durable = min(hello.durable_ms / 1000, self.host.cfg.writer.max_durable_grace)
         topics = self._topics(hello)
         handle = topics if isinstance(topics, tuple) else self._admit(peer, hello, resume, topics)
         if isinstance(handle, tuple):
@@ -346,8 +391,9 @@ class ControlServer:
             segment_size=g.segment_size,
             policy=protocol.PolicyCode(int(self.pub.policy)),
             start_cursor=cursor,
-            resumed=resume,
+            resumed=resume or peer.redeliver is not None,
             topics=self.host.cfg.segment.topics,
+            redeliver_until=peer.redeliver[0] if peer.redeliver else 0,
         )
         try:
             peer.conn.queue(
@@ -362,6 +408,10 @@ class ControlServer:
         names = () if mask == ALL_TOPICS else self.host.cfg.segment.topics.names_in(mask)
         if names:
             named["topic_names"] = ",".join(names)
+        if peer.durable:
+            named["durable"] = f"{peer.durable:g}"
+        if peer.redeliver is not None:
+            named["redelivered"] = str(peer.redeliver[1])
         self.log.info(
             logs.READER_ATTACHED,
             reader=hello.instance,
@@ -421,7 +471,18 @@ class ControlServer:
         else:
             conn.close()
         shutting_down = self.host.shutting_down
-        if peer.handle is not None:
+        if (
+            peer.handle is not None
+            and peer.durable
+            and not shutting_down
+            and refuse is None
+            and (peer.suspended or not peer.detached)
+        ):
+            # A durable reader whose process went (or suspended): keep it.
+            why = "it suspended" if peer.suspended else "connection closed without Detach"
+            self.dormant.keep(peer.handle, peer.durable, why)
+            self._last_lost.pop(peer.handle.index, None)
+        elif peer.handle is not None:
             if shutting_down and peer.detached:
                 # Drained after we cleared the active flag.  Its entry and
                 # stored eventfd stay: if this is a restart, the next writer
@@ -470,6 +531,7 @@ class ControlServer:
         for ev in evicted:
             fdstore.forget_reader(ev.index)
             self.restored.evicted(ev)  # evicted before it reconnected after our restart
+            self.dormant.evicted(ev)  # a durable reader evicted while its process was gone
             for peer in list(self.peers.values()):
                 if peer.handle is not None and peer.handle.index == ev.index:
                     peer.handle = None  # the publisher already dropped it
@@ -510,6 +572,7 @@ class ControlServer:
     def close(self) -> None:
         """Close every connection and the listener; unlink the socket we bound."""
         reactor = self.host.reactor
+        self.dormant.close()
         for peer in list(self.peers.values()):
             self._handshake_done(peer)
             reactor.remove(peer.conn.fileno())

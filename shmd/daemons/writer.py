@@ -106,7 +106,8 @@ class Writer:
         restored = self.server.restored
         if restored:
             grace = self.cfg.writer.reconnect_grace
-            self.reactor.call_later(grace, lambda: restored.expire(grace))
+            keep = self.server.keep_durable
+            self.reactor.call_later(grace, lambda: restored.expire(grace, keep))
             # "The writer is back": readers waiting for us reconnect now.
             self.pub.wake_all()
             self.log.info(
@@ -247,7 +248,10 @@ class Writer:
                 old,
                 control=control,
                 writer=replace(
-                    old.writer, source=source, status_interval=new.writer.status_interval
+                    old.writer,
+                    source=source,
+                    status_interval=new.writer.status_interval,
+                    max_durable_grace=new.writer.max_durable_grace,
                 ),
                 logging=replace(old.logging, level=new.logging.level),
             )
