@@ -2,6 +2,7 @@
 
     python -m benchmarks.soak [--seconds 600] [--policy block|drop-oldest|both]
                               [--seed N] [--readers 8] [--rate 1000] [--json FILE]
+                              [--durable] [--block-timeout 1.0]
 
 As root, from a checkout.  What it does and checks: :mod:`testbed.soak`
 (docs/RELIABILITY.md has the figures).  Exit status 0 when every record was
@@ -34,6 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--readers", type=int, default=8)
     parser.add_argument("--rate", type=int, default=1000, help="records/s of the source")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--durable", action="store_true", help="durable readers (durable_grace 60 s)"
+    )
+    parser.add_argument(
+        "--block-timeout", type=float, default=1.0, help="segment.block_timeout, seconds"
+    )
     args = parser.parse_args(argv)
     reason = preflight()
     if reason is not None:
@@ -56,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 readers=args.readers,
                 rate=args.rate,
+                durable=args.durable,
+                block_timeout=args.block_timeout,
                 log=log,
             )
             results.append(res)
@@ -71,6 +80,8 @@ def _as_dict(res: SoakResult) -> dict[str, Any]:
         "policy": res.policy,
         "seconds": res.seconds,
         "seed": res.seed,
+        "durable": res.durable,
+        "block_timeout": res.block_timeout,
         "published": res.published,
         "faults": dict(res.faults),
         "evictions": res.evictions,
@@ -89,6 +100,7 @@ def _as_dict(res: SoakResult) -> dict[str, Any]:
                     "processes",
                     "delivered",
                     "duplicates",
+                    "redelivered",
                     "torn",
                     "counted_lost",
                     "down_lost",

@@ -25,7 +25,13 @@ reader's record is checked against the journal: under ``block`` no record may
 be missing or delivered twice, except across a reader process the soak
 killed (or the writer evicted); under ``drop-oldest`` every record missing
 inside a process must equal the ``lost`` count that process reported
-(``stats``, ``drained``, ``exiting``) at that point.  Exit status 0 when
+(``stats``, ``drained``, ``exiting``) at that point.
+
+With ``durable`` every reader is durable (``durable_grace``): a killed
+reader's successor takes its entry back, so across a kill nothing may be
+missing under ``block`` either (unless the writer evicted the dormant entry
+after ``block_timeout``), and what the successor gets twice may be at most
+the ``redelivered`` count the writer gave it (``reader_attached``).  Exit status 0 when
 nothing unexpected was seen, 1 otherwise.
 
 ``python -m benchmarks.soak`` runs :func:`run_soak` for minutes;
@@ -94,6 +100,8 @@ def bus_config(
     capacity: int = CAPACITY,
     shutdown_grace: float = 10.0,
     reconnect_grace: float = 15.0,
+    block_timeout: float = BLOCK_TIMEOUT,
+    durable_grace: float = 0.0,
     **reader_overrides: dict[str, Any],
 ) -> str:
     """The configuration of one soak (or fault test): python source and per-reader sinks
@@ -110,7 +118,7 @@ def bus_config(
             "slot_size": 256,
             "max_readers": 16,
             "policy": policy,
-            "block_timeout": BLOCK_TIMEOUT,
+            "block_timeout": block_timeout,
             "mutex_timeout": 0.5,
         },
         "writer": {
@@ -124,6 +132,7 @@ def bus_config(
                 "start": "latest",
                 "stats_interval": 1.0,
                 "reconnect_timeout": 15.0,
+                "durable_grace": durable_grace,
                 "sink": {"type": "journal", "summary_rate": 0.0},
             },
             "instances": instances,
@@ -288,6 +297,8 @@ class Verdict:
     down_lost: int = 0
     #: missing with no explanation; accounting reports that disagree with the records
     unexpected_lost: int = 0
+    #: durable: records a successor got again, within what the writer counted redelivered
+    redelivered: int = 0
     accounting_errors: list[str] = field(default_factory=list)
     max_gap_ns: int = 0
     first: int | None = None
@@ -307,12 +318,14 @@ def verify(
     reports: dict[str, list[tuple[int, int]]],
     starts: dict[str, int],
     ended_by_fault: set[str],
+    redelivered: dict[str, int] | None = None,
 ) -> Verdict:
     """Account for every seq of one reader instance.
 
     ``reports``: per pid, the (seq, lost) pairs of its stats/drained/exiting
     events; ``starts``: per pid, the cursor it attached at; ``ended_by_fault``:
-    pids the soak killed or the writer evicted.
+    pids the soak killed or the writer evicted; ``redelivered``: per pid of a
+    durable reader's successor, what the writer counted it would get again.
     """
     v = Verdict(instance, processes=len(procs))
     prev: Process | None = None
@@ -324,7 +337,9 @@ def verify(
             continue
         if v.first is None:
             v.first = proc.runs[0].first
-        if prev is not None:
+        if prev is not None and redelivered is not None and proc.pid in redelivered:
+            _taken_back(v, prev, proc, starts.get(proc.pid, proc.runs[0].first), redelivered)
+        elif prev is not None:
             _between(v, prev, proc, ended_by_fault)
         _inside(
             v,
@@ -351,6 +366,21 @@ def _between(v: Verdict, prev: Process, proc: Process, ended_by_fault: set[str])
         v.down_lost += gap
     else:
         v.unexpected_lost += gap
+
+
+def _taken_back(
+    v: Verdict, prev: Process, proc: Process, start: int, redelivered: dict[str, int]
+) -> None:
+    """A durable reader's successor that took the entry back at ``start``."""
+    gap = start - prev.runs[-1].last - 1
+    if gap > 0:  # the predecessor's cursor is past its last record: impossible
+        v.unexpected_lost += gap
+        return
+    again = proc.delivered_below(prev.runs[-1].last + 1)
+    counted = redelivered[proc.pid]
+    v.redelivered += min(again, counted)
+    if again > counted:
+        v.duplicates += again - counted  # repeated, but not counted: silently
 
 
 def _inside(
@@ -411,6 +441,8 @@ class SoakResult:
     resources_end: dict[str, tuple[int, int]] = field(default_factory=dict)
     generations: int = 0
     problems: list[str] = field(default_factory=list)
+    durable: bool = False
+    block_timeout: float = BLOCK_TIMEOUT
 
     @property
     def ok(self) -> bool:
@@ -429,9 +461,13 @@ class Soak:
         seed: int,
         readers: int = 8,
         rate: int = 1000,
+        durable: bool = False,
+        block_timeout: float = BLOCK_TIMEOUT,
         log: Any = None,
     ) -> None:
         self.ns = ns
+        self.durable = durable
+        self.block_timeout = block_timeout
         self.policy = policy
         self.seconds = seconds
         self.rng = random.Random(seed)
@@ -439,7 +475,9 @@ class Soak:
         self.units = [WRITER, *(reader_unit(r) for r in self.readers)]
         self.rate = rate
         self.segment = f"/shmd-test-soak-{uuid.uuid4().hex}"
-        self.result = SoakResult(policy, seconds, seed)
+        self.result = SoakResult(
+            policy, seconds, seed, durable=durable, block_timeout=block_timeout
+        )
         self.tail: JournalTail | None = None
         self.attachments = Attachments()
         self.killed: set[str] = set()
@@ -595,7 +633,14 @@ class Soak:
         reset(ns, self.readers)
         ns.write_file(
             "/etc/shmd/shmd.yaml",
-            bus_config(self.segment, self.policy, self.readers, rate=self.rate),
+            bus_config(
+                self.segment,
+                self.policy,
+                self.readers,
+                rate=self.rate,
+                block_timeout=self.block_timeout,
+                durable_grace=60.0 if self.durable else 0.0,
+            ),
         )
         self.tail = JournalTail(ns)
         try:
@@ -660,6 +705,11 @@ class Soak:
                     f"exited {status}: {e.get('SHMD_REASON')} "
                     f"{e.get('SHMD_ERROR', '')}"
                 )
+        taken_back = {
+            e["SHMD_PID"]: int(e["SHMD_REDELIVERED"])
+            for e in tail.events("reader_attached")
+            if "SHMD_REDELIVERED" in e
+        }
         for r in self.readers:
             text = self.ns.run("cat", f"{SOAK_DIR}/{r}.log", check=False).stdout
             res.verdicts.append(
@@ -671,6 +721,7 @@ class Soak:
                     reports=reports,
                     starts=starts,
                     ended_by_fault=self.killed | evicted,
+                    redelivered=taken_back if self.durable else None,
                 )
             )
 
@@ -683,11 +734,21 @@ def run_soak(
     seed: int = 1,
     readers: int = 8,
     rate: int = 1000,
+    durable: bool = False,
+    block_timeout: float = BLOCK_TIMEOUT,
     log: Any = None,
 ) -> SoakResult:
     """Run one soak on a booted systemd on which :func:`prepare` ran."""
     return Soak(
-        ns, policy=policy, seconds=seconds, seed=seed, readers=readers, rate=rate, log=log
+        ns,
+        policy=policy,
+        seconds=seconds,
+        seed=seed,
+        readers=readers,
+        rate=rate,
+        durable=durable,
+        block_timeout=block_timeout,
+        log=log,
     ).run()
 
 
@@ -700,20 +761,23 @@ def render(res: SoakResult) -> str:
     unexpected = sum(v.unexpected_lost for v in res.verdicts)
     expected = sum(v.counted_lost + v.down_lost for v in res.verdicts)
     lines = [
-        f"### policy `{res.policy}`: {res.seconds:g} s, seed {res.seed}",
+        f"### policy `{res.policy}`{', durable readers' if res.durable else ''}: "
+        f"{res.seconds:g} s, seed {res.seed}, block_timeout {res.block_timeout:g} s",
         "",
         f"* records published: {res.published}",
         f"* faults injected: {faults} (readers evicted by the writer: {res.evictions})",
         f"* records lost: {expected} expected (counted by readers or while a reader was "
         f"down), {unexpected} unexpected; duplicates: "
-        f"{sum(v.duplicates for v in res.verdicts)}; torn: {sum(v.torn for v in res.verdicts)}",
+        f"{sum(v.duplicates for v in res.verdicts)}; torn: {sum(v.torn for v in res.verdicts)}; "
+        f"redelivered (counted): {sum(v.redelivered for v in res.verdicts)}",
         f"* maximum writer stall (longest source publish call): {res.max_call_ms:.1f} ms; "
         "longest recovery per fault: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(res.recovery_s.items())),
         "",
         "| process | delivered | processes | lost counted | lost while down | unexpected "
-        "lost | duplicates | torn | max commit gap | peak RSS | fds start/end | maps start/end |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "lost | duplicates | redelivered | torn | max commit gap | peak RSS | fds start/end | "
+        "maps start/end |",
+        "| --- " + "| ---: " * 12 + "|",
     ]
 
     def res_cols(unit: str) -> str:
@@ -721,11 +785,11 @@ def render(res: SoakResult) -> str:
         s, e = res.resources_start.get(unit, (0, 0)), res.resources_end.get(unit, (0, 0))
         return f"{rss:.1f} MiB | {s[0]}/{e[0]} | {s[1]}/{e[1]}"
 
-    lines.append(f"| shm-writer | {res.published} published | | | | | | | | {res_cols(WRITER)} |")
+    lines.append(f"| shm-writer | {res.published} published | | | | | | | | | {res_cols(WRITER)} |")
     for v in res.verdicts:
         lines.append(
             f"| shm-reader@{v.instance} | {v.delivered} | {v.processes} | {v.counted_lost} | "
-            f"{v.down_lost} | {v.unexpected_lost} | {v.duplicates} | {v.torn} | "
+            f"{v.down_lost} | {v.unexpected_lost} | {v.duplicates} | {v.redelivered} | {v.torn} | "
             f"{v.max_gap_ns / 1e6:.0f} ms | {res_cols(reader_unit(v.instance))} |"
         )
     for v in res.verdicts:

@@ -432,3 +432,17 @@ def test_a_30_second_soak_accounts_for_every_record(bus: NamespacedSystemd, poli
     assert result.ok, table
     for v in result.verdicts:
         assert v.delivered > 0 and v.unexpected_lost == 0 and v.duplicates == 0, table
+
+
+def test_a_30_second_soak_of_durable_readers_loses_nothing_across_kills(
+    bus: NamespacedSystemd,
+) -> None:
+    """Durable readers under block (block_timeout 5 s): reader kills, stops, writer restarts
+    and kills lose no record at all; what a successor gets twice is what the writer counted."""
+    result = run_soak(bus, policy="block", seconds=30, seed=11, durable=True, block_timeout=5.0)
+    table = render(result)
+    assert result.faults["reader_kill"] > 0 and result.evictions == 0, table
+    assert result.ok, table
+    for v in result.verdicts:
+        lost = v.counted_lost + v.down_lost + v.unexpected_lost
+        assert v.delivered > 0 and lost == 0 and v.duplicates == 0, table
