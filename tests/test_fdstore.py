@@ -7,11 +7,16 @@ tests/system; here real pipes stand in for the fds LISTEN_FDNAMES names.
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
+import structlog
+from helpers import Bus
 from structlog.testing import capture_logs
 
 from shmd._sys.fd import OwnedFd
+from shmd.bus.layout import ReaderState
+from shmd.bus.publisher import ReaderHandle
 from shmd.daemons import fdstore, logs
 
 
@@ -100,3 +105,33 @@ def test_wake_orphans_writes_each_eventfd_once_and_closes_it() -> None:
     finally:
         for fd in dups:
             os.close(fd)
+
+
+def test_restored_durable_readers_go_to_a_new_process_and_are_kept_past_the_grace(
+    bus: Bus,
+) -> None:
+    """A restored durable entry is handed to pop_durable, and kept (not freed) when the grace
+    ends; a plain one is freed and logged lost."""
+    pub = bus.publisher()
+    durable = pub.add_reader("dur", 1, durable_ms=5000)
+    other = pub.add_reader("dur2", 1, durable_ms=5000)
+    plain = pub.add_reader("plain", 1)
+    handles = {h.index: h for h in (durable, other, plain)}
+    restored = fdstore.RestoredReaders(pub, handles, threading.Lock(), structlog.get_logger())
+    assert restored.pop_durable("plain") is None
+    assert restored.pop_durable("dur") is durable
+    assert restored.names() == ["dur2", "plain"]
+    kept: list[ReaderHandle] = []
+
+    def keep(handle: ReaderHandle, why: str) -> bool:
+        if pub.segment.entry(handle.index).durable_ms:
+            kept.append(handle)
+            return True
+        return False
+
+    with capture_logs() as captured:
+        restored.expire(10.0, keep)
+    assert kept == [other] and not restored
+    assert pub.segment.entry(other.index).state == ReaderState.ATTACHED
+    assert pub.segment.entry(plain.index).state == ReaderState.FREE
+    assert [(e["event"], e["reader"]) for e in captured] == [(logs.READER_LOST, "plain")]
