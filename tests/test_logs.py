@@ -297,6 +297,7 @@ MODULE_ROLES = {
     "daemons/reader.py": "reader",
     "client/handshake.py": "reader",
     "client/subscription.py": "reader",
+    "client/session.py": "reader",
     "bus/subscriber.py": "reader",
     "daemons/sinks.py": "reader",
     "cli.py": "reader",
