@@ -210,3 +210,14 @@ def test_count_records_counts_only_what_the_ring_still_holds(bus: Bus) -> None:
     assert pub.table.count_records(0, 20, 1 << 2) == 8  # seqs 12..19 remain
     assert pub.table.count_records(14, 17, 1 << 2) == 3
     assert pub.table.count_records(14, 17, 1 << 3) == 0
+
+
+def test_take_never_moves_a_published_cursor_back(bus: Bus) -> None:
+    """After a read that published its cursor, take() stores its mark but releases nothing lower."""
+    pub = bus.publisher(capacity=16, policy=Policy.BLOCK)
+    sub = bus.subscriber(pub, "dur", start="oldest")
+    pub.publish_batch([b"a"] * 8)
+    assert len(sub.read_batch()) == 8  # not a hold read: the cursor is published at 8
+    sub.take(6, 3)
+    entry = pub.segment.entry(sub.index)
+    assert (entry.cursor, entry.taken) == (8, 6)

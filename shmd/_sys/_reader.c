@@ -1082,8 +1082,9 @@ PyDoc_STRVAR(take_doc,
 "A durable reader's two marks.  `taken`, stored in the entry, is the seq\n"
 "after the last record handed to the application: what a new process of\n"
 "this reader gets again below it is redelivered.  `released` publishes the\n"
-"cursor up to there (at most the read cursor): the application is done with\n"
-"every record below it; those above stay held until release() or a sleep.\n"
+"cursor up to there (at most the read cursor, and only while a hold read\n"
+"holds: it never moves back): the application is done with every record\n"
+"below it; those above stay held until release() or a sleep.\n"
 "None publishes nothing.  Does nothing once the entry is not ours.");
 
 /* [R5] with the cursor published at `pos` (below the read cursor: the rest
@@ -1139,9 +1140,12 @@ Reader_take(Reader *self, PyObject *const *args, Py_ssize_t nargs)
     if (release) {
         if (released >= self->cursor) {
             publish_cursor(self);
-        } else {
+        } else if (self->held) {
+            /* Only while a hold read holds: below the cursor of a read that
+             * published (or a resumed entry's, which the writer set) the
+             * writer may already have counted the slots free (the block
+             * policy caches its room), so the cursor never moves back. */
             publish_upto(self, released);
-            self->held = 1;
         }
     }
     Py_RETURN_NONE;
