@@ -177,7 +177,11 @@ class ThroughputCase:
 
 @dataclass(frozen=True)
 class LatencyCase:
-    """One reader; ``count`` records of ``payload`` bytes sent at ``rate_hz`` (0: ping-pong)."""
+    """One reader; ``count`` records of ``payload`` bytes sent at ``rate_hz`` (0: ping-pong).
+
+    The first ``warmup`` of them are the warm-up, the same for every implementation:
+    sent, received and checked like the rest, their latency not counted.
+    """
 
     rate_hz: int
     count: int
@@ -187,6 +191,14 @@ class LatencyCase:
     #: Writer and reader each pinned to a CPU of their own (sched_setaffinity),
     #: as on a machine with cores to spare; otherwise the scheduler places them.
     pinned: bool = False
+    warmup: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup < self.count:
+            raise ValueError(
+                f"Failed to plan a latency case since its warm-up of {self.warmup} records "
+                f"leaves none of its {self.count} to measure"
+            )
 
     @property
     def key(self) -> str:
@@ -1096,7 +1108,8 @@ def metrics_for(case: Case, result: CaseResult) -> dict[str, float]:
         for k in sorted({k for r in readers for k in r.notes})
     }
     if isinstance(case, LatencyCase):
-        samples = [ns for r in readers for ns in r.latencies_ns]
+        # The warm-up's samples go: the first records of every implementation.
+        samples = [ns for r in readers for ns in r.latencies_ns[case.warmup :]]
         return {
             "p50_ns": percentile(samples, 50),
             "p99_ns": percentile(samples, 99),

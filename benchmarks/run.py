@@ -296,9 +296,15 @@ def _plan(
         # The configured rate for everyone; rate 0 (back-to-back) only fits ping-pong floors.
         # With two CPUs to spare the paced case runs once more with the writer and
         # the reader pinned apart, as they would be on a machine with idle cores.
-        lcases = [LatencyCase(args.latency_rate, latency_count), LatencyCase(0, latency_count)]
+        # Each sends a warm-up of a tenth more records first (at least 50), not counted.
+        warm = max(50, latency_count // 10)
+        sent = latency_count + warm
+        lcases = [
+            LatencyCase(args.latency_rate, sent, warmup=warm),
+            LatencyCase(0, sent, warmup=warm),
+        ]
         if pin_cpus() is not None:
-            lcases.append(LatencyCase(args.latency_rate, latency_count, pinned=True))
+            lcases.append(LatencyCase(args.latency_rate, sent, pinned=True, warmup=warm))
         for lcase in lcases:
             cases.append(lcase)
             plan += [(lcase, impl) for impl in usable]

@@ -314,9 +314,9 @@ def test_every_peer_delivers_every_record_intact(
 
 @pytest.mark.parametrize("impl", ALL_IMPLS, ids=lambda i: i.name)
 def test_every_peer_measures_one_way_latency(impl: Any, clean_run: Path) -> None:
-    """Each available peer yields ordered latency percentiles from a paced 1 kHz run."""
+    """Each available peer yields ordered latency percentiles from a paced 1 kHz run (warmed up)."""
     skip_if_unavailable(impl)
-    record = run_one(impl, LatencyCase(rate_hz=1000, count=60), 0, timeout=60)
+    record = run_one(impl, LatencyCase(rate_hz=1000, count=60, warmup=10), 0, timeout=60)
     assert record.status == "ok", record.detail
     m = record.metrics
     assert 0 < m["p50_ns"] <= m["p99_ns"] <= m["p999_ns"] <= m["max_ns"]
@@ -1024,3 +1024,9 @@ def test_the_shmd_writer_publishes_one_record_per_call_and_the_batch_one_does_no
     assert (w.warmup_records, w.records, w.calls) == (16, 316, 38)
     assert counts[method] == 2 + 38
     assert metrics_for(case, batched)["records_per_call"] == pytest.approx(300 / 38)
+
+
+def test_a_latency_warm_up_must_leave_records_to_measure() -> None:
+    """A LatencyCase whose warm-up takes every record is refused with a sentence."""
+    with pytest.raises(ValueError, match="warm-up of 10 records leaves none of its 10"):
+        LatencyCase(rate_hz=1000, count=10, warmup=10)
