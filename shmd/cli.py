@@ -401,7 +401,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    return check_config(cfg)
+    try:
+        return check_config(cfg)
+    except ConfigError as err:  # a zenoh sink or source without the package
+        raise CliError(str(err)) from None
 
 
 #: What ``shmctl demo`` runs without ``--config``: a bus of its own, apart
