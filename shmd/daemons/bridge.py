@@ -200,6 +200,9 @@ class Ledger:
         if s.session != o.session:
             return self._restarted(o, s)
         if s.seq <= o.seq:
+            # A record published already (a restarted sender re-reading its
+            # ring): skipped, and the session's numbering followed.
+            o.index, o.bus_lost = s.index, max(o.bus_lost, s.bus_lost)
             o.reordered += 1
             return Verdict(False, event="reordered")
         lost = (s.index - o.index - 1) + max(0, s.bus_lost - o.bus_lost)
