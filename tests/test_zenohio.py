@@ -30,7 +30,12 @@ from shmd.cli import render_status
 from shmd.daemons.bridge import Stamp
 from shmd.daemons.zenohio import read_status, status_path, topic_key, topic_of
 
-pytest.importorskip("zenoh", reason="the zenoh extra is not installed (pip install 'shmd[zenoh]')")
+_WHY_NOT = Path(sys.prefix) / "zenoh-unavailable"  # pip's reason, kept by packaging/dev
+pytest.importorskip(
+    "zenoh",
+    reason="the zenoh extra is not installed"
+    + (f" (pip said: {_WHY_NOT.read_text().strip()})" if _WHY_NOT.is_file() else ""),
+)
 if os.geteuid() != 0 or shutil.which("ip") is None:
     pytest.skip("network namespaces need root and ip(8)", allow_module_level=True)
 
