@@ -565,7 +565,8 @@ BAD = [
         "needs connect or listen endpoints since scouting is off",
     ),
     (
-        "reader:\n  defaults:\n    sink: {type: zenoh, mode: client, listen: [tcp/10.1.0.1:7447]}\n",
+        "reader:\n  defaults:\n    sink:\n"
+        "      {type: zenoh, mode: client, listen: [tcp/10.1.0.1:7447]}\n",
         3,
         "reader.defaults.sink.mode",
         "client mode needs connect endpoints",

@@ -252,8 +252,8 @@ class PythonSink:
 
 
 def _zenoh_sink(cfg: ZenohSinkConfig) -> RecordSink:
-    """``zenoh`` (shmd.daemons.zenohio): imported only by a reader that has one."""
-    from shmd.daemons.zenohio import ZenohSink  # noqa: PLC0415 - the optional extra's module
+    """``zenoh`` (shmd.daemons.zenoh_sink): imported only by a reader that has one."""
+    from shmd.daemons.zenoh_sink import ZenohSink  # noqa: PLC0415 - the optional extra's module
 
     return ZenohSink(cfg)
 

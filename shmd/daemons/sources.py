@@ -35,7 +35,7 @@ from shmd.daemons.plugin import load_callable
 from shmd.errors import ShmdError
 
 if TYPE_CHECKING:
-    from shmd.daemons.zenohio import ZenohSource
+    from shmd.daemons.zenoh_source import ZenohSource
 
 log = structlog.get_logger("shmd.daemons.sources")
 
@@ -424,8 +424,8 @@ def _takes_argument(fn: Callable[..., object]) -> bool:
 
 
 def _zenoh_source(cfg: ZenohSourceConfig) -> ZenohSource:
-    """``zenoh`` (shmd.daemons.zenohio): imported only by a writer that has one."""
-    from shmd.daemons.zenohio import ZenohSource  # noqa: PLC0415 - the optional extra's module
+    """``zenoh`` (shmd.daemons.zenoh_source): imported only by a writer that has one."""
+    from shmd.daemons.zenoh_source import ZenohSource  # noqa: PLC0415 - the optional extra's module
 
     return ZenohSource(cfg)
 
