@@ -567,7 +567,7 @@ BAD = [
     (
         "reader:\n  defaults:\n    sink:\n"
         "      {type: zenoh, mode: client, listen: [tcp/10.1.0.1:7447]}\n",
-        3,
+        4,
         "reader.defaults.sink.mode",
         "client mode needs connect endpoints",
     ),

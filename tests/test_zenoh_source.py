@@ -122,6 +122,33 @@ def test_a_killed_bridge_restarts_and_what_it_missed_is_counted(
     assert event["exact"] is True and 0 < event["missed"] <= gaps
 
 
+def test_a_restarted_receiver_resumes_its_account(hosts: tuple[NsBus, NsBus]) -> None:
+    """b's writer stopped and started again reads its account back: a's records meanwhile count."""
+    a, b = hosts
+    b_writer, b_out = receiver(b, "drop-oldest", a)
+    sender(a, "drop-oldest", {"type": "ticker", "rate": 200.0})
+    sending = bridge(a)
+    out = b.out("out")
+    wait_until(lambda: len(read_lines(out)) >= 50, 20, "50 ticks on b")
+    b_writer.terminate()
+    assert b_writer.wait_exit(10) == 0
+    assert b_out.wait_exit(10) == 0  # drained what b's writer published, then left
+    before = len(read_lines(out))
+    again = b.writer()
+    again.wait_for("bridge_receiving", resumed=1)
+    b.file_reader("out")
+    wait_until(lambda: len(read_lines(out)) >= before + 50, 20, "50 more ticks on b")
+    sending.terminate()
+    assert sending.wait_exit(10) == 0
+    wait_until(lambda: origin(b, a).get("received") == len(read_lines(out)), 10, "b settled")
+    ticks = tick_numbers(read_lines(out))
+    gaps = sum(y - x - 1 for x, y in itertools.pairwise(ticks))
+    assert ticks == sorted(set(ticks))
+    o = origin(b, a)
+    assert gaps > 0 and o["lost"] == gaps
+    assert o["restarts"] == 0
+
+
 def test_garbage_from_zenoh_is_counted_and_never_published(hosts: tuple[NsBus, NsBus]) -> None:
     """Bad attachments, unmapped keys, oversize payloads and deletes are refused, not fatal."""
     a, b = hosts
