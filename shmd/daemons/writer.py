@@ -173,8 +173,8 @@ class Writer:
             f"published, {self.rate:.1f}/s, generation {self.pub.generation}"
         )
         if isinstance(self.source, ZenohSource):
-            ledger = self.source.ledger
-            text += f", bridge {ledger.lost} lost, {ledger.refused} refused"
+            lost, refused = self.source.totals()
+            text += f", bridge {lost} lost, {refused} refused"
         return text
 
     def _status_tick(self) -> None:

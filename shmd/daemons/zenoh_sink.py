@@ -83,7 +83,7 @@ class ZenohSink:
                 key = topic_key(self.cfg.prefix, r[REC_TOPIC], topics)
                 stamp = self.stamps.next(generation, r[REC_SEQ], r[REC_TIMESTAMP], lost)
                 data = payload if isinstance(payload, bytes) else bytes(payload)
-                self._publisher(key, len(data) <= small).put(data, attachment=stamp)
+                self._publisher(key, 0 < len(data) <= small).put(data, attachment=stamp)
         except self.z.ZError as exc:
             raise SinkError(f"Failed to publish records to Zenoh since {first_line(exc)}") from None
 

@@ -51,8 +51,10 @@ class ZenohSource:
         self.path = status_path(cfg.segment)
         self.ledger = _resume(self.path)
         self.refused_by: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._state = threading.Lock()  # the ledger and the pending counts
+        self._order = threading.Lock()  # one sample at a time, accounted then published
         self._host: SourceHost | None = None
+        self._z: Any = None  # the zenoh module, once start() imported it
         self._session: zenoh.Session | None = None
         self._subscriber: Any = None
         self._pending_lost: dict[str, tuple[int, bool]] = {}
@@ -63,7 +65,7 @@ class ZenohSource:
     def start(self, host: SourceHost) -> None:
         self._host = host
         try:
-            z, self._session = open_session(self.cfg)
+            self._z, self._session = open_session(self.cfg)
             self._subscriber = self._session.declare_subscriber(self.cfg.key, self._on_sample)
         except ZenohUnavailable as exc:
             raise SourceError(str(exc)) from None
@@ -72,7 +74,6 @@ class ZenohSource:
             raise SourceError(
                 f"Failed to subscribe to {self.cfg.key!r} since {first_line(exc)}"
             ) from None
-        del z
         log.info(
             "bridge_receiving",
             mode=self.cfg.mode,
@@ -90,43 +91,53 @@ class ZenohSource:
         try:
             self._take(sample)
         except Exception as exc:  # never into Zenoh's thread: counted, logged, dropped
-            with self._lock:
+            with self._state:
                 self._refuse("error", str(getattr(sample, "key_expr", "?")), first_line(exc))
 
     def _take(self, sample: zenoh.Sample) -> None:
+        # _order keeps records in the order they were accounted, across Zenoh's
+        # threads, while one waits in publish_batch (block: up to block_timeout);
+        # _state is only ever held briefly, so the writer's loop never waits on
+        # a publish to read the counts.
+        with self._order:
+            with self._state:
+                if self._closed or self._host is None:
+                    return
+                chosen = self._choose(sample, self._host.max_payload)
+            if chosen is not None:
+                self._host.publish_batch((chosen[1],), chosen[0])
+
+    def _choose(self, sample: zenoh.Sample, max_payload: int) -> tuple[int, bytes] | None:
+        """Account a sample; (topic, payload) to publish, or None (refused or not in order)."""
         key = str(sample.key_expr)
+        if sample.kind != self._z.SampleKind.PUT:
+            self._refuse("delete", key, "a DELETE sample carries no record")
+            return None
         attachment = sample.attachment
-        with self._lock:
-            if self._closed or self._host is None:
-                return
-            if sample.kind != sample.kind.PUT:
-                self._refuse("delete", key, "a DELETE sample carries no record")
-                return
-            try:
-                stamp = decode_stamp(attachment.to_bytes() if attachment is not None else None)
-            except StampError as exc:
-                self._refuse("attachment", key, str(exc))
-                return
-            origin = key.rsplit("/", 1)[0] if "/" in key else ""
-            verdict = self.ledger.account(origin, stamp)
-            self._dirty = True
-            self._note(origin, key, verdict, stamp.generation)
-            if not verdict.publish:
-                return
-            topic = topic_of(key, self.topics)
-            if topic is None:
-                self._refuse("key", key, "its last chunk is no topic name or unnamed id of the bus")
-                return
-            payload = sample.payload
-            if len(payload) > self._host.max_payload:
-                self._refuse(
-                    "oversize",
-                    key,
-                    f"its {len(payload)}-byte payload is larger than a slot's "
-                    f"{self._host.max_payload} bytes",
-                )
-                return
-            self._host.publish_batch((payload.to_bytes(),), topic)
+        try:
+            stamp = decode_stamp(attachment.to_bytes() if attachment is not None else None)
+        except StampError as exc:
+            self._refuse("attachment", key, str(exc))
+            return None
+        origin = key.rsplit("/", 1)[0] if "/" in key else ""
+        verdict = self.ledger.account(origin, stamp)
+        self._dirty = True
+        self._note(origin, key, verdict, stamp.generation)
+        if not verdict.publish:
+            return None
+        topic = topic_of(key, self.topics)
+        if topic is None:
+            self._refuse("key", key, "its last chunk is no topic name or unnamed id of the bus")
+            return None
+        payload = sample.payload
+        if len(payload) > max_payload:
+            self._refuse(
+                "oversize",
+                key,
+                f"its {len(payload)}-byte payload is larger than a slot's {max_payload} bytes",
+            )
+            return None
+        return topic, payload.to_bytes()
 
     def _note(self, origin: str, key: str, v: Verdict, generation: int) -> None:
         if v.lost:
@@ -156,7 +167,7 @@ class ZenohSource:
 
     def _flush(self) -> None:
         """Log what was counted since the last flush; rewrite the status file if it changed."""
-        with self._lock:
+        with self._state:
             lost, self._pending_lost = self._pending_lost, {}
             refused, self._pending_refused = self._pending_refused, {}
             dirty, self._dirty = self._dirty, False
@@ -169,8 +180,13 @@ class ZenohSource:
         if snapshot is not None:
             _write_json(self.path, snapshot)
 
+    def totals(self) -> tuple[int, int]:
+        """(records lost, samples refused) so far, every origin (any thread)."""
+        with self._state:
+            return self.ledger.lost, self.ledger.refused
+
     def status(self) -> dict[str, Any]:
-        """The status file's content (call with the lock held, or from the writer's loop)."""
+        """The status file's content (call with ``_state`` held)."""
         data = self.ledger.to_dict()
         data.update(
             key=self.cfg.key,
@@ -181,11 +197,13 @@ class ZenohSource:
         return data
 
     def close(self) -> None:
-        with self._lock:
+        with self._state:
             if self._closed:
                 return
             self._closed = True
             sub, self._subscriber = self._subscriber, None
+        with self._order:
+            pass  # a sample accounted as received before this is published by now
         close_session(self._session, [sub] if sub is not None else [])
         self._session = None
         self._dirty = True
