@@ -106,10 +106,11 @@ def write_fifo(path: Path, lines: Sequence[str]) -> None:
         os.close(fd)
 
 
-def receiver(b: NsBus, policy: str, a: NsBus) -> tuple[Daemon, Daemon]:
+def receiver(b: NsBus, policy: str, a: NsBus, **segment: Any) -> tuple[Daemon, Daemon]:
     """Bus b: a writer with a zenoh source of a's keys on ADDR_B, and a file reader ``out``."""
     src = {"type": "zenoh", "listen": [ENDPOINT], "key": f"{a.prefix}/*"}
-    b.configure(segment={"policy": policy, "topics": {"tick": 0}}, writer={"source": src})
+    seg = {"policy": policy, "topics": {"tick": 0}, **segment}
+    b.configure(segment=seg, writer={"source": src})
     writer = b.writer()
     writer.wait_for("bridge_receiving")
     return writer, b.file_reader("out")

@@ -125,7 +125,9 @@ def test_a_killed_bridge_restarts_and_what_it_missed_is_counted(
 def test_a_restarted_receiver_resumes_its_account(hosts: tuple[NsBus, NsBus]) -> None:
     """b's writer stopped and started again reads its account back: a's records meanwhile count."""
     a, b = hosts
-    b_writer, b_out = receiver(b, "drop-oldest", a)
+    # A ring of 20 s of ticks: the restarted file reader starts at its oldest
+    # record, so it has every record the restarted writer published.
+    b_writer, b_out = receiver(b, "drop-oldest", a, capacity=4096)
     sender(a, "drop-oldest", {"type": "ticker", "rate": 200.0})
     sending = bridge(a)
     out = b.out("out")
@@ -136,7 +138,7 @@ def test_a_restarted_receiver_resumes_its_account(hosts: tuple[NsBus, NsBus]) ->
     before = len(read_lines(out))
     again = b.writer()
     again.wait_for("bridge_receiving", resumed=1)
-    b.file_reader("out")
+    b.file_reader("out", start="oldest")
     wait_until(lambda: len(read_lines(out)) >= before + 50, 20, "50 more ticks on b")
     sending.terminate()
     assert sending.wait_exit(10) == 0
