@@ -12,7 +12,14 @@ import pytest
 
 from shmd.config import load_config
 from shmd.control.fields import TopicMap
-from shmd.daemons.zenohio import read_status, status_path, topic_key, topic_of, zenoh_users
+from shmd.daemons.zenohio import (
+    first_line,
+    read_status,
+    status_path,
+    topic_key,
+    topic_of,
+    zenoh_users,
+)
 
 CONFIG = """\
 segment: {name: /zio-test, topics: {imu: 1}}
@@ -142,3 +149,15 @@ def test_without_the_package_a_reader_that_does_not_need_it_starts(tmp_path: Pat
     # It got past the configuration: no writer to reach (exit 1), not exit 78.
     assert done.returncode == 1, done.stderr
     assert "config_error" not in done.stderr
+
+
+def test_zenoh_errors_lose_their_rust_source_locations() -> None:
+    """A ZError's text reads without the Rust file and line it was made at."""
+    exc = RuntimeError(
+        "Can not create a listener: [10.0.0.9:7447: Cannot assign (os error 99) at "
+        "/root/.cargo/x/src/tcp.rs:61.] at /root/.cargo/y/src/unicast.rs:338.\nmore"
+    )
+    assert (
+        first_line(exc) == "Can not create a listener: [10.0.0.9:7447: Cannot assign (os error 99)]"
+    )
+    assert first_line(RuntimeError("")) == "RuntimeError"

@@ -204,8 +204,11 @@ class ZenohSource:
             sub, self._subscriber = self._subscriber, None
         with self._order:
             pass  # a sample accounted as received before this is published by now
-        close_session(self._session, [sub] if sub is not None else [])
+        started = sub is not None
+        close_session(self._session, [sub] if started else [])
         self._session = None
+        if not started:
+            return  # never subscribed: no account to keep
         self._dirty = True
         self._flush()
         ledger = self.ledger

@@ -11,6 +11,7 @@ keep the process alive.  docs/BRIDGE.md is the operator's side of it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -101,9 +102,14 @@ def open_session(cfg: ZenohSinkConfig | ZenohSourceConfig) -> tuple[ModuleType, 
         ) from None
 
 
+#: Where in Zenoh's Rust sources an error was made (" at /…/src/tcp.rs:61."): not for users.
+_RUST_LOCATION = re.compile(r"\s+at \S+\.rs:\d+\.?")
+
+
 def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """An exception's message on one line, without Zenoh's source locations."""
+    text = _RUST_LOCATION.sub("", str(exc)).strip().splitlines()
+    return text[0].rstrip(".") if text else type(exc).__name__
 
 
 def close_session(session: zenoh.Session | None, undeclare: list[Any]) -> None:
