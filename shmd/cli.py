@@ -186,9 +186,12 @@ def _bridge_lines(b: dict[str, Any], c: Callable[[str, str], str]) -> list[str]:
     refused = c(str(b.get("refused", 0)), "33") if b.get("refused") else "0"
     by = b.get("refused_by") or {}
     why = f" ({', '.join(f'{k} {v}' for k, v in sorted(by.items()))})" if by else ""
+    pid = b.get("pid")
+    gone = isinstance(pid, int) and not pid_alive(pid)
+    stale = c(f"  (kept by pid {pid}, which is gone)", "33") if gone else ""
     lines = [
         "",
-        f"bridge      zenoh {b.get('key', '?')}  lost {lost}  refused {refused}{why}",
+        f"bridge      zenoh {b.get('key', '?')}  lost {lost}  refused {refused}{why}{stale}",
     ]
     head = f"{'ORIGIN':<24} {'RECEIVED':>12} {'LOST':>10} {'REORDERED':>9} {'RESTARTS':>8} SEQ"
     lines.append(c(head, "1"))
