@@ -12,7 +12,10 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,8 +36,13 @@ from netns_bus import (
     write_fifo,
 )
 
+from shmd._sys.reactor import Reactor
 from shmd.cli import render_status
+from shmd.config import ZenohSourceConfig
+from shmd.control.fields import TopicMap
 from shmd.daemons.bridge import Stamp
+from shmd.daemons.zenoh_source import MAX_ORIGINS, ZenohSource
+from shmd.daemons.zenohio import read_status, status_path
 
 
 @pytest.fixture
@@ -225,3 +233,71 @@ def _empty_status() -> dict[str, Any]:
         "readers": [],
         "max_readers": 1,
     }
+
+
+class LocalHost:
+    """The writer's side of a source, in this process: what it publishes, by topic."""
+
+    max_payload = 224
+
+    def __init__(self) -> None:
+        self.reactor = Reactor()
+        self.published: list[tuple[int, bytes]] = []
+
+    def publish_batch(self, payloads: Sequence[bytes], topic: int) -> None:
+        self.published.extend((topic, p) for p in payloads)
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        self.reactor.call_later(delay, fn)
+
+    def source_finished(self, reason: str) -> None:
+        raise AssertionError(f"a zenoh source never finishes ({reason})")
+
+
+def test_a_peer_spraying_origins_is_refused_past_the_cap(tmp_path: Path) -> None:
+    """Stamped samples from more than MAX_ORIGINS origins: the rest refused, the account bounded."""
+    zenoh = pytest.importorskip("zenoh", reason="the zenoh extra is not installed")
+    endpoint = f"unixsock-stream/{tmp_path}/z.sock"
+    segment = f"/shmd-test-{uuid.uuid4().hex}"
+    cfg = ZenohSourceConfig(
+        key="ext/**", listen=(endpoint,), topic_names=TopicMap({"good": 1}), segment=segment
+    )
+    host = LocalHost()
+    source = ZenohSource(cfg)
+    conf = zenoh.Config()
+    conf.insert_json5("connect/endpoints", json.dumps([endpoint]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    sprayer: Any = None
+    try:
+        source.start(host)
+        sprayer = zenoh.open(conf)
+        total = MAX_ORIGINS + 44
+        block = zenoh.CongestionControl.BLOCK
+        pubs = [
+            sprayer.declare_publisher(f"ext/o{i}/good", congestion_control=block)
+            for i in range(total)
+        ]
+        deadline = time.monotonic() + 20
+        while not all(p.matching_status.matching for p in pubs[-1:]):
+            assert time.monotonic() < deadline, "no route to the source"
+            host.reactor.poll(0.01)
+        for i, pub in enumerate(pubs):
+            pub.put(b"r%d" % i, attachment=Stamp(1, 5, 0, 9, 0, 0).encode())
+        deadline = time.monotonic() + 20
+        while len(host.published) + source.ledger.refused < total:
+            assert time.monotonic() < deadline, f"{len(host.published)} published"
+            host.reactor.poll(0.05)
+        assert len(host.published) == MAX_ORIGINS
+        assert {topic for topic, _ in host.published} == {1}
+        assert source.refused_by == {"origin": total - MAX_ORIGINS}
+        assert len(source.ledger.origins) == MAX_ORIGINS
+    finally:
+        if sprayer is not None:
+            sprayer.close()
+        source.close()
+        host.reactor.close()
+    try:
+        st = read_status(segment)
+        assert st is not None and st["refused_by"] == {"origin": 44}
+    finally:
+        status_path(segment).unlink(missing_ok=True)

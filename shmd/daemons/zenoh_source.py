@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from shmd.config import ZenohSourceConfig
-from shmd.daemons.bridge import Ledger, StampError, Verdict, decode_stamp
+from shmd.daemons.bridge import Ledger, Stamp, StampError, Verdict, decode_stamp
 from shmd.daemons.sources import SourceError, SourceHost
 from shmd.daemons.zenohio import (
     ZenohUnavailable,
@@ -40,6 +40,8 @@ log = structlog.get_logger("shmd.daemons.zenoh_source")
 
 #: How often the source logs what it counted and rewrites its status file.
 FLUSH_INTERVAL = 0.5
+#: Origins accounted at most: a peer spraying keys cannot grow the account without bound.
+MAX_ORIGINS = 256
 
 
 class ZenohSource:
@@ -110,16 +112,10 @@ class ZenohSource:
     def _choose(self, sample: zenoh.Sample, max_payload: int) -> tuple[int, bytes] | None:
         """Account a sample; (topic, payload) to publish, or None (refused or not in order)."""
         key = str(sample.key_expr)
-        if sample.kind != self._z.SampleKind.PUT:
-            self._refuse("delete", key, "a DELETE sample carries no record")
+        found = self._stamped(sample, key)
+        if found is None:
             return None
-        attachment = sample.attachment
-        try:
-            stamp = decode_stamp(attachment.to_bytes() if attachment is not None else None)
-        except StampError as exc:
-            self._refuse("attachment", key, str(exc))
-            return None
-        origin = key.rsplit("/", 1)[0] if "/" in key else ""
+        origin, stamp = found
         verdict = self.ledger.account(origin, stamp)
         self._dirty = True
         self._note(origin, key, verdict, stamp.generation)
@@ -138,6 +134,23 @@ class ZenohSource:
             )
             return None
         return topic, payload.to_bytes()
+
+    def _stamped(self, sample: zenoh.Sample, key: str) -> tuple[str, Stamp] | None:
+        """(origin, stamp) of a sample fit for accounting; None when it was refused."""
+        if sample.kind != self._z.SampleKind.PUT:
+            self._refuse("delete", key, "a DELETE sample carries no record")
+            return None
+        attachment = sample.attachment
+        try:
+            stamp = decode_stamp(attachment.to_bytes() if attachment is not None else None)
+        except StampError as exc:
+            self._refuse("attachment", key, str(exc))
+            return None
+        origin = key.rsplit("/", 1)[0] if "/" in key else ""
+        if origin not in self.ledger.origins and len(self.ledger.origins) >= MAX_ORIGINS:
+            self._refuse("origin", key, f"{MAX_ORIGINS} origins are accounted already")
+            return None
+        return origin, stamp
 
     def _note(self, origin: str, key: str, v: Verdict, generation: int) -> None:
         if v.lost:
