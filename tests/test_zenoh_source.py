@@ -267,6 +267,7 @@ def test_a_peer_spraying_origins_is_refused_past_the_cap(tmp_path: Path) -> None
     conf = zenoh.Config()
     conf.insert_json5("connect/endpoints", json.dumps([endpoint]))
     conf.insert_json5("scouting/multicast/enabled", "false")
+    conf.insert_json5("transport/shared_memory/enabled", "false")
     sprayer: Any = None
     try:
         source.start(host)

@@ -87,6 +87,10 @@ def session_config(zenoh: ModuleType, cfg: ZenohSinkConfig | ZenohSourceConfig) 
     # any address but the endpoints given.
     conf.insert_json5("scouting/multicast/enabled", json.dumps(cfg.scouting))
     conf.insert_json5("scouting/gossip/enabled", json.dumps(cfg.scouting))
+    # Zenoh's shared-memory transport is for peers on one host, which the bus
+    # is already: off, so the bridge leaves nothing under /dev/shm (which a
+    # reader's sandbox does not even show).
+    conf.insert_json5("transport/shared_memory/enabled", "false")
     return conf
 
 

@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
     conf.insert_json5("connect/endpoints", json.dumps([endpoint]))
     conf.insert_json5("scouting/multicast/enabled", "false")
     conf.insert_json5("scouting/gossip/enabled", "false")
+    conf.insert_json5("transport/shared_memory/enabled", "false")
     session = zenoh.open(conf)
     block = zenoh.CongestionControl.BLOCK
     pubs: dict[str, zenoh.Publisher] = {}
