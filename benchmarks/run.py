@@ -55,6 +55,7 @@ from benchmarks.harness import (
 PEER_MODULES: tuple[tuple[str, str, Kind], ...] = (
     ("benchmarks.peers.zmq_ipc", "zmq-ipc", "peer"),
     ("benchmarks.peers.iceoryx2_peer", "iceoryx2", "peer"),
+    ("benchmarks.peers.zenoh_peer", "zenoh", "peer"),
     ("benchmarks.peers.unix_sock", "unix", "peer"),
     ("benchmarks.peers.mp_queue", "mp-queue", "peer"),
     ("benchmarks.peers.floor", "floor", "floor"),

@@ -1,6 +1,6 @@
 """``python -m fuzz TARGET [libFuzzer options and corpus directories]``, under atheris.
 
-TARGET is ``header``, ``read`` or ``frames`` (fuzz/fuzz_TARGET.py).  Only
+TARGET is ``header``, ``read``, ``frames`` or ``bridge`` (fuzz/fuzz_TARGET.py).  Only
 this needs atheris (the ``fuzz`` extra); the targets' ``test_one_input``
 functions import without it (tests/test_fuzz.py runs them over the corpus).
 """
@@ -12,7 +12,7 @@ import sys
 
 import atheris
 
-TARGETS = ("header", "read", "frames")
+TARGETS = ("header", "read", "frames", "bridge")
 
 
 def main() -> None:

@@ -169,7 +169,43 @@ def segment_status(seg: Segment, topics: TopicMap | None = None) -> dict[str, An
         "heartbeat_age": round((now - h.heartbeat_ns) / 1e9, 3) if h.heartbeat_ns else None,
         "topics": dict(names),
         "readers": readers,
+        "bridge": bridge_status(seg.name or ""),
     }
+
+
+def bridge_status(segment: str) -> dict[str, Any] | None:
+    """The zenoh source's accounting of this bus (docs/BRIDGE.md), None without one."""
+    from shmd.daemons.zenohio import read_status  # noqa: PLC0415 - the bridge is optional
+
+    st = read_status(segment)
+    if st is None or not isinstance(st.get("origins"), dict):
+        return None
+    return st
+
+
+def _bridge_lines(b: dict[str, Any], c: Callable[[str, str], str]) -> list[str]:
+    lost = c(str(b.get("lost", 0)), "33") if b.get("lost") else "0"
+    refused = c(str(b.get("refused", 0)), "33") if b.get("refused") else "0"
+    by = b.get("refused_by") or {}
+    why = f" ({', '.join(f'{k} {v}' for k, v in sorted(by.items()))})" if by else ""
+    pid = b.get("pid")
+    gone = isinstance(pid, int) and not pid_alive(pid)
+    stale = c(f"  (kept by pid {pid}, which is gone)", "33") if gone else ""
+    lines = [
+        "",
+        f"bridge      zenoh {b.get('key', '?')}  lost {lost}  refused {refused}{why}{stale}",
+    ]
+    head = f"{'ORIGIN':<24} {'RECEIVED':>12} {'LOST':>10} {'REORDERED':>9} {'RESTARTS':>8} SEQ"
+    lines.append(c(head, "1"))
+    for name, o in sorted(b["origins"].items()):
+        if not isinstance(o, dict):
+            continue
+        olost = c(str(o.get("lost", 0)), "33") if o.get("lost") else "0"
+        lines.append(
+            f"{name:<24} {o.get('received', 0):>12} {olost:>10} {o.get('reordered', 0):>9} "
+            f"{o.get('restarts', 0):>8} {o.get('seq', 0)}"
+        )
+    return lines
 
 
 def _topics_text(reader: dict[str, Any]) -> str:
@@ -211,6 +247,8 @@ def render_status(st: dict[str, Any], colour: bool) -> str:
                 f"{r['lag_seconds']:>8.3f} {r['delivered']:>12} {lost:>10} {r['redelivered']:>8} "
                 f"{'yes' if r['asleep'] else 'no':>6} {r['wait']:>7} {_topics_text(r)}"
             )
+    if st.get("bridge"):
+        lines += _bridge_lines(st["bridge"], c)
     return "\n".join(lines)
 
 
@@ -407,7 +445,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    return check_config(cfg)
+    try:
+        return check_config(cfg)
+    except ConfigError as err:  # a zenoh sink or source without the package
+        raise CliError(str(err)) from None
 
 
 #: What ``shmctl demo`` runs without ``--config``: a bus of its own, apart

@@ -77,10 +77,18 @@ from benchmarks.peers import (  # noqa: E402
     mp_queue,
     shmd_peer,
     unix_sock,
+    zenoh_peer,
     zmq_ipc,
 )
 
-ALL_IMPLS = [*zmq_ipc.IMPLS, *iceoryx2_peer.IMPLS, *unix_sock.IMPLS, *mp_queue.IMPLS, *floor.IMPLS]
+ALL_IMPLS = [
+    *zmq_ipc.IMPLS,
+    *iceoryx2_peer.IMPLS,
+    *zenoh_peer.IMPLS,
+    *unix_sock.IMPLS,
+    *mp_queue.IMPLS,
+    *floor.IMPLS,
+]
 SHM_DIR = Path("/dev/shm")
 
 
@@ -287,11 +295,12 @@ def skip_if_unavailable(impl: Any) -> None:
     reason = impl.available()
     if not reason:
         return
-    # packaging/dev installs the bench extra; where pip could not, it kept why.
-    why_not = Path(sys.prefix) / "bench-unavailable"
+    # packaging/dev installs the bench and zenoh extras; where pip could not, it kept why.
+    extra = "zenoh" if impl.name == "zenoh" else "bench"
+    why_not = Path(sys.prefix) / f"{extra}-unavailable"
     if why_not.is_file():
         pip_said = why_not.read_text().strip()
-        reason += f" (packaging/dev could not install the bench extra: {pip_said})"
+        reason += f" (packaging/dev could not install the {extra} extra: {pip_said})"
     pytest.skip(reason)
 
 

@@ -33,6 +33,7 @@ from daemon_bus import (
 from shmd.bus.layout import LAYOUT_VERSION, OFF_VERSION, Geometry, Policy
 from shmd.bus.segment import Segment
 from shmd.config import config_to_dict, load_config
+from shmd.daemons.zenohio import status_path
 
 REPO = Path(__file__).resolve().parent.parent
 STATUS_KEYS = {
@@ -983,3 +984,36 @@ def test_demo_without_config_runs_its_own_bus_in_whole_lines(
     assert not Path("/dev/shm" + segment).exists()
     assert not Path(socket_path).exists()
     assert not Path(socket_path).parent.exists(), "the demo left its directory"
+
+
+def test_status_shows_the_bridge_account_beside_the_segment(quiet: Bus) -> None:
+    """A zenoh source's status file is the bridge section: counts, origins, a gone keeper named."""
+    bus = quiet
+    bus.writer()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process
+    account = {
+        "key": "site-a/*",
+        "lost": 12,
+        "refused": 3,
+        "refused_by": {"attachment": 2, "key": 1},
+        "pid": gone.pid,
+        "origins": {
+            "site-a": {"received": 148230, "lost": 12, "reordered": 1, "restarts": 1, "seq": 9}
+        },
+    }
+    path = status_path(bus.segment)
+    try:
+        path.write_text(json.dumps(account))
+        st = json.loads(run(bus, "status", "--json").stdout)
+        assert st["bridge"] == account
+        text = run(bus, "status").stdout
+        assert (
+            "bridge      zenoh site-a/*  lost 12  refused 3 (attachment 2, key 1)"
+            f"  (kept by pid {gone.pid}, which is gone)"
+        ) in text
+        [row] = [line for line in text.splitlines() if line.startswith("site-a ")]
+        assert row.split() == ["site-a", "148230", "12", "1", "1", "9"]
+    finally:
+        path.unlink(missing_ok=True)
+    assert json.loads(run(bus, "status", "--json").stdout)["bridge"] is None

@@ -27,6 +27,8 @@ from shmd.config import (
     StdinSourceConfig,
     StdoutSinkConfig,
     TickerSourceConfig,
+    ZenohSinkConfig,
+    ZenohSourceConfig,
     config_to_dict,
     default_config,
     load_config,
@@ -556,6 +558,68 @@ BAD = [
     ("segment: {capacity: 4}\nsegment: {capacity: 8}\n", 2, "segment", "duplicate key"),
     ("base: &b {level: info}\nlogging:\n  <<: *b\n", 3, "logging", "merge keys"),
     ("? [a, b]\n: 1\n", 1, None, "a key must be a plain string"),
+    (
+        "reader:\n  defaults:\n    sink: {type: zenoh}\n",
+        3,
+        "reader.defaults.sink",
+        "needs connect or listen endpoints since scouting is off",
+    ),
+    (
+        "reader:\n  defaults:\n    sink:\n"
+        "      {type: zenoh, mode: client, listen: [tcp/10.1.0.1:7447]}\n",
+        4,
+        "reader.defaults.sink.mode",
+        "client mode needs connect endpoints",
+    ),
+    (
+        "writer:\n  source:\n    type: zenoh\n    connect: [tcp/10.1.0.1]\n",
+        4,
+        "writer.source.connect[0]",
+        "must be tcp/HOST:PORT with a port 1..65535",
+    ),
+    (
+        "writer:\n  source:\n    type: zenoh\n    connect: [http://x]\n",
+        4,
+        "writer.source.connect[0]",
+        "must be a Zenoh endpoint",
+    ),
+    (
+        "writer:\n  source:\n    type: zenoh\n    listen: [tcp/10.1.0.1:1, tcp/10.1.0.1:1]\n",
+        4,
+        "writer.source.listen[1]",
+        "is listed twice",
+    ),
+    (
+        "writer:\n  source:\n    type: zenoh\n    listen: [tcp/10.1.0.1:1]\n    key: a//b\n",
+        5,
+        "writer.source.key",
+        "must be a Zenoh key expression",
+    ),
+    (
+        "writer:\n  source:\n    type: zenoh\n    listen: [tcp/10.1.0.1:1]\n    key: '**'\n",
+        5,
+        "writer.source.key",
+        "must not be '**' alone",
+    ),
+    (
+        "reader:\n  defaults:\n    sink:\n      type: zenoh\n      prefix: a/*\n"
+        "      listen: [tcp/10.1.0.1:1]\n",
+        5,
+        "reader.defaults.sink.prefix",
+        "without wildcards",
+    ),
+    (
+        "reader:\n  defaults:\n    sink:\n      type: zenoh\n      scouting: yes please\n",
+        5,
+        "reader.defaults.sink.scouting",
+        "must be true or false",
+    ),
+    (
+        "reader:\n  defaults:\n    sink: {type: zenoh, mode: router, listen: [tcp/10.1.0.1:1]}\n",
+        3,
+        "reader.defaults.sink.mode",
+        "peer | client",
+    ),
 ]
 
 
@@ -612,6 +676,18 @@ def test_config_is_frozen() -> None:
             "{type: python, callable: 'pkg.mod:make.source'}",
             PythonSourceConfig(callable="pkg.mod:make.source"),
         ),
+        (
+            "{type: zenoh, listen: [tcp/10.1.0.1:7447]}",
+            ZenohSourceConfig(key="shmd-bus/*", listen=("tcp/10.1.0.1:7447",)),
+        ),
+        (
+            "{type: zenoh, key: 'site/**', mode: client, connect: [tcp/10.1.0.1:7447]}",
+            ZenohSourceConfig(key="site/**", mode="client", connect=("tcp/10.1.0.1:7447",)),
+        ),
+        (
+            "{type: zenoh, key: a/*/b, scouting: true}",
+            ZenohSourceConfig(key="a/*/b", scouting=True),
+        ),
     ],
 )
 def test_every_source_form_parses(tmp_path: Path, text: str, expected: object) -> None:
@@ -627,6 +703,14 @@ def test_every_source_form_parses(tmp_path: Path, text: str, expected: object) -
         ("{type: stdout, framing: length}", StdoutSinkConfig(framing="length")),
         ("{type: exec, command: [/usr/bin/wc, -c]}", ExecSinkConfig(command=("/usr/bin/wc", "-c"))),
         ("{type: python, callable: 'a:b'}", PythonSinkConfig(callable="a:b")),
+        (
+            "{type: zenoh, connect: [tcp/10.1.0.1:7447, 'tcp/[fd00::1]:7447']}",
+            ZenohSinkConfig(prefix="shmd-bus", connect=("tcp/10.1.0.1:7447", "tcp/[fd00::1]:7447")),
+        ),
+        (
+            "{type: zenoh, prefix: site/a, express_max: 0, listen: [tcp/0.0.0.0:0]}",
+            ZenohSinkConfig(prefix="site/a", express_max=0, listen=("tcp/0.0.0.0:0",)),
+        ),
     ],
 )
 def test_every_sink_form_parses(tmp_path: Path, text: str, expected: object) -> None:

@@ -53,8 +53,10 @@ def test_a_dataclass_alone_defines_keys_bounds_choices_and_required_fields() -> 
 
 def test_tagged_unions_take_their_type_names_from_the_dataclasses() -> None:
     """The type: names are the members' Literal defaults; a tagged dataclass dumps type first."""
-    assert [tag(c) for c in members(SourceConfig)] == ["ticker", "fifo", "stdin", "python"]
-    assert [tag(c) for c in members(SinkConfig)] == ["journal", "file", "stdout", "exec", "python"]
+    sources = ["ticker", "fifo", "stdin", "python", "zenoh"]
+    assert [tag(c) for c in members(SourceConfig)] == sources
+    sinks = ["journal", "file", "stdout", "exec", "python", "zenoh"]
+    assert [tag(c) for c in members(SinkConfig)] == sinks
     assert [f.name for f in file_fields(TickerSourceConfig)] == ["type", "rate", "topic"]
     assert list(to_dict(TickerSourceConfig())) == ["type", "rate", "topic"]
     assert tag(WriterConfig) is None

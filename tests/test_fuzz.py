@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from fuzz import fuzz_frames, fuzz_header, fuzz_read
+from fuzz import fuzz_bridge, fuzz_frames, fuzz_header, fuzz_read
 
 CORPUS = Path(__file__).resolve().parent.parent / "fuzz" / "corpus"
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "header": fuzz_header.test_one_input,
     "read": fuzz_read.test_one_input,
     "frames": fuzz_frames.test_one_input,
+    "bridge": fuzz_bridge.test_one_input,
 }
 
 

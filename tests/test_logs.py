@@ -300,6 +300,8 @@ MODULE_ROLES = {
     "client/session.py": "reader",
     "bus/subscriber.py": "reader",
     "daemons/sinks.py": "reader",
+    "daemons/zenoh_sink.py": "reader",
+    "daemons/zenoh_source.py": "writer",
     "cli.py": "reader",
     "daemons/process.py": "either",
     "config/__init__.py": "either",

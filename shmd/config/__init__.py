@@ -48,6 +48,8 @@ from shmd.config.model import (
     StdoutSinkConfig,
     TickerSourceConfig,
     WriterConfig,
+    ZenohSinkConfig,
+    ZenohSourceConfig,
     default_config,
 )
 from shmd.config.reload import config_to_dict, diff_reloadable
@@ -75,6 +77,8 @@ __all__ = [
     "StdoutSinkConfig",
     "TickerSourceConfig",
     "WriterConfig",
+    "ZenohSinkConfig",
+    "ZenohSourceConfig",
     "config_to_dict",
     "default_config",
     "diff_reloadable",

@@ -228,3 +228,107 @@ def read_argv(m: Map, name: str, default: object) -> tuple[str, ...]:
     if not argv[0]:
         m.bad(n.value[0], "the program name must not be empty")
     return tuple(argv)
+
+
+# -- the zenoh sink and source (docs/BRIDGE.md) ------------------------------------------
+
+#: A chunk of a Zenoh key: no '/', and none of the characters Zenoh reserves
+#: for wildcards and verbatim chunks ('*', '$', '?', '#') or whitespace.
+_KEY_CHUNK_RE = re.compile(r"[^/*$?#\s]+")
+_ENDPOINT_RE = re.compile(r"(tcp|udp|tls|quic|ws|unixsock-stream)/(\S+)")
+_HOST_PORT_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):([0-9]{1,5})")
+MAX_KEY = 1024
+MAX_ENDPOINTS = 64
+
+
+def key_prefix(value: str, done: Mapping[str, Any]) -> None:
+    """A Zenoh key of plain chunks (the sink's prefix; "" means the segment's name)."""
+    if value == "":
+        return
+    chunks = value.split("/")
+    if len(value) > MAX_KEY or not all(_KEY_CHUNK_RE.fullmatch(c) for c in chunks):
+        raise BadValue(
+            "must be a Zenoh key of non-empty chunks separated by '/', without "
+            f"wildcards ('*', '$', '?', '#'), spaces or a leading or trailing '/' (got {value!r})"
+        )
+
+
+def key_expression(value: str, done: Mapping[str, Any]) -> None:
+    """A Zenoh key expression: plain chunks, ``*`` or ``**`` ("" means the segment's name/*)."""
+    if value == "":
+        return
+    chunks = value.split("/")
+    if len(value) > MAX_KEY or not all(
+        c in ("*", "**") or _KEY_CHUNK_RE.fullmatch(c) for c in chunks
+    ):
+        raise BadValue(
+            "must be a Zenoh key expression of chunks separated by '/', each plain, "
+            f"'*' or '**', without a leading or trailing '/' (got {value!r})"
+        )
+    if chunks[-1] == "**" and len(chunks) == 1:
+        raise BadValue(f"must not be '**' alone: say whose keys to take (got {value!r})")
+
+
+def _endpoint(text: str, *, listen: bool) -> str | None:
+    """Why ``text`` is not a Zenoh endpoint, or None."""
+    m = _ENDPOINT_RE.fullmatch(text)
+    if m is None:
+        return (
+            "must be a Zenoh endpoint like tcp/10.0.0.1:7447 (protocols: tcp, udp, "
+            f"tls, quic, ws, unixsock-stream; got {text!r})"
+        )
+    proto, address = m.groups()
+    if proto == "unixsock-stream":
+        return None if address.startswith("/") else f"must name an absolute path (got {text!r})"
+    hp = _HOST_PORT_RE.fullmatch(address)
+    lowest = 0 if listen else 1
+    if hp is None or not lowest <= int(hp.group(2)) <= 65535:
+        return f"must be {proto}/HOST:PORT with a port {lowest}..65535 (got {text!r})"
+    return None
+
+
+def _read_endpoints(
+    m: Map, name: str, default: tuple[str, ...], *, listen: bool
+) -> tuple[str, ...]:
+    n = m.node(name)
+    if n is None or n.value is None:
+        return default if n is None else ()
+    if not isinstance(n.value, list) or len(n.value) > MAX_ENDPOINTS:
+        m.bad(n, f"must be a list of at most {MAX_ENDPOINTS} Zenoh endpoints (got {describe(n)})")
+    out: list[str] = []
+    for item in n.value:
+        if not isinstance(item.value, str):
+            m.bad(item, f"must be a Zenoh endpoint string (got {describe(item)})")
+        why = _endpoint(item.value, listen=listen)
+        if why is not None:
+            m.bad(item, why)
+        if item.value in out:
+            m.bad(item, f"endpoint {item.value!r} is listed twice")
+        out.append(item.value)
+    return tuple(out)
+
+
+def read_connect(m: Map, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """``connect``: the Zenoh endpoints to dial (port 1..65535)."""
+    return _read_endpoints(m, name, default, listen=False)
+
+
+def read_listen(m: Map, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """``listen``: the Zenoh endpoints to listen on (port 0 picks one)."""
+    return _read_endpoints(m, name, default, listen=True)
+
+
+def zenoh_reachable(scouting: bool, done: Mapping[str, Any]) -> None:
+    """A Zenoh session with scouting off must be told where its peers are."""
+    if scouting:
+        return
+    if done["mode"] == "client" and not done["connect"]:
+        raise BadValue(
+            "client mode needs connect endpoints (a router to dial) since scouting is off",
+            at="mode",
+        )
+    if not done["connect"] and not done["listen"]:
+        raise BadValue(
+            "needs connect or listen endpoints since scouting is off (or set scouting: true)",
+            at="connect",
+        )

@@ -23,11 +23,13 @@ from shmd.config.model import (
     ReaderSettings,
     SegmentConfig,
     WriterConfig,
+    ZenohSinkConfig,
+    ZenohSourceConfig,
     default_config,
 )
 from shmd.config.nodes import Builder, Node, describe, parse_yaml
 from shmd.config.schema import Map, field_of, file_fields, parse, union_tag
-from shmd.control.fields import INSTANCE_PATTERN, TopicMap
+from shmd.control.fields import INSTANCE_PATTERN
 from shmd.control.frames import FRAME_HEADER_SIZE
 from shmd.control.protocol import WELCOME_FIXED_SIZE
 
@@ -99,25 +101,41 @@ def _reader(b: Builder, node: Node | None) -> ReaderConfig:
     return ReaderConfig(defaults=defaults, instances=tuple(sorted(pairs)))
 
 
-def _named(settings: ReaderSettings, topics: TopicMap) -> ReaderSettings:
-    """The settings with a journal sink given the topic names its summaries show."""
-    if not isinstance(settings.sink, JournalSinkConfig) or not topics:
+def _named(settings: ReaderSettings, segment: SegmentConfig) -> ReaderSettings:
+    """The settings with a journal sink given the topic names its summaries show.
+
+    A zenoh sink gets the bus's policy and, without a prefix, the segment's name.
+    """
+    sink = settings.sink
+    if isinstance(sink, ZenohSinkConfig):
+        prefix = sink.prefix or segment.name.lstrip("/")
+        return replace(settings, sink=replace(sink, prefix=prefix, policy=segment.policy))
+    if not isinstance(sink, JournalSinkConfig) or not segment.topics:
         return settings
-    return replace(settings, sink=replace(settings.sink, topic_names=topics))
+    return replace(settings, sink=replace(sink, topic_names=segment.topics))
 
 
-def _with_names(readers: ReaderConfig, topics: TopicMap) -> ReaderConfig:
+def _with_names(readers: ReaderConfig, segment: SegmentConfig) -> ReaderConfig:
     return ReaderConfig(
-        defaults=_named(readers.defaults, topics),
-        instances=tuple((name, _named(s, topics)) for name, s in readers.instances),
+        defaults=_named(readers.defaults, segment),
+        instances=tuple((name, _named(s, segment)) for name, s in readers.instances),
     )
 
 
-def _writer_named(writer: WriterConfig, topics: TopicMap) -> WriterConfig:
-    """The settings with a python source given the topic names it may publish by."""
-    if not isinstance(writer.source, PythonSourceConfig) or not topics:
+def _writer_named(writer: WriterConfig, segment: SegmentConfig) -> WriterConfig:
+    """The settings with a python or zenoh source given the topic names it may publish by.
+
+    A zenoh source also gets the segment's name, and without a key ``<name>/*``.
+    """
+    source = writer.source
+    topics = segment.topics
+    if isinstance(source, ZenohSourceConfig):
+        key = source.key or segment.name.lstrip("/") + "/*"
+        chosen = replace(source, key=key, topic_names=topics, segment=segment.name)
+        return replace(writer, source=chosen)
+    if not isinstance(source, PythonSourceConfig) or not topics:
         return writer
-    return replace(writer, source=replace(writer.source, topic_names=topics))
+    return replace(writer, source=replace(source, topic_names=topics))
 
 
 def _check_welcome_fits(b: Builder, segment_node: Node | None, cfg: Config) -> None:
@@ -146,8 +164,8 @@ def _build(tree: Node, path: str) -> Config:
     cfg = Config(
         segment=segment,
         control=parse(b, ControlConfig, m.node("control"), "control").resolved(warnings),
-        writer=_writer_named(parse(b, WriterConfig, m.node("writer"), "writer"), segment.topics),
-        reader=_with_names(_reader(b, m.node("reader")), segment.topics),
+        writer=_writer_named(parse(b, WriterConfig, m.node("writer"), "writer"), segment),
+        reader=_with_names(_reader(b, m.node("reader")), segment),
         logging=parse(b, LoggingConfig, m.node("logging"), "logging"),
         source_path=path,
         warnings=tuple(warnings),

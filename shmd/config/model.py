@@ -165,8 +165,36 @@ class PythonSourceConfig:
     topic_names: TopicMap = field(default=NO_TOPICS, metadata=spec(in_file=False))
 
 
+ZenohMode: TypeAlias = Literal["peer", "client"]
+
+
+def _endpoints(read: Any) -> Any:
+    return setting((), read=read)
+
+
+@dataclass(frozen=True)
+class ZenohSourceConfig:
+    """``zenoh``: records from Zenoh samples (docs/BRIDGE.md)."""
+
+    # The key expression to subscribe to; "" is "<segment name>/*", set at load time.
+    key: str = setting("", checks=(checks.key_expression,))
+    mode: ZenohMode = "peer"
+    connect: tuple[str, ...] = _endpoints(checks.read_connect)
+    listen: tuple[str, ...] = _endpoints(checks.read_listen)
+    scouting: bool = setting(False, checks=(checks.zenoh_reachable,))
+    type: Literal["zenoh"] = "zenoh"
+    # segment.topics and segment.name, copied in at load time: a key's last
+    # chunk names the topic; the accounting is kept under the segment's name.
+    topic_names: TopicMap = field(default=NO_TOPICS, metadata=spec(in_file=False))
+    segment: str = field(default="/shmd-bus", metadata=spec(in_file=False))
+
+
 SourceConfig: TypeAlias = (
-    TickerSourceConfig | FifoSourceConfig | StdinSourceConfig | PythonSourceConfig
+    TickerSourceConfig
+    | FifoSourceConfig
+    | StdinSourceConfig
+    | PythonSourceConfig
+    | ZenohSourceConfig
 )
 
 
@@ -214,8 +242,30 @@ class PythonSinkConfig:
     type: Literal["python"] = "python"
 
 
+@dataclass(frozen=True)
+class ZenohSinkConfig:
+    """``zenoh``: each record as a Zenoh sample on ``<prefix>/<topic>`` (docs/BRIDGE.md)."""
+
+    # "" is the segment's name without its slash, set at load time.
+    prefix: str = setting("", checks=(checks.key_prefix,))
+    # Records of at most this many bytes go express (not batched); 0: none.
+    express_max: int = setting(1024, lo=0, hi=MAX_SLOT_SIZE)
+    mode: ZenohMode = "peer"
+    connect: tuple[str, ...] = _endpoints(checks.read_connect)
+    listen: tuple[str, ...] = _endpoints(checks.read_listen)
+    scouting: bool = setting(False, checks=(checks.zenoh_reachable,))
+    type: Literal["zenoh"] = "zenoh"
+    # segment.policy, copied in at load time: block -> BLOCK, drop-oldest -> DROP.
+    policy: PolicyName = field(default="drop-oldest", metadata=spec(in_file=False))
+
+
 SinkConfig: TypeAlias = (
-    JournalSinkConfig | FileSinkConfig | StdoutSinkConfig | ExecSinkConfig | PythonSinkConfig
+    JournalSinkConfig
+    | FileSinkConfig
+    | StdoutSinkConfig
+    | ExecSinkConfig
+    | PythonSinkConfig
+    | ZenohSinkConfig
 )
 
 

@@ -131,6 +131,17 @@ RELOAD_IGNORED = "reload_ignored"
 SINK_FAILED = "sink_failed"
 SINK_CHILD_FAILED = "sink_child_failed"
 EXITING = "exiting"
+# the zenoh sink (a reader) and source (the writer): docs/BRIDGE.md
+BRIDGE_SENDING = "bridge_sending"
+BRIDGE_SENT = "bridge_sent"
+BRIDGE_RECEIVING = "bridge_receiving"
+BRIDGE_RECEIVED = "bridge_received"
+BRIDGE_JOINED = "bridge_joined"
+BRIDGE_PEER_RESTARTED = "bridge_peer_restarted"
+BRIDGE_GENERATION_CHANGED = "bridge_generation_changed"
+BRIDGE_LOST = "bridge_lost"
+BRIDGE_REFUSED = "bridge_refused"
+BRIDGE_STATUS_FAILED = "bridge_status_failed"
 # either role (shmd.Publisher and shmd.Subscriber, sd_notify in both daemons)
 MUTEX_OWNER_DIED = "mutex_owner_died"
 SD_NOTIFY_FAILED = "sd_notify_failed"
@@ -176,6 +187,14 @@ WRITER_EVENTS = frozenset(
         SHUTDOWN_COMPLETE,
         START_FAILED,
         CRASHED,
+        BRIDGE_RECEIVING,
+        BRIDGE_RECEIVED,
+        BRIDGE_JOINED,
+        BRIDGE_PEER_RESTARTED,
+        BRIDGE_GENERATION_CHANGED,
+        BRIDGE_LOST,
+        BRIDGE_REFUSED,
+        BRIDGE_STATUS_FAILED,
     }
 )
 READER_EVENTS = frozenset(
@@ -198,6 +217,8 @@ READER_EVENTS = frozenset(
         SINK_FAILED,
         SINK_CHILD_FAILED,
         EXITING,
+        BRIDGE_SENDING,
+        BRIDGE_SENT,
     }
 )
 COMMON_EVENTS = frozenset({MUTEX_OWNER_DIED, SD_NOTIFY_FAILED, SIGNAL_IGNORED})

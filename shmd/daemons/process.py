@@ -103,14 +103,44 @@ def load_config_or_exit(
 
 
 def load_or_exit(args: argparse.Namespace, role: str, instance: str | None = None) -> Config:
-    """Load the configuration; on error log one ``config_error`` line and exit 78."""
-    return load_config_or_exit(args.config, role=role, instance=instance)
+    """Load the configuration; on error log one ``config_error`` line and exit 78.
+
+    A zenoh sink (of this reader ``instance``) or source (of the writer) on a
+    machine without the optional package is such an error too.
+    """
+    cfg = load_config_or_exit(args.config, role=role, instance=instance)
+    if args.check_config:
+        role_of, instance_of = None, None  # --check-config checks every section
+    else:
+        role_of, instance_of = role, instance
+    missing = zenoh_missing(cfg, role_of, instance_of)
+    if missing is not None:
+        exit_on_config_error(missing, role=role, instance=instance)
+    return cfg
+
+
+def zenoh_missing(cfg: Config, role: str | None, instance: str | None) -> ConfigError | None:
+    """The error when ``cfg`` names zenoh for ``role`` but it is not installed, else None."""
+    from shmd.daemons.zenohio import missing_zenoh  # noqa: PLC0415 - it imports zenoh
+
+    found = missing_zenoh(cfg, role, instance)
+    if found is None:
+        return None
+    key, message = found
+    return ConfigError(message, path=cfg.source_path, key=key)
 
 
 def check_config(cfg: Config, out: TextIO | None = None) -> int:
-    """``--check-config``: print the effective settings as YAML."""
+    """``--check-config``: print the effective settings as YAML.
+
+    Raises :class:`ConfigError` when a zenoh sink or source is named on a
+    machine without the package (one line saying how to install it).
+    """
     import yaml  # noqa: PLC0415 - only this path prints YAML
 
+    missing = zenoh_missing(cfg, None, None)
+    if missing is not None:
+        raise missing
     stream = sys.stdout if out is None else out
     where = cfg.source_path or "built-in defaults"
     print(f"# configuration OK: {where}", file=stream)

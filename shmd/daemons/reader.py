@@ -39,7 +39,7 @@ from shmd.daemons.process import (
     load_or_exit,
     setup_logging,
 )
-from shmd.daemons.sinks import RecordSink, SinkError, make_sink
+from shmd.daemons.sinks import BoundSink, RecordSink, SinkError, make_sink
 from shmd.errors import (
     BusUnavailable,
     ConnectError,
@@ -199,8 +199,11 @@ class ReaderDaemon:
         and resumes.  The lifeline tells it when no writer is coming.
         """
         if self.sink is None:
+            # A zenoh sink opens its session here, in this process, before READY.
             self.sink = make_sink(self.settings.sink)
         self.connect()
+        if isinstance(self.sink, BoundSink):
+            self.sink.bind(self.client, all_topics=self.settings.topics == "all")
         self._signals = SignalDispatch(self.reactor, self, self.log)
         sdnotify.ready()
         self._start_timers()

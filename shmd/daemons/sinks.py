@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Protocol, runtime_checkable
 
 import structlog
 
@@ -29,7 +29,9 @@ from shmd.config import (
     PythonSinkConfig,
     SinkConfig,
     StdoutSinkConfig,
+    ZenohSinkConfig,
 )
+from shmd.control.fields import TopicMap
 from shmd.daemons.plugin import load_callable
 from shmd.errors import ShmdError
 
@@ -48,6 +50,27 @@ class RecordSink(Protocol):
 
     def close(self) -> None:
         """Flush and release."""
+
+
+class BusView(Protocol):
+    """What a sink may read of its reader's subscription (a :class:`shmd.client.Subscription`)."""
+
+    @property
+    def topics(self) -> TopicMap: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def lost(self) -> int: ...
+
+
+@runtime_checkable
+class BoundSink(Protocol):
+    """A sink that reads its subscription's state (the zenoh sink's stamps)."""
+
+    def bind(self, view: BusView, *, all_topics: bool) -> None:
+        """Called once attached, before READY."""
 
 
 def _preview(payload: bytes | memoryview, limit: int = 64) -> str:
@@ -228,6 +251,13 @@ class PythonSink:
                 ) from None
 
 
+def _zenoh_sink(cfg: ZenohSinkConfig) -> RecordSink:
+    """``zenoh`` (shmd.daemons.zenoh_sink): imported only by a reader that has one."""
+    from shmd.daemons.zenoh_sink import ZenohSink  # noqa: PLC0415 - the optional extra's module
+
+    return ZenohSink(cfg)
+
+
 #: The runtime class (or constructor) of each sink type: a new type is its
 #: config dataclass (shmd.config.model, in SinkConfig), a class here, and a line here.
 SINKS: dict[type[SinkConfig], Callable[[Any], RecordSink]] = {
@@ -236,6 +266,7 @@ SINKS: dict[type[SinkConfig], Callable[[Any], RecordSink]] = {
     StdoutSinkConfig: StreamSink.open_stdout,
     ExecSinkConfig: ExecSink,
     PythonSinkConfig: PythonSink,
+    ZenohSinkConfig: _zenoh_sink,
 }
 
 

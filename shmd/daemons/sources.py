@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import structlog
 
@@ -28,10 +28,14 @@ from shmd.config import (
     SourceConfig,
     StdinSourceConfig,
     TickerSourceConfig,
+    ZenohSourceConfig,
 )
 from shmd.control.fields import TopicMap
 from shmd.daemons.plugin import load_callable
 from shmd.errors import ShmdError
+
+if TYPE_CHECKING:
+    from shmd.daemons.zenoh_source import ZenohSource
 
 log = structlog.get_logger("shmd.daemons.sources")
 
@@ -419,7 +423,14 @@ def _takes_argument(fn: Callable[..., object]) -> bool:
     return len(params) >= 1
 
 
-AnySource = TickerSource | StreamSource | PythonSource
+def _zenoh_source(cfg: ZenohSourceConfig) -> ZenohSource:
+    """``zenoh`` (shmd.daemons.zenoh_source): imported only by a writer that has one."""
+    from shmd.daemons.zenoh_source import ZenohSource  # noqa: PLC0415 - the optional extra's module
+
+    return ZenohSource(cfg)
+
+
+AnySource: TypeAlias = "TickerSource | StreamSource | PythonSource | ZenohSource"
 
 #: The runtime class of each ``writer.source`` type: a new type is its config
 #: dataclass (shmd.config.model, in SourceConfig), a class here, and a line here.
@@ -428,6 +439,7 @@ SOURCES: dict[type[SourceConfig], Callable[[Any], AnySource]] = {
     FifoSourceConfig: StreamSource,
     StdinSourceConfig: StreamSource,
     PythonSourceConfig: PythonSource,
+    ZenohSourceConfig: _zenoh_source,
 }
 
 

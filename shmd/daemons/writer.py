@@ -38,6 +38,7 @@ from shmd.daemons.process import (
 )
 from shmd.daemons.server import ControlServer
 from shmd.daemons.sources import AnySource, PythonSource, SourceError, TickerSource, make_source
+from shmd.daemons.zenoh_source import ZenohSource
 from shmd.errors import PayloadTooLarge, ShmdError
 
 
@@ -168,10 +169,14 @@ class Writer:
     def _status_text(self) -> str:
         assert self.pub is not None
         n = self._attached()
-        return (
+        text = (
             f"{n} reader{'s' if n != 1 else ''} attached, {self.pub.write_seq} records "
             f"published, {self.rate:.1f}/s, generation {self.pub.generation}"
         )
+        if isinstance(self.source, ZenohSource):
+            lost, refused = self.source.totals()
+            text += f", bridge {lost} lost, {refused} refused"
+        return text
 
     def _status_tick(self) -> None:
         assert self.pub is not None and self.server is not None
@@ -275,10 +280,12 @@ class Writer:
         """Clear the active flag, wake every reader, give them the grace period."""
         if self._shutting_down or self.pub is None:
             return
-        self._shutting_down = True
-        sdnotify.stopping()
+        # The source first: what it takes in until it is closed (a zenoh
+        # source's samples, already counted as received) is still published.
         if self.source is not None:
             self.source.close()
+        self._shutting_down = True
+        sdnotify.stopping()
         with self.lock:
             self.pub.deactivate()
         self.log.info(

@@ -1,0 +1,248 @@
+"""What crosses the Zenoh bridge besides the payload, and the receiving side's accounting.
+
+Pure functions and plain state, no I/O and no zenoh: the sink
+(:mod:`shmd.daemons.zenohio`) encodes a :class:`Stamp` into each sample's
+attachment, the source decodes it and feeds it to a :class:`Ledger`, which
+says whether to publish the record and what was lost on the way.
+
+The attachment is 56 bytes, little-endian (docs/BRIDGE.md)::
+
+    0   3  magic b"SHZ"
+    3   1  version (1)
+    4   1  flags: bit 0 = the sending bridge forwards every topic of its bus
+    5   3  zero
+    8   8  generation of the sending bus's segment
+    16  8  seq of the record on the sending bus
+    24  8  the sending writer's timestamp (CLOCK_REALTIME ns)
+    32  8  session: a random id the sending bridge draws at start
+    40  8  index: this session's count of records sent before this one
+    48  8  bus_lost: records the sending bridge lost on its own bus so far
+
+Loss is counted per *origin* (the key minus its last chunk, i.e. the sending
+bridge's prefix): within one session by the index (what Zenoh dropped) plus
+the growth of ``bus_lost`` (what the sending bus overwrote before the bridge
+read it); across a new session (the sending bridge restarted) by the seq gap
+on the sending bus, exact when it forwards every topic (flag bit 0).  A new
+generation on the sending bus is reported, not counted.  A record that
+arrives after a later one (reordered or duplicated) is not published: the
+bus stays in order, and the gap its absence made stays counted.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+MAGIC = b"SHZ"
+VERSION = 1
+FLAG_ALL_TOPICS = 1
+_FORMAT = struct.Struct("<3sBB3xQQQQQQ")
+#: The attachment's size in bytes.
+STAMP_SIZE = _FORMAT.size
+_U64 = (1 << 64) - 1
+
+
+class StampError(ValueError):
+    """An attachment that is not a bridge stamp."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """One record's bridge attachment."""
+
+    generation: int
+    seq: int
+    timestamp_ns: int
+    session: int
+    index: int
+    bus_lost: int
+    all_topics: bool = True
+
+    def encode(self) -> bytes:
+        """The 56-byte attachment."""
+        flags = FLAG_ALL_TOPICS if self.all_topics else 0
+        return _FORMAT.pack(
+            MAGIC,
+            VERSION,
+            flags,
+            self.generation & _U64,
+            self.seq & _U64,
+            self.timestamp_ns & _U64,
+            self.session & _U64,
+            self.index & _U64,
+            self.bus_lost & _U64,
+        )
+
+
+def decode_stamp(data: bytes | None) -> Stamp:
+    """Read an attachment; :class:`StampError` says why it is not one."""
+    if data is None:
+        raise StampError("the sample has no attachment")
+    if len(data) != STAMP_SIZE:
+        raise StampError(f"the attachment is {len(data)} bytes, not {STAMP_SIZE}")
+    magic, version, flags, gen, seq, ts, session, index, lost = _FORMAT.unpack(data)
+    if magic != MAGIC:
+        raise StampError(f"the attachment does not start with {MAGIC!r}")
+    if version != VERSION:
+        raise StampError(f"the attachment is of version {version}, not {VERSION}")
+    if flags & ~FLAG_ALL_TOPICS or data[5:8] != b"\0\0\0":
+        raise StampError("the attachment has unknown flags set")
+    return Stamp(gen, seq, ts, session, index, lost, bool(flags & FLAG_ALL_TOPICS))
+
+
+class StampCounter:
+    """The sending side: one session's stamps, in order."""
+
+    def __init__(self, session: int, *, all_topics: bool) -> None:
+        self.session = session
+        self.all_topics = all_topics
+        self.index = 0
+
+    def next(self, generation: int, seq: int, timestamp_ns: int, bus_lost: int) -> bytes:
+        """The attachment of the next record sent."""
+        stamp = Stamp(
+            generation, seq, timestamp_ns, self.session, self.index, bus_lost, self.all_topics
+        )
+        self.index += 1
+        return stamp.encode()
+
+
+@dataclass(slots=True)
+class Origin:
+    """What the receiving side knows of one sending bridge."""
+
+    session: int
+    generation: int
+    seq: int  # the last seq published from this origin
+    index: int  # the last index seen in this session
+    bus_lost: int  # the last bus_lost seen in this session
+    received: int = 0
+    lost: int = 0
+    reordered: int = 0
+    restarts: int = 0
+    generations: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the status file's entry)."""
+        return {
+            "session": self.session,
+            "generation": self.generation,
+            "seq": self.seq,
+            "index": self.index,
+            "bus_lost": self.bus_lost,
+            "received": self.received,
+            "lost": self.lost,
+            "reordered": self.reordered,
+            "restarts": self.restarts,
+            "generations": self.generations,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Origin:
+        """The entry back (:class:`KeyError`, :class:`TypeError` or ValueError if not one)."""
+        keys = ("session", "generation", "seq", "index", "bus_lost", "received", "lost")
+        more = ("reordered", "restarts", "generations")
+        values = [d[k] for k in keys] + [d.get(k, 0) for k in more]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise ValueError("not an origin entry")
+        return cls(*values)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do with one record, and what it told us."""
+
+    publish: bool
+    #: Records lost on the way, counted now (0 or more).
+    lost: int = 0
+    #: ``joined``, ``restarted``, ``generation_changed``, ``reordered`` or "".
+    event: str = ""
+    #: Whether ``lost`` is exact (False: a seq gap across a restart of a
+    #: bridge forwarding a topic subset counts every bus record in it).
+    exact: bool = True
+    #: ``joined``: records the origin sent or lost before this one, uncounted.
+    before: int = 0
+
+
+@dataclass
+class Ledger:
+    """The receiving side's accounting, per origin (see the module docstring)."""
+
+    origins: dict[str, Origin] = field(default_factory=dict)
+    #: Samples refused before accounting: no or a bad attachment, an unknown
+    #: key, an oversized payload.
+    refused: int = 0
+
+    @property
+    def lost(self) -> int:
+        return sum(o.lost for o in self.origins.values())
+
+    def account(self, origin: str, s: Stamp) -> Verdict:
+        """Account one well-formed record from ``origin``."""
+        o = self.origins.get(origin)
+        if o is None:
+            self.origins[origin] = Origin(s.session, s.generation, s.seq, s.index, s.bus_lost, 1)
+            return Verdict(True, event="joined", before=s.index + s.bus_lost)
+        if s.session == o.session and s.index <= o.index:
+            o.reordered += 1
+            return Verdict(False, event="reordered")
+        if s.generation != o.generation:
+            # A new segment on the sending side: its seqs start over; what its
+            # writer's restart cost is the sending bus's, not the bridge's.
+            lost = s.index - o.index - 1 if s.session == o.session else 0
+            if s.session != o.session:
+                o.restarts += 1
+            o.session, o.generation, o.seq, o.index = s.session, s.generation, s.seq, s.index
+            o.bus_lost = s.bus_lost
+            o.generations += 1
+            return self._take(o, Verdict(True, lost=lost, event="generation_changed"))
+        if s.session != o.session:
+            return self._restarted(o, s)
+        if s.seq <= o.seq:
+            # A record published already (a restarted sender re-reading its
+            # ring): skipped, and the session's numbering followed.
+            o.index, o.bus_lost = s.index, max(o.bus_lost, s.bus_lost)
+            o.reordered += 1
+            return Verdict(False, event="reordered")
+        lost = (s.index - o.index - 1) + max(0, s.bus_lost - o.bus_lost)
+        o.seq, o.index, o.bus_lost = s.seq, s.index, max(o.bus_lost, s.bus_lost)
+        return self._take(o, Verdict(True, lost=lost))
+
+    def _restarted(self, o: Origin, s: Stamp) -> Verdict:
+        """A new session of the same generation: the sending bridge restarted."""
+        o.restarts += 1
+        o.session, o.index, o.bus_lost = s.session, s.index, s.bus_lost
+        if s.seq <= o.seq:
+            # It started at records it had sent already (start: oldest).
+            o.reordered += 1
+            return Verdict(False, event="restarted")
+        gap = s.seq - o.seq - 1
+        o.seq = s.seq
+        return self._take(o, Verdict(True, lost=gap, event="restarted", exact=s.all_topics))
+
+    @staticmethod
+    def _take(o: Origin, v: Verdict) -> Verdict:
+        o.received += 1
+        o.lost += v.lost
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: the status file's ``origins`` and ``refused``."""
+        return {
+            "lost": self.lost,
+            "refused": self.refused,
+            "origins": {k: o.to_dict() for k, o in sorted(self.origins.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Ledger:
+        """A ledger back from :meth:`to_dict`'s data; an empty one if it is not that."""
+        try:
+            origins = {str(k): Origin.from_dict(v) for k, v in d["origins"].items()}
+            refused = d["refused"]
+            if not isinstance(refused, int) or refused < 0:
+                raise ValueError("refused")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return cls()
+        return cls(origins, refused)

@@ -1,0 +1,93 @@
+"""The ``zenoh`` sink: each record a Zenoh sample on ``<prefix>/<topic>``, stamped (docs/BRIDGE.md).
+
+The key names the topic by its name on this bus (its id where it has none);
+the attachment is a :class:`~shmd.daemons.bridge.Stamp`: the record's seq,
+the writer's timestamp and the segment's generation, and this session's
+count and the reader's losses, so that the receiving side can account for
+every record.  Congestion control follows the bus's policy (``block`` ->
+``BLOCK``, ``drop-oldest`` -> ``DROP``); records up to ``express_max`` bytes
+go express.  The session opens when the sink is built (before the reader
+attaches and says READY) and closes in :meth:`ZenohSink.close`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+import structlog
+
+from shmd.bus.layout import REC_PAYLOAD, REC_SEQ, REC_TIMESTAMP, REC_TOPIC, RawRecord
+from shmd.config import ZenohSinkConfig
+from shmd.daemons.bridge import StampCounter
+from shmd.daemons.sinks import BusView, SinkError
+from shmd.daemons.zenohio import (
+    ZenohUnavailable,
+    close_session,
+    first_line,
+    open_session,
+    topic_key,
+)
+
+if TYPE_CHECKING:
+    import zenoh
+
+log = structlog.get_logger("shmd.daemons.zenoh_sink")
+
+
+class ZenohSink:
+    """``zenoh``: every record as a sample on ``<prefix>/<topic>`` with its stamp."""
+
+    def __init__(self, cfg: ZenohSinkConfig) -> None:
+        self.cfg = cfg
+        try:
+            self.z, self.session = open_session(cfg)
+        except ZenohUnavailable as exc:
+            raise SinkError(str(exc)) from None
+        block = cfg.policy == "block"
+        self.congestion = self.z.CongestionControl.BLOCK if block else self.z.CongestionControl.DROP
+        self.stamps = StampCounter(secrets.randbits(64), all_topics=True)
+        self._view: BusView | None = None
+        self._publishers: dict[tuple[str, bool], zenoh.Publisher] = {}
+        log.info(
+            "bridge_sending",
+            mode=cfg.mode,
+            prefix=cfg.prefix,
+            listen=",".join(cfg.listen),
+            connect=",".join(cfg.connect),
+            session=f"{self.stamps.session:016x}",
+        )
+
+    def bind(self, view: BusView, *, all_topics: bool) -> None:
+        """The subscription whose generation, names and losses each stamp carries."""
+        self._view = view
+        self.stamps.all_topics = all_topics
+
+    def _publisher(self, key: str, express: bool) -> zenoh.Publisher:
+        pub = self._publishers.get((key, express))
+        if pub is None:
+            pub = self.session.declare_publisher(
+                key, congestion_control=self.congestion, express=express
+            )
+            self._publishers[(key, express)] = pub
+        return pub
+
+    def write(self, records: list[RawRecord]) -> None:
+        view = self._view
+        assert view is not None, "bind() before write()"
+        generation, lost, topics = view.generation, view.lost, view.topics
+        small = self.cfg.express_max
+        try:
+            for r in records:
+                payload = r[REC_PAYLOAD]
+                key = topic_key(self.cfg.prefix, r[REC_TOPIC], topics)
+                stamp = self.stamps.next(generation, r[REC_SEQ], r[REC_TIMESTAMP], lost)
+                data = payload if isinstance(payload, bytes) else bytes(payload)
+                self._publisher(key, 0 < len(data) <= small).put(data, attachment=stamp)
+        except self.z.ZError as exc:
+            raise SinkError(f"Failed to publish records to Zenoh since {first_line(exc)}") from None
+
+    def close(self) -> None:
+        pubs, self._publishers = list(self._publishers.values()), {}
+        close_session(self.session, pubs)
+        log.info("bridge_sent", sent=self.stamps.index)

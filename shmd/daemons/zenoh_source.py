@@ -1,0 +1,246 @@
+"""The ``zenoh`` source: Zenoh samples into the bus, every record accounted (docs/BRIDGE.md).
+
+Each sample's key names its topic by its last chunk (a name of
+``segment.topics``, or the id of a topic without one); its attachment is
+the sending bridge's :class:`~shmd.daemons.bridge.Stamp`, which a
+:class:`~shmd.daemons.bridge.Ledger` checks per origin (the key without its
+last chunk): losses on the way, reorders, restarts and generations.
+Samples arrive on Zenoh's threads; what they counted is logged, and the
+account written to :func:`~shmd.daemons.zenohio.status_path` (for ``shmctl
+status``, and for a restarted writer to resume from), on the writer's loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from shmd.config import ZenohSourceConfig
+from shmd.daemons.bridge import Ledger, Stamp, StampError, Verdict, decode_stamp
+from shmd.daemons.sources import SourceError, SourceHost
+from shmd.daemons.zenohio import (
+    ZenohUnavailable,
+    close_session,
+    first_line,
+    open_session,
+    status_path,
+    topic_of,
+)
+
+if TYPE_CHECKING:
+    import zenoh
+
+log = structlog.get_logger("shmd.daemons.zenoh_source")
+
+#: How often the source logs what it counted and rewrites its status file.
+FLUSH_INTERVAL = 0.5
+#: Origins accounted at most: a peer spraying keys cannot grow the account without bound.
+MAX_ORIGINS = 256
+
+
+class ZenohSource:
+    """``zenoh``: samples of a key expression published into the bus, with the accounting."""
+
+    def __init__(self, cfg: ZenohSourceConfig) -> None:
+        self.cfg = cfg
+        self.topics = cfg.topic_names
+        self.path = status_path(cfg.segment)
+        self.ledger = _resume(self.path)
+        self.refused_by: dict[str, int] = {}
+        self._state = threading.Lock()  # the ledger and the pending counts
+        self._order = threading.Lock()  # one sample at a time, accounted then published
+        self._host: SourceHost | None = None
+        self._z: Any = None  # the zenoh module, once start() imported it
+        self._session: zenoh.Session | None = None
+        self._subscriber: Any = None
+        self._pending_lost: dict[str, tuple[int, bool]] = {}
+        self._pending_refused: dict[str, tuple[int, str, str]] = {}
+        self._dirty = True
+        self._closed = False
+
+    def start(self, host: SourceHost) -> None:
+        self._host = host
+        try:
+            self._z, self._session = open_session(self.cfg)
+            self._subscriber = self._session.declare_subscriber(self.cfg.key, self._on_sample)
+        except ZenohUnavailable as exc:
+            raise SourceError(str(exc)) from None
+        except Exception as exc:  # a ZError from declare: the session is closed again
+            close_session(self._session, [])
+            raise SourceError(
+                f"Failed to subscribe to {self.cfg.key!r} since {first_line(exc)}"
+            ) from None
+        log.info(
+            "bridge_receiving",
+            mode=self.cfg.mode,
+            key=self.cfg.key,
+            listen=",".join(self.cfg.listen),
+            connect=",".join(self.cfg.connect),
+            resumed=len(self.ledger.origins),
+        )
+        self._flush()
+        host.call_later(FLUSH_INTERVAL, self._tick)
+
+    # -- a sample (a Zenoh thread) -----------------------------------------------------------
+
+    def _on_sample(self, sample: zenoh.Sample) -> None:
+        try:
+            self._take(sample)
+        except Exception as exc:  # never into Zenoh's thread: counted, logged, dropped
+            with self._state:
+                self._refuse("error", str(getattr(sample, "key_expr", "?")), first_line(exc))
+
+    def _take(self, sample: zenoh.Sample) -> None:
+        # _order keeps records in the order they were accounted, across Zenoh's
+        # threads, while one waits in publish_batch (block: up to block_timeout);
+        # _state is only ever held briefly, so the writer's loop never waits on
+        # a publish to read the counts.
+        with self._order:
+            with self._state:
+                if self._closed or self._host is None:
+                    return
+                chosen = self._choose(sample, self._host.max_payload)
+            if chosen is not None:
+                self._host.publish_batch((chosen[1],), chosen[0])
+
+    def _choose(self, sample: zenoh.Sample, max_payload: int) -> tuple[int, bytes] | None:
+        """Account a sample; (topic, payload) to publish, or None (refused or not in order)."""
+        key = str(sample.key_expr)
+        found = self._stamped(sample, key)
+        if found is None:
+            return None
+        origin, stamp = found
+        verdict = self.ledger.account(origin, stamp)
+        self._dirty = True
+        self._note(origin, key, verdict, stamp.generation)
+        if not verdict.publish:
+            return None
+        topic = topic_of(key, self.topics)
+        if topic is None:
+            self._refuse("key", key, "its last chunk is no topic name or unnamed id of the bus")
+            return None
+        payload = sample.payload
+        if len(payload) > max_payload:
+            self._refuse(
+                "oversize",
+                key,
+                f"its {len(payload)}-byte payload is larger than a slot's {max_payload} bytes",
+            )
+            return None
+        return topic, payload.to_bytes()
+
+    def _stamped(self, sample: zenoh.Sample, key: str) -> tuple[str, Stamp] | None:
+        """(origin, stamp) of a sample fit for accounting; None when it was refused."""
+        if sample.kind != self._z.SampleKind.PUT:
+            self._refuse("delete", key, "a DELETE sample carries no record")
+            return None
+        attachment = sample.attachment
+        try:
+            stamp = decode_stamp(attachment.to_bytes() if attachment is not None else None)
+        except StampError as exc:
+            self._refuse("attachment", key, str(exc))
+            return None
+        origin = key.rsplit("/", 1)[0] if "/" in key else ""
+        if origin not in self.ledger.origins and len(self.ledger.origins) >= MAX_ORIGINS:
+            self._refuse("origin", key, f"{MAX_ORIGINS} origins are accounted already")
+            return None
+        return origin, stamp
+
+    def _note(self, origin: str, key: str, v: Verdict, generation: int) -> None:
+        if v.lost:
+            count, exact = self._pending_lost.get(origin, (0, True))
+            self._pending_lost[origin] = (count + v.lost, exact and v.exact)
+        if v.event == "joined":
+            log.info("bridge_joined", origin=origin, key=key, before=v.before)
+        elif v.event == "restarted":
+            log.warning("bridge_peer_restarted", origin=origin, missed=v.lost, exact=v.exact)
+        elif v.event == "generation_changed":
+            log.info("bridge_generation_changed", origin=origin, generation=generation)
+
+    def _refuse(self, reason: str, key: str, error: str) -> None:
+        self.ledger.refused += 1
+        self.refused_by[reason] = self.refused_by.get(reason, 0) + 1
+        count, _, _ = self._pending_refused.get(reason, (0, "", ""))
+        self._pending_refused[reason] = (count + 1, key, error)
+        self._dirty = True
+
+    # -- the writer's loop -----------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self._closed or self._host is None:
+            return
+        self._flush()
+        self._host.call_later(FLUSH_INTERVAL, self._tick)
+
+    def _flush(self) -> None:
+        """Log what was counted since the last flush; rewrite the status file if it changed."""
+        with self._state:
+            lost, self._pending_lost = self._pending_lost, {}
+            refused, self._pending_refused = self._pending_refused, {}
+            dirty, self._dirty = self._dirty, False
+            snapshot = self.status() if dirty else None
+        for origin, (count, exact) in sorted(lost.items()):
+            total = snapshot["origins"][origin]["lost"] if snapshot else None
+            log.warning("bridge_lost", origin=origin, count=count, total=total, exact=exact)
+        for reason, (count, key, error) in sorted(refused.items()):
+            log.warning("bridge_refused", reason=reason, count=count, key=key, error=error)
+        if snapshot is not None:
+            _write_json(self.path, snapshot)
+
+    def totals(self) -> tuple[int, int]:
+        """(records lost, samples refused) so far, every origin (any thread)."""
+        with self._state:
+            return self.ledger.lost, self.ledger.refused
+
+    def status(self) -> dict[str, Any]:
+        """The status file's content (call with ``_state`` held)."""
+        data = self.ledger.to_dict()
+        data.update(
+            key=self.cfg.key,
+            pid=os.getpid(),
+            updated=time.time(),
+            refused_by=dict(sorted(self.refused_by.items())),
+        )
+        return data
+
+    def close(self) -> None:
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            sub, self._subscriber = self._subscriber, None
+        with self._order:
+            pass  # a sample accounted as received before this is published by now
+        started = sub is not None
+        close_session(self._session, [sub] if started else [])
+        self._session = None
+        if not started:
+            return  # never subscribed: no account to keep
+        self._dirty = True
+        self._flush()
+        ledger = self.ledger
+        log.info("bridge_received", lost=ledger.lost, refused=ledger.refused)
+
+
+def _resume(path: Path) -> Ledger:
+    """The accounting a previous writer left in ``path`` (a fresh one if none)."""
+    try:
+        return Ledger.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return Ledger()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` whole (a reader of it never sees half a file); failures are logged."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("bridge_status_failed", path=str(path), error=exc.strerror or str(exc))

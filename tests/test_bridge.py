@@ -1,0 +1,205 @@
+"""Tests of shmd.daemons.bridge: the stamp codec and the receiving side's accounting."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shmd.daemons.bridge import (
+    STAMP_SIZE,
+    Ledger,
+    Stamp,
+    StampCounter,
+    StampError,
+    Verdict,
+    decode_stamp,
+)
+
+U64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
+
+
+def stamp(seq: int, index: int, *, gen: int = 7, session: int = 1, lost: int = 0) -> Stamp:
+    return Stamp(gen, seq, 1_000 + seq, session, index, lost)
+
+
+@given(st.tuples(U64, U64, U64, U64, U64, U64), st.booleans())
+def test_a_stamp_survives_encoding(fields: tuple[int, ...], all_topics: bool) -> None:
+    """Every field of a stamp comes back from its 56 bytes unchanged."""
+    gen, seq, ts, session, index, lost = fields
+    s = Stamp(gen, seq, ts, session, index, lost, all_topics)
+    data = s.encode()
+    assert len(data) == STAMP_SIZE == 56
+    assert decode_stamp(data) == s
+
+
+def test_the_layout_is_the_documented_one() -> None:
+    """Magic, version, flags, then the six u64 fields little-endian at 8-byte offsets."""
+    data = Stamp(2, 3, 4, 5, 6, 7, all_topics=True).encode()
+    assert data[:8] == b"SHZ\x01\x01\x00\x00\x00"
+    words = [int.from_bytes(data[i : i + 8], "little") for i in range(8, 56, 8)]
+    assert words == [2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (None, "no attachment"),
+        (b"", "0 bytes"),
+        (b"x" * 55, "55 bytes"),
+        (b"NOP\x01" + bytes(52), "does not start with"),
+        (b"SHZ\x02" + bytes(52), "version 2"),
+        (b"SHZ\x01\x02" + bytes(51), "unknown flags"),
+        (b"SHZ\x01\x00\x00\x01\x00" + bytes(48), "unknown flags"),
+    ],
+)
+def test_garbage_is_not_a_stamp(data: bytes | None, why: str) -> None:
+    """A missing, short, foreign or future attachment is a StampError saying which."""
+    with pytest.raises(StampError, match=why):
+        decode_stamp(data)
+
+
+@given(st.binary(max_size=80))
+def test_decoding_never_fails_otherwise(data: bytes) -> None:
+    """Any bytes decode to a stamp or raise StampError, nothing else."""
+    try:
+        decode_stamp(data)
+    except StampError:
+        pass
+
+
+def test_the_counter_numbers_one_session_contiguously() -> None:
+    """Each next() is the session's next index, carrying the bus's state of the moment."""
+    c = StampCounter(99, all_topics=False)
+    stamps = [decode_stamp(c.next(4, 10 + i, 5, i)) for i in range(3)]
+    assert [(s.index, s.seq, s.bus_lost) for s in stamps] == [(0, 10, 0), (1, 11, 1), (2, 12, 2)]
+    assert {(s.session, s.generation, s.all_topics) for s in stamps} == {(99, 4, False)}
+
+
+def test_an_unbroken_stream_loses_nothing() -> None:
+    """Consecutive indexes publish every record and count no loss."""
+    ledger = Ledger()
+    verdicts = [ledger.account("a", stamp(100 + i, i)) for i in range(5)]
+    assert verdicts[0] == Verdict(True, event="joined")
+    assert all(v == Verdict(True) for v in verdicts[1:])
+    assert (ledger.lost, ledger.origins["a"].received) == (0, 5)
+
+
+def test_a_gap_in_the_index_is_counted_exactly() -> None:
+    """Records dropped on the way (index 2..4 missing) are counted as 3 lost."""
+    ledger = Ledger()
+    for i in (0, 1, 5, 6):
+        ledger.account("a", stamp(100 + i, i))
+    assert ledger.lost == 3
+    assert ledger.origins["a"].received == 4
+
+
+def test_records_the_sending_bus_overwrote_are_counted() -> None:
+    """A rise of bus_lost is loss too, on top of any index gap."""
+    ledger = Ledger()
+    ledger.account("a", stamp(100, 0))
+    v = ledger.account("a", stamp(110, 2, lost=8))
+    assert v == Verdict(True, lost=1 + 8)
+    assert ledger.lost == 9
+
+
+def test_the_first_record_of_an_origin_counts_nothing_before_it() -> None:
+    """Joining a running stream reports what came before (before=) without counting it."""
+    ledger = Ledger()
+    v = ledger.account("a", stamp(500, 40, lost=2))
+    assert v == Verdict(True, event="joined", before=42)
+    assert ledger.lost == 0
+
+
+def test_a_late_record_is_not_published_and_stays_counted() -> None:
+    """A reordered record is dropped (the bus stays in order); its gap stays counted."""
+    ledger = Ledger()
+    for i in (0, 1, 3):
+        ledger.account("a", stamp(100 + i, i))
+    late = ledger.account("a", stamp(102, 2))
+    assert late == Verdict(False, event="reordered")
+    assert ledger.account("a", stamp(103, 3)).publish is False  # a duplicate too
+    assert (ledger.lost, ledger.origins["a"].reordered) == (1, 2)
+
+
+def test_a_restarted_sender_is_charged_its_seq_gap() -> None:
+    """A new session continues the origin: what it missed is the bus seq gap."""
+    ledger = Ledger()
+    ledger.account("a", stamp(100, 0))
+    ledger.account("a", stamp(101, 1))
+    v = ledger.account("a", stamp(131, 0, session=2))
+    assert v == Verdict(True, lost=29, event="restarted")
+    ledger.account("a", stamp(132, 1, session=2))
+    assert (ledger.lost, ledger.origins["a"].restarts) == (29, 1)
+
+
+def test_a_restart_of_a_topic_subset_is_marked_inexact() -> None:
+    """Across a restart of a bridge of some topics the seq gap is an upper bound."""
+    ledger = Ledger()
+    ledger.account("a", stamp(100, 0))
+    s = Stamp(7, 120, 0, 2, 0, 0, all_topics=False)
+    assert ledger.account("a", s) == Verdict(True, lost=19, event="restarted", exact=False)
+
+
+def test_a_restart_that_rereads_old_records_skips_them() -> None:
+    """start: oldest after a restart re-sends records: those are dropped, the rest go on."""
+    ledger = Ledger()
+    for i in range(3):
+        ledger.account("a", stamp(100 + i, i))
+    assert ledger.account("a", stamp(101, 0, session=2)).publish is False
+    assert ledger.account("a", stamp(102, 1, session=2)).publish is False
+    assert ledger.account("a", stamp(103, 2, session=2)) == Verdict(True)
+    assert ledger.lost == 0
+
+
+def test_a_generation_change_is_reported_not_counted() -> None:
+    """A new segment on the sending side restarts its seqs without any loss counted."""
+    ledger = Ledger()
+    ledger.account("a", stamp(100, 0))
+    v = ledger.account("a", stamp(0, 1, gen=8, lost=50))
+    assert v == Verdict(True, event="generation_changed")
+    assert ledger.account("a", stamp(1, 2, gen=8, lost=50)) == Verdict(True)
+    assert (ledger.lost, ledger.origins["a"].generations) == (0, 1)
+
+
+def test_a_generation_change_still_counts_an_index_gap() -> None:
+    """Records Zenoh dropped around a generation change are still the bridge's loss."""
+    ledger = Ledger()
+    ledger.account("a", stamp(100, 0))
+    assert ledger.account("a", stamp(3, 4, gen=8)).lost == 3
+
+
+def test_origins_are_accounted_apart() -> None:
+    """Two sending bridges do not disturb each other's counts."""
+    ledger = Ledger()
+    ledger.account("a", stamp(1, 0))
+    ledger.account("b", stamp(1, 0, session=5))
+    ledger.account("a", stamp(3, 2))
+    ledger.account("b", stamp(2, 1, session=5))
+    assert (ledger.origins["a"].lost, ledger.origins["b"].lost) == (1, 0)
+
+
+def test_the_ledger_resumes_from_its_plain_data() -> None:
+    """to_dict/from_dict round-trips, so a restarted receiver counts what it missed."""
+    ledger = Ledger()
+    ledger.account("a", stamp(1, 0))
+    ledger.refused = 3
+    again = Ledger.from_dict(ledger.to_dict())
+    assert again == ledger
+    assert again.account("a", stamp(10, 9)).lost == 8
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        None,
+        [],
+        {},
+        {"origins": []},
+        {"origins": {"a": {"seq": -1}}, "refused": 0},
+        {"origins": {}, "refused": "x"},
+    ],
+)
+def test_unreadable_ledger_data_gives_a_fresh_ledger(junk: object) -> None:
+    """A damaged status file is not trusted: the accounting starts over."""
+    assert Ledger.from_dict(junk) == Ledger()
