@@ -13,6 +13,7 @@ usual arrangement: on ``a`` a writer and a reader with a zenoh sink dialling
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -34,6 +35,39 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+
+
+@contextlib.contextmanager
+def netns_lock() -> Iterator[None]:
+    """Hold the machine-wide lock of namespace set-up and tear-down.
+
+    Seen once in about 150 runs, with another test run making and deleting
+    namespaces at the same time: a writer started in namespace b failed to
+    bind b's address (EADDRNOTAVAIL), as if it ran in another namespace.
+    The suspect is ``ip netns add``/``del`` of two processes racing on the
+    bind mounts under /run/netns; the lock rules that out between users of
+    this module, and :func:`check_address` makes a namespace without its
+    address fail at set-up, saying what its processes see.
+    """
+    with open("/run/shmd-tests-netns.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_address(ns: str, addr: str) -> None:
+    """Fail unless a process started in ``ns`` (as the daemons are) sees ``addr``."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "ip", "-4", "-o", "addr", "show"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    ).stdout
+    if f" {addr}/" not in out:
+        raise AssertionError(f"namespace {ns} was set up, but a process in it sees:\n{out}")
 
 
 class NsBus(Bus):
@@ -75,23 +109,29 @@ def two_hosts() -> Iterator[tuple[NsBus, NsBus]]:
     made: list[str] = []
     buses: list[NsBus] = []
     try:
-        for ns in names:
-            ip("netns", "add", ns)
-            made.append(ns)
-        ip("link", "add", links[0], "type", "veth", "peer", "name", links[1])
-        for ns, link, addr in zip(names, links, (ADDR_A, ADDR_B), strict=True):
-            ip("link", "set", link, "netns", ns)
-            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", link)
-            ip("-n", ns, "link", "set", link, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
+        with netns_lock():
+            for ns in names:
+                ip("netns", "add", ns)
+                made.append(ns)
+            ip("link", "add", links[0], "type", "veth", "peer", "name", links[1])
+            for ns, link, addr in zip(names, links, (ADDR_A, ADDR_B), strict=True):
+                ip("link", "set", link, "netns", ns)
+                ip("-n", ns, "addr", "add", f"{addr}/24", "dev", link)
+                ip("-n", ns, "link", "set", link, "up")
+                ip("-n", ns, "link", "set", "lo", "up")
+            for ns, addr in zip(names, (ADDR_A, ADDR_B), strict=True):
+                check_address(ns, addr)
         buses = [NsBus(ns) for ns in names]
         yield buses[0], buses[1]
     finally:
         for b in buses:
             b.close()
             status_path(b.segment).unlink(missing_ok=True)
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=20)
+        with netns_lock():
+            for ns in made:
+                subprocess.run(
+                    ["ip", "netns", "del", ns], check=False, capture_output=True, timeout=20
+                )
 
 
 def write_fifo(path: Path, lines: Sequence[str]) -> None:
