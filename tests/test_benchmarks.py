@@ -1039,3 +1039,50 @@ def test_a_latency_warm_up_must_leave_records_to_measure() -> None:
     """A LatencyCase whose warm-up takes every record is refused with a sentence."""
     with pytest.raises(ValueError, match="warm-up of 10 records leaves none of its 10"):
         LatencyCase(rate_hz=1000, count=10, warmup=10)
+
+
+def _netns_names() -> set[str]:
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+
+
+def test_the_bridge_benchmark_quick_mode_measures_both_paths_and_cleans_up() -> None:
+    """``python -m benchmarks.bridge --quick`` measures the bridge and plain Zenoh between
+    two network namespaces, prints both payloads' ratios, and leaves no namespace,
+    process or segment behind."""
+    from benchmarks.netns import unavailable  # noqa: PLC0415 - only where it is tested
+
+    why = unavailable()
+    if why is not None:
+        pytest.skip(why)
+    namespaces, segments = _netns_names(), set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bridge", "--quick"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its daemons share its process group
+    )
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        leaked = _netns_names() - namespaces
+        for ns in leaked:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    assert proc.returncode == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| ") and " B |" in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["64 B", "4096 B"], out
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert float(cells[3]) > 0, row  # throughput ratio
+        assert all(float(x) > 0 for x in cells[6].split(" / ")), row  # latency ratios
+    assert "INVALID" not in out
+    assert not leaked, leaked
+    left = {n for n in set(os.listdir("/dev/shm")) - segments if n.startswith("shmd-bench-")}
+    assert not left, left
+    done = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, check=False)
+    assert done.stdout == b"", "processes of the benchmark outlived it"
