@@ -24,8 +24,8 @@ the sender stamped into the payload: one clock for the whole machine).
 ``--quick`` only proves the benchmark works (0.5 s cases); its numbers are
 not for comparison.  Prints a Markdown table with the ratios bridge / zenoh;
 exit status 0 when every case was valid (every record once, in order), 1
-otherwise or when the machine cannot run it (not root, no zenoh).  Needs
-root (``ip netns``); runs from a checkout.
+otherwise or when the machine cannot run it (not root, no zenoh), 2 on a
+usage error.  Needs root (``ip netns``); runs from a checkout.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from benchmarks.daemons import Daemon
 from benchmarks.netns import ADDR_B, in_ns, two_namespaces, unavailable
@@ -118,8 +120,6 @@ def _bus_config(
         },
         "logging": {"target": "json", "level": "info"},
     }
-    import yaml  # noqa: PLC0415 - a dependency of shmd, imported where it is used
-
     path = tmp / f"{segment.strip('/')}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -132,6 +132,7 @@ def arrangement(ns_a: str, ns_b: str, tmp: Path) -> Iterator[dict[str, Lane]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
     tag = uuid.uuid4().hex[:10]
     seg_a, seg_b = f"/shmd-bench-a-{tag}", f"/shmd-bench-b-{tag}"
+    print(f"bridge bench: namespaces {ns_a} {ns_b} segments {seg_a} {seg_b}", file=sys.stderr)
     procs: list[Daemon] = []
     fds: list[int] = []
 
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--payloads {args.payloads!r}: not a list of sizes")
     if any(not 24 <= size <= 8000 for size in payloads):
         parser.error("--payloads: each size must be 24 to 8000 bytes")
+    if not args.seconds > 0:
+        parser.error("--seconds must be more than 0")
     why = unavailable()
     if why is not None:
         print(f"python -m benchmarks.bridge: Failed to run since {why}", file=sys.stderr)

@@ -9,6 +9,7 @@ takes the veth pair with them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -24,10 +25,8 @@ def ip(*args: str) -> None:
 
 def unavailable() -> str | None:
     """Why two namespaces cannot be made here (no zenoh, not root, no ip(8)), or None."""
-    try:
-        import zenoh  # noqa: F401, PLC0415 - only probing that the extra is installed
-    except ImportError as exc:
-        return f"the zenoh extra is not installed ({exc}; pip install 'shmd[zenoh]')"
+    if importlib.util.find_spec("zenoh") is None:
+        return "the zenoh extra is not installed (pip install 'shmd[zenoh]')"
     if os.geteuid() != 0 or shutil.which("ip") is None:
         return "network namespaces need root and ip(8)"
     probe = f"shmdb-probe-{uuid.uuid4().hex[:6]}"
