@@ -756,6 +756,7 @@ class NamespacedSystemd:
         for unit, module, program, args in (
             ("shm-writer.service", "shmd.daemons.writer", "shm-writer", ""),
             ("shm-reader@.service", "shmd.daemons.reader", "shm-reader", " --instance %i"),
+            ("shm-bridge@.service", "shmd.daemons.reader", "shm-reader", " --instance %i"),
         ):
             code = (
                 f"import sys; from {module} import main; "

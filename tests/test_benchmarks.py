@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import select
 import signal
 import subprocess
@@ -1042,3 +1043,76 @@ def test_a_latency_warm_up_must_leave_records_to_measure() -> None:
     """A LatencyCase whose warm-up takes every record is refused with a sentence."""
     with pytest.raises(ValueError, match="warm-up of 10 records leaves none of its 10"):
         LatencyCase(rate_hz=1000, count=10, warmup=10)
+
+
+def _netns_names() -> set[str]:
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+
+
+def test_the_bridge_benchmark_quick_mode_measures_both_paths_and_cleans_up() -> None:
+    """``python -m benchmarks.bridge --quick`` measures the bridge and plain Zenoh between
+    two network namespaces, prints both payloads' ratios, and leaves none of its
+    namespaces, processes or segments behind."""
+    from benchmarks.netns import unavailable  # noqa: PLC0415 - only where it is tested
+
+    why = unavailable()
+    if why is not None:
+        pytest.skip(why)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bridge", "--quick"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its daemons share its process group
+    )
+    out, err = "", ""
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        # The names it made (other jobs on this machine make namespaces and segments too).
+        made = re.search(r"namespaces (\S+) (\S+) segments (\S+) (\S+)", err)
+        names = made.groups() if made else ()
+        leaked = set(names[:2]) & _netns_names()
+        for ns in leaked:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    assert proc.returncode == 0, err
+    assert made is not None, err
+    rows = [line for line in out.splitlines() if line.startswith("| ") and " B |" in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["64 B", "4096 B"], out
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert float(cells[3]) > 0, row  # throughput ratio
+        assert all(float(x) > 0 for x in cells[6].split(" / ")), row  # latency ratios
+    assert "INVALID" not in out
+    assert not leaked, leaked
+    for segment in names[2:]:
+        for path in (f"/dev/shm{segment}", f"/dev/shm{segment}.bridge"):
+            assert not os.path.exists(path), path
+    done = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, check=False)
+    assert done.stdout == b"", "processes of the benchmark outlived it"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--payloads", "64,big"], "not a list of sizes"),
+        (["--payloads", "16"], "24 to 8000 bytes"),
+        (["--seconds", "0"], "--seconds must be more than 0"),
+    ],
+)
+def test_bridge_benchmark_usage_mistakes_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong argument to benchmarks.bridge prints one explanation and exits 2."""
+    from benchmarks import bridge  # noqa: PLC0415 - only where it is tested
+
+    with pytest.raises(SystemExit) as exit_:
+        bridge.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
