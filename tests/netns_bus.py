@@ -41,13 +41,15 @@ def ip(*args: str) -> None:
 def netns_lock() -> Iterator[None]:
     """Hold the machine-wide lock of namespace set-up and tear-down.
 
-    Seen once in about 150 runs, with another test run making and deleting
-    namespaces at the same time: a writer started in namespace b failed to
-    bind b's address (EADDRNOTAVAIL), as if it ran in another namespace.
-    The suspect is ``ip netns add``/``del`` of two processes racing on the
-    bind mounts under /run/netns; the lock rules that out between users of
-    this module, and :func:`check_address` makes a namespace without its
-    address fail at set-up, saying what its processes see.
+    Seen once in about 150 runs, with another test run beside it: a writer
+    started in namespace b failed to bind b's address (EADDRNOTAVAIL).  The
+    cause was that other run, an early benchmark test whose leak check
+    deleted every namespace made while it ran, ours included (fixed there:
+    it deletes only its own).  Set-up and tear-down under one lock keep
+    concurrent runs of ``ip netns add``/``del`` (this module's and
+    benchmarks/netns.py's) from interleaving, and :func:`check_address`
+    makes a namespace without its address fail at set-up, saying what its
+    processes see.
     """
     with open("/run/shmd-tests-netns.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
