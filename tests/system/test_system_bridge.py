@@ -10,6 +10,7 @@ on loopback that writes down every stamp it receives.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -127,6 +128,31 @@ def bridge_events(ns: NamespacedSystemd, cursor: str, unit: str = BRIDGE) -> dic
     return found
 
 
+def segment_readers(ns: NamespacedSystemd) -> dict[str, str]:
+    """The segment's reader table now, instance to state, read inside the namespace."""
+    code = (
+        "import json; from shmd.bus.segment import Segment; "
+        f"seg = Segment.open(name={SEGMENT!r}, control_writable=False); "
+        "print(json.dumps({e.name: e.state.name.lower() for e in seg.entries() "
+        "if e.state.name != 'FREE'})); seg.close()"
+    )
+    done = ns.run("env", f"PYTHONPATH={DEV_TREE}", "python3", "-c", code)
+    table: dict[str, str] = json.loads(done.stdout)
+    return table
+
+
+def wait_bridge_events(
+    ns: NamespacedSystemd, cursor: str, names: tuple[str, ...]
+) -> dict[str, Any]:
+    """The bridge unit's first shmd events of these names since cursor, once all are in."""
+
+    def all_in() -> dict[str, Any] | None:
+        found = bridge_events(ns, cursor)
+        return found if all(n in found for n in names) else None
+
+    return ns.wait_for(all_in, TIMEOUT, f"the bridge's {', '.join(names)} in the journal", 0.2)
+
+
 def test_bridge_is_active_only_once_its_session_is_open_and_attached(
     fresh: NamespacedSystemd,
 ) -> None:
@@ -135,17 +161,20 @@ def test_bridge_is_active_only_once_its_session_is_open_and_attached(
     ticks; one whose session cannot open never turns active."""
     cursor = fresh.cursor()
     fresh.systemctl("start", BRIDGE)  # returns once READY=1 came
-    props = fresh.show(BRIDGE, "Type", "ActiveState", "SubState", "ActiveEnterTimestampMonotonic")
+    props = fresh.show(BRIDGE, "Type", "ActiveState", "SubState")
     assert (props["Type"], props["ActiveState"], props["SubState"]) == (
         "notify",
         "active",
         "running",
     )
     assert fresh.show(WRITER, "ActiveState")["ActiveState"] == "active"
-    events = bridge_events(fresh, cursor)
-    ready_at = int(props["ActiveEnterTimestampMonotonic"])
-    for name in ("bridge_sending", "attached"):
-        assert int(events[name]["__MONOTONIC_TIMESTAMP"]) <= ready_at, name
+    # READY came after the attach: the reader table says so at once.  (The
+    # journal cannot: journald stamps an entry when it takes it in, which
+    # may be after PID 1 took the READY=1 that the bridge sent later; seen
+    # 258 us late in 1 of 10 stress runs.)
+    table = segment_readers(fresh)
+    assert table.get("bridge") == "attached", table
+    events = wait_bridge_events(fresh, cursor, ("bridge_sending", "attached"))
     assert events["bridge_sending"]["SHMD_PREFIX"] == PREFIX
     samples = wait_received(fresh, 20)
     assert all(s[0] == f"{PREFIX}/tick" and s[1] != "bad" for s in samples)
@@ -211,17 +240,29 @@ def test_stopping_the_bridge_closes_its_session_and_exits_promptly(
     assert fresh.show(BRIDGE, "ActiveState")["ActiveState"] == "inactive"
     # Zenoh threads keeping it alive would run into TimeoutStopSec=10s and SIGKILL.
     assert took < 5.0, f"the stop took {took:.1f}s"
+
     # The stopped instance is garbage-collected (its properties reset): PID 1's journal
-    # says how it ended.
-    said = [
-        e.get("MESSAGE", "") for e in fresh.journal(BRIDGE, after_cursor=cursor) if e["_PID"] == "1"
-    ]
-    assert any("Deactivated successfully" in m for m in said), said
+    # says how it ended.  journald takes entries in asynchronously: wait for them.
+    def pid1_said() -> list[str] | None:
+        said = [
+            e.get("MESSAGE", "")
+            for e in fresh.journal(BRIDGE, after_cursor=cursor)
+            if e["_PID"] == "1"
+        ]
+        return said if any("Deactivated successfully" in m for m in said) else None
+
+    said = fresh.wait_for(pid1_said, TIMEOUT, "PID 1's Deactivated successfully", 0.2)
     assert not any("timed out" in m or "Killing" in m or "status=" in m for m in said), said
-    events = bridge_events(fresh, cursor)
+    events = wait_bridge_events(fresh, cursor, ("exiting", "bridge_sent"))
     assert events["exiting"]["SHMD_STATUS"] == "0"
     sent = int(events["bridge_sent"]["SHMD_SENT"])  # logged once the session is closed
     assert sent > 0
-    # The last sample the session sent reached the peer: closing flushed it.
-    assert int(received(fresh)[-1][4]) == sent - 1
+    # The last sample the session sent reached the peer: closing flushed it (the
+    # recorder writes it down when it arrives, which may be after the stop).
+    fresh.wait_for(
+        lambda: any(len(r) > 4 and int(r[4]) == sent - 1 for r in received(fresh)[-1:]),
+        TIMEOUT,
+        f"the recorder holding sample {sent - 1}",
+        0.2,
+    )
     assert fresh.show(WRITER, "ActiveState")["ActiveState"] == "active"
