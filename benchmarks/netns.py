@@ -1,13 +1,13 @@
 """Two network namespaces joined by a veth pair: two hosts on one machine, for the bridge.
 
-The arrangement of tests/netns_bus.py (which the benchmarks may not import),
+The arrangement of tests/netns_bus.py (which uses this module's lock and check),
 with its own addresses: namespace ``a`` at 10.232.0.1, ``b`` at 10.232.0.2,
 both on a /24 of a veth pair, each with ``lo`` up.  Deleting the namespaces
 takes the veth pair with them.  Set-up and tear-down hold the machine-wide
-lock that tests/netns_bus.py holds for its own (:data:`LOCK`): ``ip netns
-add``/``del`` of two processes at once are suspected of racing on the bind
-mounts under /run/netns (#13), and each namespace is checked to show its
-address to a process started in it before anything runs there.
+lock that tests/netns_bus.py holds for its own (:data:`LOCK`), so that the
+``ip netns add``/``del`` of two runs never interleave, and each namespace is
+checked to show its address to a process started in it before anything runs
+there (#13: a run whose namespace had lost its address failed binding it).
 """
 
 from __future__ import annotations

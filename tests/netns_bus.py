@@ -13,7 +13,6 @@ usual arrangement: on ``a`` a writer and a reader with a zenoh sink dialling
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
@@ -26,6 +25,12 @@ from typing import Any
 import pytest
 from daemon_bus import Bus, Daemon, read_lines, wait_until
 
+# Set-up and tear-down under the machine-wide lock benchmarks/netns.py holds
+# for its own namespaces, and its check that a namespace's processes see its
+# address: seen once in about 150 runs with another run beside it, a writer in
+# b failed to bind b's address (EADDRNOTAVAIL) because that run's early
+# benchmark test deleted every namespace made while it ran (fixed there).
+from benchmarks.netns import check_address, netns_lock
 from shmd.daemons.zenohio import read_status, status_path
 
 ADDR_A, ADDR_B = "10.231.0.1", "10.231.0.2"
@@ -35,41 +40,6 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-
-@contextlib.contextmanager
-def netns_lock() -> Iterator[None]:
-    """Hold the machine-wide lock of namespace set-up and tear-down.
-
-    Seen once in about 150 runs, with another test run beside it: a writer
-    started in namespace b failed to bind b's address (EADDRNOTAVAIL).  The
-    cause was that other run, an early benchmark test whose leak check
-    deleted every namespace made while it ran, ours included (fixed there:
-    it deletes only its own).  Set-up and tear-down under one lock keep
-    concurrent runs of ``ip netns add``/``del`` (this module's and
-    benchmarks/netns.py's) from interleaving, and :func:`check_address`
-    makes a namespace without its address fail at set-up, saying what its
-    processes see.
-    """
-    with open("/run/shmd-tests-netns.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def check_address(ns: str, addr: str) -> None:
-    """Fail unless a process started in ``ns`` (as the daemons are) sees ``addr``."""
-    out = subprocess.run(
-        ["ip", "netns", "exec", ns, "ip", "-4", "-o", "addr", "show"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    ).stdout
-    if f" {addr}/" not in out:
-        raise AssertionError(f"namespace {ns} was set up, but a process in it sees:\n{out}")
 
 
 class NsBus(Bus):
