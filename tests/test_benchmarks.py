@@ -1116,3 +1116,70 @@ def test_bridge_benchmark_usage_mistakes_exit_2(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_publish_cost_quick_mode_prints_a_positive_cost_per_reader_count_and_cleans_up() -> None:
+    """``python -m benchmarks.publish_cost --quick`` prints one row of positive ns per
+    reader count and leaves neither its reader processes nor its segments behind."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.publish_cost", "--quick", "--readers", "1,2"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its readers share its process group
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if " B |" in line]
+    assert [r[0].strip() for r in rows] == ["1", "2"], out
+    for row in rows:
+        assert float(row[2].split()[0]) > 0, row
+    assert not [
+        p for p in os.listdir("/dev/shm") if p.startswith(f"shmd-bench-pubcost-{proc.pid}-")
+    ]
+    done = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, check=False)
+    assert done.stdout == b"", "reader processes outlived the benchmark"
+
+
+@pytest.mark.parametrize("argv", [["--readers", "0"], ["--readers", "x"], ["--payload", "0"]])
+def test_publish_cost_usage_mistakes_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong argument to benchmarks.publish_cost prints one line and exits 2."""
+    from benchmarks import publish_cost  # noqa: PLC0415 - only where it is tested
+
+    assert publish_cost.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--readers" in err and "Traceback" not in err
+
+
+def test_the_copy_ceiling_builds_warning_free_and_moves_every_record(tmp_path: Path) -> None:
+    """benchmarks/copy_ceiling.c compiles with -Wall -Wextra -Werror, runs a short ring and
+    prints its rate, and refuses a zero slot count with one line and status 2."""
+    exe = tmp_path / "copy_ceiling"
+    subprocess.run(
+        [
+            "gcc",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pthread",
+            "-o",
+            str(exe),
+            str(REPO / "benchmarks" / "copy_ceiling.c"),
+        ],
+        check=True,
+    )
+    ok = subprocess.run([exe, "4", "100", "4096"], capture_output=True, text=True, check=True)
+    assert re.fullmatch(
+        r"slots=4 payload=4096 records=100: \d+ records/s \(\S+ us each\)\n", ok.stdout
+    )
+    bad = subprocess.run([exe, "0"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
