@@ -31,12 +31,15 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
 from shmd import Publisher
 from shmd.bus.layout import Policy
 
+#: The checkout this module runs from (benchmarks/ is not installed).
+CHECKOUT = Path(__file__).resolve().parents[1]
 #: Calls per timed chunk (the clock is read between chunks only).
 CHUNK = 100_000
 
@@ -45,7 +48,10 @@ import os, select, sys
 from shmd.bus.subscriber import Subscriber
 from shmd._sys.fd import OwnedFd
 
+from benchmarks.harness import _die_with_parent
+
 name, index, efd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+_die_with_parent(int(sys.argv[4]))  # a killed benchmark must not leave its readers asleep
 sub = Subscriber.attach(index=index, name=name, eventfd=OwnedFd(efd))
 epoll = select.epoll(1)
 epoll.register(efd, select.EPOLLIN)
@@ -88,8 +94,17 @@ def one_rep(readers: int, payload: int, seconds: float, warmup_s: float) -> floa
             handle = pub.add_reader(f"cost{i}", os.getpid())
             efd = handle.eventfd.fileno()
             proc = subprocess.Popen(
-                [sys.executable, "-c", _READER, name, str(handle.index), str(efd)],
+                [
+                    sys.executable,
+                    "-c",
+                    _READER,
+                    name,
+                    str(handle.index),
+                    str(efd),
+                    str(os.getpid()),
+                ],
                 pass_fds=(efd,),
+                cwd=CHECKOUT,  # where `benchmarks` imports from
                 stdout=subprocess.PIPE,
             )
             procs.append(proc)

@@ -1183,3 +1183,30 @@ def test_the_copy_ceiling_builds_warning_free_and_moves_every_record(tmp_path: P
     )
     bad = subprocess.run([exe, "0"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_a_killed_publish_cost_takes_its_readers_along() -> None:
+    """SIGKILLing ``benchmarks.publish_cost`` mid-run kills its reader processes too."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.publish_cost", "--readers", "2", "--reps", "1"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    readers: set[int] = set()
+    try:
+        _poll(lambda: len(_children_of(proc.pid)) >= 2, 60, "both readers start")
+        readers = _children_of(proc.pid)
+        proc.kill()
+        proc.wait()
+        _poll(lambda: not any(_running(p) for p in readers), 30, "the orphaned readers die")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in readers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    # Its segment stays (a SIGKILLed creator cannot unlink); remove it by its pid's name.
+    for leftover in SHM_DIR.glob(f"shmd-bench-pubcost-{proc.pid}-*"):
+        leftover.unlink()
