@@ -1207,6 +1207,6 @@ def test_a_killed_publish_cost_takes_its_readers_along() -> None:
         for pid in readers:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
-    # Its segment stays (a SIGKILLed creator cannot unlink); remove it by its pid's name.
-    for leftover in SHM_DIR.glob(f"shmd-bench-pubcost-{proc.pid}-*"):
-        leftover.unlink()
+        # Its segment stays (a SIGKILLed creator cannot unlink); removed by its pid's name.
+        for leftover in SHM_DIR.glob(f"shmd-bench-pubcost-{proc.pid}-*"):
+            leftover.unlink()
