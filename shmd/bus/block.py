@@ -7,6 +7,7 @@ fast paths compare two integers and never call in.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Protocol
 
@@ -18,6 +19,8 @@ from shmd.bus.segment import Segment
 
 #: The longest the writer sleeps before it re-checks the cursors.
 WAIT_SLICE = 0.01
+#: How long the writer yields and looks again before its first sleep of a wait.
+YIELD_BEFORE_SLEEP = 50e-6
 
 
 class Blocked(Protocol):
@@ -53,8 +56,9 @@ def slowest(pub: Blocked) -> tuple[int, ReaderHandle | None]:
 def wait_for_space(pub: Blocked, n: int) -> int:
     """Wait until the slowest reader leaves ``n`` free slots; the new room bound.
 
-    Sleeps on the segment's semaphore (the writer needs no epoll for
-    this), at most WAIT_SLICE at a time; readers post it after advancing
+    First yields and looks again for YIELD_BEFORE_SLEEP, then sleeps on
+    the segment's semaphore (the writer needs no epoll for this), at most
+    WAIT_SLICE at a time; readers post it after advancing
     their cursor when they see ``writer_waiting``.  A reader that holds
     the bus up longer than ``block_timeout`` is evicted, never waited on
     forever.  What it finds free is returned (the caller keeps it as
@@ -64,11 +68,19 @@ def wait_for_space(pub: Blocked, n: int) -> int:
     seq = pub.write_seq
     cap = pub.segment.geometry.capacity
     seg = pub.segment
-    deadline = time.monotonic() + pub.block_timeout
+    now = time.monotonic()
+    deadline, yield_until = now + pub.block_timeout, now + YIELD_BEFORE_SLEEP
     while True:
         low, who = slowest(pub)
         if who is None or free_slots(seq, low, cap) >= n:
             return low + cap
+        # A reader that holds the slots we need is usually copying or checking them
+        # and frees them within microseconds; a sleep costs it a sem_post and us a
+        # futex wake-up (tens of microseconds on a VM) once a ring lap.  So look again
+        # for a little while first, yielding the CPU to a reader that shares it.
+        if time.monotonic() < yield_until:
+            os.sched_yield()
+            continue
         seg.u[Segment.WRITER_WAITING] = 1
         libc.fence()  # StoreLoad: our flag before the cursors we re-read
         low, who = slowest(pub)
