@@ -328,7 +328,8 @@ def reader_role(  # noqa: PLR0912, PLR0915 - one measuring loop, kept in one pie
 
     # A zero-copy reader holds one record at a time, as the iceoryx2-zc reader holds one
     # sample: a view held over a whole ring would keep the writer waiting on a full ring
-    # until the batch is checked (0.36x iceoryx2-zc at 1 MiB with one reader, not 0.77x).
+    # until the batch is checked (1 MiB, one reader: 0.36x iceoryx2-zc, against 0.64x
+    # holding one; docs/PERFORMANCE.md).
     limit = 1 if zero_copy else 4096
     expected = 0
     error = ""
