@@ -214,8 +214,16 @@ def test_the_cores_layout_is_the_layout_modules() -> None:
     assert offsets["topic"] == _core.LAYOUT["REC_TOPIC"]
 
 
+def _no_reserve(count: int, size: int, topic: int) -> _core.Reservation:
+    raise AssertionError("the test reserves nothing")
+
+
 def _callbacks() -> dict[str, object]:
-    return {"slow": lambda payload, topic: 0, "on_blocking": lambda row: None}
+    return {
+        "slow": lambda payload, topic: 0,
+        "reserve_slow": _no_reserve,
+        "on_blocking": lambda row: None,
+    }
 
 
 @pytest.mark.parametrize(
@@ -286,6 +294,7 @@ def test_a_closed_writer_sends_publish_to_the_slow_path_and_lets_go() -> None:
         write_seq=0,
         reserve_seq=0,
         slow=slow,
+        reserve_slow=_no_reserve,
         on_blocking=lambda row: None,
     )
     assert w.publish(b"x") == 0

@@ -102,5 +102,9 @@ void shmd_views_release(shmd_views *v);
 extern PyTypeObject shmd_WriterType;
 extern PyTypeObject shmd_ReaderType;
 extern PyTypeObject shmd_LoanType;
+extern PyTypeObject shmd_ReservationType;
+
+/* Module-exec set-up of _writer.c (its interned names); 0, or -1 with an exception set. */
+int shmd_writer_init(void);
 
 #endif

@@ -375,7 +375,9 @@ core_exec(PyObject *module)
         || PyModule_AddIntConstant(module, "COPY_BATCH_BYTES", COPY_BATCH_BYTES) < 0
         || PyModule_AddIntConstant(module, "DEFER_CURSOR_MIN_CAPACITY", DEFER_CURSOR_MIN_CAPACITY) < 0
         || add_layout(module) < 0
+        || shmd_writer_init() < 0
         || PyModule_AddType(module, &shmd_WriterType) < 0
+        || PyModule_AddType(module, &shmd_ReservationType) < 0
         || PyModule_AddType(module, &shmd_ReaderType) < 0
         || PyModule_AddType(module, &shmd_LoanType) < 0) {
         return -1;

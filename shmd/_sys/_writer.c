@@ -14,6 +14,9 @@
  * - The wake table (set_readers) names eventfds by number; Python rebuilds
  *   it before it closes any of them, so we never write a number that now
  *   names something else.
+ * - reserve() and reserve_batch() are the Publisher's own too: they hand out
+ *   a Reservation (below) over slots the caller fills in place, or go to
+ *   `reserve_slow` the same way publish() goes to `slow`.
  * - An eventfd found without O_NONBLOCK (a reader cleared it on the file
  *   description it shares with us) goes to `on_blocking` before we write
  *   it, which logs and restores the flag: a writer must never block on a
@@ -46,7 +49,9 @@ typedef struct {
     Py_ssize_t nrows;
     Py_ssize_t *waiting; /* rows seen asleep for topics no commit since carried */
     Py_ssize_t nwaiting;
+    PyObject *ring_view;   /* a writable memoryview of the ring: reservations slice it */
     PyObject *slow;        /* slow(payload, topic) -> seq */
+    PyObject *reserve_slow; /* reserve_slow(count, size, topic) -> Reservation */
     PyObject *on_blocking; /* on_blocking(row) : a reader's eventfd lost O_NONBLOCK */
 } Writer;
 
@@ -56,11 +61,12 @@ static int
 Writer_init(Writer *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"control", "ring", "capacity", "slot_size", "write_seq",
-                             "reserve_seq", "slow", "on_blocking", NULL};
-    PyObject *control, *ring, *slow, *on_blocking;
+                             "reserve_seq", "slow", "reserve_slow", "on_blocking", NULL};
+    PyObject *control, *ring, *slow, *reserve_slow, *on_blocking;
     unsigned long long capacity, slot, seq, reserved;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOKKKKOO", kwlist, &control, &ring,
-                                     &capacity, &slot, &seq, &reserved, &slow, &on_blocking)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOKKKKOOO", kwlist, &control, &ring,
+                                     &capacity, &slot, &seq, &reserved, &slow, &reserve_slow,
+                                     &on_blocking)) {
         return -1;
     }
     if (self->c != NULL) {
@@ -72,7 +78,8 @@ Writer_init(Writer *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "Failed to make the writer since its geometry is invalid");
         return -1;
     }
-    if (!PyCallable_Check(slow) || !PyCallable_Check(on_blocking)) {
+    if (!PyCallable_Check(slow) || !PyCallable_Check(reserve_slow)
+        || !PyCallable_Check(on_blocking)) {
         PyErr_SetString(PyExc_TypeError, "Failed to make the writer since a callback is not callable");
         return -1;
     }
@@ -80,6 +87,15 @@ Writer_init(Writer *self, PyObject *args, PyObject *kwds)
                         (Py_ssize_t)(capacity * slot)) < 0) {
         return -1;
     }
+    /* Slices of this view are the reservations' buffers: each keeps the
+     * mapping's export alive, so the ring cannot be unmapped under a caller
+     * still writing into one (Segment.close leaves the munmap to the GC). */
+    PyObject *ring_view = PyMemoryView_FromObject(ring);
+    if (ring_view == NULL) {
+        shmd_views_release(&self->v);
+        return -1;
+    }
+    Py_XSETREF(self->ring_view, ring_view);
     self->c = self->v.ctl.buf;
     self->r = self->v.ring.buf;
     self->capacity = capacity;
@@ -92,6 +108,8 @@ Writer_init(Writer *self, PyObject *args, PyObject *kwds)
     self->sleep_seen_valid = 0;
     Py_INCREF(slow);
     Py_XSETREF(self->slow, slow);
+    Py_INCREF(reserve_slow);
+    Py_XSETREF(self->reserve_slow, reserve_slow);
     Py_INCREF(on_blocking);
     Py_XSETREF(self->on_blocking, on_blocking);
     return 0;
@@ -110,7 +128,9 @@ release_rows(Writer *self)
 static int
 Writer_traverse(Writer *self, visitproc visit, void *arg)
 {
+    Py_VISIT(self->ring_view);
     Py_VISIT(self->slow);
+    Py_VISIT(self->reserve_slow);
     Py_VISIT(self->on_blocking);
     return 0;
 }
@@ -118,7 +138,9 @@ Writer_traverse(Writer *self, visitproc visit, void *arg)
 static int
 Writer_clear(Writer *self)
 {
+    Py_CLEAR(self->ring_view);
     Py_CLEAR(self->slow);
+    Py_CLEAR(self->reserve_slow);
     Py_CLEAR(self->on_blocking);
     return 0;
 }
@@ -141,6 +163,7 @@ Writer_close(Writer *self, PyObject *Py_UNUSED(unused))
     self->c = self->r = NULL;
     release_rows(self);
     shmd_views_release(&self->v);
+    Py_CLEAR(self->ring_view);  /* reservations' slices keep the mapping until they go */
     Py_RETURN_NONE;
 }
 
@@ -494,65 +517,385 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(reserve_to_doc,
-"reserve_to(end)\n\nRaise reserve_seq to end (never lower it) before slots are written in place.");
+/* -- reservations: slots the caller fills in place ----------------------------- */
 
-static PyObject *
-Writer_reserve_to(Writer *self, PyObject *arg)
+/* A Reservation's life: open until commit() or abandon(), never again after. */
+enum { RES_OPEN, RES_COMMITTED, RES_ABANDONED };
+
+typedef struct {
+    PyObject_HEAD
+    Writer *writer;     /* the writer it commits through (a strong reference) */
+    PyObject *buffers;  /* list: one writable memoryview per slot, released on commit */
+    uint64_t seq;       /* the first slot's seq */
+    uint64_t count;
+    uint64_t size;      /* bytes reserved per slot */
+    uint32_t topic;
+    int state;
+} Reservation;
+
+static PyObject *str_release; /* "release", interned by shmd_writer_init */
+
+/* reserve(size, topic=0) and reserve_batch(count, size, topic=0): the
+ * arguments (`fixed` of them before the topic) as objects, or -1 with
+ * TypeError set.  *topic_obj is NULL when the topic was left out. */
+static int
+parse_reserve_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t fixed,
+                   PyObject **topic_obj)
 {
-    unsigned long long end = PyLong_AsUnsignedLongLong(arg);
-    if (end == (unsigned long long)-1 && PyErr_Occurred()) {
-        return NULL;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    *topic_obj = NULL;
+    if (nargs == fixed + 1 && nkw == 0) {
+        *topic_obj = args[fixed];
+    } else if (nargs == fixed && nkw == 1
+               && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "topic") == 0) {
+        *topic_obj = args[fixed];
+    } else if (!(nargs == fixed && nkw == 0)) {
+        PyErr_SetString(PyExc_TypeError, fixed == 1
+                        ? "reserve() takes a size and an optional topic"
+                        : "reserve_batch() takes a count, a size and an optional topic");
+        return -1;
     }
-    if (self->c == NULL) {
-        PyErr_SetString(PyExc_ValueError, "Failed to reserve since the writer was closed");
-        return NULL;
-    }
-    if (end < self->seq || end - self->seq > self->capacity) {
-        PyErr_SetString(PyExc_ValueError, "Failed to reserve since the end is outside the ring");
-        return NULL;
-    }
-    reserve_to(self, end);
-    Py_RETURN_NONE;
+    return 0;
 }
 
-PyDoc_STRVAR(commit_reserved_doc,
-"commit_reserved(count, topic, length)\n\n"
-"Write the headers of the count slots from the next seq, whose payloads the\n"
-"caller filled in place (length bytes each), and commit them.");
+/* An int argument as a long long (-1 when out of range: the slow path says
+ * why), or -1 with TypeError set when it is not an int. */
+static int
+int_arg(PyObject *o, const char *what, long long *out)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "Failed to reserve since the %s is %.100s, not an int",
+                     what, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    int overflow;
+    *out = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow) {
+        *out = -1;
+    }
+    return 0;
+}
+
+/* The Reservation of `count` slots of `size` bytes from the next seq, after
+ * the fast path's checks; NULL with an exception set, having reserved nothing. */
+static PyObject *
+make_reservation(Writer *self, uint64_t count, uint64_t size, uint32_t topic)
+{
+    uint64_t seq = self->seq;
+    PyObject *buffers = PyList_New((Py_ssize_t)count);
+    if (buffers == NULL) {
+        return NULL;
+    }
+    for (uint64_t i = 0; i < count; i++) {
+        Py_ssize_t off = (Py_ssize_t)(((seq + i) & self->mask) * self->slot + RECORD_HEADER_SIZE);
+        PyObject *view = PySequence_GetSlice(self->ring_view, off, off + (Py_ssize_t)size);
+        if (view == NULL) {
+            Py_DECREF(buffers);
+            return NULL;
+        }
+        PyList_SET_ITEM(buffers, (Py_ssize_t)i, view);
+    }
+    Reservation *res = PyObject_GC_New(Reservation, &shmd_ReservationType);
+    if (res == NULL) {
+        Py_DECREF(buffers);
+        return NULL;
+    }
+    Py_INCREF(self);
+    res->writer = self;
+    res->buffers = buffers;
+    res->seq = seq;
+    res->count = count;
+    res->size = size;
+    res->topic = topic;
+    res->state = RES_OPEN;
+    PyObject_GC_Track(res);
+    reserve_to(self, seq + count);  /* [P2], last: a failure above reserved nothing */
+    return (PyObject *)res;
+}
+
+/* Both reserve methods; `count_obj` NULL means one slot. */
+static PyObject *
+writer_reserve(Writer *self, PyObject *count_obj, PyObject *size_obj, PyObject *topic_obj)
+{
+    long long count = 1, size, topic = 0;
+    if ((count_obj != NULL && int_arg(count_obj, "count", &count) < 0)
+        || int_arg(size_obj, "size", &size) < 0
+        || (topic_obj != NULL && int_arg(topic_obj, "topic", &topic) < 0)) {
+        return NULL;
+    }
+    /* [P1] One comparison chain sends everything unusual to Python. */
+    if (self->c == NULL || count < 1 || (uint64_t)count > self->capacity || size < 0
+        || (uint64_t)size > self->max_payload || topic < 0 || topic > TOPIC_MAX
+        || self->seq + (uint64_t)count > self->room_until) {
+        PyObject *c = count_obj != NULL ? count_obj : PyLong_FromLong(1);
+        PyObject *t = topic_obj != NULL ? topic_obj : PyLong_FromLong(0);
+        PyObject *r = NULL;
+        if (c != NULL && t != NULL) {
+            r = PyObject_CallFunctionObjArgs(self->reserve_slow, c, size_obj, t, NULL);
+        }
+        if (count_obj == NULL) {
+            Py_XDECREF(c);
+        }
+        if (topic_obj == NULL) {
+            Py_XDECREF(t);
+        }
+        return r;
+    }
+    return make_reservation(self, (uint64_t)count, (uint64_t)size, (uint32_t)topic);
+}
+
+PyDoc_STRVAR(reserve_doc,
+"reserve(size, topic=0) -> Reservation\n\n"
+"One slot's payload buffer to fill in place (docs/PROTOCOL.md, Publishing).");
 
 static PyObject *
-Writer_commit_reserved(Writer *self, PyObject *const *args, Py_ssize_t nargs)
+Writer_reserve(Writer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    unsigned long long count, topic, length;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "commit_reserved() takes count, topic and length");
+    PyObject *topic_obj;
+    if (parse_reserve_args(args, nargs, kwnames, 1, &topic_obj) < 0) {
         return NULL;
     }
-    count = PyLong_AsUnsignedLongLong(args[0]);
-    topic = PyLong_AsUnsignedLongLong(args[1]);
-    length = PyLong_AsUnsignedLongLong(args[2]);
-    if (PyErr_Occurred()) {
+    return writer_reserve(self, NULL, args[0], topic_obj);
+}
+
+PyDoc_STRVAR(reserve_batch_doc,
+"reserve_batch(count, size, topic=0) -> Reservation\n\n"
+"count consecutive slots' payload buffers, committed together.");
+
+static PyObject *
+Writer_reserve_batch(Writer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *topic_obj;
+    if (parse_reserve_args(args, nargs, kwnames, 2, &topic_obj) < 0) {
         return NULL;
     }
-    if (self->c == NULL) {
+    return writer_reserve(self, args[0], args[1], topic_obj);
+}
+
+/* Release every buffer of the reservation (the caller can no longer write
+ * into a slot it gave up); 0, or -1 with BufferError set when one is still
+ * exported (a numpy array over it, say): nothing is committed then. */
+static int
+release_buffers(Reservation *self)
+{
+    Py_ssize_t n = PyList_GET_SIZE(self->buffers);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *r = PyObject_CallMethodNoArgs(PyList_GET_ITEM(self->buffers, i), str_release);
+        if (r == NULL) {
+            return -1;
+        }
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+static const char *
+state_word(int state)
+{
+    return state == RES_COMMITTED ? "committed" : "abandoned";
+}
+
+PyDoc_STRVAR(commit_doc,
+"commit(length=None) -> int\n\n"
+"Publish every slot with its first length bytes (default: all); the last seq.");
+
+static PyObject *
+Reservation_commit(Reservation *self, PyObject *const *args, Py_ssize_t nargs,
+                   PyObject *kwnames)
+{
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *length_obj = NULL;
+    if (nargs == 1 && nkw == 0) {
+        length_obj = args[0];
+    } else if (nargs == 0 && nkw == 1
+               && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "length") == 0) {
+        length_obj = args[0];
+    } else if (nargs + nkw != 0) {
+        PyErr_SetString(PyExc_TypeError, "commit() takes an optional length");
+        return NULL;
+    }
+    if (self->state != RES_OPEN) {
+        PyErr_Format(PyExc_ValueError, "Failed to commit the reservation since it was already %s",
+                     state_word(self->state));
+        return NULL;
+    }
+    uint64_t length = self->size;
+    if (length_obj != NULL && length_obj != Py_None) {
+        long long v;
+        if (int_arg(length_obj, "length", &v) < 0) {
+            return NULL;
+        }
+        if (v < 0 || (uint64_t)v > self->size) {
+            PyErr_Format(PyExc_ValueError, "Failed to commit %S bytes since %llu were reserved",
+                         length_obj, (unsigned long long)self->size);
+            return NULL;
+        }
+        length = (uint64_t)v;
+    }
+    Writer *w = self->writer;
+    if (w->c == NULL) {
         PyErr_SetString(PyExc_ValueError, "Failed to commit since the writer was closed");
         return NULL;
     }
-    uint64_t seq = self->seq;
-    if (topic > TOPIC_MAX || length > self->max_payload || count > self->capacity
-        || seq + count > self->reserved) {
-        PyErr_SetString(PyExc_ValueError, "Failed to commit since the slots were not reserved");
+    if (self->seq != w->seq) {
+        PyErr_Format(PyExc_ValueError,
+                     "Failed to commit the reservation of seq %llu since seq %llu was published "
+                     "after it was made",
+                     (unsigned long long)self->seq, (unsigned long long)w->seq - 1);
         return NULL;
     }
+    if (release_buffers(self) < 0) {
+        return NULL;
+    }
+    self->state = RES_COMMITTED;
     uint64_t ts = shmd_monotonic_ns();
-    for (uint64_t s = seq; s < seq + count; s++) {                          /* [P3] */
-        write_slot(self, s, ts, NULL, (uint32_t)length, (uint32_t)topic);
+    for (uint64_t s = self->seq; s < self->seq + self->count; s++) {        /* [P3] */
+        write_slot(w, s, ts, NULL, (uint32_t)length, self->topic);
     }
-    if (commit(self, seq + count, length * count, (uint64_t)1 << topic) < 0) {
-        return NULL;
+    if (commit(w, self->seq + self->count, length * self->count, (uint64_t)1 << self->topic) < 0) {
+        return NULL;  /* [P4]-[P6]: committed; an eventfd write failed */
+    }
+    return PyLong_FromUnsignedLongLong(self->seq + self->count - 1);
+}
+
+PyDoc_STRVAR(abandon_doc,
+"abandon()\n\n"
+"Give the slots back without publishing; the next publish reuses them.\n"
+"reserve_seq stays up (see shmd.bus.adopt.take_over): the caller may have\n"
+"written into a slot a lagging reader was copying.");
+
+static PyObject *
+Reservation_abandon(Reservation *self, PyObject *Py_UNUSED(unused))
+{
+    if (self->state == RES_OPEN) {
+        if (release_buffers(self) < 0) {
+            return NULL;
+        }
+        self->state = RES_ABANDONED;
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *
+Reservation_enter(Reservation *self, PyObject *Py_UNUSED(unused))
+{
+    PyObject *first = PyList_GET_ITEM(self->buffers, 0);
+    Py_INCREF(first);
+    return first;
+}
+
+static PyObject *
+Reservation_exit(Reservation *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "__exit__() takes 3 arguments");
+        return NULL;
+    }
+    PyObject *r;
+    if (args[0] != Py_None) {
+        r = Reservation_abandon(self, NULL);  /* an exception: nothing is published */
+    } else if (self->state == RES_OPEN) {
+        r = Reservation_commit(self, NULL, 0, NULL);
+    } else {
+        r = Py_NewRef(Py_None);
+    }
+    if (r == NULL) {
+        return NULL;
+    }
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+static int
+Reservation_traverse(Reservation *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->writer);
+    Py_VISIT(self->buffers);
+    return 0;
+}
+
+static int
+Reservation_clear(Reservation *self)
+{
+    Py_CLEAR(self->writer);
+    Py_CLEAR(self->buffers);
+    return 0;
+}
+
+static void
+Reservation_dealloc(Reservation *self)
+{
+    /* Dropped open: its slots are reused by the next publish, as if abandoned. */
+    PyObject_GC_UnTrack(self);
+    Reservation_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *
+Reservation_get_seq(Reservation *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->seq);
+}
+
+static PyObject *
+Reservation_get_topic(Reservation *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLong(self->topic);
+}
+
+static PyObject *
+Reservation_get_buffers(Reservation *self, void *Py_UNUSED(c))
+{
+    return PyList_GetSlice(self->buffers, 0, PyList_GET_SIZE(self->buffers));
+}
+
+static PyObject *
+Reservation_get_buffer(Reservation *self, void *Py_UNUSED(c))
+{
+    return Reservation_enter(self, NULL);
+}
+
+static PyGetSetDef Reservation_getset[] = {
+    {"seq", (getter)Reservation_get_seq, NULL, "The first slot's seq.", NULL},
+    {"topic", (getter)Reservation_get_topic, NULL, "The topic every slot is committed with.",
+     NULL},
+    {"buffers", (getter)Reservation_get_buffers, NULL,
+     "One writable payload buffer per slot, in seq order (released on commit).", NULL},
+    {"buffer", (getter)Reservation_get_buffer, NULL, "The first slot's payload buffer.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef Reservation_methods[] = {
+    {"commit", (PyCFunction)(void (*)(void))Reservation_commit, METH_FASTCALL | METH_KEYWORDS,
+     commit_doc},
+    {"abandon", (PyCFunction)Reservation_abandon, METH_NOARGS, abandon_doc},
+    {"__enter__", (PyCFunction)Reservation_enter, METH_NOARGS,
+     "__enter__() -> the first slot's buffer."},
+    {"__exit__", (PyCFunction)(void (*)(void))Reservation_exit, METH_FASTCALL,
+     "__exit__(type, value, traceback)\n\nCommit every slot whole on a clean exit; abandon on "
+     "an exception."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject shmd_ReservationType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmd._sys._core.Reservation",
+    .tp_doc = "Slots reserved by Publisher.reserve (one) or reserve_batch: fill buffers in "
+              "place, then commit (shmd/_sys/_writer.c).",
+    .tp_basicsize = sizeof(Reservation),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)Reservation_dealloc,
+    .tp_traverse = (traverseproc)Reservation_traverse,
+    .tp_clear = (inquiry)Reservation_clear,
+    .tp_methods = Reservation_methods,
+    .tp_getset = Reservation_getset,
+};
+
+int
+shmd_writer_init(void)
+{
+    str_release = PyUnicode_InternFromString("release");
+    return str_release == NULL ? -1 : 0;
 }
 
 /* -- attributes -------------------------------------------------------------------- */
@@ -622,9 +965,10 @@ static PyMethodDef Writer_methods[] = {
      publish_doc},
     {"write_batch", (PyCFunction)(void (*)(void))Writer_write_batch, METH_FASTCALL,
      write_batch_doc},
-    {"reserve_to", (PyCFunction)Writer_reserve_to, METH_O, reserve_to_doc},
-    {"commit_reserved", (PyCFunction)(void (*)(void))Writer_commit_reserved, METH_FASTCALL,
-     commit_reserved_doc},
+    {"reserve", (PyCFunction)(void (*)(void))Writer_reserve, METH_FASTCALL | METH_KEYWORDS,
+     reserve_doc},
+    {"reserve_batch", (PyCFunction)(void (*)(void))Writer_reserve_batch,
+     METH_FASTCALL | METH_KEYWORDS, reserve_batch_doc},
     {"set_readers", (PyCFunction)Writer_set_readers, METH_O, set_readers_doc},
     {"forget_sleepers", (PyCFunction)Writer_forget_sleepers, METH_NOARGS, forget_sleepers_doc},
     {"close", (PyCFunction)Writer_close, METH_NOARGS, "close()\n\nRelease the segment's buffers."},

@@ -39,7 +39,6 @@ from shmd.bus import block
 from shmd.bus.adopt import create_segment, open_stored, take_over
 from shmd.bus.layout import (
     ALL_TOPICS,
-    RECORD_HEADER_SIZE,
     Geometry,
     Policy,
     ReaderEntry,
@@ -93,7 +92,6 @@ class Publisher:
         self.readers: dict[int, ReaderHandle] = self.table.handles
         #: Readers evicted since the owner last looked (it closes their connections).
         self.evictions: list[Eviction] = []
-        self._mask = self.geometry.capacity - 1
         self._slot = self.geometry.slot_size
         self._max_payload = self.geometry.max_payload
         self._block = policy is Policy.BLOCK
@@ -106,6 +104,7 @@ class Publisher:
             write_seq=segment.write_seq,
             reserve_seq=segment.reserve_seq,
             slow=self._publish_slow,
+            reserve_slow=self._reserve_slow,
             on_blocking=self._eventfd_blocking,
         )
         # Block policy: seqs below room_until are known to be free for every
@@ -117,8 +116,10 @@ class Publisher:
             self._w.room_until = segment.write_seq
         #: The handles in the core's wake table, by row.
         self._wake_handles: list[ReaderHandle] = []
-        # No Python frame per record: publish is the core's own method.
+        # No Python frame per record: publish and reserve are the core's own methods.
         self.publish = self._w.publish  # type: ignore[method-assign]  # the bound C method
+        self.reserve = self._w.reserve  # type: ignore[method-assign]  # the bound C method
+        self.reserve_batch = self._w.reserve_batch  # type: ignore[method-assign]  # the same
         self._closed = False
         self._unlinked = False
 
@@ -343,8 +344,10 @@ class Publisher:
         """A slot's payload buffer to fill in place; commit it with ``Reservation.commit``.
 
         The zero-copy path: nothing is copied after the caller's own writes.
+        The core's ``Writer.reserve``, bound on the instance like
+        :meth:`publish`; what it cannot do alone goes to :meth:`_reserve_slow`.
         """
-        return self._reserve(1, size, topic)
+        return self._w.reserve(size, topic)
 
     def reserve_batch(self, count: int, size: int, topic: int = 0) -> Reservation:
         """``count`` consecutive slots' payload buffers to fill in place, committed together.
@@ -352,30 +355,24 @@ class Publisher:
         Zero-copy and batched: one reserve, one commit and at most one wake-up
         per reader for the whole batch (``count`` <= capacity).
         """
-        return self._reserve(count, size, topic)
+        return self._w.reserve_batch(count, size, topic)
 
-    def _reserve(self, count: int, size: int, topic: int) -> Reservation:
+    def _reserve_slow(self, count: int, size: int, topic: int) -> Reservation:
+        """reserve() when its one check fails: raise what is wrong, or make room and retry."""
         self._check_open()
+        cap = self.geometry.capacity
+        if count > cap:
+            raise ValueError(f"Failed to reserve {count} slots since the ring has {cap}")
+        if count < 1:
+            raise ValueError(f"Failed to reserve {count} slots since a reservation takes 1 or more")
+        if size < 0:
+            raise ValueError(f"Failed to reserve {size} bytes since a size cannot be negative")
         check_record(size, topic, self._max_payload)
-        if not 1 <= count <= self.geometry.capacity:
-            raise ValueError(
-                f"Failed to reserve {count} slots since the ring has {self.geometry.capacity}"
-            )
         if self._block:
-            self._wait_for_space(count)
-        seq = self._w.seq
-        self._w.reserve_to(seq + count)
-        ring, mask, slot = self.segment.ring, self._mask, self._slot
-        offsets = [((s & mask) * slot + RECORD_HEADER_SIZE) for s in range(seq, seq + count)]
-        return Reservation(self, seq, topic, [ring[o : o + size] for o in offsets])
-
-    def _commit_reserved(self, seq: int, count: int, topic: int, length: int) -> None:
-        if seq != self._w.seq:
-            raise ValueError(
-                f"Failed to commit the reservation of seq {seq} since seq {self._w.seq} "
-                "was published after it was made"
-            )
-        self._w.commit_reserved(count, topic, length)
+            self._wait_for_space(count)  # leaves write_seq + count <= room_until, or raises
+        else:
+            self._w.room_until = _UNBOUNDED
+        return self._w.reserve_batch(count, size, topic)
 
     def _readers_changed(self) -> None:
         """Hand the core the new wake table; call it before closing any eventfd."""
