@@ -21,6 +21,9 @@ with the same warm-up (not measured; every record still checked in order):
 **latency** sends 1000 records a second (500 in quick mode) and takes the
 one-way latency of each (the receiver's ``CLOCK_MONOTONIC`` minus the one
 the sender stamped into the payload: one clock for the whole machine).
+Each throughput case also takes every process's CPU time on its path (user
+and system, all threads, from ``/proc/<pid>/stat``) over the whole case,
+warm-up included, divided by the records sent: where a record's cost goes.
 ``--quick`` only proves the benchmark works (0.5 s cases); its numbers are
 not for comparison.  Prints a Markdown table with the ratios bridge / zenoh;
 exit status 0 when every case was valid (every record once, in order), 1
@@ -64,11 +67,21 @@ class Plan:
 
 @dataclass
 class Lane:
-    """One path's sender FIFO (a write end) and receiver."""
+    """One path's sender FIFO (a write end), receiver, and its processes by role."""
 
     control: int
     receiver: Daemon
+    procs: dict[str, Daemon]
     cases: int = 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user + system CPU time of every thread of ``pid`` so far, in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name (field 2) may hold spaces and parentheses: split after its end.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def command(lane: Lane, line: str) -> None:
@@ -92,11 +105,17 @@ def probe(lane: Lane, name: str, size: int) -> None:
 def run_case(lane: Lane, size: int, rate: float, plan: Plan) -> dict[str, Any]:
     case = lane.cases
     lane.cases += 1
+    before = {role: cpu_seconds(d.proc.pid) for role, d in lane.procs.items()}
     command(lane, f"case {case} {size} {rate} {plan.warm} {plan.timed}")
     budget = TIMEOUT + 4 * (plan.warm + plan.timed)
     found: dict[str, Any] = lane.receiver.wait_for(
         "result", timeout=budget, where=lambda e: e.get("case") == case
     )
+    records = found["sent"] + 1  # and the END record
+    found["cpu_us"] = {
+        role: (cpu_seconds(d.proc.pid) - before[role]) * 1e6 / records
+        for role, d in lane.procs.items()
+    }
     return found
 
 
@@ -152,9 +171,8 @@ def arrangement(ns_a: str, ns_b: str, tmp: Path) -> Iterator[dict[str, Lane]]:
         endpoint = f"tcp/{ADDR_B}:{BRIDGE_PORT}"
         src = {"type": "zenoh", "listen": [endpoint], "key": f"{seg_a.strip('/')}/*"}
         cfg_b = _bus_config(tmp, seg_b, src, None)
-        start(ns_b, [py, "-m", "shmd.daemons.writer", "--config", str(cfg_b)]).wait_for(
-            "bridge_receiving", TIMEOUT
-        )
+        writer_b = start(ns_b, [py, "-m", "shmd.daemons.writer", "--config", str(cfg_b)])
+        writer_b.wait_for("bridge_receiving", TIMEOUT)
         bus_recv = start(
             ns_b,
             [
@@ -171,21 +189,32 @@ def arrangement(ns_a: str, ns_b: str, tmp: Path) -> Iterator[dict[str, Lane]]:
         sink = {"type": "zenoh", "connect": [endpoint]}
         cfg_a = _bus_config(tmp, seg_a, source, sink)
         bench_env = {"SHMD_BENCH_CONTROL": control_path}
-        start(ns_a, [py, "-m", "shmd.daemons.writer", "--config", str(cfg_a)], bench_env).wait_for(
-            "listener_ready", TIMEOUT
-        )
-        start(
+        writer_a = start(ns_a, [py, "-m", "shmd.daemons.writer", "--config", str(cfg_a)], bench_env)
+        writer_a.wait_for("listener_ready", TIMEOUT)
+        sink_a = start(
             ns_a, [py, "-m", "shmd.daemons.reader", "--config", str(cfg_a), "--instance", "bridge"]
-        ).wait_for("attached", TIMEOUT)
+        )
+        sink_a.wait_for("attached", TIMEOUT)
         # Plain Zenoh.
         plain = f"tcp/{ADDR_B}:{PLAIN_PORT}"
         zenoh_recv = start(ns_b, [py, "-m", "benchmarks.bridge_roles", "zenoh-recv", plain])
         zenoh_recv.wait_for("ready", TIMEOUT)
         plain_path, plain_control = fifo("zenoh.fifo")
-        start(
+        zenoh_send = start(
             ns_a, [py, "-m", "benchmarks.bridge_roles", "zenoh-send", plain_path, plain]
-        ).wait_for("ready", TIMEOUT)
-        paths = {"bridge": Lane(control, bus_recv), "zenoh": Lane(plain_control, zenoh_recv)}
+        )
+        zenoh_send.wait_for("ready", TIMEOUT)
+        bridge_procs = {
+            "a writer (sends)": writer_a,
+            "a reader (zenoh sink)": sink_a,
+            "b writer (zenoh source)": writer_b,
+            "b reader (receives)": bus_recv,
+        }
+        plain_procs = {"a publisher (sends)": zenoh_send, "b subscriber (receives)": zenoh_recv}
+        paths = {
+            "bridge": Lane(control, bus_recv, bridge_procs),
+            "zenoh": Lane(plain_control, zenoh_recv, plain_procs),
+        }
         for name, path in paths.items():
             probe(path, name, 64)
         yield paths
@@ -244,7 +273,17 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         "",
         "Ratios are bridge / zenoh: throughput above 1 is the bridge faster, latency above 1 "
         "the bridge slower.",
+        "",
+        "CPU µs per record in the throughput cases, by process (all threads, the whole case):",
+        "",
+        "| payload | path | process | CPU µs / record |",
+        "|---:|---|---|---:|",
     ]
+    for r in rows:
+        if r["kind"] != "throughput":
+            continue
+        for role, us in [*r["cpu_us"].items(), ("total", sum(r["cpu_us"].values()))]:
+            out.append(f"| {r['payload']} B | {r['path']} | {role} | {us:.2f} |")
     out += [f"INVALID: {r['path']} {r['kind']} {r['payload']} B: {r['error']}" for r in bad]
     return "\n".join(out) + "\n"
 

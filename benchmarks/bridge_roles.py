@@ -18,8 +18,9 @@ the path takes them, under back-pressure), ``quit``.  Senders:
   scouting, no shared memory, ``BLOCK``, express up to 1024 bytes).
 
 Receivers print JSON lines on stderr (``event``: ``ready``, ``probe`` once,
-``result`` per case with ``case``, ``received``, ``seconds``, ``rate``,
-``p50_us``, ``p99_us``, ``error``):
+``result`` per case with ``case``, ``received`` (timed records), ``sent``
+(every record of the case before its END), ``seconds``, ``rate``, ``p50_us``,
+``p99_us``, ``error``):
 
 * ``bus-recv SOCKET``: a program on the receiving bus (``shmd.connect``);
 * ``zenoh-recv ENDPOINT``: a plain Zenoh subscriber listening on ENDPOINT.
@@ -175,15 +176,16 @@ class Collector:
                 self.last_ns = now_ns
                 self.latencies.append(now_ns - sent_ns)
             elif phase == END:
-                self._report()
+                self._report(index)
 
-    def _report(self) -> None:
+    def _report(self, sent: int) -> None:
         lat = sorted(self.latencies)
         seconds = (self.last_ns - self.first_ns) / 1e9
         emit(
             "result",
             case=self.case,
             received=len(lat),
+            sent=sent,
             seconds=seconds,
             rate=(len(lat) - 1) / seconds if seconds > 0 else 0.0,
             p50_us=percentile(lat, 50),

@@ -1,7 +1,7 @@
 """The writer's CPU per ``publish()``, net of the loop around it, with real readers.
 
     python -m benchmarks.publish_cost [--quick] [--readers 1,4] [--payload 64]
-                                      [--seconds 2] [--reps 5]
+                                      [--call publish|reserve] [--seconds 2] [--reps 5]
 
 The throughput tables of ``benchmarks.run`` give the writer process's CPU per record,
 which includes the harness's own send loop (two ``struct.pack_into`` stamps, a clock
@@ -11,7 +11,8 @@ alone: one writer publishing the same 64-byte record in a bare ``for`` loop, wit
 sleep in epoll on their eventfd when they have caught up, so the writer's wake decision
 and its eventfd writes are real. The ring is ``drop-oldest`` so that publish never waits
 for a reader: a wait is not the publish's cost (the readers are lapped when the writer
-is faster; that does not matter here).
+is faster; that does not matter here). ``--call reserve`` times the zero-copy path
+instead: ``reserve(size)``, one slice assignment filling its buffer, ``commit()``.
 
 Each repetition warms up (0.3 s; quick: 0.05 s), then times chunks of 100,000 calls
 until ``--seconds`` have passed, and the bare loop for as many turns; the writer's
@@ -78,8 +79,10 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def one_rep(readers: int, payload: int, seconds: float, warmup_s: float) -> float:
-    """ns of the writer's CPU per publish(), net of the bare loop, for one repetition."""
+def one_rep(
+    readers: int, payload: int, seconds: float, warmup_s: float, call: str = "publish"
+) -> float:
+    """ns of the writer's CPU per call, net of the bare loop, for one repetition."""
     name = f"/shmd-bench-pubcost-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     pub = Publisher.create(
         name,
@@ -111,7 +114,16 @@ def one_rep(readers: int, payload: int, seconds: float, warmup_s: float) -> floa
             assert proc.stdout is not None
             if proc.stdout.read(1) != b"r":  # attached and about to read
                 raise RuntimeError(f"Failed to start reader {i} since it exited early")
-        return _timed(pub.publish, bytes(payload), seconds, warmup_s)
+        send: Callable[[bytes], object] = pub.publish
+        if call == "reserve":
+            reserve = pub.reserve
+
+            def send(record: bytes) -> object:
+                r = reserve(len(record))
+                r.buffer[:] = record
+                return r.commit()
+
+        return _timed(send, bytes(payload), seconds, warmup_s)
     finally:
         _stop(procs)
         pub.unlink()  # the creator owns the name
@@ -150,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs that prove it works")
     parser.add_argument("--readers", default="1,4", help="reader counts (default 1,4)")
     parser.add_argument("--payload", type=int, default=64, help="record size (default 64)")
+    parser.add_argument(
+        "--call",
+        choices=("publish", "reserve"),
+        default="publish",
+        help="publish(), or reserve()+fill+commit() (default publish)",
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds (default 2)")
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default 5; quick 2)")
     try:
@@ -167,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (2 if args.quick else 5)
     seconds = 0.1 if args.quick else args.seconds
     warmup_s = 0.05 if args.quick else 0.3
-    print("| readers | payload | publish() ns of writer CPU, median (range) | reps |")
+    what = "publish()" if args.call == "publish" else "reserve()+fill+commit()"
+    print(f"| readers | payload | {what} ns of writer CPU, median (range) | reps |")
     print("|---:|---:|---:|---:|")
     for readers in counts:
-        values = sorted(one_rep(readers, args.payload, seconds, warmup_s) for _ in range(reps))
+        values = sorted(
+            one_rep(readers, args.payload, seconds, warmup_s, args.call) for _ in range(reps)
+        )
         median = values[len(values) // 2]
         print(
             f"| {readers} | {args.payload} B | {median:.0f} ({values[0]:.0f}-{values[-1]:.0f}) "

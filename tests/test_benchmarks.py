@@ -1082,12 +1082,23 @@ def test_the_bridge_benchmark_quick_mode_measures_both_paths_and_cleans_up() -> 
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
     assert proc.returncode == 0, err
     assert made is not None, err
-    rows = [line for line in out.splitlines() if line.startswith("| ") and " B |" in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["64 B", "4096 B"], out
+    cells = [
+        [c.strip() for c in line.split("|")[1:-1]]
+        for line in out.splitlines()
+        if line.startswith("| ") and " B |" in line
+    ]
+    rows = [c for c in cells if len(c) == 7]
+    assert [r[0] for r in rows] == ["64 B", "4096 B"], out
     for row in rows:
-        cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert float(cells[3]) > 0, row  # throughput ratio
-        assert all(float(x) > 0 for x in cells[6].split(" / ")), row  # latency ratios
+        assert float(row[3]) > 0, row  # throughput ratio
+        assert all(float(x) > 0 for x in row[6].split(" / ")), row  # latency ratios
+    # The CPU table: every process of each path, and a positive total per case.
+    cpu = {(c[0], c[1], c[2]): float(c[3]) for c in cells if len(c) == 4}
+    for size in ("64 B", "4096 B"):
+        for path, procs in (("bridge", 4), ("zenoh", 2)):
+            mine = {k: v for k, v in cpu.items() if k[:2] == (size, path)}
+            assert len(mine) == procs + 1 and mine[(size, path, "total")] > 0, out
+            assert all(v >= 0 for v in mine.values()), out
     assert "INVALID" not in out
     assert not leaked, leaked
     for segment in names[2:]:
@@ -1118,11 +1129,23 @@ def test_bridge_benchmark_usage_mistakes_exit_2(
     assert message in err and "Traceback" not in err
 
 
-def test_publish_cost_quick_mode_prints_a_positive_cost_per_reader_count_and_cleans_up() -> None:
+@pytest.mark.parametrize("call", ["publish", "reserve"])
+def test_publish_cost_quick_mode_prints_a_positive_cost_per_reader_count_and_cleans_up(
+    call: str,
+) -> None:
     """``python -m benchmarks.publish_cost --quick`` prints one row of positive ns per
-    reader count and leaves neither its reader processes nor its segments behind."""
+    reader count, for either call, and leaves neither its readers nor its segments behind."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.publish_cost", "--quick", "--readers", "1,2"],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.publish_cost",
+            "--quick",
+            "--readers",
+            "1,2",
+            "--call",
+            call,
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1136,6 +1159,7 @@ def test_publish_cost_quick_mode_prints_a_positive_cost_per_reader_count_and_cle
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
     assert proc.returncode == 0, err
+    assert f"| {call}()" in out, out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if " B |" in line]
     assert [r[0].strip() for r in rows] == ["1", "2"], out
     for row in rows:
