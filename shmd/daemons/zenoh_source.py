@@ -5,8 +5,12 @@ Each sample's key names its topic by its last chunk (a name of
 the sending bridge's :class:`~shmd.daemons.bridge.Stamp`, which a
 :class:`~shmd.daemons.bridge.Ledger` checks per origin (the key without its
 last chunk): losses on the way, reorders, restarts and generations.
-Samples arrive on Zenoh's threads; what they counted is logged, and the
-account written to :func:`~shmd.daemons.zenohio.status_path` (for ``shmctl
+Samples wait in a bounded Zenoh FIFO channel (full, it holds Zenoh's
+receiving thread back: the back-pressure ``BLOCK`` asks for) and one drain
+thread of ours takes them: each waiting run is accounted in arrival order and
+published with one commit per run of the same topic, so a burst costs the bus
+one commit and one wake-up, not one per sample.  What they counted is logged,
+and the account written to :func:`~shmd.daemons.zenohio.status_path` (for ``shmctl
 status``, and for a restarted writer to resume from), on the writer's loop.
 """
 
@@ -42,6 +46,12 @@ log = structlog.get_logger("shmd.daemons.zenoh_source")
 FLUSH_INTERVAL = 0.5
 #: Origins accounted at most: a peer spraying keys cannot grow the account without bound.
 MAX_ORIGINS = 256
+#: Samples Zenoh's FIFO channel holds before its receiving thread waits for ours.
+CHANNEL_DEPTH = 1024
+#: Samples the drain thread takes at most per round (accounted, then published).
+DRAIN_MAX = 256
+#: Seconds close() waits for the drain thread to leave.
+DRAIN_JOIN_TIMEOUT = 5.0
 
 
 class ZenohSource:
@@ -59,6 +69,7 @@ class ZenohSource:
         self._z: Any = None  # the zenoh module, once start() imported it
         self._session: zenoh.Session | None = None
         self._subscriber: Any = None
+        self._drainer: threading.Thread | None = None
         self._pending_lost: dict[str, tuple[int, bool]] = {}
         self._pending_refused: dict[str, tuple[int, str, str]] = {}
         self._dirty = True
@@ -68,7 +79,8 @@ class ZenohSource:
         self._host = host
         try:
             self._z, self._session = open_session(self.cfg)
-            self._subscriber = self._session.declare_subscriber(self.cfg.key, self._on_sample)
+            channel = self._z.handlers.FifoChannel(CHANNEL_DEPTH)
+            self._subscriber = self._session.declare_subscriber(self.cfg.key, channel)
         except ZenohUnavailable as exc:
             raise SourceError(str(exc)) from None
         except Exception as exc:  # a ZError from declare: the session is closed again
@@ -85,29 +97,63 @@ class ZenohSource:
             resumed=len(self.ledger.origins),
         )
         self._flush()
+        self._drainer = threading.Thread(
+            target=self._drain, args=(self._subscriber,), name="zenoh-source", daemon=True
+        )
+        self._drainer.start()
         host.call_later(FLUSH_INTERVAL, self._tick)
 
-    # -- a sample (a Zenoh thread) -----------------------------------------------------------
+    # -- samples (the drain thread) ----------------------------------------------------------
 
-    def _on_sample(self, sample: zenoh.Sample) -> None:
-        try:
-            self._take(sample)
-        except Exception as exc:  # never into Zenoh's thread: counted, logged, dropped
-            with self._state:
-                self._refuse("error", str(getattr(sample, "key_expr", "?")), first_line(exc))
+    def _drain(self, subscriber: Any) -> None:
+        """Take samples until the subscriber is undeclared (its channel closed and empty)."""
+        recv, try_recv = subscriber.recv, subscriber.try_recv
+        zerror = self._z.ZError
+        while True:
+            try:
+                # recv() releases the GIL while it waits; once close() has
+                # undeclared the subscriber it raises ZError ("channel is empty
+                # and closed") instead of blocking, and that is our way out.
+                samples = [recv()]
+            except zerror:
+                return
+            while len(samples) < DRAIN_MAX:
+                more = try_recv()
+                if more is None:
+                    break
+                samples.append(more)
+            try:
+                self._take(samples)
+            except Exception as exc:  # the thread must go on: counted, logged
+                with self._state:
+                    self._refuse("error", str(samples[0].key_expr), first_line(exc))
 
-    def _take(self, sample: zenoh.Sample) -> None:
-        # _order keeps records in the order they were accounted, across Zenoh's
-        # threads, while one waits in publish_batch (block: up to block_timeout);
-        # _state is only ever held briefly, so the writer's loop never waits on
-        # a publish to read the counts.
+    def _take(self, samples: list[zenoh.Sample]) -> None:
+        """Account samples in order, then publish them, one commit per run of one topic."""
+        # _order keeps close() from returning while a publish it accounted is
+        # still on its way (block: up to block_timeout); _state is only ever
+        # held briefly, so the writer's loop never waits on a publish to read
+        # the counts.
         with self._order:
             with self._state:
                 if self._closed or self._host is None:
                     return
-                chosen = self._choose(sample, self._host.max_payload)
-            if chosen is not None:
-                self._host.publish_batch((chosen[1],), chosen[0])
+                max_payload = self._host.max_payload
+                chosen = [c for s in samples if (c := self._choose_one(s, max_payload))]
+            publish = self._host.publish_batch
+            start = 0
+            for i in range(1, len(chosen) + 1):
+                if i == len(chosen) or chosen[i][0] != chosen[start][0]:
+                    publish([payload for _, payload in chosen[start:i]], chosen[start][0])
+                    start = i
+
+    def _choose_one(self, sample: zenoh.Sample, max_payload: int) -> tuple[int, bytes] | None:
+        """:meth:`_choose`, with a sample that breaks it counted and logged, not raised."""
+        try:
+            return self._choose(sample, max_payload)
+        except Exception as exc:
+            self._refuse("error", str(getattr(sample, "key_expr", "?")), first_line(exc))
+            return None
 
     def _choose(self, sample: zenoh.Sample, max_payload: int) -> tuple[int, bytes] | None:
         """Account a sample; (topic, payload) to publish, or None (refused or not in order)."""
@@ -215,11 +261,18 @@ class ZenohSource:
                 return
             self._closed = True
             sub, self._subscriber = self._subscriber, None
+            drainer, self._drainer = self._drainer, None
         with self._order:
             pass  # a sample accounted as received before this is published by now
         started = sub is not None
         close_session(self._session, [sub] if started else [])
         self._session = None
+        if drainer is not None:
+            # Out of recv() at once, the subscriber undeclared; bounded all the
+            # same (a daemon thread never keeps the process alive).
+            drainer.join(timeout=DRAIN_JOIN_TIMEOUT)
+            if drainer.is_alive():
+                log.warning("bridge_drain_stuck", timeout=DRAIN_JOIN_TIMEOUT)
         if not started:
             return  # never subscribed: no account to keep
         self._dirty = True
