@@ -246,7 +246,10 @@ class LocalHost:
         self.reactor = Reactor()
         self.published: list[tuple[int, bytes]] = []
 
+        self.calls: list[tuple[int, int]] = []  # (topic, records) per publish_batch
+
     def publish_batch(self, payloads: Sequence[bytes], topic: int) -> None:
+        self.calls.append((topic, len(payloads)))
         self.published.extend((topic, p) for p in payloads)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
@@ -303,4 +306,60 @@ def test_a_peer_spraying_origins_is_refused_past_the_cap(tmp_path: Path) -> None
         st = read_status(segment)
         assert st is not None and st["refused_by"] == {"origin": 44}
     finally:
+        status_path(segment).unlink(missing_ok=True)
+
+
+def test_interleaved_topics_and_garbage_are_published_in_arrival_order(tmp_path: Path) -> None:
+    """Runs of two topics with refused samples between them reach the bus in the order sent."""
+    zenoh = pytest.importorskip("zenoh", reason="the zenoh extra is not installed")
+    endpoint = f"unixsock-stream/{tmp_path}/z.sock"
+    segment = f"/shmd-test-{uuid.uuid4().hex}"
+    cfg = ZenohSourceConfig(
+        key="ext/**",
+        listen=(endpoint,),
+        topic_names=TopicMap({"good": 1, "other": 2}),
+        segment=segment,
+    )
+    host = LocalHost()
+    source = ZenohSource(cfg)
+    conf = zenoh.Config()
+    conf.insert_json5("connect/endpoints", json.dumps([endpoint]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    conf.insert_json5("transport/shared_memory/enabled", "false")
+    sender_session: Any = None
+    try:
+        source.start(host)
+        sender_session = zenoh.open(conf)
+        block = zenoh.CongestionControl.BLOCK
+        pubs = {
+            name: sender_session.declare_publisher(f"ext/a/{name}", congestion_control=block)
+            for name in ("good", "other")
+        }
+        deadline = time.monotonic() + 20
+        while not all(p.matching_status.matching for p in pubs.values()):
+            assert time.monotonic() < deadline, "no route to the source"
+            host.reactor.poll(0.01)
+        expected: list[tuple[int, bytes]] = []
+        garbage = 0
+        for i in range(2000):
+            name, topic = ("good", 1) if (i // 7) % 2 == 0 else ("other", 2)
+            if i % 50 == 49:  # no attachment: refused, and no gap in the account
+                pubs[name].put(b"junk")
+                garbage += 1
+            payload = b"r%d" % i
+            pubs[name].put(payload, attachment=Stamp(1, i + 1, 0, 9, i, 0).encode())
+            expected.append((topic, payload))
+        deadline = time.monotonic() + 20
+        while len(host.published) + source.ledger.refused < len(expected) + garbage:
+            assert time.monotonic() < deadline, f"{len(host.published)} published"
+            host.reactor.poll(0.05)
+        assert host.published == expected
+        assert sum(n for _, n in host.calls) == len(expected)
+        assert source.refused_by == {"attachment": garbage}
+        assert source.ledger.lost == 0
+    finally:
+        if sender_session is not None:
+            sender_session.close()
+        source.close()
+        host.reactor.close()
         status_path(segment).unlink(missing_ok=True)
