@@ -13,6 +13,7 @@ attaches and says READY) and closes in :meth:`ZenohSink.close`.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -49,6 +50,10 @@ class ZenohSink:
         self.stamps = StampCounter(secrets.randbits(64), all_topics=True)
         self._view: BusView | None = None
         self._publishers: dict[tuple[str, bool], zenoh.Publisher] = {}
+        # (topic id, express) -> its publisher's put, for the topic names of
+        # _routes_for (a writer restarted with other names gets new routes).
+        self._routes: dict[tuple[int, bool], Callable[..., None]] = {}
+        self._routes_for: object = None
         log.info(
             "bridge_sending",
             mode=cfg.mode,
@@ -76,18 +81,26 @@ class ZenohSink:
         view = self._view
         assert view is not None, "bind() before write()"
         generation, lost, topics = view.generation, view.lost, view.topics
+        if topics is not self._routes_for:
+            self._routes, self._routes_for = {}, topics
+        routes = self._routes
         small = self.cfg.express_max
+        stamp = self.stamps.next
         try:
             for r in records:
                 payload = r[REC_PAYLOAD]
-                key = topic_key(self.cfg.prefix, r[REC_TOPIC], topics)
-                stamp = self.stamps.next(generation, r[REC_SEQ], r[REC_TIMESTAMP], lost)
                 data = payload if isinstance(payload, bytes) else bytes(payload)
-                self._publisher(key, 0 < len(data) <= small).put(data, attachment=stamp)
+                route = (r[REC_TOPIC], 0 < len(data) <= small)
+                put = routes.get(route)
+                if put is None:
+                    key = topic_key(self.cfg.prefix, route[0], topics)
+                    put = routes[route] = self._publisher(key, route[1]).put
+                put(data, attachment=stamp(generation, r[REC_SEQ], r[REC_TIMESTAMP], lost))
         except self.z.ZError as exc:
             raise SinkError(f"Failed to publish records to Zenoh since {first_line(exc)}") from None
 
     def close(self) -> None:
+        self._routes, self._routes_for = {}, None
         pubs, self._publishers = list(self._publishers.values()), {}
         close_session(self.session, pubs)
         log.info("bridge_sent", sent=self.stamps.index)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from shmd.config import ZenohSourceConfig
-from shmd.daemons.bridge import Ledger, Stamp, StampError, Verdict, decode_stamp
+from shmd.daemons.bridge import IN_ORDER, Ledger, Stamp, StampError, Verdict, decode_stamp
 from shmd.daemons.sources import SourceError, SourceHost
 from shmd.daemons.zenohio import (
     ZenohUnavailable,
@@ -52,6 +52,8 @@ CHANNEL_DEPTH = 1024
 DRAIN_MAX = 256
 #: Seconds close() waits for the drain thread to leave.
 DRAIN_JOIN_TIMEOUT = 5.0
+#: Keys whose (origin, topic) is remembered at most (then forgotten and learnt again).
+KEY_CACHE = 4096
 
 
 class ZenohSource:
@@ -71,6 +73,8 @@ class ZenohSource:
         self._subscriber: Any = None
         self._drainer: threading.Thread | None = None
         self._pending_lost: dict[str, tuple[int, bool]] = {}
+        self._keys: dict[str, tuple[str, int | None]] = {}  # key -> (origin, topic)
+        self._put: Any = None  # zenoh.SampleKind.PUT
         self._pending_refused: dict[str, tuple[int, str, str]] = {}
         self._dirty = True
         self._closed = False
@@ -79,6 +83,7 @@ class ZenohSource:
         self._host = host
         try:
             self._z, self._session = open_session(self.cfg)
+            self._put = self._z.SampleKind.PUT
             channel = self._z.handlers.FifoChannel(CHANNEL_DEPTH)
             self._subscriber = self._session.declare_subscriber(self.cfg.key, channel)
         except ZenohUnavailable as exc:
@@ -161,13 +166,13 @@ class ZenohSource:
         found = self._stamped(sample, key)
         if found is None:
             return None
-        origin, stamp = found
+        origin, topic, stamp = found
         verdict = self.ledger.account(origin, stamp)
         self._dirty = True
-        self._note(origin, key, verdict, stamp.generation)
-        if not verdict.publish:
-            return None
-        topic = topic_of(key, self.topics)
+        if verdict is not IN_ORDER:
+            self._note(origin, key, verdict, stamp.generation)
+            if not verdict.publish:
+                return None
         if topic is None:
             self._refuse("key", key, "its last chunk is no topic name or unnamed id of the bus")
             return None
@@ -181,9 +186,9 @@ class ZenohSource:
             return None
         return topic, payload.to_bytes()
 
-    def _stamped(self, sample: zenoh.Sample, key: str) -> tuple[str, Stamp] | None:
-        """(origin, stamp) of a sample fit for accounting; None when it was refused."""
-        if sample.kind != self._z.SampleKind.PUT:
+    def _stamped(self, sample: zenoh.Sample, key: str) -> tuple[str, int | None, Stamp] | None:
+        """(origin, topic, stamp) of a sample fit for accounting; None when it was refused."""
+        if sample.kind != self._put:
             self._refuse("delete", key, "a DELETE sample carries no record")
             return None
         attachment = sample.attachment
@@ -192,11 +197,17 @@ class ZenohSource:
         except StampError as exc:
             self._refuse("attachment", key, str(exc))
             return None
-        origin = key.rsplit("/", 1)[0] if "/" in key else ""
+        mapped = self._keys.get(key)
+        if mapped is None:
+            if len(self._keys) >= KEY_CACHE:
+                self._keys.clear()  # a peer spraying keys: bounded, learnt again
+            origin = key.rsplit("/", 1)[0] if "/" in key else ""
+            mapped = self._keys[key] = (origin, topic_of(key, self.topics))
+        origin, topic = mapped
         if origin not in self.ledger.origins and len(self.ledger.origins) >= MAX_ORIGINS:
             self._refuse("origin", key, f"{MAX_ORIGINS} origins are accounted already")
             return None
-        return origin, stamp
+        return origin, topic, stamp
 
     def _note(self, origin: str, key: str, v: Verdict, generation: int) -> None:
         if v.lost:
