@@ -142,6 +142,7 @@ BRIDGE_GENERATION_CHANGED = "bridge_generation_changed"
 BRIDGE_LOST = "bridge_lost"
 BRIDGE_REFUSED = "bridge_refused"
 BRIDGE_STATUS_FAILED = "bridge_status_failed"
+BRIDGE_DRAIN_STUCK = "bridge_drain_stuck"
 # either role (shmd.Publisher and shmd.Subscriber, sd_notify in both daemons)
 MUTEX_OWNER_DIED = "mutex_owner_died"
 SD_NOTIFY_FAILED = "sd_notify_failed"
@@ -195,6 +196,7 @@ WRITER_EVENTS = frozenset(
         BRIDGE_LOST,
         BRIDGE_REFUSED,
         BRIDGE_STATUS_FAILED,
+        BRIDGE_DRAIN_STUCK,
     }
 )
 READER_EVENTS = frozenset(
