@@ -259,6 +259,15 @@ class LocalHost:
         raise AssertionError(f"a zenoh source never finishes ({reason})")
 
 
+def _sender_config(zenoh: Any, endpoint: str) -> Any:
+    """A Zenoh peer's config that dials only ``endpoint``: no scouting, no shared memory."""
+    conf = zenoh.Config()
+    conf.insert_json5("connect/endpoints", json.dumps([endpoint]))
+    conf.insert_json5("scouting/multicast/enabled", "false")
+    conf.insert_json5("transport/shared_memory/enabled", "false")
+    return conf
+
+
 def test_a_peer_spraying_origins_is_refused_past_the_cap(tmp_path: Path) -> None:
     """Stamped samples from more than MAX_ORIGINS origins: the rest refused, the account bounded."""
     zenoh = pytest.importorskip("zenoh", reason="the zenoh extra is not installed")
@@ -269,10 +278,7 @@ def test_a_peer_spraying_origins_is_refused_past_the_cap(tmp_path: Path) -> None
     )
     host = LocalHost()
     source = ZenohSource(cfg)
-    conf = zenoh.Config()
-    conf.insert_json5("connect/endpoints", json.dumps([endpoint]))
-    conf.insert_json5("scouting/multicast/enabled", "false")
-    conf.insert_json5("transport/shared_memory/enabled", "false")
+    conf = _sender_config(zenoh, endpoint)
     sprayer: Any = None
     try:
         source.start(host)
@@ -322,10 +328,7 @@ def test_interleaved_topics_and_garbage_are_published_in_arrival_order(tmp_path:
     )
     host = LocalHost()
     source = ZenohSource(cfg)
-    conf = zenoh.Config()
-    conf.insert_json5("connect/endpoints", json.dumps([endpoint]))
-    conf.insert_json5("scouting/multicast/enabled", "false")
-    conf.insert_json5("transport/shared_memory/enabled", "false")
+    conf = _sender_config(zenoh, endpoint)
     sender_session: Any = None
     try:
         source.start(host)
