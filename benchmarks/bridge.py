@@ -1,6 +1,6 @@
 """The bridge against plain Zenoh, between two network namespaces: records/s and latency.
 
-    python -m benchmarks.bridge [--quick] [--seconds 5] [--payloads 64,4096]
+    python -m benchmarks.bridge [--quick] [--seconds 5] [--payloads 64,4096] [--pack]
 
 Two namespaces joined by a veth pair (:mod:`benchmarks.netns`) stand in for
 two hosts, and two paths run between them at once, over TCP on the veth:
@@ -9,7 +9,9 @@ two hosts, and two paths run between them at once, over TCP on the veth:
   (:func:`benchmarks.bridge_roles.source`) and a reader with a zenoh sink
   (the bridge) dialling ``b``; in ``b``, a writer whose zenoh source listens,
   and a program on that bus (``shmd.connect``) that receives them.  Both
-  buses under ``block``: nothing may be lost.
+  buses under ``block``: nothing may be lost.  With ``--pack`` the sink
+  packs each run of records it takes at once into one sample (``pack:
+  true``, docs/BRIDGE.md); the report says which.
 * **zenoh**: a plain Zenoh publisher in ``a`` and subscriber in ``b``, from
   Python, with the bridge's session settings (peer, no scouting, no shared
   memory, ``BLOCK``, express up to 1024 bytes).
@@ -145,7 +147,7 @@ def _bus_config(
 
 
 @contextmanager
-def arrangement(ns_a: str, ns_b: str, tmp: Path) -> Iterator[dict[str, Lane]]:
+def arrangement(ns_a: str, ns_b: str, tmp: Path, *, pack: bool) -> Iterator[dict[str, Lane]]:
     """Both paths up and probed; every process stopped (by pid) and segment unlinked after."""
     py = sys.executable
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
@@ -186,7 +188,7 @@ def arrangement(ns_a: str, ns_b: str, tmp: Path) -> Iterator[dict[str, Lane]]:
         bus_recv.wait_for("ready", TIMEOUT)
         control_path, control = fifo("bridge.fifo")
         source = {"type": "python", "callable": "benchmarks.bridge_roles:source"}
-        sink = {"type": "zenoh", "connect": [endpoint]}
+        sink = {"type": "zenoh", "connect": [endpoint], "pack": pack}
         cfg_a = _bus_config(tmp, seg_a, source, sink)
         bench_env = {"SHMD_BENCH_CONTROL": control_path}
         writer_a = start(ns_a, [py, "-m", "shmd.daemons.writer", "--config", str(cfg_a)], bench_env)
@@ -230,13 +232,13 @@ def arrangement(ns_a: str, ns_b: str, tmp: Path) -> Iterator[dict[str, Lane]]:
                 Path(leftover).unlink(missing_ok=True)
 
 
-def measure(plan: Plan) -> list[dict[str, Any]]:
+def measure(plan: Plan, *, pack: bool) -> list[dict[str, Any]]:
     """Every case on both paths, interleaved; one row per case and path."""
     rows: list[dict[str, Any]] = []
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shmd-bridge-")))
         ns_a, ns_b = stack.enter_context(two_namespaces())
-        paths = stack.enter_context(arrangement(ns_a, ns_b, tmp))
+        paths = stack.enter_context(arrangement(ns_a, ns_b, tmp, pack=pack))
         for size in plan.payloads:
             for kind, rate in (("throughput", 0.0), ("latency", plan.latency_rate)):
                 for name in PATHS:
@@ -250,10 +252,13 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b > 0 and math.isfinite(a) and math.isfinite(b) else "n/a"
 
 
-def table(rows: Sequence[dict[str, Any]]) -> str:
+def table(rows: Sequence[dict[str, Any]], *, pack: bool) -> str:
     """The Markdown table: per payload, each path's records/s and p50/p99, and the ratios."""
     cell = {(r["path"], r["kind"], r["payload"]): r for r in rows}
+    sink = "packed (pack: true)" if pack else "one Zenoh sample per record (pack: false)"
     out = [
+        f"The bridge's sink: {sink}.",
+        "",
         "| payload | bridge records/s | zenoh records/s | throughput ratio "
         "| bridge p50 / p99 | zenoh p50 / p99 | latency ratio p50 / p99 |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -297,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="prove it works (short cases)")
     p.add_argument("--seconds", type=float, default=5.0, help="timed seconds per case (5)")
     p.add_argument("--payloads", default="64,4096", help="payload sizes in bytes (64,4096)")
+    p.add_argument("--pack", action="store_true", help="the bridge's sink packs runs of records")
     return p
 
 
@@ -321,11 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plan = Plan(payloads, warm=1.0, timed=args.seconds, latency_rate=1000.0)
     try:
-        rows = measure(plan)
+        rows = measure(plan, pack=args.pack)
     except RuntimeError as exc:
         print(f"python -m benchmarks.bridge: {exc}", file=sys.stderr)
         return 1
-    print(table(rows), end="")
+    print(table(rows, pack=args.pack), end="")
     return 1 if any(r["error"] for r in rows) else 0
 
 

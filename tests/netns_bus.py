@@ -135,9 +135,9 @@ def sender(a: NsBus, policy: str, source: dict[str, Any], **segment: Any) -> Dae
     return a.writer()
 
 
-def bridge(a: NsBus, instance: str = "bridge", **settings: Any) -> Daemon:
+def bridge(a: NsBus, instance: str = "bridge", *, pack: bool = False, **settings: Any) -> Daemon:
     """A reader on bus a with a zenoh sink dialling ADDR_B (waits for ``attached``)."""
-    sink = {"type": "zenoh", "connect": [ENDPOINT]}
+    sink = {"type": "zenoh", "connect": [ENDPOINT], "pack": pack}
     return a.reader(instance, sink=sink, stats_interval=0.5, **settings)
 
 

@@ -1050,7 +1050,8 @@ def _netns_names() -> set[str]:
     return {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
 
 
-def test_the_bridge_benchmark_quick_mode_measures_both_paths_and_cleans_up() -> None:
+@pytest.mark.parametrize("pack", [False, True], ids=["per-record", "packed"])
+def test_the_bridge_benchmark_quick_mode_measures_both_paths_and_cleans_up(pack: bool) -> None:
     """``python -m benchmarks.bridge --quick`` measures the bridge and plain Zenoh between
     two network namespaces, prints both payloads' ratios, and leaves none of its
     namespaces, processes or segments behind."""
@@ -1060,7 +1061,7 @@ def test_the_bridge_benchmark_quick_mode_measures_both_paths_and_cleans_up() -> 
     if why is not None:
         pytest.skip(why)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.bridge", "--quick"],
+        [sys.executable, "-m", "benchmarks.bridge", "--quick", *(["--pack"] if pack else [])],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1082,6 +1083,7 @@ def test_the_bridge_benchmark_quick_mode_measures_both_paths_and_cleans_up() -> 
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
     assert proc.returncode == 0, err
     assert made is not None, err
+    assert ("The bridge's sink: packed" in out) == pack, out
     cells = [
         [c.strip() for c in line.split("|")[1:-1]]
         for line in out.splitlines()

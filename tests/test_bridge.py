@@ -8,12 +8,15 @@ from hypothesis import strategies as st
 
 from shmd.daemons.bridge import (
     IN_ORDER,
+    PACK_TABLE,
     STAMP_SIZE,
     Ledger,
+    Packed,
     Stamp,
     StampCounter,
     StampError,
     Verdict,
+    decode,
     decode_stamp,
 )
 
@@ -50,7 +53,8 @@ def test_the_layout_is_the_documented_one() -> None:
         (b"x" * 55, "55 bytes"),
         (b"NOP\x01" + bytes(52), "does not start with"),
         (b"SHZ\x02" + bytes(52), "version 2"),
-        (b"SHZ\x01\x02" + bytes(51), "unknown flags"),
+        (b"SHZ\x01\x04" + bytes(51), "unknown flags"),
+        (b"SHZ\x01\x02" + bytes(51), "a pack's, without its table"),
         (b"SHZ\x01\x00\x00\x01\x00" + bytes(48), "unknown flags"),
     ],
 )
@@ -67,6 +71,92 @@ def test_decoding_never_fails_otherwise(data: bytes) -> None:
         decode_stamp(data)
     except StampError:
         pass
+
+
+ENTRIES = st.lists(
+    st.tuples(U64, U64, st.integers(min_value=0, max_value=1 << 20)), min_size=1, max_size=40
+)
+
+
+@given(st.tuples(U64, U64, U64), st.integers(0, (1 << 64) - 41), ENTRIES, st.booleans())
+def test_a_pack_survives_encoding(
+    head: tuple[int, int, int],
+    index: int,
+    entries: list[tuple[int, int, int]],
+    all_topics: bool,
+) -> None:
+    """A pack's stamps and table come back whole; each record's stamp is its own."""
+    session, gen, lost = head
+    c = StampCounter(session, all_topics=all_topics)
+    c.index = index
+    data = c.next_pack(gen, entries, lost)
+    assert c.index == index + len(entries)
+    assert len(data) == PACK_TABLE + 20 * len(entries)
+    packed = decode(data, sum(n for _, _, n in entries))
+    assert isinstance(packed, Packed)
+    assert packed.entries == entries
+    assert packed.stamps() == [
+        Stamp(gen, seq, ts, session, index + i, lost, all_topics)
+        for i, (seq, ts, _) in enumerate(entries)
+    ]
+
+
+def test_a_pack_is_laid_out_as_documented() -> None:
+    """The stamp of the first record with flag bit 1, a u32 count, then 20 bytes a record."""
+    data = StampCounter(5, all_topics=True).next_pack(2, [(3, 4, 10), (8, 9, 1)], 7)
+    assert data[:8] == b"SHZ\x01\x03\x00\x00\x00"
+    words = [int.from_bytes(data[i : i + 8], "little") for i in range(8, 56, 8)]
+    assert words == [2, 3, 4, 5, 0, 7]
+    assert data[56:64] == b"\x02\x00\x00\x00\x00\x00\x00\x00"
+    assert data[64:] == b"".join(
+        s.to_bytes(8, "little") + t.to_bytes(8, "little") + n.to_bytes(4, "little")
+        for s, t, n in [(3, 4, 10), (8, 9, 1)]
+    )
+    assert decode(Stamp(2, 3, 4, 5, 0, 7).encode(), 99) == Stamp(2, 3, 4, 5, 0, 7)
+
+
+def _pack(count: int = 2, *, first: tuple[int, int] = (3, 4), total: int = 11) -> bytes:
+    """A pack's attachment with its fields as given (lengths 10 and the rest)."""
+    head = bytearray(Stamp(2, first[0], first[1], 5, 0, 7).encode())
+    head[4] |= 2
+    table = b"".join(
+        (3 + i).to_bytes(8, "little") + (4 + i).to_bytes(8, "little")
+        + (10 if i == 0 else (total - 10) // max(1, count - 1)).to_bytes(4, "little")
+        for i in range(count)
+    )  # fmt: skip
+    return bytes(head) + count.to_bytes(4, "little") + bytes(4) + table
+
+
+@pytest.mark.parametrize(
+    ("data", "size", "why"),
+    [
+        (_pack()[:60], 11, "less than 64"),
+        (_pack()[:-1], 11, "not 104 for 2 records"),
+        (_pack() + bytes(20), 11, "not 104 for 2 records"),
+        (_pack(0), 0, "count is 0"),
+        (_pack()[:56] + (1 << 31).to_bytes(4, "little") + bytes(4), 11, "count is 2147483648"),
+        (_pack()[:60] + b"\x01" + _pack()[61:], 11, "not zero"),
+        (_pack(first=(9, 4)), 11, "not the one its stamp describes"),
+        (_pack(), 12, "add up to 11 bytes, not its 12"),
+        (b"NOP" + _pack()[3:], 11, "does not start with"),
+    ],
+)
+def test_a_broken_pack_is_refused(data: bytes, size: int, why: str) -> None:
+    """A pack whose count, table, first record or lengths do not hold is a StampError."""
+    with pytest.raises(StampError, match=why):
+        decode(data, size)
+
+
+@given(st.binary(max_size=200), st.integers(0, 1 << 20))
+def test_decoding_a_pack_never_fails_otherwise(data: bytes, size: int) -> None:
+    """Any bytes with the pack flag decode or raise StampError, nothing else."""
+    raw = bytearray(Stamp(1, 2, 3, 4, 5, 6).encode()) + data
+    raw[4] |= 2
+    for attempt in (bytes(raw), data):
+        try:
+            decode(attempt, size)
+        except StampError:
+            pass
 
 
 def test_the_counter_numbers_one_session_contiguously() -> None:

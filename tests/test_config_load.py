@@ -708,8 +708,8 @@ def test_every_source_form_parses(tmp_path: Path, text: str, expected: object) -
             ZenohSinkConfig(prefix="shmd-bus", connect=("tcp/10.1.0.1:7447", "tcp/[fd00::1]:7447")),
         ),
         (
-            "{type: zenoh, prefix: site/a, express_max: 0, listen: [tcp/0.0.0.0:0]}",
-            ZenohSinkConfig(prefix="site/a", express_max=0, listen=("tcp/0.0.0.0:0",)),
+            "{type: zenoh, prefix: site/a, express_max: 0, pack: true, listen: [tcp/0.0.0.0:0]}",
+            ZenohSinkConfig(prefix="site/a", express_max=0, pack=True, listen=("tcp/0.0.0.0:0",)),
         ),
     ],
 )

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from shmd._sys.reactor import Reactor
 from shmd.cli import render_status
 from shmd.config import ZenohSourceConfig
 from shmd.control.fields import TopicMap
-from shmd.daemons.bridge import Stamp
+from shmd.daemons.bridge import Stamp, StampCounter
 from shmd.daemons.zenoh_source import MAX_ORIGINS, ZenohSource
 from shmd.daemons.zenohio import read_status, status_path
 
@@ -51,8 +52,9 @@ def hosts() -> Iterator[tuple[NsBus, NsBus]]:
         yield pair
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["per-record", "packed"])
 def test_loss_on_a_slow_link_is_counted_exactly_under_drop_oldest(
-    hosts: tuple[NsBus, NsBus],
+    hosts: tuple[NsBus, NsBus], pack: bool
 ) -> None:
     """Through a throttled link under drop-oldest, b counts exactly the records it never got."""
     a, b = hosts
@@ -66,7 +68,7 @@ def test_loss_on_a_slow_link_is_counted_exactly_under_drop_oldest(
     b_writer, _ = receiver(b, "block", a)
     fifo = a.dir / "in.fifo"
     sender(a, "drop-oldest", {"type": "fifo", "path": str(fifo)}, capacity=16)
-    bridge(a)
+    bridge(a, pack=pack)
     sent = warm_up(fifo, b_writer)
     data = [f"d{i:05d}-" + "y" * 150 for i in range(4000)]
     write_fifo(fifo, data)
@@ -315,54 +317,96 @@ def test_a_peer_spraying_origins_is_refused_past_the_cap(tmp_path: Path) -> None
         status_path(segment).unlink(missing_ok=True)
 
 
-def test_interleaved_topics_and_garbage_are_published_in_arrival_order(tmp_path: Path) -> None:
-    """Runs of two topics with refused samples between them reach the bus in the order sent."""
+@contextmanager
+def local_source(
+    tmp_path: Path, topics: dict[str, int], keys: Sequence[str]
+) -> Iterator[tuple[LocalHost, ZenohSource, dict[str, Any]]]:
+    """A zenoh source of ``ext/**`` in this process, and a peer's BLOCK publishers routed to it."""
     zenoh = pytest.importorskip("zenoh", reason="the zenoh extra is not installed")
     endpoint = f"unixsock-stream/{tmp_path}/z.sock"
     segment = f"/shmd-test-{uuid.uuid4().hex}"
     cfg = ZenohSourceConfig(
-        key="ext/**",
-        listen=(endpoint,),
-        topic_names=TopicMap({"good": 1, "other": 2}),
-        segment=segment,
+        key="ext/**", listen=(endpoint,), topic_names=TopicMap(topics), segment=segment
     )
     host = LocalHost()
     source = ZenohSource(cfg)
-    conf = _sender_config(zenoh, endpoint)
     sender_session: Any = None
     try:
         source.start(host)
-        sender_session = zenoh.open(conf)
+        sender_session = zenoh.open(_sender_config(zenoh, endpoint))
         block = zenoh.CongestionControl.BLOCK
-        pubs = {
-            name: sender_session.declare_publisher(f"ext/a/{name}", congestion_control=block)
-            for name in ("good", "other")
-        }
+        pubs = {k: sender_session.declare_publisher(k, congestion_control=block) for k in keys}
         deadline = time.monotonic() + 20
         while not all(p.matching_status.matching for p in pubs.values()):
             assert time.monotonic() < deadline, "no route to the source"
             host.reactor.poll(0.01)
-        expected: list[tuple[int, bytes]] = []
-        garbage = 0
-        for i in range(2000):
-            name, topic = ("good", 1) if (i // 7) % 2 == 0 else ("other", 2)
-            if i % 50 == 49:  # no attachment: refused, and no gap in the account
-                pubs[name].put(b"junk")
-                garbage += 1
-            payload = b"r%d" % i
-            pubs[name].put(payload, attachment=Stamp(1, i + 1, 0, 9, i, 0).encode())
-            expected.append((topic, payload))
-        deadline = time.monotonic() + 20
-        while len(host.published) + source.ledger.refused < len(expected) + garbage:
-            assert time.monotonic() < deadline, f"{len(host.published)} published"
-            host.reactor.poll(0.05)
-        assert host.published == expected
-        assert sum(n for _, n in host.calls) == len(expected)
-        assert source.refused_by == {"attachment": garbage}
-        assert source.ledger.lost == 0
+        yield host, source, pubs
     finally:
         if sender_session is not None:
             sender_session.close()
         source.close()
         host.reactor.close()
         status_path(segment).unlink(missing_ok=True)
+
+
+def wait_taken(host: LocalHost, source: ZenohSource, samples: int) -> None:
+    """Until ``samples`` records are published or refused (the writer's loop turning)."""
+    deadline = time.monotonic() + 20
+    while len(host.published) + source.ledger.refused < samples:
+        assert time.monotonic() < deadline, f"{len(host.published)} published"
+        host.reactor.poll(0.05)
+
+
+def test_interleaved_topics_and_garbage_are_published_in_arrival_order(tmp_path: Path) -> None:
+    """Runs of two topics with refused samples between them reach the bus in the order sent."""
+    topics = {"good": 1, "other": 2}
+    with local_source(tmp_path, topics, ["ext/a/good", "ext/a/other"]) as (host, source, pubs):
+        expected: list[tuple[int, bytes]] = []
+        garbage = 0
+        for i in range(2000):
+            name, topic = ("good", 1) if (i // 7) % 2 == 0 else ("other", 2)
+            if i % 50 == 49:  # no attachment: refused, and no gap in the account
+                pubs[f"ext/a/{name}"].put(b"junk")
+                garbage += 1
+            payload = b"r%d" % i
+            pubs[f"ext/a/{name}"].put(payload, attachment=Stamp(1, i + 1, 0, 9, i, 0).encode())
+            expected.append((topic, payload))
+        wait_taken(host, source, len(expected) + garbage)
+        assert host.published == expected
+        assert sum(n for _, n in host.calls) == len(expected)
+        assert source.refused_by == {"attachment": garbage}
+        assert source.ledger.lost == 0
+
+
+def test_packed_samples_are_unpacked_accounted_and_refused_record_by_record(
+    tmp_path: Path,
+) -> None:
+    """Packs, a broken pack and plain samples: each record published, refused or counted alone."""
+    stamps = StampCounter(9, all_topics=True)
+
+    def pack(payloads: list[bytes]) -> tuple[bytes, bytes]:
+        first = stamps.index + 1  # seq = index + 1, as the plain sample below
+        entries = [(first + i, 0, len(p)) for i, p in enumerate(payloads)]
+        return b"".join(payloads), stamps.next_pack(1, entries, 0)
+
+    keys = ["ext/a/good", "ext/a/other", "ext/a/nosuch"]
+    with local_source(tmp_path, {"good": 1, "other": 2}, keys) as (host, source, pubs):
+        payload, attachment = pack([b"r0", b"r1", b"r2", b"r3", b"r4"])
+        pubs["ext/a/good"].put(payload, attachment=attachment)
+        pubs["ext/a/good"].put(payload + b"!", attachment=attachment)  # lengths do not add up
+        for name, records in [
+            ("nosuch", [b"r5", b"r6", b"r7"]),
+            ("good", [b"r8", b"z" * 300, b"r10"]),
+            ("other", [b"r11", b"r12"]),
+        ]:
+            payload, attachment = pack(records)
+            pubs[f"ext/a/{name}"].put(payload, attachment=attachment)
+        index = stamps.index
+        pubs["ext/a/good"].put(b"r13", attachment=Stamp(1, index + 1, 0, 9, index, 0).encode())
+        expected = [(1, b"r%d" % i) for i in (0, 1, 2, 3, 4, 8, 10)]
+        expected += [(2, b"r11"), (2, b"r12"), (1, b"r13")]
+        wait_taken(host, source, len(expected) + 5)
+        assert host.published == expected
+        assert source.refused_by == {"attachment": 1, "key": 3, "oversize": 1}
+        assert source.ledger.lost == 0
+        assert source.ledger.origins["ext/a"].received == 14

@@ -250,6 +250,8 @@ class ZenohSinkConfig:
     prefix: str = setting("", checks=(checks.key_prefix,))
     # Records of at most this many bytes go express (not batched); 0: none.
     express_max: int = setting(1024, lo=0, hi=MAX_SLOT_SIZE)
+    # One sample per run of records of one topic taken at once (docs/BRIDGE.md).
+    pack: bool = False
     mode: ZenohMode = "peer"
     connect: tuple[str, ...] = _endpoints(checks.read_connect)
     listen: tuple[str, ...] = _endpoints(checks.read_listen)

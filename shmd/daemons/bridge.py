@@ -18,6 +18,15 @@ The attachment is 56 bytes, little-endian (docs/BRIDGE.md)::
     40  8  index: this session's count of records sent before this one
     48  8  bus_lost: records the sending bridge lost on its own bus so far
 
+With the sink's ``pack`` on, one sample carries a run of records of one
+topic: the stamp (flag bit 1 set) describes the first, and a table after it
+each one's seq, timestamp and payload length (:class:`Packed`; the payloads
+are the sample's payload, concatenated)::
+
+    56  4  count: the records in the sample (1 or more)
+    60  4  zero
+    64  20 per record: seq (8), timestamp (8), payload length (4)
+
 Loss is counted per *origin* (the key minus its last chunk, i.e. the sending
 bridge's prefix): within one session by the index (what Zenoh dropped) plus
 the growth of ``bus_lost`` (what the sending bus overwrote before the bridge
@@ -37,9 +46,18 @@ from typing import Any, NamedTuple
 MAGIC = b"SHZ"
 VERSION = 1
 FLAG_ALL_TOPICS = 1
+#: The sample is a pack: a count and a table of records follow the stamp.
+FLAG_PACKED = 2
 _FORMAT = struct.Struct("<3sBB3xQQQQQQ")
 #: The attachment's size in bytes.
 STAMP_SIZE = _FORMAT.size
+_COUNT = struct.Struct("<I4x")
+#: One record of a pack's table: seq, timestamp, payload length.
+PACK_ENTRY = struct.Struct("<QQI")
+#: Where a pack's table starts in its attachment.
+PACK_TABLE = STAMP_SIZE + _COUNT.size
+#: The most records one pack may carry (a sender makes far smaller ones).
+PACK_MAX_RECORDS = 65536
 _U64 = (1 << 64) - 1
 
 
@@ -82,14 +100,71 @@ def decode_stamp(data: bytes | None) -> Stamp:
         raise StampError("the sample has no attachment")
     if len(data) != STAMP_SIZE:
         raise StampError(f"the attachment is {len(data)} bytes, not {STAMP_SIZE}")
-    magic, version, flags, gen, seq, ts, session, index, lost = _FORMAT.unpack(data)
+    stamp, flags = _header(data)
+    if flags & FLAG_PACKED:
+        raise StampError("the attachment is a pack's, without its table")
+    return stamp
+
+
+def _header(data: bytes) -> tuple[Stamp, int]:
+    """The stamp at the start of ``data`` (at least STAMP_SIZE bytes) and its flags."""
+    magic, version, flags, gen, seq, ts, session, index, lost = _FORMAT.unpack_from(data)
     if magic != MAGIC:
         raise StampError(f"the attachment does not start with {MAGIC!r}")
     if version != VERSION:
         raise StampError(f"the attachment is of version {version}, not {VERSION}")
-    if flags & ~FLAG_ALL_TOPICS or data[5:8] != b"\0\0\0":
+    if flags & ~(FLAG_ALL_TOPICS | FLAG_PACKED) or data[5:8] != b"\0\0\0":
         raise StampError("the attachment has unknown flags set")
-    return Stamp(gen, seq, ts, session, index, lost, bool(flags & FLAG_ALL_TOPICS))
+    return Stamp(gen, seq, ts, session, index, lost, bool(flags & FLAG_ALL_TOPICS)), flags
+
+
+class Packed(NamedTuple):
+    """A pack's attachment: the first record's stamp and every record's (seq, timestamp, length)."""
+
+    first: Stamp
+    entries: list[tuple[int, int, int]]
+
+    def stamps(self) -> list[Stamp]:
+        """Each record's stamp, as if it had been sent alone (index = the first's + i)."""
+        f = self.first
+        g, session, index, lost, every = f.generation, f.session, f.index, f.bus_lost, f.all_topics
+        return [
+            Stamp(g, seq, ts, session, (index + i) & _U64, lost, every)
+            for i, (seq, ts, _) in enumerate(self.entries)
+        ]
+
+
+def decode(data: bytes | None, payload_size: int) -> Stamp | Packed:
+    """A sample's attachment, alone or a pack whose lengths add up to ``payload_size``."""
+    if data is not None and len(data) > STAMP_SIZE and data[4] & FLAG_PACKED:
+        return decode_pack(data, payload_size)
+    return decode_stamp(data)
+
+
+def decode_pack(data: bytes, payload_size: int) -> Packed:
+    """Read a pack's attachment; :class:`StampError` says why it is not one."""
+    if len(data) < PACK_TABLE:
+        raise StampError(f"the pack's attachment is {len(data)} bytes, less than {PACK_TABLE}")
+    first, flags = _header(data)
+    if not flags & FLAG_PACKED:
+        raise StampError(f"the attachment is {len(data)} bytes, not {STAMP_SIZE}")
+    (count,) = _COUNT.unpack_from(data, STAMP_SIZE)
+    if not 0 < count <= PACK_MAX_RECORDS:
+        raise StampError(f"the pack's count is {count}, not 1 to {PACK_MAX_RECORDS}")
+    if data[STAMP_SIZE + 4 : PACK_TABLE] != bytes(4):
+        raise StampError("the pack's count is followed by bytes that are not zero")
+    if len(data) != PACK_TABLE + count * PACK_ENTRY.size:
+        raise StampError(
+            f"the pack's attachment is {len(data)} bytes, "
+            f"not {PACK_TABLE + count * PACK_ENTRY.size} for {count} records"
+        )
+    entries = list(PACK_ENTRY.iter_unpack(memoryview(data)[PACK_TABLE:]))
+    if entries[0][:2] != (first.seq, first.timestamp_ns):
+        raise StampError("the pack's first record is not the one its stamp describes")
+    total = sum(length for _, _, length in entries)
+    if total != payload_size:
+        raise StampError(f"the pack's records add up to {total} bytes, not its {payload_size}")
+    return Packed(first, entries)
 
 
 class StampCounter:
@@ -115,6 +190,28 @@ class StampCounter:
             index & _U64,
             bus_lost & _U64,
         )
+
+    def next_pack(
+        self, generation: int, entries: list[tuple[int, int, int]], bus_lost: int
+    ) -> bytes:
+        """The attachment of a pack of the next records, each (seq, timestamp, length)."""
+        seq, ts, _ = entries[0]
+        index = self.index
+        self.index = index + len(entries)
+        head = _FORMAT.pack(
+            MAGIC,
+            VERSION,
+            FLAG_PACKED | (FLAG_ALL_TOPICS if self.all_topics else 0),
+            generation & _U64,
+            seq & _U64,
+            ts & _U64,
+            self.session & _U64,
+            index & _U64,
+            bus_lost & _U64,
+        )
+        pack = PACK_ENTRY.pack
+        table = b"".join([pack(s & _U64, t & _U64, n) for s, t, n in entries])
+        return head + _COUNT.pack(len(entries)) + table
 
 
 @dataclass(slots=True)

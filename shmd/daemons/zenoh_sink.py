@@ -6,8 +6,12 @@ the writer's timestamp and the segment's generation, and this session's
 count and the reader's losses, so that the receiving side can account for
 every record.  Congestion control follows the bus's policy (``block`` ->
 ``BLOCK``, ``drop-oldest`` -> ``DROP``); records up to ``express_max`` bytes
-go express.  The session opens when the sink is built (before the reader
-attaches and says READY) and closes in :meth:`ZenohSink.close`.
+go express.  With ``pack`` on, each run of records of one topic (and one
+side of ``express_max``) that the reader took at once is one sample, a
+:class:`~shmd.daemons.bridge.Packed` one (at most :data:`PACK_RECORDS`
+records; none added once it holds :data:`PACK_BYTES` of payload).  The session opens when the
+sink is built (before the reader attaches and says READY) and closes in
+:meth:`ZenohSink.close`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import structlog
 
 from shmd.bus.layout import REC_PAYLOAD, REC_SEQ, REC_TIMESTAMP, REC_TOPIC, RawRecord
 from shmd.config import ZenohSinkConfig
+from shmd.control.fields import TopicMap
 from shmd.daemons.bridge import StampCounter
 from shmd.daemons.sinks import BusView, SinkError
 from shmd.daemons.zenohio import (
@@ -35,6 +40,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("shmd.daemons.zenoh_sink")
 
+#: The most records one packed sample carries.
+PACK_RECORDS = 1024
+#: The payload bytes after which a packed sample takes no more records (one
+#: record larger than this goes alone).
+PACK_BYTES = 1 << 20
+
 
 class ZenohSink:
     """``zenoh``: every record as a sample on ``<prefix>/<topic>`` with its stamp."""
@@ -48,6 +59,7 @@ class ZenohSink:
         block = cfg.policy == "block"
         self.congestion = self.z.CongestionControl.BLOCK if block else self.z.CongestionControl.DROP
         self.stamps = StampCounter(secrets.randbits(64), all_topics=True)
+        self.samples = 0  # Zenoh samples put (fewer than records when packing)
         self._view: BusView | None = None
         self._publishers: dict[tuple[str, bool], zenoh.Publisher] = {}
         # (topic id, express) -> its publisher's put, for the topic names of
@@ -61,6 +73,7 @@ class ZenohSink:
             listen=",".join(cfg.listen),
             connect=",".join(cfg.connect),
             session=f"{self.stamps.session:016x}",
+            pack=cfg.pack,
         )
 
     def bind(self, view: BusView, *, all_topics: bool) -> None:
@@ -77,30 +90,69 @@ class ZenohSink:
             self._publishers[(key, express)] = pub
         return pub
 
+    def _routes_of(self, topics: TopicMap) -> dict[tuple[int, bool], Callable[..., None]]:
+        """The routes learnt for these topic names (none yet after the names changed)."""
+        if topics is not self._routes_for:
+            self._routes, self._routes_for = {}, topics
+        return self._routes
+
+    def _route(self, route: tuple[int, bool], topics: TopicMap) -> Callable[..., None]:
+        """A new route: the put of the publisher of (topic, express)."""
+        key = topic_key(self.cfg.prefix, route[0], topics)
+        put = self._routes[route] = self._publisher(key, route[1]).put
+        return put
+
     def write(self, records: list[RawRecord]) -> None:
         view = self._view
         assert view is not None, "bind() before write()"
-        generation, lost, topics = view.generation, view.lost, view.topics
-        if topics is not self._routes_for:
-            self._routes, self._routes_for = {}, topics
-        routes = self._routes
-        small = self.cfg.express_max
-        stamp = self.stamps.next
         try:
+            if self.cfg.pack:
+                self._write_packed(records, view)
+                return
+            generation, lost, topics = view.generation, view.lost, view.topics
+            routes = self._routes_of(topics)
+            small = self.cfg.express_max
+            stamp = self.stamps.next
             for r in records:
                 payload = r[REC_PAYLOAD]
                 data = payload if isinstance(payload, bytes) else bytes(payload)
                 route = (r[REC_TOPIC], 0 < len(data) <= small)
-                put = routes.get(route)
-                if put is None:
-                    key = topic_key(self.cfg.prefix, route[0], topics)
-                    put = routes[route] = self._publisher(key, route[1]).put
+                put = routes.get(route) or self._route(route, topics)
                 put(data, attachment=stamp(generation, r[REC_SEQ], r[REC_TIMESTAMP], lost))
+                self.samples += 1
         except self.z.ZError as exc:
             raise SinkError(f"Failed to publish records to Zenoh since {first_line(exc)}") from None
+
+    def _write_packed(self, records: list[RawRecord], view: BusView) -> None:
+        """One sample per run of records of one topic and one side of express_max."""
+        generation, lost, topics = view.generation, view.lost, view.topics
+        routes = self._routes_of(topics)
+        small = self.cfg.express_max
+        pack = self.stamps.next_pack
+        datas: list[bytes] = []
+        entries: list[tuple[int, int, int]] = []
+        size = 0
+        route = (-1, False)
+        for r in records:
+            payload = r[REC_PAYLOAD]
+            data = payload if isinstance(payload, bytes) else bytes(payload)
+            this = (r[REC_TOPIC], 0 < len(data) <= small)
+            if datas and (this != route or len(datas) >= PACK_RECORDS or size >= PACK_BYTES):
+                put = routes.get(route) or self._route(route, topics)
+                put(b"".join(datas), attachment=pack(generation, entries, lost))
+                self.samples += 1
+                datas, entries, size = [], [], 0
+            route = this
+            datas.append(data)
+            entries.append((r[REC_SEQ], r[REC_TIMESTAMP], len(data)))
+            size += len(data)
+        if datas:
+            put = routes.get(route) or self._route(route, topics)
+            put(b"".join(datas), attachment=pack(generation, entries, lost))
+            self.samples += 1
 
     def close(self) -> None:
         self._routes, self._routes_for = {}, None
         pubs, self._publishers = list(self._publishers.values()), {}
         close_session(self.session, pubs)
-        log.info("bridge_sent", sent=self.stamps.index)
+        log.info("bridge_sent", sent=self.stamps.index, samples=self.samples)

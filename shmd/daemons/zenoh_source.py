@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from shmd.config import ZenohSourceConfig
-from shmd.daemons.bridge import IN_ORDER, Ledger, Stamp, StampError, Verdict, decode_stamp
+from shmd.daemons.bridge import IN_ORDER, Ledger, Packed, Stamp, StampError, Verdict, decode
 from shmd.daemons.sources import SourceError, SourceHost
 from shmd.daemons.zenohio import (
     ZenohUnavailable,
@@ -144,7 +144,9 @@ class ZenohSource:
                 if self._closed or self._host is None:
                     return
                 max_payload = self._host.max_payload
-                chosen = [c for s in samples if (c := self._choose_one(s, max_payload))]
+                chosen: list[tuple[int, bytes]] = []
+                for sample in samples:
+                    self._choose_one(sample, max_payload, chosen)
             publish = self._host.publish_batch
             start = 0
             for i in range(1, len(chosen) + 1):
@@ -152,21 +154,42 @@ class ZenohSource:
                     publish([payload for _, payload in chosen[start:i]], chosen[start][0])
                     start = i
 
-    def _choose_one(self, sample: zenoh.Sample, max_payload: int) -> tuple[int, bytes] | None:
+    def _choose_one(
+        self, sample: zenoh.Sample, max_payload: int, out: list[tuple[int, bytes]]
+    ) -> None:
         """:meth:`_choose`, with a sample that breaks it counted and logged, not raised."""
         try:
-            return self._choose(sample, max_payload)
+            self._choose(sample, max_payload, out)
         except Exception as exc:
             self._refuse("error", str(getattr(sample, "key_expr", "?")), first_line(exc))
-            return None
 
-    def _choose(self, sample: zenoh.Sample, max_payload: int) -> tuple[int, bytes] | None:
-        """Account a sample; (topic, payload) to publish, or None (refused or not in order)."""
+    def _choose(self, sample: zenoh.Sample, max_payload: int, out: list[tuple[int, bytes]]) -> None:
+        """Account a sample's records; append each (topic, payload) to publish to ``out``."""
         key = str(sample.key_expr)
         found = self._stamped(sample, key)
         if found is None:
-            return None
-        origin, topic, stamp = found
+            return
+        origin, topic, stamped = found
+        if type(stamped) is Stamp:
+            chosen = self._admit(
+                origin, key, topic, stamped, size=len(sample.payload), max_payload=max_payload
+            )
+            if chosen is not None:
+                out.append((chosen, sample.payload.to_bytes()))
+            return
+        assert isinstance(stamped, Packed)
+        data = sample.payload.to_bytes()
+        at = 0
+        for stamp, (_, _, size) in zip(stamped.stamps(), stamped.entries, strict=True):
+            chosen = self._admit(origin, key, topic, stamp, size=size, max_payload=max_payload)
+            if chosen is not None:
+                out.append((chosen, data[at : at + size]))
+            at += size
+
+    def _admit(
+        self, origin: str, key: str, topic: int | None, stamp: Stamp, *, size: int, max_payload: int
+    ) -> int | None:
+        """Account one record; the topic to publish it in, or None (refused or not in order)."""
         verdict = self.ledger.account(origin, stamp)
         self._dirty = True
         if verdict is not IN_ORDER:
@@ -176,24 +199,26 @@ class ZenohSource:
         if topic is None:
             self._refuse("key", key, "its last chunk is no topic name or unnamed id of the bus")
             return None
-        payload = sample.payload
-        if len(payload) > max_payload:
+        if size > max_payload:
             self._refuse(
                 "oversize",
                 key,
-                f"its {len(payload)}-byte payload is larger than a slot's {max_payload} bytes",
+                f"its {size}-byte payload is larger than a slot's {max_payload} bytes",
             )
             return None
-        return topic, payload.to_bytes()
+        return topic
 
-    def _stamped(self, sample: zenoh.Sample, key: str) -> tuple[str, int | None, Stamp] | None:
-        """(origin, topic, stamp) of a sample fit for accounting; None when it was refused."""
+    def _stamped(
+        self, sample: zenoh.Sample, key: str
+    ) -> tuple[str, int | None, Stamp | Packed] | None:
+        """(origin, topic, stamp or pack) of a sample fit for accounting; None when refused."""
         if sample.kind != self._put:
             self._refuse("delete", key, "a DELETE sample carries no record")
             return None
         attachment = sample.attachment
         try:
-            stamp = decode_stamp(attachment.to_bytes() if attachment is not None else None)
+            data = attachment.to_bytes() if attachment is not None else None
+            stamp = decode(data, len(sample.payload))
         except StampError as exc:
             self._refuse("attachment", key, str(exc))
             return None
