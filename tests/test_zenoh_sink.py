@@ -36,7 +36,7 @@ from shmd.bus.layout import RawRecord
 from shmd.config import ZenohSinkConfig
 from shmd.control.fields import TopicMap
 from shmd.daemons.bridge import Packed, Stamp, decode
-from shmd.daemons.zenoh_sink import PACK_RECORDS, ZenohSink
+from shmd.daemons.zenoh_sink import PACK_BYTES, PACK_RECORDS, ZenohSink
 
 
 @pytest.fixture
@@ -152,7 +152,11 @@ def test_a_packing_sink_cuts_its_runs_at_topic_express_and_count(tmp_path: Path)
             done.set()
 
     records: list[RawRecord] = []
-    for topic, size, n in [(1, 4, 3), (2, 4, 2), (2, 20, 2), (1, 4, PACK_RECORDS + 5)]:
+    # Cut at topic, at express_max, at PACK_RECORDS, at PACK_BYTES (48 KiB: four
+    # records of 10,000 bytes and their table fit), and a record above it alone.
+    runs = [(1, 4, 3), (2, 4, 2), (2, 20, 2), (1, 4, PACK_RECORDS + 5)]
+    runs += [(2, 10_000, 6), (2, 60_000, 1), (2, 10_000, 1)]
+    for topic, size, n in runs:
         records += [(100 + len(records), 7, topic, b"%0*d" % (size, i)) for i in range(n)]
     total = len(records)
     session = zenoh.open(conf)
@@ -171,8 +175,19 @@ def test_a_packing_sink_cuts_its_runs_at_topic_express_and_count(tmp_path: Path)
         session.close()
         sink.close()
     keys = [(key, len(p.entries)) for key, _, p in got if isinstance(p, Packed)]
-    assert keys == [("p/imu", 3), ("p/cam", 2), ("p/cam", 2), ("p/imu", PACK_RECORDS), ("p/imu", 5)]
-    assert sink.samples == 5 and sink.stamps.index == total
+    assert keys == [
+        ("p/imu", 3),
+        ("p/cam", 2),
+        ("p/cam", 2),
+        ("p/imu", PACK_RECORDS),
+        ("p/imu", 5),
+        ("p/cam", 4),
+        ("p/cam", 2),
+        ("p/cam", 1),
+        ("p/cam", 1),
+    ]
+    assert PACK_BYTES == 48 * 1024
+    assert sink.samples == len(keys) and sink.stamps.index == total
     unpacked = []
     for _, data, p in got:
         assert isinstance(p, Packed)

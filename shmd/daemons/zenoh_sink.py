@@ -9,7 +9,7 @@ every record.  Congestion control follows the bus's policy (``block`` ->
 go express.  With ``pack`` on, each run of records of one topic (and one
 side of ``express_max``) that the reader took at once is one sample, a
 :class:`~shmd.daemons.bridge.Packed` one (at most :data:`PACK_RECORDS`
-records; none added once it holds :data:`PACK_BYTES` of payload).  The session opens when the
+records and :data:`PACK_BYTES` of payload and table).  The session opens when the
 sink is built (before the reader attaches and says READY) and closes in
 :meth:`ZenohSink.close`.
 """
@@ -25,7 +25,7 @@ import structlog
 from shmd.bus.layout import REC_PAYLOAD, REC_SEQ, REC_TIMESTAMP, REC_TOPIC, RawRecord
 from shmd.config import ZenohSinkConfig
 from shmd.control.fields import TopicMap
-from shmd.daemons.bridge import StampCounter
+from shmd.daemons.bridge import PACK_ENTRY, PACK_TABLE, StampCounter
 from shmd.daemons.sinks import BusView, SinkError
 from shmd.daemons.zenohio import (
     ZenohUnavailable,
@@ -42,9 +42,11 @@ log = structlog.get_logger("shmd.daemons.zenoh_sink")
 
 #: The most records one packed sample carries.
 PACK_RECORDS = 1024
-#: The payload bytes after which a packed sample takes no more records (one
-#: record larger than this goes alone).
-PACK_BYTES = 1 << 20
+#: The most bytes of payload and table one packed sample carries (a record
+#: larger than this goes alone).  Within one batch of Zenoh's (64 KiB): a
+#: pack Zenoh has to fragment cost the sink half as much again per record at
+#: 4 KiB when the limit was 1 MiB (docs/PERFORMANCE.md).
+PACK_BYTES = 48 * 1024
 
 
 class ZenohSink:
@@ -131,21 +133,21 @@ class ZenohSink:
         pack = self.stamps.next_pack
         datas: list[bytes] = []
         entries: list[tuple[int, int, int]] = []
-        size = 0
+        size = PACK_TABLE
         route = (-1, False)
         for r in records:
             payload = r[REC_PAYLOAD]
             data = payload if isinstance(payload, bytes) else bytes(payload)
             this = (r[REC_TOPIC], 0 < len(data) <= small)
-            if datas and (this != route or len(datas) >= PACK_RECORDS or size >= PACK_BYTES):
+            size += len(data) + PACK_ENTRY.size
+            if datas and (this != route or len(datas) >= PACK_RECORDS or size > PACK_BYTES):
                 put = routes.get(route) or self._route(route, topics)
                 put(b"".join(datas), attachment=pack(generation, entries, lost))
                 self.samples += 1
-                datas, entries, size = [], [], 0
+                datas, entries, size = [], [], PACK_TABLE + len(data) + PACK_ENTRY.size
             route = this
             datas.append(data)
             entries.append((r[REC_SEQ], r[REC_TIMESTAMP], len(data)))
-            size += len(data)
         if datas:
             put = routes.get(route) or self._route(route, topics)
             put(b"".join(datas), attachment=pack(generation, entries, lost))
