@@ -17,7 +17,7 @@ sink is built (before the reader attaches and says READY) and closes in
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import structlog
@@ -126,11 +126,24 @@ class ZenohSink:
             raise SinkError(f"Failed to publish records to Zenoh since {first_line(exc)}") from None
 
     def _write_packed(self, records: list[RawRecord], view: BusView) -> None:
-        """One sample per run of records of one topic and one side of express_max."""
+        """One sample per run of records (:meth:`_runs`)."""
         generation, lost, topics = view.generation, view.lost, view.topics
         routes = self._routes_of(topics)
-        small = self.cfg.express_max
         pack = self.stamps.next_pack
+        for route, datas, entries in self._runs(records):
+            put = routes.get(route) or self._route(route, topics)
+            put(b"".join(datas), attachment=pack(generation, entries, lost))
+            self.samples += 1
+
+    def _runs(
+        self, records: list[RawRecord]
+    ) -> Iterator[tuple[tuple[int, bool], list[bytes], list[tuple[int, int, int]]]]:
+        """Runs of one topic and one side of express_max, within PACK_RECORDS and PACK_BYTES.
+
+        Each is its route (topic, express), its payloads and its table's
+        entries (seq, timestamp, length).
+        """
+        small = self.cfg.express_max
         datas: list[bytes] = []
         entries: list[tuple[int, int, int]] = []
         size = PACK_TABLE
@@ -141,17 +154,13 @@ class ZenohSink:
             this = (r[REC_TOPIC], 0 < len(data) <= small)
             size += len(data) + PACK_ENTRY.size
             if datas and (this != route or len(datas) >= PACK_RECORDS or size > PACK_BYTES):
-                put = routes.get(route) or self._route(route, topics)
-                put(b"".join(datas), attachment=pack(generation, entries, lost))
-                self.samples += 1
+                yield route, datas, entries
                 datas, entries, size = [], [], PACK_TABLE + len(data) + PACK_ENTRY.size
             route = this
             datas.append(data)
             entries.append((r[REC_SEQ], r[REC_TIMESTAMP], len(data)))
         if datas:
-            put = routes.get(route) or self._route(route, topics)
-            put(b"".join(datas), attachment=pack(generation, entries, lost))
-            self.samples += 1
+            yield route, datas, entries
 
     def close(self) -> None:
         self._routes, self._routes_for = {}, None
