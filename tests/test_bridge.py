@@ -342,3 +342,63 @@ def test_the_next_record_in_order_takes_the_fast_path() -> None:
     ledger.account("o", stamp(5, 0))
     assert ledger.account("o", stamp(6, 1)) is IN_ORDER
     assert ledger.account("o", stamp(8, 3)) is not IN_ORDER  # one lost: the general rules
+
+
+# Packs drawn like _stamps: the first record relative to the origin's last,
+# then each next seq relative to the one before (1 mostly; 0 or -1 breaks the
+# increase), near the index's wrap now and then.
+_packs = st.lists(
+    st.tuples(
+        st.sampled_from([0, 0, 0, 1]),  # session
+        st.sampled_from([0, 0, 0, 1]),  # generation
+        st.sampled_from([1, 1, 2, 0, -1]),  # first seq step from the origin's last
+        st.sampled_from([1, 1, 1, 0, 2]),  # first index step from the origin's last
+        st.sampled_from([0, 0, 1, -1]),  # bus_lost step
+        st.lists(st.sampled_from([1, 1, 1, 2, 0, -1]), max_size=6),  # seq steps in the pack
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300)
+@given(_packs, st.one_of(st.just(0), st.integers((1 << 64) - 16, (1 << 64) - 1)))
+def test_accounting_a_pack_at_once_agrees_with_record_by_record(
+    draws: list[tuple[int, int, int, int, int, list[int]]], index_base: int
+) -> None:
+    """account_run() leaves the ledger as account() per record would, or changes nothing."""
+    whole, alone = Ledger(), Ledger()
+    seq0, index0, lost0 = 10, index_base, 10
+    for session, gen, dseq, dindex, dlost, steps in draws:
+        seqs = [max(0, seq0 + dseq)]
+        for step in steps:
+            seqs.append(max(0, seqs[-1] + step))
+        index = min(max(0, index0 + dindex), (1 << 64) - 1)
+        first = Stamp(gen, seqs[0], 0, session, index, max(0, lost0 + dlost))
+        p = Packed(first, tuple(seqs), (0,) * len(seqs), (1,) * len(seqs))
+        before = whole.to_dict()
+        if whole.account_run("o", p):
+            verdicts = [alone.account("o", s) for s in p.stamps()]
+            assert verdicts == [IN_ORDER] * len(seqs)
+        else:
+            assert whole.to_dict() == before
+            for s in p.stamps():
+                assert whole.account("o", s) == alone.account("o", s)
+        assert whole.to_dict() == alone.to_dict()
+        seq0, index0, lost0 = seqs[-1], p.stamps()[-1].index, first.bus_lost
+
+
+def test_a_pack_next_in_order_is_accounted_at_once() -> None:
+    """The second pack of a session, its seqs increasing, is one step; a gap is not."""
+    ledger = Ledger()
+    ledger.account("o", stamp(5, 0))
+    in_order = Packed(stamp(6, 1), (6, 7, 9), (0, 0, 0), (1, 1, 1))
+    assert in_order.increasing
+    assert ledger.account_run("o", in_order)
+    o = ledger.origins["o"]
+    assert (o.seq, o.index, o.received) == (9, 3, 4)
+    assert not ledger.account_run("o", Packed(stamp(11, 5), (11,), (0,), (1,)))  # 4 lost
+    assert not Packed(stamp(12, 4), (12, 12), (0, 0), (1, 1)).increasing
+    wraps = Ledger()
+    wraps.account("o", stamp(5, (1 << 64) - 2))
+    across = Packed(stamp(6, (1 << 64) - 1), (6, 7), (0, 0), (1, 1))  # its second index is 0
+    assert not wraps.account_run("o", across)

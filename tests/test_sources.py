@@ -169,8 +169,8 @@ class RecordingHost:
         self.max_payload = 1024
         self.batches: list[list[bytes]] = []
 
-    def publish_batch(self, payloads: Sequence[bytes], topic: int) -> None:
-        self.batches.append(list(payloads))
+    def publish_batch(self, payloads: Sequence[bytes | memoryview], topic: int) -> None:
+        self.batches.append([bytes(p) for p in payloads])
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         self.reactor.call_later(delay, fn)

@@ -52,7 +52,7 @@ class SourceHost(Protocol):
     reactor: Reactor
     max_payload: int
 
-    def publish_batch(self, payloads: Sequence[bytes], topic: int) -> None:
+    def publish_batch(self, payloads: Sequence[bytes | memoryview], topic: int) -> None:
         """Publish records (thread-safe)."""
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:

@@ -125,7 +125,7 @@ class Writer:
 
     # -- publishing (sources call this; thread-safe) ---------------------------------
 
-    def publish_batch(self, payloads: Sequence[bytes], topic: int) -> None:
+    def publish_batch(self, payloads: Sequence[bytes | memoryview], topic: int) -> None:
         """Publish for a source; a refused record is logged, never fatal."""
         assert self.pub is not None
         try:
