@@ -279,6 +279,20 @@ def table(rows: Sequence[dict[str, Any]], *, pack: bool) -> str:
         "Ratios are bridge / zenoh: throughput above 1 is the bridge faster, latency above 1 "
         "the bridge slower.",
         "",
+        "The bridge's latency in two parts, p50 of each: sent to committed on b's bus "
+        "(a's bus, the sink, Zenoh, the source), and committed to received (b's bus):",
+        "",
+        "| payload | sent to b's commit | b's commit to received |",
+        "|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["path"] == "bridge" and r["kind"] == "latency" and "to_commit_p50_us" in r:
+            out.append(
+                f"| {r['payload']} B | {r['to_commit_p50_us']:.0f} µs "
+                f"| {r['from_commit_p50_us']:.0f} µs |"
+            )
+    out += [
+        "",
         "CPU µs per record in the throughput cases, by process (all threads, the whole case):",
         "",
         "| payload | path | process | CPU µs / record |",

@@ -20,7 +20,9 @@ the path takes them, under back-pressure), ``quit``.  Senders:
 Receivers print JSON lines on stderr (``event``: ``ready``, ``probe`` once,
 ``result`` per case with ``case``, ``received`` (timed records), ``sent``
 (every record of the case before its END), ``seconds``, ``rate``, ``p50_us``,
-``p99_us``, ``error``):
+``p99_us``, ``error``; ``bus-recv`` adds the p50 of each part of a record's
+latency, ``to_commit_p50_us`` (sent to committed on the receiving bus) and
+``from_commit_p50_us`` (committed to received)):
 
 * ``bus-recv SOCKET``: a program on the receiving bus (``shmd.connect``);
 * ``zenoh-recv ENDPOINT``: a plain Zenoh subscriber listening on ENDPOINT.
@@ -158,9 +160,15 @@ class Collector:
         self.error: str | None = None
         self.first_ns = self.last_ns = 0
         self.latencies: list[int] = []
+        self.to_commit: list[int] = []  # sent -> committed on the receiving bus (bus-recv)
 
-    def feed(self, payloads: Iterable[bytes | memoryview], now_ns: int) -> None:
+    def feed(
+        self, payloads: Iterable[bytes | memoryview], now_ns: int, committed: Iterable[int] = ()
+    ) -> None:
+        """Take records received at ``now_ns``; ``committed``: each one's commit (monotonic ns)."""
+        commits = iter(committed)
         for payload in payloads:
+            committed_ns = next(commits, None)
             sent_ns, index, phase = HEADER.unpack_from(payload)
             if phase == PROBE:
                 if not self.probed:
@@ -175,12 +183,23 @@ class Collector:
                     self.first_ns = now_ns
                 self.last_ns = now_ns
                 self.latencies.append(now_ns - sent_ns)
+                if committed_ns is not None:
+                    self.to_commit.append(committed_ns - sent_ns)
             elif phase == END:
                 self._report(index)
 
     def _report(self, sent: int) -> None:
         lat = sorted(self.latencies)
         seconds = (self.last_ns - self.first_ns) / 1e9
+        hops: dict[str, float] = {}
+        if self.to_commit:
+            # p50 of each hop apart (the medians of the two parts need not add
+            # up to the median of the whole).
+            after = sorted(t - c for t, c in zip(self.latencies, self.to_commit, strict=True))
+            hops = {
+                "to_commit_p50_us": percentile(sorted(self.to_commit), 50),
+                "from_commit_p50_us": percentile(after, 50),
+            }
         emit(
             "result",
             case=self.case,
@@ -191,6 +210,7 @@ class Collector:
             p50_us=percentile(lat, 50),
             p99_us=percentile(lat, 99),
             error=self.error if lat else self.error or "no timed record arrived",
+            **hops,
         )
         self.case += 1
         self._reset()
@@ -201,10 +221,13 @@ def bus_recv(socket: str) -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     collector = Collector()
+    # A record's timestamp is its writer's CLOCK_MONOTONIC at publish: the
+    # senders' clock too (one for every namespace of the machine).
     with shmd.connect(socket, name="bench", start="latest") as sub:
         emit("ready")
         for batch in sub.batches():
-            collector.feed((r[3] for r in batch), time.monotonic_ns())
+            now = time.monotonic_ns()
+            collector.feed((r[3] for r in batch), now, [r[1] for r in batch])
 
 
 def zenoh_recv(endpoint: str) -> None:

@@ -1101,6 +1101,10 @@ def test_the_bridge_benchmark_quick_mode_measures_both_paths_and_cleans_up(pack:
             mine = {k: v for k, v in cpu.items() if k[:2] == (size, path)}
             assert len(mine) == procs + 1 and mine[(size, path, "total")] > 0, out
             assert all(v >= 0 for v in mine.values()), out
+    # The bridge's latency in two parts: both payloads, each part a positive time.
+    parts = [c for c in cells if len(c) == 3]
+    assert [p[0] for p in parts] == ["64 B", "4096 B"], out
+    assert all(float(x.removesuffix(" µs")) > 0 for p in parts for x in p[1:]), out
     assert "INVALID" not in out
     assert not leaked, leaked
     for segment in names[2:]:
@@ -1108,6 +1112,22 @@ def test_the_bridge_benchmark_quick_mode_measures_both_paths_and_cleans_up(pack:
             assert not os.path.exists(path), path
     done = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, check=False)
     assert done.stdout == b"", "processes of the benchmark outlived it"
+
+
+def test_the_bridge_receiver_splits_latency_at_the_commit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Given commit times, a case's result has the p50 of sent-to-commit and commit-to-received."""
+    from benchmarks.bridge_roles import END, HEADER, TIMED, Collector  # noqa: PLC0415
+
+    c = Collector()
+    for i, (sent, committed, received) in enumerate([(0, 100, 130), (1000, 1300, 1310)]):
+        c.feed([HEADER.pack(sent, i, TIMED)], received, [committed])
+    c.feed([HEADER.pack(2000, 2, END)], 2100, [2050])
+    result = json.loads(capsys.readouterr().err.splitlines()[-1])
+    assert (result["received"], result["error"]) == (2, None)
+    assert (result["p50_us"], result["p99_us"]) == (0.13, 0.31)
+    assert (result["to_commit_p50_us"], result["from_commit_p50_us"]) == (0.1, 0.01)
 
 
 @pytest.mark.parametrize(

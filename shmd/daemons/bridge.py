@@ -13,7 +13,7 @@ The attachment is 56 bytes, little-endian (docs/BRIDGE.md)::
     5   3  zero
     8   8  generation of the sending bus's segment
     16  8  seq of the record on the sending bus
-    24  8  the sending writer's timestamp (CLOCK_REALTIME ns)
+    24  8  the sending writer's timestamp (its CLOCK_MONOTONIC ns at publish)
     32  8  session: a random id the sending bridge draws at start
     40  8  index: this session's count of records sent before this one
     48  8  bus_lost: records the sending bridge lost on its own bus so far
